@@ -1,0 +1,1 @@
+"""Trainer plumbing: recipe config, optimizer, LR schedule, metrics."""
