@@ -1,0 +1,88 @@
+"""Tokenizers behind one small interface, and the recipe string that picks one."""
+
+from pathlib import Path
+from typing import Protocol
+
+
+class Tokenizer(Protocol):
+    """What the data pipeline needs from a tokenizer.
+
+    ``name`` identifies the vocabulary, so caches and resume checks can tell two
+    tokenizers apart without comparing objects.
+    """
+
+    name: str
+    vocab_size: int
+    eos_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: list[int]) -> str: ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as ids 0..255 plus EOS = 256: needs no file, covers any text."""
+
+    name = "bytes"
+    eos_id = 256
+    vocab_size = 257
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        """Drops EOS; a byte sequence cut mid-character decodes to U+FFFD."""
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+COMMON_EOS_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eot_id|>")
+
+
+class HFTokenizer:
+    """A local Hugging Face ``tokenizer.json``, read with the ``tokenizers`` library."""
+
+    def __init__(self, path: str | Path, eos_token: str | None = None):
+        try:
+            from tokenizers import Tokenizer as RustTokenizer
+        except ImportError as e:
+            raise ImportError(
+                f"loading {path} needs the 'tokenizers' library: pip install tokenizers "
+                "(or use tokenizer = \"bytes\", which needs nothing)"
+            ) from e
+        self.path = Path(path)
+        self._tok = RustTokenizer.from_file(str(self.path))
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self.eos_id = self._find_eos_id(eos_token)
+        self.name = f"hf:{self.path.resolve()}:eos={self.eos_id}"
+
+    def _find_eos_id(self, eos_token: str | None) -> int:
+        candidates = (eos_token,) if eos_token is not None else COMMON_EOS_TOKENS
+        for token in candidates:
+            token_id = self._tok.token_to_id(token)
+            if token_id is not None:
+                return token_id
+        raise ValueError(
+            f"{self.path}: no end-of-sequence token found (looked for {', '.join(candidates)}); "
+            "pass eos_token= naming the tokenizer's EOS token"
+        )
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(list(ids))
+
+
+def build_tokenizer(spec: str) -> Tokenizer:
+    """``"bytes"``, a ``tokenizer.json`` file, or a folder holding one."""
+    if spec == "bytes":
+        return ByteTokenizer()
+    path = Path(spec)
+    if path.is_dir() and (path / "tokenizer.json").is_file():
+        return HFTokenizer(path / "tokenizer.json")
+    if path.is_file() and path.name.endswith(".json"):
+        return HFTokenizer(path)
+    raise ValueError(
+        f"tokenizer {spec!r}: expected \"bytes\", a path to a Hugging Face tokenizer.json, "
+        "or a folder containing tokenizer.json"
+    )

@@ -1,0 +1,301 @@
+"""The data package: tokenizers, packing, seeded order, dp invariance, resume, and its errors."""
+
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data import ByteTokenizer, HFTokenizer, build_dataloader, build_tokenizer
+from data.token_stream import load_token_stream
+
+EOS = ByteTokenizer.eos_id
+
+# torchdata 0.11 calls a torch API that torch 2.13 deprecates; not ours to fix.
+pytestmark = pytest.mark.filterwarnings("ignore:'set_vital' is deprecated")
+
+
+def make_loader(path, **overrides):
+    args = dict(
+        dataset="text",
+        dataset_path=str(path),
+        tokenizer=ByteTokenizer(),
+        seq_len=4,
+        global_batch_size=4,
+        dp_rank=0,
+        dp_degree=1,
+        seed=0,
+        vocab_size=300,
+    )
+    args.update(overrides)
+    return build_dataloader(**args)
+
+
+def take(loader, n):
+    it = iter(loader)
+    return [next(it)["input_ids"] for _ in range(n)]
+
+
+def write_token_file(path, ids):
+    np.asarray(ids, dtype="<u4").tofile(path)
+    return path
+
+
+@pytest.fixture
+def numbered_tokens(tmp_path):
+    """A tokens file of 0..46: eleven 4-token windows (window i starts at 4i), 3 tokens left over."""
+    return write_token_file(tmp_path / "numbers.bin", range(47))
+
+
+# --- tokenizers ---------------------------------------------------------------------------
+
+
+def test_byte_tokenizer_round_trips_any_text():
+    tok = ByteTokenizer()
+    text = "Persuasion, 1818 — naïve café ☕"
+    ids = tok.encode(text)
+    assert ids == list(text.encode("utf-8"))
+    assert tok.decode(ids + [tok.eos_id]) == text
+    assert (tok.vocab_size, tok.eos_id) == (257, 256)
+
+
+def test_build_tokenizer_picks_bytes_and_rejects_anything_else(tmp_path):
+    assert isinstance(build_tokenizer("bytes"), ByteTokenizer)
+    with pytest.raises(ValueError, match="expected \"bytes\", a path to a Hugging Face tokenizer.json"):
+        build_tokenizer(str(tmp_path / "nothing-here"))
+
+
+def test_hf_tokenizer_without_the_library_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tokenizers", None)
+    with pytest.raises(ImportError, match="pip install tokenizers"):
+        HFTokenizer(tmp_path / "tokenizer.json")
+
+
+def write_word_tokenizer(folder, eos_token="<|endoftext|>"):
+    """A tiny word-level tokenizer.json made with the tokenizers library itself."""
+    tokenizers = pytest.importorskip("tokenizers")
+    vocab = {eos_token: 0, "[UNK]": 1, "hello": 2, "world": 3}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    path = folder / "tokenizer.json"
+    tok.save(str(path))
+    return path
+
+
+def test_hf_tokenizer_from_file_or_folder_finds_eos(tmp_path):
+    path = write_word_tokenizer(tmp_path)
+    for spec in (str(path), str(tmp_path)):
+        tok = build_tokenizer(spec)
+        assert isinstance(tok, HFTokenizer)
+        assert (tok.vocab_size, tok.eos_id) == (4, 0)
+        assert tok.encode("hello world hello") == [2, 3, 2]
+        assert tok.decode([2, 3]) == "hello world"
+
+
+def test_hf_tokenizer_eos_by_name_or_a_clear_error(tmp_path):
+    path = write_word_tokenizer(tmp_path, eos_token="<END>")
+    with pytest.raises(ValueError, match="no end-of-sequence token found.*eos_token="):
+        HFTokenizer(path)
+    assert HFTokenizer(path, eos_token="<END>").eos_id == 0
+
+
+def test_hf_tokenized_text_ends_documents_with_its_eos(tmp_path):
+    tok = HFTokenizer(write_word_tokenizer(tmp_path))
+    (tmp_path / "a.txt").write_text("hello world\n\nworld")
+    loader = make_loader(tmp_path / "a.txt", tokenizer=tok, seq_len=5, global_batch_size=1)
+    assert take(loader, 1)[0].tolist() == [[2, 3, 0, 3, 0]]
+
+
+# --- packing ------------------------------------------------------------------------------
+
+
+def test_text_documents_are_packed_with_eos_and_the_remainder_dropped(tmp_path):
+    (tmp_path / "b.txt").write_text("ef\n")
+    (tmp_path / "a.txt").write_text("ab\n\ncd\n \n\n\n")  # blank lines may hold spaces
+    (tmp_path / "ignored.md").write_text("not a .txt file")
+    a, b, c, d, e, f = b"abcdef"
+    stream = load_token_stream("text", tmp_path, ByteTokenizer(), 300)
+    assert stream.tolist() == [a, b, EOS, c, d, EOS, e, f, EOS]
+
+    first_epoch = take(make_loader(tmp_path, seq_len=4, global_batch_size=2), 1)[0]
+    assert sorted(first_epoch.tolist()) == [[a, b, EOS, c], [d, EOS, e, f]]  # final EOS dropped
+
+
+def test_jsonl_documents_are_the_text_fields(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text(json.dumps({"text": "hi", "id": 1}) + "\n\n" + json.dumps({"text": "yo"}) + "\n")
+    assert load_token_stream("jsonl", path, ByteTokenizer(), 300).tolist() == [*b"hi", EOS, *b"yo", EOS]
+
+
+def test_tokens_file_is_memory_mapped_and_windowed(numbered_tokens):
+    stream = load_token_stream("tokens", numbered_tokens, ByteTokenizer(), 300)
+    assert isinstance(stream, np.memmap)
+    loader = make_loader(numbered_tokens, dataset="tokens", global_batch_size=11)
+    (batch,) = take(loader, 1)
+    assert batch.dtype == torch.int64 and batch.shape == (11, 4)
+    assert sorted(batch.tolist()) == [[4 * i, 4 * i + 1, 4 * i + 2, 4 * i + 3] for i in range(11)]
+
+
+def test_every_epoch_reads_every_window_once_in_a_new_order(numbered_tokens):
+    loader = make_loader(numbered_tokens, dataset="tokens", global_batch_size=1)
+    firsts = [int(b[0, 0]) // 4 for b in take(loader, 33)]
+    epochs = [firsts[0:11], firsts[11:22], firsts[22:33]]
+    assert all(sorted(epoch) == list(range(11)) for epoch in epochs)
+    assert len({tuple(epoch) for epoch in epochs}) == 3
+
+
+# --- order ---------------------------------------------------------------------------------
+
+
+def test_order_is_a_function_of_the_seed(numbered_tokens):
+    def first_items(seed):
+        return torch.cat(take(make_loader(numbered_tokens, dataset="tokens", seed=seed), 5))
+
+    assert torch.equal(first_items(7), first_items(7))
+    assert not torch.equal(first_items(7), first_items(8))
+
+
+@pytest.mark.parametrize("dp_degree", [2, 4])
+def test_the_global_batch_is_the_same_whatever_dp_degree(numbered_tokens, dp_degree):
+    """Eight steps of 8 sequences over 11 windows: batches straddle epoch boundaries."""
+
+    def global_batches(dp):
+        per_rank = [
+            take(make_loader(numbered_tokens, dataset="tokens", global_batch_size=8, dp_rank=r, dp_degree=dp), 8)
+            for r in range(dp)
+        ]
+        for batches in per_rank:
+            assert all(b.shape == (8 // dp, 4) for b in batches)
+        return [torch.cat(step) for step in zip(*per_rank)]
+
+    one_rank = global_batches(1)
+    assert all(torch.equal(x, y) for x, y in zip(one_rank, global_batches(dp_degree), strict=True))
+
+
+# --- resume --------------------------------------------------------------------------------
+
+
+def test_resume_after_three_items_continues_exactly():
+    corpus = dict(path="data/corpus", seq_len=64, global_batch_size=4, vocab_size=512)
+    uninterrupted = take(make_loader(**corpus), 8)
+
+    interrupted = make_loader(**corpus)
+    assert all(torch.equal(x, y) for x, y in zip(take(interrupted, 3), uninterrupted[:3]))
+    state = copy.deepcopy(interrupted.state_dict())
+
+    resumed = make_loader(**corpus)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(x, y) for x, y in zip(take(resumed, 5), uninterrupted[3:8], strict=True))
+
+
+def test_state_saved_on_two_ranks_resumes_one_rank_at_the_same_step(numbered_tokens):
+    def loader(dp_rank=0, dp_degree=1):
+        return make_loader(numbered_tokens, dataset="tokens", dp_rank=dp_rank, dp_degree=dp_degree)
+
+    two_rank_loader = loader(dp_rank=1, dp_degree=2)
+    take(two_rank_loader, 3)
+    one_rank_resumed = loader()
+    one_rank_resumed.load_state_dict(two_rank_loader.state_dict())
+    assert torch.equal(take(one_rank_resumed, 1)[0], take(loader(), 4)[3])
+
+
+def test_state_from_another_data_config_is_refused(numbered_tokens):
+    saved = make_loader(numbered_tokens, dataset="tokens", seed=1)
+    take(saved, 2)
+    other = make_loader(numbered_tokens, dataset="tokens", seed=2)
+    other.load_state_dict(saved.state_dict())
+    with pytest.raises(ValueError, match="different data config.*seed: saved 1, now 2"):
+        take(other, 1)
+
+
+# --- errors --------------------------------------------------------------------------------
+
+
+def test_global_batch_must_split_evenly_over_ranks(numbered_tokens):
+    with pytest.raises(ValueError, match="global_batch_size 6 is not divisible by dp_degree 4"):
+        make_loader(numbered_tokens, dataset="tokens", global_batch_size=6, dp_degree=4)
+
+
+def test_unknown_format_names_the_choices(numbered_tokens):
+    with pytest.raises(ValueError, match="expected one of 'text', 'jsonl', 'tokens'"):
+        make_loader(numbered_tokens, dataset="parquet")
+
+
+@pytest.mark.parametrize("dataset", ["text", "jsonl", "tokens"])
+def test_missing_path(tmp_path, dataset):
+    with pytest.raises(ValueError, match="missing.*no such file"):
+        make_loader(tmp_path / "missing", dataset=dataset)
+
+
+def test_folder_without_text_files(tmp_path):
+    with pytest.raises(ValueError, match=r"folder holds no \*.txt files"):
+        make_loader(tmp_path)
+
+
+@pytest.mark.parametrize("dataset", ["text", "jsonl", "tokens"])
+def test_empty_file(tmp_path, dataset):
+    path = tmp_path / "empty"
+    path.write_text("\n \n" if dataset != "tokens" else "")
+    with pytest.raises(ValueError, match="empty.*empty file"):
+        make_loader(path, dataset=dataset)
+
+
+def test_invalid_utf8_names_file_and_byte_offset(tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("café au lait".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.txt: not valid UTF-8 at byte offset 3 \(byte 0xe9\)"):
+        make_loader(path)
+
+
+def test_jsonl_line_that_is_not_json(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": oops}\n')
+    with pytest.raises(ValueError, match="bad.jsonl: line 2 is not valid JSON"):
+        make_loader(path, dataset="jsonl")
+
+
+@pytest.mark.parametrize("record", ['{"body": "x"}', '{"text": 3}', '["text"]'])
+def test_jsonl_line_without_a_string_text_field(tmp_path, record):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "fine"}\n\n' + record + "\n")
+    with pytest.raises(ValueError, match='bad.jsonl: line 3 has no string "text" field'):
+        make_loader(path, dataset="jsonl")
+
+
+def test_tokens_file_size_not_a_multiple_of_four(tmp_path):
+    path = tmp_path / "ragged.bin"
+    path.write_bytes(b"\x01\x00\x00\x00\x02\x00")
+    with pytest.raises(ValueError, match="ragged.bin: size 6 bytes is not a multiple of 4"):
+        make_loader(path, dataset="tokens")
+
+
+def test_tokens_file_with_an_id_beyond_the_vocab(tmp_path):
+    path = write_token_file(tmp_path / "big.bin", [1, 2, 3, 299, 300, 5, 7000])
+    with pytest.raises(ValueError, match="big.bin: token id 300 at offset 4 \\(in tokens\\) is >= the model's vocab_size 300"):
+        make_loader(path, dataset="tokens")
+
+
+def test_tokenizer_larger_than_the_model_vocab(numbered_tokens):
+    with pytest.raises(ValueError, match="vocab_size 257 and EOS id 256.*model's vocab_size 200.*at least 257"):
+        make_loader(numbered_tokens, dataset="tokens", vocab_size=200)
+
+
+def test_fewer_tokens_than_one_window(tmp_path):
+    (tmp_path / "short.txt").write_text("abc")
+    with pytest.raises(ValueError, match="only 4 tokens, but seq_len = 16 needs at least 16"):
+        make_loader(tmp_path / "short.txt", seq_len=16)
+
+
+# --- the shipped corpus --------------------------------------------------------------------
+
+
+def test_shipped_corpus_loads_fast_as_plain_english():
+    start = time.perf_counter()
+    stream = load_token_stream("text", Path("data/corpus"), ByteTokenizer(), 257)
+    assert time.perf_counter() - start < 2.0
+    assert 300_000 < len(stream) < 600_000
+    assert ByteTokenizer().decode(stream[:40].tolist()).startswith("Persuasion")
