@@ -45,10 +45,13 @@ def text_documents(files: list[Path]) -> list[str]:
 
 
 def jsonl_documents(files: list[Path]) -> list[str]:
-    """JSONL: one JSON object per line, its ``text`` field a document; blank lines skipped."""
+    """JSONL: one JSON object per line, its ``text`` field a document; blank lines skipped.
+
+    Split on "\\n" only: str.splitlines would also break at U+2028, which JSON strings may hold.
+    """
     docs: list[str] = []
     for file in files:
-        for line_no, line in enumerate(read_utf8(file).splitlines(), start=1):
+        for line_no, line in enumerate(read_utf8(file).split("\n"), start=1):
             if not line.strip():
                 continue
             try:

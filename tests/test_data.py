@@ -65,8 +65,9 @@ def test_byte_tokenizer_round_trips_any_text():
 
 def test_build_tokenizer_picks_bytes_and_rejects_anything_else(tmp_path):
     assert isinstance(build_tokenizer("bytes"), ByteTokenizer)
-    with pytest.raises(ValueError, match="expected \"bytes\", a path to a Hugging Face tokenizer.json"):
-        build_tokenizer(str(tmp_path / "nothing-here"))
+    for spec in (str(tmp_path / "nothing-here"), str(tmp_path), "gpt2"):
+        with pytest.raises(ValueError, match="expected \"bytes\", a path to a Hugging Face tokenizer.json"):
+            build_tokenizer(spec)
 
 
 def test_hf_tokenizer_without_the_library_says_what_to_install(tmp_path, monkeypatch):
@@ -127,8 +128,11 @@ def test_text_documents_are_packed_with_eos_and_the_remainder_dropped(tmp_path):
 
 def test_jsonl_documents_are_the_text_fields(tmp_path):
     path = tmp_path / "docs.jsonl"
-    path.write_text(json.dumps({"text": "hi", "id": 1}) + "\n\n" + json.dumps({"text": "yo"}) + "\n")
-    assert load_token_stream("jsonl", path, ByteTokenizer(), 300).tolist() == [*b"hi", EOS, *b"yo", EOS]
+    line_separator = "\u2028"  # legal inside a JSON string; must not split the line
+    records = [{"text": "hi", "id": 1}, {"text": "yo" + line_separator}]
+    path.write_text(json.dumps(records[0]) + "\n\n" + json.dumps(records[1], ensure_ascii=False) + "\n", encoding="utf-8")
+    expected = [*b"hi", EOS, *b"yo", *line_separator.encode("utf-8"), EOS]
+    assert load_token_stream("jsonl", path, ByteTokenizer(), 300).tolist() == expected
 
 
 def test_tokens_file_is_memory_mapped_and_windowed(numbered_tokens):
