@@ -1,0 +1,49 @@
+"""Hyperparameters of one decoder, shared by Llama 3 and Qwen3."""
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.1-style frequency-dependent RoPE scaling."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn_dim: int
+    vocab_size: int
+    rope_theta: float
+    norm_eps: float
+    tie_word_embeddings: bool
+    qk_norm: bool  # Qwen3: RMSNorm over each head's queries and keys
+    max_seq_len: int
+    rope_scaling: Optional[RopeScaling] = None
+    init_std: float = 0.02
+
+    def num_params(self) -> int:
+        """Parameters as published: a tied embedding counts once."""
+        d, hd = self.dim, self.head_dim
+        attn = d * self.n_heads * hd * 2 + d * self.n_kv_heads * hd * 2 + (2 * hd if self.qk_norm else 0)
+        block = attn + 3 * d * self.ffn_dim + 2 * d
+        embeddings = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
+        return self.n_layers * block + embeddings + d
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token for MFU: 6 x matmul parameters + causal-free attention term.
+
+        The embedding lookup is no matmul, the output projection is one, so the
+        parameter term counts the vocabulary matrix exactly once, tied or not.
+        """
+        matmul_params = self.num_params() - (0 if self.tie_word_embeddings else self.vocab_size * self.dim)
+        return 6 * matmul_params + 12 * self.n_layers * self.n_heads * self.head_dim * seq_len

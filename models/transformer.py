@@ -1,0 +1,122 @@
+"""A minimal decoder serving Llama 3 and Qwen3.
+
+The model ends at the final norm and returns hidden states; the classifier
+weight lives in ``self.output`` and is applied by the loss (see losses/).
+Layers sit in an ``nn.ModuleDict`` keyed by their global index, so pipeline
+stages are built by deleting modules: the remaining ones keep their names.
+"""
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.args import ModelArgs
+from models.output_head import OutputHead
+from models.rope import apply_rope, rope_cos_sin
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+        self.q_norm = nn.RMSNorm(args.head_dim, eps=args.norm_eps) if args.qk_norm else None
+        self.k_norm = nn.RMSNorm(args.head_dim, eps=args.norm_eps) if args.qk_norm else None
+
+    def forward(self, x: Tensor, cos_sin: Tensor) -> Tensor:
+        bsz, seq, _ = x.shape
+        q = self.wq(x).view(bsz, seq, self.n_heads, self.head_dim)
+        k = self.wk(x).view(bsz, seq, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(bsz, seq, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos_sin), apply_rope(k, cos_sin)
+        # Repeating K/V keeps SDPA on its fastest (flash) kernels for every GQA ratio.
+        repeats = self.n_heads // self.n_kv_heads
+        k, v = k.repeat_interleave(repeats, dim=2), v.repeat_interleave(repeats, dim=2)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        return self.wo(out.transpose(1, 2).reshape(bsz, seq, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.ffn_dim, bias=False)
+        self.w2 = nn.Linear(args.ffn_dim, args.dim, bias=False)
+        self.w3 = nn.Linear(args.dim, args.ffn_dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.feed_forward = FeedForward(args)
+
+    def forward(self, x: Tensor, cos_sin: Tensor) -> Tensor:
+        x = x + self.attention(self.attention_norm(x), cos_sin)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    """Token ids (or, on a later pipeline stage, hidden states) in; hidden states out.
+
+    A pipeline stage is this module with some of ``tok_embeddings``, ``layers``,
+    ``norm`` and ``output`` set to ``None``/deleted; ``forward`` works for any such subset.
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings: Optional[nn.Embedding] = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(args) for i in range(args.n_layers)})
+        self.norm: Optional[nn.RMSNorm] = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.output: Optional[OutputHead] = OutputHead(args.dim, args.vocab_size)
+        if args.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.register_buffer("rope_cache", self._rope_cache(), persistent=False)
+
+    def _rope_cache(self, device: Optional[torch.device] = None) -> Tensor:
+        a = self.args
+        return rope_cos_sin(a.head_dim, a.max_seq_len, a.rope_theta, a.rope_scaling, device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.tok_embeddings is not None:
+            x = self.tok_embeddings(x)
+        for layer in self.layers.values():
+            x = layer(x, self.rope_cache)
+        if self.norm is not None:
+            x = self.norm(x)
+        return x
+
+    def forward_logits(self, tokens_or_hidden: Tensor) -> Tensor:
+        """Inference/eval: full-vocabulary logits ``[batch, seq, vocab]``. Never used in training."""
+        return self.output.logits(self(tokens_or_hidden))
+
+    def init_spec(self, fqn: str) -> tuple[str, float]:
+        """How parameter ``fqn`` is initialized: ("normal", std) or ("ones", 0.0).
+
+        Normal(0, 0.02) for every matrix, as the published Llama 3 / Qwen3 configs
+        state (``initializer_range``); norms start at one.
+        """
+        return ("ones", 0.0) if "norm" in fqn else ("normal", self.args.init_std)
+
+    def init_key(self, fqn: str) -> str:
+        """The name that seeds ``fqn``'s random init: a tied head shares the embedding's."""
+        if self.args.tie_word_embeddings and fqn == "output.weight":
+            return "tok_embeddings.weight"
+        return fqn
+
+    def init_buffers(self, device: torch.device) -> None:
+        self.rope_cache = self._rope_cache(device)
