@@ -1,0 +1,113 @@
+"""Recipe configuration: one plain dataclass per TOML section.
+
+Names follow TorchTitan's where it has them. Every field is documented in
+``docs/config.md``; ``training/config_loader.py`` turns TOML + CLI overrides into
+a validated ``JobConfig``.
+"""
+
+from dataclasses import dataclass, field
+from typing import Union
+
+
+@dataclass
+class Job:
+    dump_folder: str = "./outputs"
+    description: str = ""
+
+
+@dataclass
+class Model:
+    name: str = "qwen3"
+    flavor: str = "debug"
+    tokenizer: str = "bytes"
+    vocab_size: int = 0  # 0 keeps the flavor's vocabulary
+
+
+@dataclass
+class Training:
+    steps: int = 20
+    local_batch_size: int = 8
+    global_batch_size: int = -1  # -1: local_batch_size x data-parallel degree (no accumulation)
+    seq_len: int = 256
+    max_norm: float = 1.0
+    seed: int = 0
+    dataset: str = "text"
+    dataset_path: str = "data/corpus"
+    mixed_precision_param: str = "bfloat16"
+    mixed_precision_reduce: str = "float32"
+    device: str = "auto"
+
+
+@dataclass
+class Optimizer:
+    name: str = "AdamW"
+    lr: float = 3e-4
+    weight_decay: float = 0.1
+    betas: list = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+
+
+@dataclass
+class LRScheduler:
+    warmup_steps: int = 0
+    decay_type: str = "cosine"
+    min_lr_factor: float = 0.1
+
+
+@dataclass
+class Loss:
+    name: str = "auto"
+    ignore_index: int = -100
+    z_loss_weight: float = 0.0
+    label_smoothing: float = 0.0
+    logit_softcap: float = 0.0
+    chunk_size: int = 4096
+    compile: bool = False
+    filter_eps: Union[str, float] = "high"
+
+
+@dataclass
+class Parallelism:
+    data_parallel_replicate_degree: int = 1
+    data_parallel_shard_degree: int = -1  # -1: whatever the other degrees leave
+    pipeline_parallel_degree: int = 1
+    pipeline_parallel_schedule: str = "1F1B"
+    pipeline_parallel_microbatch_size: int = 1
+    pipeline_parallel_layers_per_stage: int = 0  # 0: split evenly
+    pipeline_parallel_stage_split_points: list = field(default_factory=list)
+    pipeline_parallel_virtual_stages: int = 1  # stages per pipeline rank; >1 for interleaved schedules
+    fsdp_reshard_after_forward: str = "default"
+    vocab_parallel: bool = False
+    vocab_parallel_mesh_dim: str = "dp_shard"
+
+
+@dataclass
+class ActivationCheckpoint:
+    mode: str = "none"
+    selective_ac_option: str = "2"  # selective: "op", or N to checkpoint every N-th block
+
+
+@dataclass
+class Compile:
+    enable: bool = False
+    components: list = field(default_factory=lambda: ["model", "loss"])
+
+
+@dataclass
+class Metrics:
+    log_freq: int = 1
+    enable_tensorboard: bool = False
+
+
+@dataclass
+class JobConfig:
+    job: Job = field(default_factory=Job)
+    model: Model = field(default_factory=Model)
+    training: Training = field(default_factory=Training)
+    optimizer: Optimizer = field(default_factory=Optimizer)
+    lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
+    loss: Loss = field(default_factory=Loss)
+    parallelism: Parallelism = field(default_factory=Parallelism)
+    activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
+    compile: Compile = field(default_factory=Compile)
+    metrics: Metrics = field(default_factory=Metrics)

@@ -1,0 +1,209 @@
+"""Turn a TOML recipe plus ``--section.key value`` overrides into a checked JobConfig.
+
+Every user mistake becomes a ``ConfigError`` naming the key, raised before any
+model, process group or GPU memory exists.
+"""
+
+import dataclasses
+import difflib
+import typing
+from pathlib import Path
+from typing import Any, Sequence
+
+import tomli
+
+from training.config import JobConfig
+from training.errors import ConfigError
+
+_CHOICES = {
+    "model.name": ("llama3", "qwen3"),
+    "training.mixed_precision_param": ("bfloat16", "float32"),
+    "training.mixed_precision_reduce": ("bfloat16", "float32"),
+    "training.device": ("auto", "cpu", "cuda"),
+    "training.dataset": ("text", "jsonl", "tokens"),
+    "optimizer.name": ("AdamW",),
+    "lr_scheduler.decay_type": ("cosine", "linear", "constant"),
+    "activation_checkpoint.mode": ("none", "full", "selective"),
+    "parallelism.fsdp_reshard_after_forward": ("default", "always", "never"),
+    "parallelism.vocab_parallel_mesh_dim": ("dp_shard",),
+}
+
+
+def _did_you_mean(name: str, options: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is typing.Union:
+        return " or ".join(_type_name(t) for t in typing.get_args(tp))
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list"}[tp]
+
+
+def _check_type(key: str, tp: Any, value: Any) -> Any:
+    """Accept ``value`` for a field of type ``tp`` (TOML-typed), or raise naming the key."""
+    if typing.get_origin(tp) is typing.Union:
+        for option in typing.get_args(tp):
+            try:
+                return _check_type(key, option, value)
+            except ConfigError:
+                pass
+    elif tp is bool and isinstance(value, bool):
+        return value
+    elif tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif tp in (str, list) and isinstance(value, tp):
+        return value
+    raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
+
+
+def _parse_cli_value(key: str, tp: Any, text: str) -> Any:
+    """Read a command-line string as TOML would read it, falling back to a bare string."""
+    try:
+        value = tomli.loads(f"v = {text}")["v"]
+    except tomli.TOMLDecodeError:
+        value = text
+    if tp is list and isinstance(value, str):
+        value = [v for v in value.split(",") if v]
+    if tp is str and not isinstance(value, str):
+        value = text
+    return _check_type(key, tp, value)
+
+
+def _fields(obj: Any) -> dict[str, Any]:
+    return {f.name: f for f in dataclasses.fields(obj)}
+
+
+def _set(cfg: JobConfig, section: str, key: str, value: Any, *, from_cli: bool) -> None:
+    sections = _fields(cfg)
+    if section not in sections:
+        raise ConfigError(section, f"unknown section{_did_you_mean(section, sections)}; sections are {', '.join(sections)}")
+    target = getattr(cfg, section)
+    hints = typing.get_type_hints(type(target))
+    if key not in hints:
+        raise ConfigError(
+            f"{section}.{key}", f"unknown key{_did_you_mean(key, hints)}; [{section}] has {', '.join(hints)}"
+        )
+    full = f"{section}.{key}"
+    value = _parse_cli_value(full, hints[key], value) if from_cli else _check_type(full, hints[key], value)
+    setattr(target, key, value)
+
+
+def _parse_overrides(args: Sequence[str]) -> list[tuple[str, str]]:
+    pairs, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg:
+            raise ConfigError(arg, "expected --section.key value or --section.key=value (e.g. --training.steps 10)")
+        name = arg[2:]
+        if "=" in name:
+            name, text = name.split("=", 1)
+        elif i + 1 < len(args) and not args[i + 1].startswith("--"):
+            i += 1
+            text = args[i]
+        elif i + 1 == len(args) or args[i + 1].startswith("--"):
+            text = "true"  # a bare flag switches a boolean on
+        pairs.append((name, text))
+        i += 1
+    return pairs
+
+
+def load_config(argv: Sequence[str]) -> JobConfig:
+    """``argv`` is ``[--config PATH] [--section.key value ...]`` in any order."""
+    argv = list(argv)
+    path = None
+    for i, arg in enumerate(argv):
+        if arg == "--config" or arg.startswith("--config="):
+            path = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else None)
+            if path is None:
+                raise ConfigError("--config", "needs a path to a TOML recipe, e.g. --config configs/debug.toml")
+            del argv[i : i + (1 if "=" in arg else 2)]
+            break
+    cfg = JobConfig()
+    if path is not None:
+        if not Path(path).is_file():
+            raise ConfigError("--config", f"no recipe file at '{path}' (recipes live in configs/)")
+        try:
+            data = tomli.loads(Path(path).read_text())
+        except tomli.TOMLDecodeError as err:
+            raise ConfigError("--config", f"'{path}' is not valid TOML: {err}") from None
+        for section, table in data.items():
+            if not isinstance(table, dict):
+                raise ConfigError(section, f"expected a [{section}] table in '{path}'")
+            for key, value in table.items():
+                _set(cfg, section, key, value, from_cli=False)
+    for name, text in _parse_overrides(argv):
+        section, _, key = name.partition(".")
+        _set(cfg, section, key, text, from_cli=True)
+    validate_config(cfg)
+    return cfg
+
+
+def _require(cond: bool, key: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(key, message)
+
+
+def validate_config(cfg: JobConfig) -> None:
+    """Checks that need no process group: choices, ranges, and cross-key combinations."""
+    from losses import validate_loss_options
+    from models import MODEL_FLAVORS
+    from parallelisms.pipeline import PIPELINE_SCHEDULES
+
+    for key, allowed in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        _require(value in allowed, key, f"{value!r} is not one of {', '.join(map(repr, allowed))}{_did_you_mean(str(value), allowed)}")
+    flavors = MODEL_FLAVORS[cfg.model.name]
+    _require(cfg.model.flavor in flavors, "model.flavor",
+             f"{cfg.model.name} has no flavor {cfg.model.flavor!r}; choose one of {', '.join(flavors)}")
+    _require(cfg.model.vocab_size >= 0, "model.vocab_size", "must be >= 0 (0 keeps the flavor's vocabulary)")
+
+    t = cfg.training
+    for key in ("steps", "local_batch_size", "seq_len"):
+        _require(getattr(t, key) > 0, f"training.{key}", "must be a positive integer")
+    _require(t.global_batch_size == -1 or t.global_batch_size > 0, "training.global_batch_size",
+             "must be positive, or -1 for local_batch_size x data-parallel degree")
+    _require(t.max_norm >= 0, "training.max_norm", "must be >= 0 (0 turns clipping off)")
+
+    o = cfg.optimizer
+    _require(o.lr > 0, "optimizer.lr", "must be positive")
+    _require(o.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
+    _require(len(o.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in o.betas),
+             "optimizer.betas", f"expected two numbers in [0, 1), got {o.betas!r}")
+    _require(o.eps > 0, "optimizer.eps", "must be positive")
+    _require(cfg.lr_scheduler.warmup_steps >= 0, "lr_scheduler.warmup_steps", "must be >= 0")
+    _require(0 <= cfg.lr_scheduler.min_lr_factor <= 1, "lr_scheduler.min_lr_factor", "must be in [0, 1]")
+
+    options = {k: v for k, v in dataclasses.asdict(cfg.loss).items() if k != "name"}
+    validate_loss_options(cfg.loss.name, options)
+
+    p = cfg.parallelism
+    for key in ("data_parallel_replicate_degree", "pipeline_parallel_degree", "pipeline_parallel_microbatch_size",
+                "pipeline_parallel_virtual_stages"):
+        _require(getattr(p, key) >= 1, f"parallelism.{key}", "must be >= 1")
+    _require(p.data_parallel_shard_degree == -1 or p.data_parallel_shard_degree >= 1,
+             "parallelism.data_parallel_shard_degree", "must be >= 1, or -1 to fill the remaining ranks")
+    _require(p.pipeline_parallel_schedule in PIPELINE_SCHEDULES, "parallelism.pipeline_parallel_schedule",
+             f"{p.pipeline_parallel_schedule!r} is not one of {', '.join(PIPELINE_SCHEDULES)}"
+             f"{_did_you_mean(p.pipeline_parallel_schedule, PIPELINE_SCHEDULES)}")
+    _require(p.pipeline_parallel_layers_per_stage >= 0, "parallelism.pipeline_parallel_layers_per_stage",
+             "must be >= 0 (0 splits the layers evenly)")
+    _require(not (p.pipeline_parallel_layers_per_stage and p.pipeline_parallel_stage_split_points),
+             "parallelism.pipeline_parallel_stage_split_points",
+             "set either this or pipeline_parallel_layers_per_stage, not both")
+    _require(all(isinstance(x, int) and not isinstance(x, bool) for x in p.pipeline_parallel_stage_split_points),
+             "parallelism.pipeline_parallel_stage_split_points",
+             "expected a list of layer indices where new stages start, e.g. [7, 14, 21]")
+
+    ac = cfg.activation_checkpoint
+    if ac.mode == "selective":
+        _require(ac.selective_ac_option == "op" or (ac.selective_ac_option.isdigit() and int(ac.selective_ac_option) > 0),
+                 "activation_checkpoint.selective_ac_option",
+                 f"expected 'op' or a positive integer N (every N-th block), got {ac.selective_ac_option!r}")
+    for comp in cfg.compile.components:
+        _require(comp in ("model", "loss"), "compile.components",
+                 f"{comp!r} is not one of 'model', 'loss'{_did_you_mean(str(comp), ('model', 'loss'))}")
+    _require(cfg.metrics.log_freq >= 1, "metrics.log_freq", "must be >= 1")
