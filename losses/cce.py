@@ -1,0 +1,64 @@
+"""``cce`` and ``cce_torch_compile``: Apple's cut-cross-entropy (the 25.1.1 release).
+
+25.1.1 has no bias, z-loss or label smoothing; the registry rejects those at config
+time. ``cut_cross_entropy`` is imported on first use because importing it needs Triton.
+"""
+
+from typing import ClassVar, Optional
+
+from torch import Tensor, nn
+
+from losses.base import OutputLoss
+from losses.functional import mean_divisor
+from training.errors import ConfigError
+
+
+class CutCrossEntropy(OutputLoss):
+    """Calls ``cut_cross_entropy.linear_cross_entropy`` with implementation ``impl``.
+
+    Its "mean" is NaN on a batch whose targets are all ignored, so "mean" asks it for
+    the sum and divides by the number of real targets here.
+    """
+
+    impl: ClassVar[str]
+    options = frozenset({"ignore_index", "logit_softcap"})
+
+    def __init__(self, head: nn.Module, **options: object):
+        super().__init__(head, **options)
+        if getattr(head, "bias", None) is not None:
+            raise ConfigError(
+                "loss.name", f"{self.name!r} cannot apply the output head's bias; use 'chunked' or 'cross_entropy'"
+            )
+
+    def linear_loss(self, e: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor) -> Tensor:
+        from cut_cross_entropy import linear_cross_entropy
+
+        impl_options = {"filter_eps": self.filter_eps} if "filter_eps" in self.options else {}
+        loss = linear_cross_entropy(
+            e,
+            weight,
+            targets,
+            ignore_index=self.ignore_index,
+            softcap=self.logit_softcap or None,
+            reduction="none" if self.reduction == "none" else "sum",
+            impl=self.impl,
+            **impl_options,
+        )
+        return loss / mean_divisor(targets, self.ignore_index) if self.reduction == "mean" else loss
+
+
+class CCELoss(CutCrossEntropy):
+    """The Triton kernels: the least memory and usually the fastest; CUDA only."""
+
+    name = "cce"
+    impl = "cce"
+    needs_cuda = True
+    options = CutCrossEntropy.options | {"filter_eps"}
+
+
+class CCETorchCompileLoss(CutCrossEntropy):
+    """cut-cross-entropy's ``torch.compile`` path: materializes logits inside a compiled
+    graph; runs on the CPU too."""
+
+    name = "cce_torch_compile"
+    impl = "torch_compile"

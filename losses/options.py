@@ -1,0 +1,84 @@
+"""Every ``[loss]`` option any entry knows: its default, its valid values, what it does.
+
+Entries declare which of these names they honour; the registry uses the table to
+check a recipe before anything is built, and ``OutputLoss`` to fill in defaults.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from losses.chunked_linear_cross_entropy import DEFAULT_CHUNK_SIZE
+from losses.functional import IGNORE_INDEX
+
+# Returns what is wrong with a value, or None when it is valid.
+Check = Callable[[object], Optional[str]]
+
+
+@dataclass(frozen=True)
+class LossOption:
+    name: str
+    default: object
+    check: Check
+    # Completes "'<entry>' cannot ...", for entries that do not honour the option.
+    capability: str
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(positive: bool = False) -> Check:
+    def check(value):
+        if not isinstance(value, int) or isinstance(value, bool):
+            return f"must be an integer, got {value!r}"
+        if positive and value <= 0:
+            return f"must be > 0, got {value}"
+        return None
+
+    return check
+
+
+def _number(low: float, high: float = math.inf) -> Check:
+    """A finite number in ``[low, high)``."""
+
+    def check(value):
+        if not _is_number(value):
+            return f"must be a number, got {value!r}"
+        if not low <= value < high:
+            upper = "" if high == math.inf else f" and < {high}"
+            return f"must be >= {low}{upper}, got {value}"
+        return None
+
+    return check
+
+
+def _boolean(value: object) -> Optional[str]:
+    return None if isinstance(value, bool) else f"must be true or false, got {value!r}"
+
+
+# What cut_cross_entropy 25.1.1 accepts (its "auto" and "high" are the same threshold).
+FILTER_EPS_NAMES = ("high", "auto")
+
+
+def _filter_eps(value: object) -> Optional[str]:
+    if value is None or value in FILTER_EPS_NAMES or (_is_number(value) and value >= 0):
+        return None
+    return f"must be one of {FILTER_EPS_NAMES}, a number >= 0, or unset (no filtering); got {value!r}"
+
+
+OPTIONS: dict[str, LossOption] = {
+    option.name: option
+    for option in (
+        LossOption("ignore_index", IGNORE_INDEX, _integer(), "ignore a label id"),
+        LossOption("z_loss_weight", 0.0, _number(0.0), "apply z-loss"),
+        LossOption("label_smoothing", 0.0, _number(0.0, 1.0), "apply label smoothing"),
+        LossOption("logit_softcap", 0.0, _number(0.0), "softcap the logits"),
+        LossOption("chunk_size", DEFAULT_CHUNK_SIZE, _integer(positive=True), "set a token chunk size"),
+        LossOption("compile", False, _boolean, "compile its chunk math"),
+        LossOption("filter_eps", "high", _filter_eps, "filter small gradients (filter_eps)"),
+    )
+}
+
+# Options the OutputLoss constructor takes by name; the rest belong to single entries.
+COMMON_OPTIONS = frozenset({"ignore_index", "z_loss_weight", "label_smoothing", "logit_softcap"})
