@@ -10,9 +10,10 @@ _QWEN3 = dict(head_dim=128, vocab_size=151_936, rope_theta=1_000_000.0, norm_eps
 _LLAMA3 = dict(vocab_size=128_256, rope_theta=500_000.0, norm_eps=1e-5, qk_norm=False, max_seq_len=131_072)
 
 QWEN3_FLAVORS = {
-    # Real vocabulary, tiny layers: exercises the large-vocabulary loss path in seconds on a CPU.
+    # Tiny layers and vocabulary so a CPU trains it in seconds; `[model] vocab_size = 151936`
+    # gives it the real Qwen3 vocabulary (and the real loss-memory problem).
     "debug": ModelArgs(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=192, tie_word_embeddings=True,
-                       **{**_QWEN3, "head_dim": 16, "max_seq_len": 4096}),
+                       **{**_QWEN3, "head_dim": 16, "vocab_size": 2048, "max_seq_len": 4096}),
     "0.6B": ModelArgs(dim=1024, n_layers=28, n_heads=16, n_kv_heads=8, ffn_dim=3072, tie_word_embeddings=True, **_QWEN3),
     "1.7B": ModelArgs(dim=2048, n_layers=28, n_heads=16, n_kv_heads=8, ffn_dim=6144, tie_word_embeddings=True, **_QWEN3),
     "4B": ModelArgs(dim=2560, n_layers=36, n_heads=32, n_kv_heads=8, ffn_dim=9728, tie_word_embeddings=True, **_QWEN3),
@@ -21,7 +22,7 @@ QWEN3_FLAVORS = {
 
 LLAMA3_FLAVORS = {
     "debug": ModelArgs(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=16, ffn_dim=192,
-                       tie_word_embeddings=False, **{**_LLAMA3, "max_seq_len": 4096}),
+                       tie_word_embeddings=False, **{**_LLAMA3, "vocab_size": 2048, "max_seq_len": 4096}),
     # Llama 3.2 1B
     "1B": ModelArgs(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64, ffn_dim=8192,
                     tie_word_embeddings=True, rope_scaling=RopeScaling(32.0, 1.0, 4.0, 8192), **_LLAMA3),

@@ -46,6 +46,7 @@ def canonical_name(fqn: str) -> str:
 @torch.no_grad()
 def init_weights(model: Transformer, seed: int, device: torch.device) -> None:
     """Fill every parameter (plain or DTensor) of a model or pipeline stage already on ``device``."""
+    model.tie_weights()
     model.init_buffers(device)
     for fqn, param in model.named_parameters():
         fqn = canonical_name(fqn)

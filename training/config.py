@@ -8,6 +8,8 @@ a validated ``JobConfig``.
 from dataclasses import dataclass, field
 from typing import Union
 
+from losses.options import OPTIONS as LOSS_OPTIONS
+
 
 @dataclass
 class Job:
@@ -56,14 +58,16 @@ class LRScheduler:
 
 @dataclass
 class Loss:
+    """``name`` picks a registry entry (losses/registry.py); the defaults are the registry's."""
+
     name: str = "auto"
-    ignore_index: int = -100
-    z_loss_weight: float = 0.0
-    label_smoothing: float = 0.0
-    logit_softcap: float = 0.0
-    chunk_size: int = 4096
-    compile: bool = False
-    filter_eps: Union[str, float] = "high"
+    ignore_index: int = LOSS_OPTIONS["ignore_index"].default
+    z_loss_weight: float = LOSS_OPTIONS["z_loss_weight"].default
+    label_smoothing: float = LOSS_OPTIONS["label_smoothing"].default
+    logit_softcap: float = LOSS_OPTIONS["logit_softcap"].default
+    chunk_size: int = LOSS_OPTIONS["chunk_size"].default
+    compile: bool = LOSS_OPTIONS["compile"].default
+    filter_eps: Union[str, float] = LOSS_OPTIONS["filter_eps"].default
 
 
 @dataclass

@@ -1,0 +1,51 @@
+"""Tied input/output embeddings when the pipeline separates them.
+
+Without pipeline parallel the embedding and head are one parameter. With it,
+the first stage owns the embedding and the last stage a copy used as the head
+(both initialized from the same seed, see models/initialize.py). As Megatron
+does, after backward the two gradients are summed across the ranks holding the
+first and last stage of each pipeline, so both copies take identical steps.
+"""
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
+
+from parallelisms.pipeline import PipelinePlan
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+class TiedEmbeddingSync:
+    def __init__(self, parts: list[nn.Module], plan: PipelinePlan, mesh: DeviceMesh):
+        self.embedding = next((p.tok_embeddings.weight for p in parts if p.tok_embeddings is not None), None)
+        self.head = next((p.output.weight for p in parts if p.output is not None), None)
+        last_rank = next(r for r in range(plan.pp_degree) if plan.num_stages - 1 in plan.stages_of(r))
+        self.group = None
+        if last_rank != 0:  # stage 0 always sits on pipeline rank 0
+            me = dist.get_rank()
+            # One group per data-parallel coordinate; every rank creates all of them, in order.
+            for pair in mesh.mesh[[0, last_rank]].reshape(2, -1).t().tolist():
+                group = dist.new_group(pair)
+                if me in pair:
+                    self.group = group
+
+    @property
+    def head_copy(self) -> Optional[torch.Tensor]:
+        """The duplicate to leave out of the gradient norm: the embedding already counts it."""
+        return self.head
+
+    def sync_grads(self) -> None:
+        if self.embedding is not None and self.head is not None:  # both ends on this rank (V schedule)
+            total = _local(self.embedding.grad) + _local(self.head.grad)
+            _local(self.embedding.grad).copy_(total)
+            _local(self.head.grad).copy_(total)
+        elif self.group is not None:
+            mine = self.embedding if self.embedding is not None else self.head
+            dist.all_reduce(_local(mine.grad), group=self.group)

@@ -1,0 +1,67 @@
+"""Recipes parse into dataclasses; user mistakes become one-line errors naming the key."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from training.config_loader import load_config
+from training.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "configs").glob("*.toml")))
+def test_every_shipped_recipe_loads(recipe):
+    cfg = load_config(["--config", str(ROOT / "configs" / recipe)])
+    assert cfg.training.steps > 0
+
+
+def test_cli_overrides_in_both_forms():
+    cfg = load_config(["--config", str(ROOT / "configs/debug.toml"), "--training.steps", "7",
+                       "--optimizer.lr=0.01", "--loss.name", "chunked", "--optimizer.betas", "[0.8, 0.9]",
+                       "--compile.enable"])
+    assert cfg.training.steps == 7 and cfg.optimizer.lr == 0.01 and cfg.loss.name == "chunked"
+    assert cfg.optimizer.betas == [0.8, 0.9] and cfg.compile.enable is True
+
+
+@pytest.mark.parametrize("argv, key, words", [
+    (["--training.stpes", "3"], "training.stpes", "did you mean 'steps'"),
+    (["--trainig.steps", "3"], "trainig", "did you mean 'training'"),
+    (["--training.steps", "three"], "training.steps", "expected an integer"),
+    (["--training.steps", "0"], "training.steps", "positive"),
+    (["--model.flavor", "70B"], "model.flavor", "choose one of"),
+    (["--model.name", "qwen"], "model.name", "did you mean 'qwen3'"),
+    (["--parallelism.pipeline_parallel_schedule", "1f1b"], "parallelism.pipeline_parallel_schedule", "1F1B"),
+    (["--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option", "x"],
+     "activation_checkpoint.selective_ac_option", "positive integer"),
+    (["--loss.name", "chunkd"], "loss.name", "did you mean 'chunked'"),
+    (["--optimizer.betas", "[0.9]"], "optimizer.betas", "two numbers"),
+    (["steps=3"], "steps=3", "--section.key"),
+])
+def test_bad_values_name_the_key(argv, key, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(["--config", str(ROOT / "configs/debug.toml"), *argv])
+    assert err.value.key == key
+    assert words in str(err.value)
+
+
+def test_unknown_key_in_a_recipe_file(tmp_path):
+    recipe = tmp_path / "bad.toml"
+    recipe.write_text("[training]\nsteps = 2\nbatch = 4\n")
+    with pytest.raises(ConfigError, match=r"training.batch: unknown key"):
+        load_config(["--config", str(recipe)])
+
+
+def test_missing_recipe_file():
+    with pytest.raises(ConfigError, match="no recipe file"):
+        load_config(["--config", "configs/nope.toml"])
+
+
+def test_train_py_prints_one_line_and_exits_nonzero_before_building_anything():
+    result = subprocess.run([sys.executable, "train.py", "--config", "configs/debug.toml", "--training.seq_len", "-4"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "config error: training.seq_len: must be a positive integer"
+    assert "Traceback" not in result.stdout + result.stderr

@@ -1,0 +1,212 @@
+"""Train a recipe: ``torchrun --nproc_per_node=N train.py --config configs/X.toml [--section.key value ...]``.
+
+The whole composition is in ``main``, in order: config → process group and
+mesh → data → model (meta) → pipeline split → parallelize → init weights →
+loss from the registry → optimizer → loop.
+"""
+
+import contextlib
+import logging
+import os
+import sys
+import time
+import warnings
+from dataclasses import replace
+
+import torch
+import torch.distributed as dist
+
+from data import build_dataloader, build_tokenizer
+from losses import build_loss, loss_option_names
+from models import Transformer, build_model_args
+from models.initialize import init_weights
+from parallelisms.activation_checkpoint import apply_activation_checkpointing
+from parallelisms.compile import apply_compile
+from parallelisms.distributed import init_distributed, resolve_device
+from parallelisms.fsdp import apply_fsdp
+from parallelisms.grad_clip import clip_grad_norm_
+from parallelisms.parallel_dims import ParallelDims
+from parallelisms.pipeline import build_schedule, build_stage_module, plan_pipeline
+from parallelisms.tied_embeddings import TiedEmbeddingSync
+from training.config import JobConfig
+from training.config_loader import load_config
+from training.errors import ConfigError
+from training.metrics import MetricsLogger, peak_flops, peak_memory_gib
+from training.optimizer import build_lr_scheduler, build_optimizer
+from training.token_normalization import GlobalTokenMeanLoss
+
+logger = logging.getLogger("train")
+# torchdata 0.11 calls an API that torch >= 2.12 deprecates; nothing for a user to act on.
+warnings.filterwarnings("ignore", message=".*set_vital.*")
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def _global_batch_size(cfg: JobConfig, dims: ParallelDims) -> int:
+    t = cfg.training
+    per_micro_step = t.local_batch_size * dims.dp
+    g = t.global_batch_size if t.global_batch_size > 0 else per_micro_step
+    if g % per_micro_step:
+        raise ConfigError("training.global_batch_size",
+                          f"{g} is not a multiple of local_batch_size {t.local_batch_size} x data-parallel degree "
+                          f"{dims.dp} = {per_micro_step}; gradient accumulation needs whole micro-steps")
+    return g
+
+
+def train(cfg: JobConfig) -> list[float]:
+    """Run the recipe; returns the per-step losses (rank 0 logs them)."""
+    t = cfg.training
+    device = resolve_device(t.device)
+    rank, world_size = init_distributed(device)
+    dims = ParallelDims.from_config(cfg.parallelism, world_size)
+    global_batch = _global_batch_size(cfg, dims)
+    mesh, dp_mesh = dims.build_mesh(device.type)
+    pp_mesh = mesh["pp"]
+    torch.manual_seed(t.seed)
+
+    model_args = build_model_args(cfg.model.name, cfg.model.flavor, cfg.model.vocab_size)
+    if t.seq_len > model_args.max_seq_len:
+        raise ConfigError("training.seq_len", f"{t.seq_len} exceeds the flavor's {model_args.max_seq_len} positions")
+    model_args = replace(model_args, max_seq_len=t.seq_len)
+    pp_enabled = dims.pp > 1
+    plan = plan_pipeline(model_args.n_layers, cfg.parallelism, pp_mesh.get_local_rank(), t.local_batch_size) \
+        if pp_enabled else None
+
+    try:
+        tokenizer = build_tokenizer(cfg.model.tokenizer)
+    except ValueError as err:
+        raise ConfigError("model.tokenizer", str(err)) from None
+    try:
+        dataloader = build_dataloader(dataset=t.dataset, dataset_path=t.dataset_path, tokenizer=tokenizer,
+                                      seq_len=t.seq_len, global_batch_size=global_batch,
+                                      dp_rank=dp_mesh.get_local_rank(), dp_degree=dims.dp, seed=t.seed,
+                                      vocab_size=model_args.vocab_size)
+    except ValueError as err:
+        raise ConfigError("training.dataset_path", str(err)) from None
+
+    # Build on the meta device: nothing is allocated until each rank holds only its shard.
+    with torch.device("meta"):
+        model = Transformer(model_args)
+    parts = [build_stage_module(model, plan, s) for s in plan.local_stages] if pp_enabled else [model]
+    param_dtype = t.mixed_precision_param if device.type == "cuda" else "float32"
+    for part in parts:
+        apply_activation_checkpointing(part, cfg.activation_checkpoint)
+        if cfg.compile.enable and "model" in cfg.compile.components:
+            apply_compile(part)
+        apply_fsdp(part, dims.fsdp_mesh(mesh), param_dtype, t.mixed_precision_reduce,
+                   cfg.parallelism.fsdp_reshard_after_forward, pp_enabled)
+        part.to_empty(device=device)
+        init_weights(part, t.seed, device)
+        part.train()
+
+    # The loss: chosen by name, applied to the last stage's hidden states through its head.
+    head = next((p.output for p in parts if p.output is not None), None)
+    loss_options = {k: v for k, v in vars(cfg.loss).items() if k in loss_option_names(cfg.loss.name)}
+    if cfg.compile.enable and "loss" in cfg.compile.components and "compile" in loss_options:
+        loss_options["compile"] = True
+    loss = None
+    if head is not None:
+        loss = GlobalTokenMeanLoss(build_loss(cfg.loss.name, head, loss_options, reduction="sum", device=device))
+    tied = TiedEmbeddingSync(parts, plan, mesh) if pp_enabled and model_args.tie_word_embeddings else None
+    schedule = build_schedule(parts, plan, cfg.parallelism.pipeline_parallel_schedule, pp_mesh.get_group(),
+                              device, loss) if pp_enabled else None
+
+    params = [p for part in parts for p in part.parameters()]
+    optimizer = build_optimizer(params, cfg.optimizer, device)
+    scheduler = build_lr_scheduler(optimizer, t.steps, cfg.lr_scheduler)
+    metrics = MetricsLogger(cfg.job.dump_folder, cfg.metrics.enable_tensorboard, active=rank == 0)
+    if rank == 0:
+        n_params = model_args.num_params()
+        logger.info(f"{cfg.model.name} {cfg.model.flavor}: {n_params / 1e6:,.1f}M parameters, vocab "
+                    f"{model_args.vocab_size:,}; world {world_size} = pp {dims.pp} x dp_replicate "
+                    f"{dims.dp_replicate} x dp_shard {dims.dp_shard}; device {device}; params {param_dtype}")
+        logger.info(f"global batch {global_batch} x {t.seq_len} tokens, "
+                    f"{global_batch // (t.local_batch_size * dims.dp)} accumulation step(s)")
+
+    flops_per_token = model_args.flops_per_token(t.seq_len)
+    peak = peak_flops(device)
+    has_first = any(p.tok_embeddings is not None for p in parts)
+    losses, data_iter = [], iter(dataloader)
+    window_start, window_tokens = time.perf_counter(), 0
+    for step in range(1, t.steps + 1):
+        local_batch = next(data_iter)["input_ids"].to(device)
+        if loss is not None:
+            loss.set_global_batch(local_batch, cfg.loss.ignore_index, dp_mesh.get_group())
+        step_loss = torch.zeros((), device=device, dtype=torch.float64)
+        for micro in local_batch.split(t.local_batch_size):
+            if pp_enabled:
+                mb_losses: list[torch.Tensor] = []
+                target = micro if head is not None else None
+                inputs = (micro,) if has_first else ()
+                schedule.step(*inputs, target=target, losses=mb_losses)
+                step_loss += sum(l.detach().double() for l in mb_losses) if mb_losses else 0.0
+            else:
+                micro_loss = loss(model(micro), micro)
+                micro_loss.backward()
+                step_loss += micro_loss.detach().double()
+        if tied is not None:
+            tied.sync_grads()
+        grad_norm = clip_grad_norm_(params, t.max_norm, pp_mesh.get_group() if pp_enabled else None,
+                                    skip=[tied.head_copy] if tied is not None and tied.head_copy is not None else [])
+        optimizer.step()
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        # Loss terms live on the last stage and are per data-parallel rank: sum them everywhere.
+        dist.all_reduce(step_loss, group=dp_mesh.get_group())
+        if pp_enabled:
+            dist.all_reduce(step_loss, group=pp_mesh.get_group())
+        step_loss = step_loss.item()
+        if not torch.isfinite(torch.tensor(step_loss)):
+            raise NonFiniteLossError(
+                f"loss is {step_loss} at step {step}; try a lower optimizer.lr, more lr_scheduler.warmup_steps, "
+                "training.max_norm > 0, or training.mixed_precision_param = 'float32'")
+        losses.append(step_loss)
+        window_tokens += global_batch * t.seq_len
+        if step % cfg.metrics.log_freq == 0 or step == t.steps:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - window_start
+            tps = window_tokens / elapsed / world_size
+            metrics.log(step, t.steps, {
+                "loss": step_loss, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_second": tps,
+                "mfu_percent": 100 * flops_per_token * tps / peak if peak else None,
+                "peak_memory_gib": peak_memory_gib(device),
+            })
+            window_start, window_tokens = time.perf_counter(), 0
+    metrics.close()
+    return losses
+
+
+def main(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s", stream=sys.stdout)
+    rank = int(os.environ.get("RANK", 0))
+    if rank != 0:
+        logging.getLogger().setLevel(logging.WARNING)
+    try:
+        cfg = load_config(argv)
+        train(cfg)
+    except ConfigError as err:
+        if rank == 0:
+            print(err, file=sys.stderr)
+        return 2
+    except NonFiniteLossError as err:
+        if rank == 0:
+            print(f"stopped: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        if rank == 0:
+            print("interrupted; exiting", file=sys.stderr)
+        return 130
+    finally:
+        if dist.is_initialized():
+            with contextlib.suppress(Exception):
+                dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,67 @@
+"""Per-step figures: one console line, ``metrics.jsonl``, and TensorBoard when enabled."""
+
+import json
+import logging
+import resource
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+logger = logging.getLogger("train")
+
+# Dense bf16 peak of the GPUs we run on, for MFU.
+_PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}
+
+
+def peak_flops(device: torch.device) -> Optional[float]:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in _PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """GPU: peak allocated by PyTorch. CPU: the process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+class MetricsLogger:
+    """Written by rank 0 only; figures are already reduced across ranks."""
+
+    def __init__(self, dump_folder: str, enable_tensorboard: bool, active: bool):
+        self.active = active
+        self.writer = None
+        if not active:
+            return
+        folder = Path(dump_folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(folder / "metrics.jsonl", "a")
+        if enable_tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(folder / "tensorboard"))
+
+    def log(self, step: int, total_steps: int, figures: dict) -> None:
+        if not self.active:
+            return
+        record = {"step": step, **figures}
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        if self.writer is not None:
+            for key, value in figures.items():
+                if value is not None:
+                    self.writer.add_scalar(key, value, step)
+        mfu = f"  mfu {figures['mfu_percent']:5.1f}%" if figures.get("mfu_percent") is not None else ""
+        logger.info(
+            f"step {step:>{len(str(total_steps))}}/{total_steps}  loss {figures['loss']:.4f}  lr {figures['lr']:.2e}"
+            f"  grad_norm {figures['grad_norm']:.3f}  tok/s {figures['tokens_per_second']:,.0f}{mfu}"
+            f"  mem {figures['peak_memory_gib']:.2f}GiB")
+
+    def close(self) -> None:
+        if self.active:
+            self.jsonl.close()
+            if self.writer is not None:
+                self.writer.close()
