@@ -1,0 +1,150 @@
+"""Linear cross-entropy with the classifier sharded along the vocabulary.
+
+The API is upstream cut-cross-entropy's (GitHub main, not in the 25.1.1 release):
+``VocabParallelOptions`` names this rank's rows of the classifier and the group
+that holds the others; every rank passes the same hidden states and targets and
+gets the same loss, the same hidden-state gradient (unless ``reduce_e_grad`` is
+off) and the gradient of its own shard only.
+"""
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch.distributed as dist
+from torch import Tensor
+
+from losses.chunked_linear_cross_entropy import chunked_linear_cross_entropy
+from losses.functional import IGNORE_INDEX, shift_targets
+
+
+def vocab_shard_range(vocab_size: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rows ``[start, stop)`` of rank ``rank``: contiguous, in rank order, and the first
+    ``vocab_size % world_size`` ranks get one extra row (upstream's split), e.g. 101
+    rows over 4 ranks are 26, 25, 25, 25."""
+    base, extra = divmod(vocab_size, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
+
+
+@dataclass
+class VocabParallelOptions:
+    """This rank's classifier rows ``[start, stop)`` and its vocab-parallel group.
+
+    ``group=None`` means the default process group. ``reduce_e_grad=False`` leaves
+    each rank's hidden-state gradient partial (its shard's contribution) for a caller
+    that reduces it itself, e.g. with a reduce-scatter.
+    """
+
+    start: int
+    stop: int
+    group: Optional[dist.ProcessGroup] = None
+    reduce_e_grad: bool = True
+
+    @classmethod
+    def from_vocab(
+        cls, vocab_size: int, group: Optional[dist.ProcessGroup] = None, reduce_e_grad: bool = True
+    ) -> "VocabParallelOptions":
+        """Split ``vocab_size`` rows over ``group`` with ``vocab_shard_range``."""
+        start, stop = vocab_shard_range(vocab_size, dist.get_rank(group), dist.get_world_size(group))
+        return cls(start, stop, group, reduce_e_grad)
+
+
+def _chunked_backend(e, c_shard, targets, bias, options, group, **loss_options) -> Tensor:
+    return chunked_linear_cross_entropy(
+        e,
+        c_shard,
+        targets,
+        bias,
+        vocab_start=options.start,
+        group=group,
+        reduce_e_grad=options.reduce_e_grad,
+        **loss_options,
+    )
+
+
+# impl name -> backend. A fused CUDA/Triton backend gets registered here, and picked
+# by _resolve_impl for "auto" on CUDA, once it exists; until then "auto" is chunked.
+VOCAB_PARALLEL_BACKENDS: dict[str, Callable[..., Tensor]] = {"chunked": _chunked_backend}
+
+
+def _resolve_impl(impl: str) -> Callable[..., Tensor]:
+    name = "chunked" if impl == "auto" else impl
+    if name not in VOCAB_PARALLEL_BACKENDS:
+        raise ValueError(f"impl must be 'auto' or one of {sorted(VOCAB_PARALLEL_BACKENDS)}, got {impl!r}")
+    return VOCAB_PARALLEL_BACKENDS[name]
+
+
+def vocab_parallel_linear_cross_entropy(
+    e: Tensor,
+    c_shard: Tensor,
+    targets: Tensor,
+    options: VocabParallelOptions,
+    *,
+    bias: Optional[Tensor] = None,
+    ignore_index: int = IGNORE_INDEX,
+    softcap: Optional[float] = None,
+    reduction: str = "mean",
+    shift: bool | int = False,
+    z_loss_weight: float = 0.0,
+    label_smoothing: float = 0.0,
+    impl: str = "auto",
+) -> Tensor:
+    """Cross-entropy of ``e [..., D] @ c.T`` against ``targets [...]``, ``c`` sharded by rows.
+
+    ``c_shard`` is rows ``[options.start, options.stop)`` of the classifier and ``bias``
+    (optional) the same slice of its bias. ``shift=k`` (``True`` = 1) scores ``e[..., t]``
+    against ``targets[..., t + k]``; with reduction "none" the result then has
+    ``S - k`` positions, as upstream. "mean" divides by the number of non-ignored
+    targets and is 0 when there are none. ``options`` may also be the installed
+    ``cut_cross_entropy``'s own ``VocabParallelOptions``, where it has one.
+    """
+    options = _as_options(options)
+    if c_shard.shape[0] != options.stop - options.start:
+        raise ValueError(f"c_shard has {c_shard.shape[0]} rows but options cover [{options.start}, {options.stop})")
+    if e.shape[:-1] != targets.shape:
+        raise ValueError(f"e {list(e.shape)} and targets {list(targets.shape)} disagree on the batch shape")
+    shift = int(shift)
+    if shift and not 0 < shift < targets.shape[-1]:
+        raise ValueError(f"shift must be in [0, {targets.shape[-1]}), got {shift}")
+    group = options.group
+    if group is None and dist.is_initialized():
+        group = dist.group.WORLD
+
+    loss = _resolve_impl(impl)(
+        e.flatten(0, -2),
+        c_shard,
+        shift_targets(targets, shift, ignore_index).flatten(),
+        bias,
+        options,
+        group,
+        ignore_index=ignore_index,
+        softcap=softcap or 0.0,
+        z_loss_weight=z_loss_weight,
+        label_smoothing=label_smoothing,
+        reduction=reduction,
+    )
+    if reduction != "none":
+        return loss
+    loss = loss.view(targets.shape)
+    return loss[..., : targets.shape[-1] - shift] if shift else loss
+
+
+def _as_options(options: object) -> VocabParallelOptions:
+    """Accept ours, or cut_cross_entropy's own options type (converted by attributes)."""
+    if isinstance(options, VocabParallelOptions):
+        return options
+    upstream = _upstream_options_type()
+    if upstream is not None and isinstance(options, upstream):
+        return VocabParallelOptions(
+            options.start, options.stop, options.group, getattr(options, "reduce_e_grad", True)
+        )
+    raise TypeError(f"options must be a VocabParallelOptions, got {type(options).__name__}")
+
+
+def _upstream_options_type() -> Optional[type]:
+    """cut_cross_entropy.VocabParallelOptions where the installed release has it (25.1.1 does not)."""
+    try:
+        import cut_cross_entropy
+    except ImportError:  # not installed, or Triton missing
+        return None
+    return getattr(cut_cross_entropy, "VocabParallelOptions", None)

@@ -1,0 +1,75 @@
+"""Run a function in N gloo processes on the CPU, for tests of distributed code.
+
+``run_distributed(fn, world_size, *args)`` spawns ``world_size`` processes, joins
+them into one gloo process group over 127.0.0.1, calls ``fn(rank, world_size,
+*args)`` in each and returns the ranks' return values, in rank order. A failing
+rank fails the caller with that rank's traceback; a hang fails it after
+``timeout_s``. ``fn`` and ``args`` must be picklable (``fn`` defined at module
+level) and so must what ``fn`` returns; tensors come back through ``torch.save``.
+"""
+
+import datetime
+import os
+import socket
+import tempfile
+import time
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (rank 0 binds it next)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _run_rank(
+    rank: int,
+    world_size: int,
+    port: int,
+    result_dir: str,
+    timeout_s: float,
+    fn: Callable[..., Any],
+    args: tuple,
+) -> None:
+    # N processes share the test machine's cores; one thread each avoids oversubscription.
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+    try:
+        result = fn(rank, world_size, *args)
+        torch.save(result, os.path.join(result_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 120.0) -> list[Any]:
+    """Return ``[fn(rank, world_size, *args) for each rank]``, each run in its own process."""
+    with tempfile.TemporaryDirectory() as result_dir:
+        context = mp.start_processes(
+            _run_rank,
+            args=(world_size, free_port(), result_dir, timeout_s, fn, args),
+            nprocs=world_size,
+            join=False,
+            start_method="spawn",
+        )
+        deadline = time.monotonic() + timeout_s
+        # join() re-raises a failed rank's exception with its traceback.
+        while not context.join(timeout=max(deadline - time.monotonic(), 0.0)):
+            if time.monotonic() >= deadline:
+                for process in context.processes:
+                    if process.is_alive():
+                        process.kill()
+                raise TimeoutError(f"{fn.__name__} did not finish on {world_size} ranks within {timeout_s} s")
+        return [
+            torch.load(os.path.join(result_dir, f"rank{rank}.pt"), weights_only=False) for rank in range(world_size)
+        ]
