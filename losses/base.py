@@ -18,8 +18,8 @@ class OutputLoss(nn.Module):
     unshard its weight for ``fn`` and reduce-scatter the gradient afterwards.
 
     Subclasses set ``name`` (the recipe's ``[loss] name``), ``options`` (the option
-    names they honour), ``needs_cuda`` if they only run on CUDA, and implement
-    ``linear_loss``.
+    names they honour, see ``losses.options``), ``needs_cuda`` if they only run on
+    CUDA, take their own options as keyword arguments and implement ``linear_loss``.
     """
 
     name: ClassVar[str]
@@ -35,27 +35,19 @@ class OutputLoss(nn.Module):
         z_loss_weight: float = 0.0,
         label_smoothing: float = 0.0,
         logit_softcap: float = 0.0,
-        **entry_options: object,
     ):
         super().__init__()
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        given = dict(
-            ignore_index=ignore_index,
-            z_loss_weight=z_loss_weight,
-            label_smoothing=label_smoothing,
-            logit_softcap=logit_softcap,
-            **entry_options,
-        )
+        given = dict(z_loss_weight=z_loss_weight, label_smoothing=label_smoothing, logit_softcap=logit_softcap)
         for key, value in given.items():
-            if key not in OPTIONS:
-                raise TypeError(f"{type(self).__name__} got an unknown option {key!r}")
             if key not in self.options and value != OPTIONS[key].default:
                 raise ValueError(f"{self.name!r} cannot {OPTIONS[key].capability} ({key}={value!r})")
-        # Every option this entry honours becomes an attribute, defaults filled in.
-        for key in self.options | COMMON_OPTIONS:
-            setattr(self, key, given.get(key, OPTIONS[key].default))
+        self.ignore_index = ignore_index
         self.reduction = reduction
+        self.z_loss_weight = z_loss_weight
+        self.label_smoothing = label_smoothing
+        self.logit_softcap = logit_softcap
         # A plain attribute, not a submodule: the model owns the head's parameters,
         # so they must not show up (twice) in this module's parameters or state dict.
         object.__setattr__(self, "head", head)
@@ -83,5 +75,5 @@ class OutputLoss(nn.Module):
         raise NotImplementedError
 
     def extra_repr(self) -> str:
-        settings = {key: getattr(self, key) for key in sorted(self.options | COMMON_OPTIONS)}
-        return ", ".join(f"{key}={value!r}" for key, value in {"reduction": self.reduction, **settings}.items())
+        keys = ("reduction", "ignore_index", "z_loss_weight", "label_smoothing", "logit_softcap")
+        return ", ".join(f"{key}={getattr(self, key)!r}" for key in keys)

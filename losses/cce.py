@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from losses.base import OutputLoss
 from losses.functional import mean_divisor
+from losses.options import DEFAULT_FILTER_EPS
 from training.errors import ConfigError
 
 
@@ -23,8 +24,8 @@ class CutCrossEntropy(OutputLoss):
     impl: ClassVar[str]
     options = frozenset({"ignore_index", "logit_softcap"})
 
-    def __init__(self, head: nn.Module, **options: object):
-        super().__init__(head, **options)
+    def __init__(self, head: nn.Module, **common):
+        super().__init__(head, **common)
         if getattr(head, "bias", None) is not None:
             raise ConfigError(
                 "loss.name", f"{self.name!r} cannot apply the output head's bias; use 'chunked' or 'cross_entropy'"
@@ -33,7 +34,6 @@ class CutCrossEntropy(OutputLoss):
     def linear_loss(self, e: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor) -> Tensor:
         from cut_cross_entropy import linear_cross_entropy
 
-        impl_options = {"filter_eps": self.filter_eps} if "filter_eps" in self.options else {}
         loss = linear_cross_entropy(
             e,
             weight,
@@ -42,9 +42,13 @@ class CutCrossEntropy(OutputLoss):
             softcap=self.logit_softcap or None,
             reduction="none" if self.reduction == "none" else "sum",
             impl=self.impl,
-            **impl_options,
+            **self.impl_options(),
         )
         return loss / mean_divisor(targets, self.ignore_index) if self.reduction == "mean" else loss
+
+    def impl_options(self) -> dict[str, object]:
+        """Keyword arguments only this ``impl`` takes."""
+        return {}
 
 
 class CCELoss(CutCrossEntropy):
@@ -54,6 +58,13 @@ class CCELoss(CutCrossEntropy):
     impl = "cce"
     needs_cuda = True
     options = CutCrossEntropy.options | {"filter_eps"}
+
+    def __init__(self, head: nn.Module, *, filter_eps: float | str | None = DEFAULT_FILTER_EPS, **common):
+        super().__init__(head, **common)
+        self.filter_eps = filter_eps
+
+    def impl_options(self) -> dict[str, object]:
+        return {"filter_eps": self.filter_eps}
 
 
 class CCETorchCompileLoss(CutCrossEntropy):

@@ -1,7 +1,8 @@
 """Every ``[loss]`` option any entry knows: its default, its valid values, what it does.
 
 Entries declare which of these names they honour; the registry uses the table to
-check a recipe before anything is built, and ``OutputLoss`` to fill in defaults.
+check a recipe before anything is built, ``OutputLoss`` to refuse a common option
+its entry cannot honour.
 """
 
 import math
@@ -59,6 +60,7 @@ def _boolean(value: object) -> Optional[str]:
 
 # What cut_cross_entropy 25.1.1 accepts (its "auto" and "high" are the same threshold).
 FILTER_EPS_NAMES = ("high", "auto")
+DEFAULT_FILTER_EPS = "high"
 
 
 def _filter_eps(value: object) -> Optional[str]:
@@ -76,9 +78,9 @@ OPTIONS: dict[str, LossOption] = {
         LossOption("logit_softcap", 0.0, _number(0.0), "softcap the logits"),
         LossOption("chunk_size", DEFAULT_CHUNK_SIZE, _integer(positive=True), "set a token chunk size"),
         LossOption("compile", False, _boolean, "compile its chunk math"),
-        LossOption("filter_eps", "high", _filter_eps, "filter small gradients (filter_eps)"),
+        LossOption("filter_eps", DEFAULT_FILTER_EPS, _filter_eps, "filter small gradients (filter_eps)"),
     )
 }
 
-# Options the OutputLoss constructor takes by name; the rest belong to single entries.
+# Options OutputLoss itself takes; an entry takes its own others as keyword arguments.
 COMMON_OPTIONS = frozenset({"ignore_index", "z_loss_weight", "label_smoothing", "logit_softcap"})

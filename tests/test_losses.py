@@ -1,0 +1,326 @@
+"""Every [loss] entry against a float64 materialized reference, and the registry's checks."""
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from losses import LOSS_NAMES, OutputLoss, build_loss, loss_option_names, validate_loss_options
+from losses.chunked import ChunkedCrossEntropy
+from losses.chunked_linear_cross_entropy import DEFAULT_CHUNK_SIZE
+from losses.cce import CCELoss
+from models.output_head import OutputHead
+from training.errors import ConfigError
+
+IGNORE = -100
+B, S, D, V = 2, 37, 32, 101  # 74 tokens: not a multiple of the chunk size below, V prime
+CHUNK = 16
+CPU = torch.device("cpu")
+HAS_CUDA = torch.cuda.is_available()
+cuda_only = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")]
+
+# Relative tolerance on max |error| / max |reference|. fp32: summation order only.
+# bf16: the logits GEMM rounds its output to bf16 (2^-9 relative), and the gradient
+# GEMMs take the logit gradient rounded to bf16; 3e-2 leaves about 3x margin.
+TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
+
+
+def reference(hidden, weight, bias, labels, *, reduction="mean", z_loss_weight=0.0, label_smoothing=0.0, logit_softcap=0.0):
+    """The spec in float64, by slicing: position t predicts labels[:, t+1]; the last has no target."""
+    logits = hidden[:, :-1].double() @ weight.double().T
+    if bias is not None:
+        logits = logits + bias.double()
+    if logit_softcap:
+        logits = logit_softcap * torch.tanh(logits / logit_softcap)
+    targets = labels[:, 1:]
+    valid = targets != IGNORE
+    lse = logits.logsumexp(-1)
+    target_logit = logits.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
+    per_token = (1 - label_smoothing) * (lse - target_logit) + label_smoothing * (lse - logits.mean(-1))
+    per_token = torch.where(valid, per_token + z_loss_weight * lse**2, 0.0)
+    if reduction == "none":
+        return torch.cat([per_token, per_token.new_zeros(B, 1)], dim=1)
+    total = per_token.sum()
+    return total / valid.sum().clamp(min=1) if reduction == "mean" else total
+
+
+def make_inputs(seed, *, ignored=0.0):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, S, D, generator=gen)
+    weight = torch.randn(V, D, generator=gen) * 2 / D**0.5  # logits with std ~2
+    bias = torch.randn(V, generator=gen)
+    labels = torch.randint(0, V, (B, S), generator=gen)
+    labels[torch.rand(B, S, generator=gen) < ignored] = IGNORE
+    return hidden, weight, bias, labels
+
+
+def make_head(weight, bias=None, dtype=torch.float32, device=CPU):
+    head = OutputHead(D, V, bias=bias is not None).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        head.weight.copy_(weight)
+        if bias is not None:
+            head.bias.copy_(bias)
+    return head
+
+
+def assert_close(actual, expected, rtol, what):
+    actual = actual.detach().double().cpu()
+    assert torch.isfinite(actual).all(), f"{what}: not finite"
+    error = (actual - expected).abs().max().item() if expected.numel() else 0.0
+    scale = max(expected.abs().max().item() if expected.numel() else 0.0, 1e-6)
+    assert error <= rtol * scale, f"{what}: max error {error:.3g} > {rtol} * {scale:.3g}"
+
+
+# name -> (options, ignored fraction, head has a bias)
+FEATURES = {
+    "plain": ({}, 0.0, False),
+    "ignored": ({}, 0.3, False),
+    "all_ignored": ({}, 1.0, False),
+    "z_loss": ({"z_loss_weight": 1e-2}, 0.2, False),
+    "label_smoothing": ({"label_smoothing": 0.1}, 0.2, False),
+    "softcap": ({"logit_softcap": 4.0}, 0.2, False),
+    "bias": ({}, 0.2, True),
+    "everything": ({"z_loss_weight": 1e-2, "label_smoothing": 0.1, "logit_softcap": 4.0}, 0.2, True),
+}
+BIAS_ENTRIES = {"cross_entropy", "chunked"}  # cut-cross-entropy 25.1.1 has no bias
+ENTRY_OPTIONS = {"chunked": {"chunk_size": CHUNK}}
+
+# (entry, device): every entry that runs on this machine, and the CUDA ones where there is a GPU.
+ENTRIES = [
+    pytest.param("cross_entropy", "cpu"),
+    pytest.param("chunked", "cpu"),
+    pytest.param("cce_torch_compile", "cpu"),
+    pytest.param("cce", "cuda", marks=cuda_only),
+    pytest.param("chunked", "cuda", marks=cuda_only),
+]
+
+
+def supports(entry, feature):
+    options, _, bias = FEATURES[feature]
+    return set(options) <= loss_option_names(entry) and (not bias or entry in BIAS_ENTRIES)
+
+
+def check_entry(entry, device, feature, reduction, dtype=torch.float32, seed=0, extra_options=None):
+    """Loss and gradients of hidden, weight and bias match the float64 reference."""
+    options, ignored, with_bias = FEATURES[feature]
+    hidden, weight, bias, labels = make_inputs(seed, ignored=ignored)
+    bias = bias if with_bias else None
+    device = torch.device(device)
+    head = make_head(weight, bias, dtype, device)
+    options = {**ENTRY_OPTIONS.get(entry, {}), **options, **(extra_options or {})}
+    loss_fn = build_loss(entry, head, options, reduction=reduction, device=device)
+
+    hidden = hidden.to(device=device, dtype=dtype).requires_grad_()
+    loss = loss_fn(hidden, labels.to(device))
+    grad_out = torch.rand(loss.shape, generator=torch.Generator().manual_seed(seed)) + 0.5
+    loss.backward(grad_out.to(device))
+
+    # The reference sees the same (rounded) inputs, so only the loss's own error counts.
+    ref_inputs = [t.detach().cpu().double().requires_grad_() for t in (hidden, head.weight)]
+    ref_bias = None if bias is None else head.bias.detach().cpu().double().requires_grad_()
+    ref = reference(*ref_inputs, ref_bias, labels, reduction=reduction, **FEATURES[feature][0])
+    ref.backward(grad_out.double())
+
+    rtol = TOLERANCE[dtype]
+    what = f"{entry}/{feature}/{reduction}/{dtype}"
+    assert loss.shape == ref.shape, what
+    assert_close(loss, ref.detach(), rtol, f"{what} loss")
+    assert_close(hidden.grad, ref_inputs[0].grad, rtol, f"{what} hidden grad")
+    assert_close(head.weight.grad, ref_inputs[1].grad, rtol, f"{what} weight grad")
+    if bias is not None:
+        assert_close(head.bias.grad, ref_bias.grad, rtol, f"{what} bias grad")
+    if feature == "all_ignored":
+        assert loss.abs().max().item() == 0.0 and not hidden.grad.any() and not head.weight.grad.any()
+
+
+# Features an entry rejects at config time are left out (test_unsupported_option_* covers them).
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize(
+    "entry,device,feature",
+    [
+        pytest.param(*entry.values, feature, marks=entry.marks, id=f"{entry.values[0]}-{entry.values[1]}-{feature}")
+        for entry in ENTRIES
+        for feature in FEATURES
+        if supports(entry.values[0], feature)
+    ],
+)
+def test_matches_float64_reference(entry, device, feature, reduction):
+    check_entry(entry, device, feature, reduction)
+
+
+@pytest.mark.parametrize("entry,device", ENTRIES)
+def test_bf16_matches_float64_reference(entry, device):
+    feature = "everything" if supports(entry, "everything") else "softcap"
+    check_entry(entry, device, feature, "mean", dtype=torch.bfloat16)
+
+
+def test_compiled_chunk_math_matches_reference():
+    """One small case, one chunk shape (74 = 2 x 37): compiling is slow on a CPU, and
+    the compiled functions are the eager ones."""
+    check_entry("chunked", "cpu", "everything", "mean", extra_options={"compile": True, "chunk_size": 37})
+
+
+def test_chunk_size_does_not_change_the_result():
+    hidden, weight, _, labels = make_inputs(1, ignored=0.2)
+    losses = [
+        build_loss("chunked", make_head(weight), {"chunk_size": size}, device=CPU)(hidden, labels)
+        for size in (1, 7, B * S, 4096)
+    ]
+    for loss in losses[1:]:
+        torch.testing.assert_close(loss, losses[0])
+
+
+def test_no_grad_gives_the_same_loss():
+    hidden, weight, _, labels = make_inputs(2, ignored=0.2)
+    loss_fn = build_loss("chunked", make_head(weight), {"chunk_size": CHUNK}, device=CPU)
+    with torch.no_grad():
+        evaluated = loss_fn(hidden, labels)
+    torch.testing.assert_close(evaluated, loss_fn(hidden.requires_grad_(), labels).detach())
+
+
+def test_chunked_backward_twice_is_an_error():
+    hidden, weight, _, labels = make_inputs(3)
+    loss = build_loss("chunked", make_head(weight), {}, device=CPU)(hidden.requires_grad_(), labels)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward it once"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("entry", ["cross_entropy", "chunked", "cce_torch_compile"])
+def test_forward_logits_through_the_head(entry):
+    hidden, weight, _, _ = make_inputs(4)
+    head = make_head(weight)
+    calls = []
+    head.register_forward_pre_hook(lambda module, args: calls.append(module))
+    loss_fn = build_loss(entry, head, {"logit_softcap": 4.0}, device=CPU)
+    logits = loss_fn.forward_logits(hidden)
+    expected = 4.0 * torch.tanh(hidden.double() @ weight.double().T / 4.0)
+    assert logits.shape == (B, S, V) and logits.dtype == torch.float32
+    assert_close(logits, expected, 1e-5, f"{entry} logits")
+    assert calls == [head], "the head must be called as a module, so FSDP's hooks run"
+
+
+@pytest.mark.parametrize("entry", ["cross_entropy", "chunked", "cce_torch_compile"])
+def test_loss_applies_the_head_as_a_module_and_owns_no_parameters(entry):
+    hidden, weight, _, labels = make_inputs(5)
+    head = make_head(weight)
+    calls = []
+    head.register_forward_pre_hook(lambda module, args: calls.append(module))
+    loss_fn = build_loss(entry, head, {}, device=CPU)
+    loss_fn(hidden, labels)
+    assert calls == [head]
+    assert list(loss_fn.parameters()) == [] and loss_fn.state_dict() == {}
+    model = nn.ModuleDict({"head": head, "loss": loss_fn})
+    assert len(list(model.parameters())) == 1
+
+
+# --- registry ---------------------------------------------------------------------------
+
+
+def test_loss_names_and_options():
+    assert set(LOSS_NAMES) == {"cross_entropy", "chunked", "cce", "cce_torch_compile", "auto"}
+    common = {"ignore_index", "z_loss_weight", "label_smoothing", "logit_softcap"}
+    assert loss_option_names("cross_entropy") == common
+    assert loss_option_names("chunked") == common | {"chunk_size", "compile"}
+    assert loss_option_names("cce") == {"ignore_index", "logit_softcap", "filter_eps"}
+    assert loss_option_names("cce_torch_compile") == {"ignore_index", "logit_softcap"}
+    assert loss_option_names("auto") == common
+
+
+def config_error(name, options):
+    with pytest.raises(ConfigError) as info:
+        validate_loss_options(name, options)
+    return info.value
+
+
+def test_unknown_name_suggests_the_closest():
+    error = config_error("chunkd", {})
+    assert error.key == "loss.name" and "did you mean 'chunked'" in str(error)
+
+
+def test_unknown_option_suggests_the_closest():
+    error = config_error("chunked", {"chunk_sise": 8})
+    assert error.key == "loss.chunk_sise" and "did you mean 'chunk_size'" in str(error)
+
+
+@pytest.mark.parametrize(
+    "name,key,value",
+    [
+        ("chunked", "chunk_size", 0),
+        ("chunked", "chunk_size", -4),
+        ("chunked", "chunk_size", "8"),
+        ("chunked", "chunk_size", 8.0),
+        ("chunked", "chunk_size", True),
+        ("chunked", "compile", "yes"),
+        ("chunked", "label_smoothing", 1.0),
+        ("chunked", "label_smoothing", -0.1),
+        ("chunked", "z_loss_weight", -1e-4),
+        ("chunked", "z_loss_weight", float("nan")),
+        ("chunked", "logit_softcap", -30.0),
+        ("chunked", "ignore_index", 1.5),
+        ("cce", "filter_eps", "low"),
+        ("cce", "filter_eps", -1.0),
+    ],
+)
+def test_bad_values_are_rejected(name, key, value):
+    assert config_error(name, {key: value}).key == f"loss.{key}"
+
+
+@pytest.mark.parametrize("value", ["high", "auto", 0.0, 1e-4, 0, None])
+def test_filter_eps_values(value):
+    validate_loss_options("cce", {"filter_eps": value})
+
+
+def test_unsupported_option_names_the_entries_that_can():
+    error = config_error("cce", {"z_loss_weight": 1e-4})
+    assert str(error) == "config error: loss.z_loss_weight: 'cce' cannot apply z-loss; use 'chunked' or 'cross_entropy'"
+    assert "use 'chunked' or 'cross_entropy'" in str(config_error("cce_torch_compile", {"label_smoothing": 0.1}))
+    assert "use 'chunked'" in str(config_error("auto", {"chunk_size": 64}))
+    assert "use 'cce'" in str(config_error("cce_torch_compile", {"filter_eps": 1e-3}))
+
+
+def test_unsupported_option_at_its_default_is_accepted():
+    validate_loss_options("cce", {"z_loss_weight": 0.0, "label_smoothing": 0, "chunk_size": 1024})
+
+
+def test_cce_on_cpu_says_what_to_use():
+    with pytest.raises(ConfigError, match="'chunked' or 'auto'") as info:
+        build_loss("cce", make_head(make_inputs(0)[1]), {}, device=CPU)
+    assert info.value.key == "loss.name"
+
+
+def test_cce_rejects_a_head_with_bias():
+    _, weight, bias, _ = make_inputs(0)
+    with pytest.raises(ConfigError, match="bias"):
+        build_loss("cce_torch_compile", make_head(weight, bias), {}, device=CPU)
+
+
+def test_auto_picks_chunked_on_cpu_and_logs_it(caplog):
+    with caplog.at_level(logging.INFO, logger="losses.registry"):
+        loss_fn = build_loss("auto", make_head(make_inputs(0)[1]), {"z_loss_weight": 1e-4}, device=CPU)
+    assert type(loss_fn) is ChunkedCrossEntropy and loss_fn.z_loss_weight == 1e-4
+    assert loss_fn.chunk_size == DEFAULT_CHUNK_SIZE and not loss_fn.compile_chunk_math
+    assert "resolved to 'chunked'" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "options,with_bias,expected",
+    [({}, False, CCELoss), ({"z_loss_weight": 1e-4}, False, ChunkedCrossEntropy), ({}, True, ChunkedCrossEntropy)],
+)
+def test_auto_on_cuda_picks_cce_unless_it_cannot(options, with_bias, expected):
+    """Building touches no device memory, so the choice is testable without a GPU."""
+    _, weight, bias, _ = make_inputs(0)
+    head = make_head(weight, bias if with_bias else None)
+    assert type(build_loss("auto", head, options, device=torch.device("cuda"))) is expected
+
+
+def test_direct_construction_checks_options_too():
+    head = make_head(make_inputs(0)[1])
+    with pytest.raises(ValueError, match="'cce' cannot apply label smoothing"):
+        CCELoss(head, label_smoothing=0.1)
+    with pytest.raises(TypeError, match="chunk_sise"):
+        ChunkedCrossEntropy(head, chunk_sise=3)
+    with pytest.raises(ValueError, match="reduction"):
+        ChunkedCrossEntropy(head, reduction="avg")
+    assert isinstance(ChunkedCrossEntropy(head, chunk_size=3), OutputLoss)
