@@ -6,6 +6,7 @@ time. ``cut_cross_entropy`` is imported on first use because importing it needs 
 
 from typing import ClassVar, Optional
 
+import torch
 from torch import Tensor, nn
 
 from losses.base import OutputLoss
@@ -52,7 +53,8 @@ class CutCrossEntropy(OutputLoss):
 
 
 class CCELoss(CutCrossEntropy):
-    """The Triton kernels: the least memory and usually the fastest; CUDA only."""
+    """The Triton kernels: the least memory and usually the fastest; CUDA only, and
+    its backward takes only bf16/fp16 hidden states."""
 
     name = "cce"
     impl = "cce"
@@ -62,6 +64,15 @@ class CCELoss(CutCrossEntropy):
     def __init__(self, head: nn.Module, *, filter_eps: float | str | None = DEFAULT_FILTER_EPS, **common):
         super().__init__(head, **common)
         self.filter_eps = filter_eps
+
+    def linear_loss(self, e: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor) -> Tensor:
+        # 25.1.1 asserts this only in the backward, after a whole forward pass.
+        if torch.is_grad_enabled() and e.requires_grad and e.dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(
+                f"'cce' backpropagates only bf16/fp16 hidden states, got {e.dtype}; "
+                "train in bf16 (mixed precision) or use loss 'chunked'"
+            )
+        return super().linear_loss(e, weight, bias, targets)
 
     def impl_options(self) -> dict[str, object]:
         return {"filter_eps": self.filter_eps}

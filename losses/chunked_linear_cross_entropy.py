@@ -40,7 +40,7 @@ def _chunk_partial_sums(
     owns the target) and, for label smoothing, the sum of the logits.
     """
     parts = [
-        (logits - row_max[:, None]).exp().sum(-1),
+        (logits - row_max[:, None]).exp_().sum(-1),
         logits.gather(1, target_col[:, None]).squeeze(1).where(owned, 0.0),
     ]
     if with_logit_sum:
@@ -83,16 +83,16 @@ def _chunk_logit_grad(
     ``token_weight`` is 0 on ignored tokens. The softcap's derivative is
     ``1 - (z/cap)^2`` in terms of the capped logits ``z``.
     """
-    grad = (logits - lse[:, None]).exp()
+    grad = (logits - lse[:, None]).exp_()  # in place from here: one [chunk, V] buffer
     if z_loss_weight > 0:
-        grad = grad * (1 + 2 * z_loss_weight * lse)[:, None]
+        grad.mul_((1 + 2 * z_loss_weight * lse)[:, None])
     if label_smoothing > 0:
-        grad = grad - label_smoothing / vocab_size
+        grad.sub_(label_smoothing / vocab_size)
     target_step = (label_smoothing - 1) * owned.to(grad.dtype)
-    grad = grad.scatter_add(1, target_col[:, None], target_step[:, None])
-    grad = grad * token_weight[:, None]
+    grad.scatter_add_(1, target_col[:, None], target_step[:, None])
+    grad.mul_(token_weight[:, None])
     if softcap > 0:
-        grad = grad * (1 - (logits / softcap).square())
+        grad.mul_(1 - (logits / softcap).square())
     return grad
 
 

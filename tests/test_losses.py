@@ -86,13 +86,14 @@ FEATURES = {
 BIAS_ENTRIES = {"cross_entropy", "chunked"}  # cut-cross-entropy 25.1.1 has no bias
 ENTRY_OPTIONS = {"chunked": {"chunk_size": CHUNK}}
 
-# (entry, device): every entry that runs on this machine, and the CUDA ones where there is a GPU.
+# (entry, device, dtype): every entry that runs on this machine, and the CUDA ones where
+# there is a GPU; cce's backward takes only bf16/fp16 hidden states.
 ENTRIES = [
-    pytest.param("cross_entropy", "cpu"),
-    pytest.param("chunked", "cpu"),
-    pytest.param("cce_torch_compile", "cpu"),
-    pytest.param("cce", "cuda", marks=cuda_only),
-    pytest.param("chunked", "cuda", marks=cuda_only),
+    pytest.param("cross_entropy", "cpu", torch.float32),
+    pytest.param("chunked", "cpu", torch.float32),
+    pytest.param("cce_torch_compile", "cpu", torch.float32),
+    pytest.param("cce", "cuda", torch.bfloat16, marks=cuda_only),
+    pytest.param("chunked", "cuda", torch.float32, marks=cuda_only),
 ]
 
 
@@ -137,7 +138,7 @@ def check_entry(entry, device, feature, reduction, dtype=torch.float32, seed=0, 
 # Features an entry rejects at config time are left out (test_unsupported_option_* covers them).
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize(
-    "entry,device,feature",
+    "entry,device,dtype,feature",
     [
         pytest.param(*entry.values, feature, marks=entry.marks, id=f"{entry.values[0]}-{entry.values[1]}-{feature}")
         for entry in ENTRIES
@@ -145,20 +146,21 @@ def check_entry(entry, device, feature, reduction, dtype=torch.float32, seed=0, 
         if supports(entry.values[0], feature)
     ],
 )
-def test_matches_float64_reference(entry, device, feature, reduction):
-    check_entry(entry, device, feature, reduction)
+def test_matches_float64_reference(entry, device, dtype, feature, reduction):
+    check_entry(entry, device, feature, reduction, dtype)
 
 
-@pytest.mark.parametrize("entry,device", ENTRIES)
-def test_bf16_matches_float64_reference(entry, device):
+@pytest.mark.parametrize("entry,device,dtype", ENTRIES)
+def test_bf16_matches_float64_reference(entry, device, dtype):
     feature = "everything" if supports(entry, "everything") else "softcap"
     check_entry(entry, device, feature, "mean", dtype=torch.bfloat16)
 
 
-def test_compiled_chunk_math_matches_reference():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda_only)])
+def test_compiled_chunk_math_matches_reference(device):
     """One small case, one chunk shape (74 = 2 x 37): compiling is slow on a CPU, and
     the compiled functions are the eager ones."""
-    check_entry("chunked", "cpu", "everything", "mean", extra_options={"compile": True, "chunk_size": 37})
+    check_entry("chunked", device, "everything", "mean", extra_options={"compile": True, "chunk_size": 37})
 
 
 def test_chunk_size_does_not_change_the_result():
@@ -169,6 +171,18 @@ def test_chunk_size_does_not_change_the_result():
     ]
     for loss in losses[1:]:
         torch.testing.assert_close(loss, losses[0])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_cce_refuses_fp32_training_before_the_forward():
+    hidden, weight, _, labels = make_inputs(0)
+    dev = torch.device("cuda")
+    loss_fn = build_loss("cce", make_head(weight, device=dev), {}, device=dev)
+    with pytest.raises(ValueError, match="bf16/fp16"):
+        loss_fn(hidden.to(dev).requires_grad_(), labels.to(dev))
+    with torch.no_grad():
+        assert torch.isfinite(loss_fn(hidden.to(dev), labels.to(dev)))
 
 
 def test_no_grad_gives_the_same_loss():
