@@ -146,8 +146,9 @@ class _Grads:
     """Gradient buffers filled chunk by chunk; None where no gradient is wanted.
 
     ``e`` is accumulated in at least fp32 (it may still be all-reduced across the
-    vocab group); ``w`` in the classifier's dtype with one fused ``addmm_`` per chunk
-    (an fp32 buffer would cost two more weight-sized tensors); ``bias`` in fp32.
+    vocab group); ``w`` in the classifier's dtype with one fused ``addmm_`` per chunk,
+    rounding once per chunk (an fp32 buffer would be twice the weight's size, plus a
+    cast copy per chunk); ``bias`` in fp32.
     """
 
     def __init__(self, e: Tensor, w: Tensor, bias: Optional[Tensor], needs: tuple[bool, ...]):
@@ -280,16 +281,17 @@ def chunked_linear_cross_entropy(
 
     ``group=None``: ``w`` is the whole classifier ``[V, D]``. With a group: ``w`` is
     this rank's rows ``[vocab_start, vocab_start + V_local)`` of a ``vocab_size``-row
-    classifier (only label smoothing needs it; found by an all-reduce when not
-    given), ``bias`` the matching slice;
-    every rank passes the same ``e`` and ``targets`` and gets the same loss. The
-    gradient of ``e`` is all-reduced over the group when ``reduce_e_grad``, else left
-    partial for the caller to reduce (e.g. reduce-scatter); each rank gets only its
-    shard's classifier (and bias) gradient.
+    classifier (only label smoothing needs ``vocab_size``; it is all-reduced when not
+    given) and ``bias`` the same slice of its bias. Every rank passes the same ``e``
+    and ``targets`` and gets the same loss. The gradient of ``e`` is all-reduced over
+    the group when ``reduce_e_grad``, else left partial for the caller to reduce
+    (e.g. reduce-scatter); each rank gets only its shard's classifier (and bias)
+    gradient. ``compile`` runs the per-chunk math through ``torch.compile``.
 
     Returns a scalar for "mean"/"sum" and ``[N]`` for "none", in fp32 (fp64 for fp64
-    inputs); "mean" divides
-    by the number of non-ignored targets and is 0 when there are none.
+    inputs). "mean" divides by the number of non-ignored targets, and is 0 with zero
+    gradients when there are none. With "mean"/"sum" the result can be backpropagated
+    once (its stashed gradients are scaled in place).
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")

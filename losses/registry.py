@@ -85,7 +85,8 @@ def _pick_for_auto(head: nn.Module, options: dict, device: torch.device) -> tupl
 
 def _check_name(name: str) -> None:
     if name not in LOSS_NAMES:
-        raise ConfigError("loss.name", f"unknown loss {name!r}{_did_you_mean(name, LOSS_NAMES)}; choose from {list(LOSS_NAMES)}")
+        suggestion = _did_you_mean(name, LOSS_NAMES)
+        raise ConfigError("loss.name", f"unknown loss {name!r}{suggestion}; choose from {list(LOSS_NAMES)}")
 
 
 def _did_you_mean(word: str, candidates: Iterable[str]) -> str:

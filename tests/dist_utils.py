@@ -67,9 +67,10 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
         while not context.join(timeout=max(deadline - time.monotonic(), 0.0)):
             if time.monotonic() >= deadline:
                 for process in context.processes:
-                    if process.is_alive():
-                        process.kill()
-                raise TimeoutError(f"{fn.__name__} did not finish on {world_size} ranks within {timeout_s} s")
+                    process.kill()
+                    process.join()
+                name = getattr(fn, "__name__", repr(fn))
+                raise TimeoutError(f"{name} did not finish on {world_size} ranks within {timeout_s} s")
         return [
             torch.load(os.path.join(result_dir, f"rank{rank}.pt"), weights_only=False) for rank in range(world_size)
         ]

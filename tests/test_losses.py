@@ -26,7 +26,9 @@ cuda_only = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a 
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
 
 
-def reference(hidden, weight, bias, labels, *, reduction="mean", z_loss_weight=0.0, label_smoothing=0.0, logit_softcap=0.0):
+def reference(
+    hidden, weight, bias, labels, *, reduction="mean", z_loss_weight=0.0, label_smoothing=0.0, logit_softcap=0.0
+):
     """The spec in float64, by slicing: position t predicts labels[:, t+1]; the last has no target."""
     logits = hidden[:, :-1].double() @ weight.double().T
     if bias is not None:

@@ -18,7 +18,9 @@ IGNORE = -100
 D = 24
 
 
-def reference(e, c, targets, bias=None, *, shift=0, softcap=0.0, z_loss_weight=0.0, label_smoothing=0.0, reduction="mean"):
+def reference(
+    e, c, targets, bias=None, *, shift=0, softcap=0.0, z_loss_weight=0.0, label_smoothing=0.0, reduction="mean"
+):
     """Float64 materialized loss, per the spec; written independently of losses/."""
     e, c = e.double(), c.double()
     targets = targets[..., shift:]
@@ -158,9 +160,9 @@ def test_shard_ranges_tile_the_vocab(vocab, world_size):
 
 
 def test_unknown_impl_is_rejected():
-    options = VocabParallelOptions(0, 5)
+    e, c, targets = torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3, dtype=torch.long)
     with pytest.raises(ValueError, match="impl must be"):
-        vocab_parallel_linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3, dtype=torch.long), options, impl="triton")
+        vocab_parallel_linear_cross_entropy(e, c, targets, VocabParallelOptions(0, 5), impl="triton")
 
 
 @dataclass
