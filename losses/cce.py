@@ -63,11 +63,13 @@ class CCELoss(CutCrossEntropy):
 
     def __init__(self, head: nn.Module, *, filter_eps: float | str | None = DEFAULT_FILTER_EPS, **common):
         super().__init__(head, **common)
-        self.filter_eps = filter_eps
+        # 25.1.1 matches a threshold as float(); TOML may give an int such as 0.
+        self.filter_eps = float(filter_eps) if isinstance(filter_eps, int) else filter_eps
 
     def linear_loss(self, e: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor) -> Tensor:
         # 25.1.1 asserts this only in the backward, after a whole forward pass.
-        if torch.is_grad_enabled() and e.requires_grad and e.dtype not in (torch.bfloat16, torch.float16):
+        needs_backward = torch.is_grad_enabled() and (e.requires_grad or weight.requires_grad)
+        if needs_backward and e.dtype not in (torch.bfloat16, torch.float16):
             raise ValueError(
                 f"'cce' backpropagates only bf16/fp16 hidden states, got {e.dtype}; "
                 "train in bf16 (mixed precision) or use loss 'chunked'"
