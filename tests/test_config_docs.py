@@ -1,0 +1,148 @@
+"""docs/config.md documents every recipe key, and nothing that is not one.
+
+Parses the doc's ``## [section]`` headings and the key tables under them (tables
+whose header starts with ``| key |``), so the same key name in two sections is
+checked per section. Also checks each documented default against the dataclass,
+that every choice the loader accepts is listed, and the [loss] support matrix
+against the registry. No model, process group or device is touched.
+"""
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+import tomli
+
+from losses.options import OPTIONS
+from losses.registry import LOSS_NAMES, loss_option_names
+from models.flavors import MODEL_FLAVORS
+from parallelisms.pipeline import PIPELINE_SCHEDULES
+from training.config import JobConfig
+from training.config_loader import _CHOICES
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "config.md"
+
+_SECTION = re.compile(r"^## \[(\w+)\]\s*$")
+_CELL_SPLIT = re.compile(r"(?<!\\)\|")  # a "\|" inside a cell is a literal pipe
+_CODE = re.compile(r"^`([^`]+)`$")
+
+
+def _cells(line: str) -> list[str]:
+    return [c.strip() for c in _CELL_SPLIT.split(line.strip())[1:-1]]
+
+
+def _tables(text: str) -> list[tuple[str | None, list[str], list[list[str]]]]:
+    """(section or None, header cells, body rows) for every table in the doc."""
+    tables, section, lines = [], None, text.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("## "):
+            m = _SECTION.match(line)
+            section = m.group(1) if m else None
+        if line.startswith("|") and i + 1 < len(lines) and re.match(r"^\|\s*-", lines[i + 1]):
+            header, rows = _cells(line), []
+            i += 2
+            while i < len(lines) and lines[i].startswith("|"):
+                rows.append(_cells(lines[i]))
+                i += 1
+            tables.append((section, header, rows))
+            continue
+        i += 1
+    return tables
+
+
+def _documented() -> dict[tuple[str, str], list[str]]:
+    """(section, key) -> the row's cells, from every key table under a ``## [section]``."""
+    rows: dict[tuple[str, str], list[str]] = {}
+    for section, header, body in _tables(DOC.read_text()):
+        if section is None or header[0] != "key":
+            continue
+        assert header == ["key", "type", "default", "allowed values", "what it does"], (section, header)
+        for cells in body:
+            m = _CODE.match(cells[0])
+            assert m, f"[{section}]: key cell {cells[0]!r} is not a `code` span"
+            key = (section, m.group(1))
+            assert key not in rows, f"{section}.{key[1]} is documented twice"
+            assert len(cells) == 5 and all(cells), f"{section}.{key[1]}: row needs five non-empty cells"
+            rows[key] = cells
+    return rows
+
+
+DOCUMENTED = _documented()
+
+
+def _fields() -> dict[tuple[str, str], dataclasses.Field]:
+    out = {}
+    for section in dataclasses.fields(JobConfig):
+        for f in dataclasses.fields(section.default_factory()):
+            out[(section.name, f.name)] = f
+    return out
+
+
+FIELDS = _fields()
+_ids = [f"{s}.{k}" for s, k in FIELDS]
+
+
+@pytest.mark.parametrize("key", list(FIELDS), ids=_ids)
+def test_every_key_is_documented_in_its_section(key):
+    assert key in DOCUMENTED, f"docs/config.md: no row | `{key[1]}` | under ## [{key[0]}]"
+
+
+def test_no_stale_keys():
+    stale = sorted(f"{s}.{k}" for s, k in DOCUMENTED if (s, k) not in FIELDS)
+    assert not stale, f"docs/config.md documents keys the config does not have: {stale}"
+
+
+def test_every_section_has_a_heading():
+    sections = {f.name for f in dataclasses.fields(JobConfig)}
+    headings = {m.group(1) for line in DOC.read_text().splitlines() if (m := _SECTION.match(line))}
+    assert headings == sections
+
+
+@pytest.mark.parametrize("key", list(FIELDS), ids=_ids)
+def test_documented_default_matches(key):
+    default = getattr(getattr(JobConfig(), key[0]), key[1])
+    m = _CODE.match(DOCUMENTED[key][2]) if key in DOCUMENTED else None
+    assert m, f"{key[0]}.{key[1]}: default cell must be one `TOML value`"
+    assert tomli.loads(f"v = {m.group(1)}")["v"] == default
+
+
+def test_every_loss_option_is_documented():
+    for option in OPTIONS:
+        assert ("loss", option) in DOCUMENTED, f"loss option {option!r} is not documented under ## [loss]"
+
+
+def _allowed(section: str, key: str) -> str:
+    return DOCUMENTED[(section, key)][3]
+
+
+@pytest.mark.parametrize("key", list(_CHOICES))
+def test_every_choice_is_listed(key):
+    section, name = key.split(".")
+    for value in _CHOICES[key]:
+        assert f'`"{value}"`' in _allowed(section, name), f"{key}: choice {value!r} not in the allowed-values cell"
+
+
+def test_loss_names_flavors_and_schedules_are_listed():
+    for name in LOSS_NAMES:
+        assert f'`"{name}"`' in _allowed("loss", "name")
+    for flavors in MODEL_FLAVORS.values():
+        for flavor in flavors:
+            assert f'`"{flavor}"`' in _allowed("model", "flavor")
+    for schedule in PIPELINE_SCHEDULES:
+        assert f'`"{schedule}"`' in _allowed("parallelism", "pipeline_parallel_schedule")
+
+
+def test_loss_support_matrix_matches_registry():
+    matrices = [(h, b) for s, h, b in _tables(DOC.read_text()) if s == "loss" and h[0] == "option"]
+    assert len(matrices) == 1, "expected one | option | ... | support matrix under ## [loss]"
+    header, body = matrices[0]
+    assert sorted(header[1:]) == sorted(LOSS_NAMES)
+    rows = {_CODE.match(cells[0]).group(1): cells[1:] for cells in body}
+    assert sorted(rows) == sorted(OPTIONS)
+    for option, marks in rows.items():
+        documented = {entry for entry, mark in zip(header[1:], marks) if mark == "✓"}
+        actual = {entry for entry in LOSS_NAMES if option in loss_option_names(entry)}
+        assert documented == actual, f"support matrix row {option!r}: doc {sorted(documented)}, registry {sorted(actual)}"
