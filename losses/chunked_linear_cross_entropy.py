@@ -228,9 +228,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
         ctx.p = p
         ctx.stashed = grads_now
-        ctx.stash_used = False
+        ctx.applied_scale = None
         if grads_now:
-            ctx.save_for_backward(*grads.finish(e, bias, p))
+            # Kept as an attribute, not saved tensors: they are new tensors (no cycle), and
+            # scaling them in place must not trip autograd's version check on a second backward.
+            ctx.stash = grads.finish(e, bias, p)
         elif p.reduction == "none":
             ctx.save_for_backward(e, w, bias, targets, lse)
         if p.reduction == "none":
@@ -242,11 +244,17 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss: Tensor):
         p: _Params = ctx.p
         if ctx.stashed:
-            if ctx.stash_used:
-                raise RuntimeError("the chunked loss scales its stashed gradients in place; backward it once")
-            ctx.stash_used = True
-            grads = tuple(None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in ctx.saved_tensors)
-            return (*grads, None, None)
+            # Zero-bubble pipeline schedules run backward twice over one graph (input
+            # grads, then weight grads) with the same upstream gradient: the stash,
+            # scaled in place by the first call, is already the answer for the second.
+            if ctx.applied_scale is None:
+                ctx.applied_scale = grad_loss.detach().clone()
+                for g in ctx.stash:
+                    if g is not None:
+                        g.mul_(grad_loss.to(g.dtype))
+            elif not torch.equal(grad_loss, ctx.applied_scale):
+                raise RuntimeError("the chunked loss was backpropagated twice with different upstream gradients")
+            return (*ctx.stash, None, None)
 
         e, w, bias, targets, lse = ctx.saved_tensors
         grads = _Grads(e, w, bias, ctx.needs_input_grad[:3])

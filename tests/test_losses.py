@@ -195,12 +195,20 @@ def test_no_grad_gives_the_same_loss():
     torch.testing.assert_close(evaluated, loss_fn(hidden.requires_grad_(), labels).detach())
 
 
-def test_chunked_backward_twice_is_an_error():
+def test_chunked_backward_twice_as_zero_bubble_schedules_do():
+    """Input grads, then weight grads, over one graph with the same upstream gradient."""
     hidden, weight, _, labels = make_inputs(3)
-    loss = build_loss("chunked", make_head(weight), {}, device=CPU)(hidden.requires_grad_(), labels)
-    loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="backward it once"):
-        loss.backward()
+    head = make_head(weight)
+    hidden.requires_grad_()
+    loss = build_loss("chunked", head, {}, device=CPU)(hidden, labels) / 7.0
+    (grad_hidden,) = torch.autograd.grad(loss, hidden, retain_graph=True)
+    (grad_weight,) = torch.autograd.grad(loss, head.weight, retain_graph=True)
+    reference = build_loss("cross_entropy", head, {}, device=CPU)(hidden, labels) / 7.0
+    ref_hidden, ref_weight = torch.autograd.grad(reference, (hidden, head.weight))
+    torch.testing.assert_close(grad_hidden, ref_hidden)
+    torch.testing.assert_close(grad_weight, ref_weight)
+    with pytest.raises(RuntimeError, match="different upstream gradients"):
+        (loss * 2).backward()
 
 
 @pytest.mark.parametrize("entry", ["cross_entropy", "chunked", "cce_torch_compile"])
