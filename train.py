@@ -11,7 +11,7 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -44,6 +44,12 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+@dataclass
+class TrainResult:
+    losses: list[float]  # per step, reduced over all ranks
+    model_parts: list[torch.nn.Module]  # this rank's (sharded) stages
+
+
 def _global_batch_size(cfg: JobConfig, dims: ParallelDims) -> int:
     t = cfg.training
     per_micro_step = t.local_batch_size * dims.dp
@@ -55,8 +61,8 @@ def _global_batch_size(cfg: JobConfig, dims: ParallelDims) -> int:
     return g
 
 
-def train(cfg: JobConfig) -> list[float]:
-    """Run the recipe; returns the per-step losses (rank 0 logs them)."""
+def train(cfg: JobConfig) -> TrainResult:
+    """Run the recipe in the current process group (started here if there is none)."""
     t = cfg.training
     device = resolve_device(t.device)
     rank, world_size = init_distributed(device)
@@ -106,9 +112,9 @@ def train(cfg: JobConfig) -> list[float]:
     loss_options = {k: v for k, v in vars(cfg.loss).items() if k in loss_option_names(cfg.loss.name)}
     if cfg.compile.enable and "loss" in cfg.compile.components and "compile" in loss_options:
         loss_options["compile"] = True
-    loss = None
-    if head is not None:
-        loss = GlobalTokenMeanLoss(build_loss(cfg.loss.name, head, loss_options, reduction="sum", device=device))
+    loss_sum = build_loss(cfg.loss.name, head, loss_options, reduction="sum", device=device) \
+        if head is not None else None
+    loss = GlobalTokenMeanLoss(loss_sum, dp_mesh.get_group())
     tied = TiedEmbeddingSync(parts, plan, mesh) if pp_enabled and model_args.tie_word_embeddings else None
     schedule = build_schedule(parts, plan, cfg.parallelism.pipeline_parallel_schedule, pp_mesh.get_group(),
                               device, loss) if pp_enabled else None
@@ -132,8 +138,7 @@ def train(cfg: JobConfig) -> list[float]:
     window_start, window_tokens = time.perf_counter(), 0
     for step in range(1, t.steps + 1):
         local_batch = next(data_iter)["input_ids"].to(device)
-        if loss is not None:
-            loss.set_global_batch(local_batch, cfg.loss.ignore_index, dp_mesh.get_group())
+        loss.set_global_batch(local_batch, cfg.loss.ignore_index)
         step_loss = torch.zeros((), device=device, dtype=torch.float64)
         for micro in local_batch.split(t.local_batch_size):
             if pp_enabled:
@@ -155,11 +160,11 @@ def train(cfg: JobConfig) -> list[float]:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-        # Loss terms live on the last stage and are per data-parallel rank: sum them everywhere.
+        # Loss terms live on the last stage, one share per data-parallel rank: average them everywhere.
         dist.all_reduce(step_loss, group=dp_mesh.get_group())
         if pp_enabled:
             dist.all_reduce(step_loss, group=pp_mesh.get_group())
-        step_loss = step_loss.item()
+        step_loss = step_loss.item() / dims.dp
         if not torch.isfinite(torch.tensor(step_loss)):
             raise NonFiniteLossError(
                 f"loss is {step_loss} at step {step}; try a lower optimizer.lr, more lr_scheduler.warmup_steps, "
@@ -178,7 +183,7 @@ def train(cfg: JobConfig) -> list[float]:
             })
             window_start, window_tokens = time.perf_counter(), 0
     metrics.close()
-    return losses
+    return TrainResult(losses, parts)
 
 
 def main(argv: list[str]) -> int:

@@ -2,7 +2,7 @@
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from models.transformer import Transformer
 
@@ -37,8 +37,3 @@ def apply_fsdp(model: Transformer, mesh: DeviceMesh, param_dtype: str, reduce_dt
         # Applied by the loss right after forward, first in backward: keep it gathered between.
         fully_shard(model.output, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward == "always")
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=policy and not tied_in_root)
-
-    # The loss is already normalized by the global token count: sum, don't average, across ranks.
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.set_gradient_divide_factor(1.0)

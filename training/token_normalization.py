@@ -2,31 +2,38 @@
 
 Each microbatch's summed loss is divided by the number of targets in the
 global batch (all gradient-accumulation steps, pipeline microbatches and
-data-parallel ranks). Summing those terms, and summing gradients across ranks,
-then gives exactly the single-process token mean, whatever the layout.
+data-parallel ranks), times the data-parallel degree because FSDP averages
+gradients over those ranks. The result is exactly the single-process token
+mean, whatever the layout and however unevenly ``ignore_index`` falls.
 """
+
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-
-def count_targets(labels: Tensor, ignore_index: int) -> Tensor:
-    """Targets the loss will score: every next token that is not ``ignore_index``."""
-    return (labels[:, 1:] != ignore_index).sum()
+from losses.functional import shift_targets
 
 
 class GlobalTokenMeanLoss:
-    """``loss(hidden, labels)`` with reduction "sum", divided by ``global_targets``."""
+    """``loss(hidden, labels)`` with reduction "sum", scaled to this rank's share of the global mean.
 
-    def __init__(self, loss_sum: torch.nn.Module):
+    Pipeline ranks without the last stage hold one with ``loss_sum=None``: the
+    schedule needs a loss function on every rank to run backward, but calls it
+    only on the last stage.
+    """
+
+    def __init__(self, loss_sum: Optional[torch.nn.Module], dp_group: dist.ProcessGroup):
         self.loss_sum = loss_sum
-        self.global_targets = 1
+        self.dp_group = dp_group
+        self.denominator = 1.0
 
-    def set_global_batch(self, labels: Tensor, ignore_index: int, dp_group: dist.ProcessGroup) -> None:
-        count = count_targets(labels, ignore_index).to(torch.float64)
-        dist.all_reduce(count, group=dp_group)
-        self.global_targets = max(1, int(count.item()))
+    def set_global_batch(self, labels: Tensor, ignore_index: int) -> None:
+        """``labels``: this rank's whole local batch for the coming step."""
+        count = (shift_targets(labels, 1, ignore_index) != ignore_index).sum().to(torch.float64)
+        dist.all_reduce(count, group=self.dp_group)
+        self.denominator = max(1.0, count.item()) / dist.get_world_size(self.dp_group)
 
     def __call__(self, hidden: Tensor, labels: Tensor) -> Tensor:
-        return self.loss_sum(hidden, labels) / self.global_targets
+        return self.loss_sum(hidden, labels) / self.denominator
