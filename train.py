@@ -6,6 +6,7 @@ loss from the registry → optimizer → loop.
 """
 
 import contextlib
+import json
 import logging
 import os
 import sys
@@ -17,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from data import build_dataloader, build_tokenizer
+from data.loader import check_tokenizer_fits
 from losses import build_loss, loss_option_names
 from models import Transformer, build_model_args
 from models.initialize import init_weights
@@ -82,6 +84,7 @@ def train(cfg: JobConfig) -> TrainResult:
 
     try:
         tokenizer = build_tokenizer(cfg.model.tokenizer)
+        check_tokenizer_fits(tokenizer, model_args.vocab_size)
     except ValueError as err:
         raise ConfigError("model.tokenizer", str(err)) from None
     try:
@@ -183,7 +186,23 @@ def train(cfg: JobConfig) -> TrainResult:
             })
             window_start, window_tokens = time.perf_counter(), 0
     metrics.close()
+    _report_memory(cfg.job.dump_folder, device, plan, rank)
     return TrainResult(losses, parts)
+
+
+def _report_memory(dump_folder: str, device: torch.device, plan, rank: int) -> None:
+    """Peak memory of every rank, with its pipeline stages: logged and written to memory.json."""
+    mine = torch.tensor([peak_memory_gib(device)], device=device)
+    peaks = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(peaks, mine)
+    stages = [None] * dist.get_world_size()
+    dist.all_gather_object(stages, list(plan.local_stages) if plan is not None else [])
+    if rank == 0:
+        per_rank = [round(p.item(), 3) for p in peaks]
+        logger.info("peak memory per rank (GiB): " + ", ".join(
+            f"{r}:{m:.2f}" + (f" (stages {stages[r]})" if stages[r] else "") for r, m in enumerate(per_rank)))
+        with open(os.path.join(dump_folder, "memory.json"), "w") as f:
+            json.dump({"peak_memory_gib_per_rank": per_rank, "stages_per_rank": stages}, f)
 
 
 def main(argv: list[str]) -> int:

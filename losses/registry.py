@@ -24,8 +24,9 @@ logger = logging.getLogger(__name__)
 ENTRIES: dict[str, type[OutputLoss]] = {
     cls.name: cls for cls in (ChunkedCrossEntropy, MaterializedCrossEntropy, CCELoss, CCETorchCompileLoss)
 }
-# "auto" picks an entry at build time, so it takes only the options every pick can
-# honour or hand on; backend-specific ones (chunk_size, filter_eps) need a named entry.
+# "auto" picks an entry at build time, so it takes the options every pick can honour,
+# plus "compile", which applies when it picks "chunked" (cce needs no compiling).
+# Backend-specific sizes (chunk_size, filter_eps) need a named entry.
 AUTO = "auto"
 LOSS_NAMES: tuple[str, ...] = (*ENTRIES, AUTO)
 
@@ -33,7 +34,7 @@ LOSS_NAMES: tuple[str, ...] = (*ENTRIES, AUTO)
 def loss_option_names(name: str) -> set[str]:
     """The ``[loss]`` options entry ``name`` honours."""
     _check_name(name)
-    return set(COMMON_OPTIONS if name == AUTO else ENTRIES[name].options)
+    return set(COMMON_OPTIONS | {"compile"} if name == AUTO else ENTRIES[name].options)
 
 
 def validate_loss_options(name: str, options: dict[str, object]) -> None:
@@ -65,7 +66,7 @@ def build_loss(
     cls = ENTRIES[name]
     if cls.needs_cuda and device.type != "cuda":
         raise ConfigError("loss.name", f"{name!r} needs a CUDA device, not {device.type}; use 'chunked' or 'auto'")
-    return cls(head, reduction=reduction, **options)
+    return cls(head, reduction=reduction, **{k: v for k, v in options.items() if k in cls.options})
 
 
 def _pick_for_auto(head: nn.Module, options: dict, device: torch.device) -> tuple[str, str]:

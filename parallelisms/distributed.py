@@ -7,6 +7,8 @@ import socket
 import torch
 import torch.distributed as dist
 
+from training.errors import ConfigError
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -18,7 +20,7 @@ def resolve_device(choice: str) -> torch.device:
     """``auto`` means the local GPU under torchrun when CUDA exists, else the CPU."""
     if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise RuntimeError("training.device = 'cuda' but no CUDA GPU is visible; use 'auto' or 'cpu'")
+            raise ConfigError("training.device", "'cuda' but no CUDA GPU is visible; use 'auto' or 'cpu'")
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)

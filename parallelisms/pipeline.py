@@ -99,8 +99,9 @@ def plan_pipeline(n_layers: int, p: Parallelism, pp_rank: int, local_batch_size:
                           "use Interleaved1F1B, or one stage per rank")
     if multi and per_rank < 2:
         raise ConfigError("parallelism.pipeline_parallel_virtual_stages",
-                          f"{p.pipeline_parallel_schedule} needs at least 2 stages per rank; "
-                          "set pipeline_parallel_virtual_stages = 2 (or more)")
+                          f"{p.pipeline_parallel_schedule} needs at least 2 stages per rank, the split gives "
+                          f"{per_rank}; set pipeline_parallel_virtual_stages = 2 (or split points / "
+                          "layers_per_stage giving 2 x pipeline_parallel_degree stages)")
     if schedule is ScheduleZBVZeroBubble and per_rank != 2:
         raise ConfigError("parallelism.pipeline_parallel_virtual_stages", "ZBVZeroBubble needs exactly 2 stages per rank")
     mbs = p.pipeline_parallel_microbatch_size

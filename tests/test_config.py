@@ -39,12 +39,25 @@ def test_cli_overrides_in_both_forms():
     (["--loss.name", "chunkd"], "loss.name", "did you mean 'chunked'"),
     (["--optimizer.betas", "[0.9]"], "optimizer.betas", "two numbers"),
     (["steps=3"], "steps=3", "--section.key"),
+    (["--job.description"], "job.description", "needs a value"),
+    (["--training.device", "tpu"], "training.device", "'auto'"),
 ])
 def test_bad_values_name_the_key(argv, key, words):
     with pytest.raises(ConfigError) as err:
         load_config(["--config", str(ROOT / "configs/debug.toml"), *argv])
     assert err.value.key == key
     assert words in str(err.value)
+
+
+@pytest.mark.parametrize("text, expected", [("[7, 14]", [7, 14]), ("7,14", [7, 14]), ("7", [7])])
+def test_cli_lists_of_numbers(text, expected):
+    cfg = load_config(["--parallelism.pipeline_parallel_stage_split_points", text])
+    assert cfg.parallelism.pipeline_parallel_stage_split_points == expected
+
+
+@pytest.mark.parametrize("text", ["[model, loss]", "model,loss", "model, loss", '["model","loss"]'])
+def test_cli_lists_of_words(text):
+    assert load_config(["--compile.components", text]).compile.components == ["model", "loss"]
 
 
 def test_unknown_key_in_a_recipe_file(tmp_path):

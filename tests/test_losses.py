@@ -249,7 +249,7 @@ def test_loss_names_and_options():
     assert loss_option_names("chunked") == common | {"chunk_size", "compile"}
     assert loss_option_names("cce") == {"ignore_index", "logit_softcap", "filter_eps"}
     assert loss_option_names("cce_torch_compile") == {"ignore_index", "logit_softcap"}
-    assert loss_option_names("auto") == common
+    assert loss_option_names("auto") == common | {"compile"}
 
 
 def config_error(name, options):

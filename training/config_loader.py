@@ -59,17 +59,25 @@ def _check_type(key: str, tp: Any, value: Any) -> Any:
     raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
 
 
-def _parse_cli_value(key: str, tp: Any, text: str) -> Any:
-    """Read a command-line string as TOML would read it, falling back to a bare string."""
+def _parse_scalar(text: str) -> Any:
+    """A command-line word as TOML would read it (number, boolean, quoted string), else the bare word."""
     try:
-        value = tomli.loads(f"v = {text}")["v"]
+        return tomli.loads(f"v = {text}")["v"]
     except tomli.TOMLDecodeError:
-        value = text
-    if tp is list and isinstance(value, str):
-        value = [v for v in value.split(",") if v]
-    if tp is str and not isinstance(value, str):
-        value = text
-    return _check_type(key, tp, value)
+        return text
+
+
+def _parse_cli_value(key: str, tp: Any, text: str) -> Any:
+    """Read a command-line string by the field's type: ``[a, b]``, ``a,b`` and bare words all work."""
+    if tp is str:
+        return text
+    if tp is list:
+        value = _parse_scalar(text)
+        if not isinstance(value, list):
+            items = text.strip().removeprefix("[").removesuffix("]").split(",")
+            value = [_parse_scalar(item.strip()) for item in items if item.strip()]
+        return _check_type(key, tp, value)
+    return _check_type(key, tp, _parse_scalar(text))
 
 
 def _fields(obj: Any) -> dict[str, Any]:
@@ -87,6 +95,10 @@ def _set(cfg: JobConfig, section: str, key: str, value: Any, *, from_cli: bool) 
             f"{section}.{key}", f"unknown key{_did_you_mean(key, hints)}; [{section}] has {', '.join(hints)}"
         )
     full = f"{section}.{key}"
+    if from_cli and value is None:
+        if hints[key] is not bool:
+            raise ConfigError(full, f"needs a value: --{full} VALUE or --{full}=VALUE")
+        value = "true"
     value = _parse_cli_value(full, hints[key], value) if from_cli else _check_type(full, hints[key], value)
     setattr(target, key, value)
 
@@ -103,8 +115,8 @@ def _parse_overrides(args: Sequence[str]) -> list[tuple[str, str]]:
         elif i + 1 < len(args) and not args[i + 1].startswith("--"):
             i += 1
             text = args[i]
-        elif i + 1 == len(args) or args[i + 1].startswith("--"):
-            text = "true"  # a bare flag switches a boolean on
+        else:
+            text = None  # a bare flag: only booleans may omit the value
         pairs.append((name, text))
         i += 1
     return pairs

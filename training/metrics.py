@@ -38,7 +38,7 @@ class MetricsLogger:
             return
         folder = Path(dump_folder)
         folder.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(folder / "metrics.jsonl", "a")
+        self.jsonl = open(folder / "metrics.jsonl", "w")
         if enable_tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 

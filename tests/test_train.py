@@ -1,0 +1,128 @@
+"""End to end on one CPU process: the quick-start command, loss entries agreeing, user errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from parallelisms.parallel_dims import ParallelDims
+from parallelisms.pipeline import plan_pipeline
+from training.config import Parallelism
+from training.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _train(tmp_path, *overrides, timeout=600):
+    cmd = [sys.executable, "train.py", "--config", "configs/debug.toml", "--job.dump_folder", str(tmp_path),
+           *overrides]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def _losses(folder):
+    return [json.loads(line)["loss"] for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_train_sh_trains_the_default_recipe_and_the_loss_falls(tmp_path):
+    env = {**os.environ, "NGPU": "1"}
+    result = subprocess.run(["./run_train.sh", "--training.steps", "12", "--job.dump_folder", str(tmp_path)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert set(rows[0]) == {"step", "loss", "lr", "grad_norm", "tokens_per_second", "mfu_percent", "peak_memory_gib"}
+    assert rows[-1]["loss"] < rows[0]["loss"] - 1.0
+    assert "step 12/12" in result.stdout
+
+
+def test_loss_entries_train_identically(tmp_path):
+    """Same seed, fp32 CPU: the first 5 step losses of every CPU entry agree within 1e-4 relative."""
+    runs = {}
+    for name in ("cross_entropy", "chunked", "cce_torch_compile"):
+        result = _train(tmp_path / name, "--training.steps", "5", "--loss.name", name)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = _losses(tmp_path / name)
+    reference = runs.pop("cross_entropy")
+    for name, losses in runs.items():
+        for got, want in zip(losses, reference):
+            assert abs(got - want) <= 1e-4 * abs(want), (name, losses, reference)
+
+
+def test_activation_checkpointing_and_compile_do_not_change_the_numbers(tmp_path):
+    base = _train(tmp_path / "base", "--training.steps", "3")
+    assert base.returncode == 0, base.stderr[-3000:]
+    reference = _losses(tmp_path / "base")
+    for label, overrides, rtol in [
+        ("full_ac", ["--activation_checkpoint.mode", "full"], 1e-6),
+        ("selective_op", ["--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option", "op"], 1e-6),
+        ("every_2nd", ["--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option", "2"], 1e-6),
+        ("compiled", ["--compile.enable", "--activation_checkpoint.mode", "full"], 1e-4),
+    ]:
+        result = _train(tmp_path / label, "--training.steps", "3", *overrides)
+        assert result.returncode == 0, (label, result.stderr[-3000:])
+        for got, want in zip(_losses(tmp_path / label), reference):
+            assert abs(got - want) <= rtol * abs(want), (label, got, want)
+
+
+def test_non_finite_loss_stops_with_the_step_and_what_to_try(tmp_path):
+    result = _train(tmp_path, "--training.steps", "5", "--optimizer.lr", "1e30", "--training.max_norm", "0")
+    assert result.returncode == 1
+    assert "at step" in result.stderr and "optimizer.lr" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_world_size_that_does_not_factor_fails_before_training(tmp_path):
+    result = _train(tmp_path, "--parallelism.pipeline_parallel_degree", "2")
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("config error: parallelism.pipeline_parallel_degree:")
+    assert "does not divide the world size 1" in result.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("degrees, world, message", [
+    (dict(pipeline_parallel_degree=2, data_parallel_shard_degree=3), 8, "= 6 ranks, but the world size is 8"),
+    (dict(pipeline_parallel_degree=3), 8, "does not divide the world size 8"),
+])
+def test_parallel_dims_validation(degrees, world, message):
+    with pytest.raises(ConfigError, match=message):
+        ParallelDims.from_config(Parallelism(**degrees), world)
+
+
+def test_parallel_dims_fill_the_shard_degree():
+    dims = ParallelDims.from_config(Parallelism(pipeline_parallel_degree=4, data_parallel_replicate_degree=1), 8)
+    assert (dims.pp, dims.dp_replicate, dims.dp_shard, dims.dp) == (4, 1, 2, 2)
+
+
+@pytest.mark.parametrize("overrides, local_batch, key, message", [
+    (dict(pipeline_parallel_microbatch_size=3), 8, "microbatch_size", "does not divide"),
+    (dict(pipeline_parallel_microbatch_size=4), 4, "microbatch_size", "needs at least 2 microbatches"),
+    (dict(pipeline_parallel_schedule="Interleaved1F1B"), 8, "virtual_stages", "at least 2 stages per rank"),
+    (dict(pipeline_parallel_virtual_stages=2), 8, "pipeline_parallel_schedule", "one stage per rank"),
+    (dict(pipeline_parallel_layers_per_stage=3), 8, "layers_per_stage", "does not divide"),
+    (dict(pipeline_parallel_stage_split_points=[3, 2]), 8, "split_points", "strictly increasing"),
+    (dict(pipeline_parallel_schedule="ZBVZeroBubble", pipeline_parallel_virtual_stages=4), 8, "virtual_stages",
+     "exactly 2 stages per rank"),
+])
+def test_pipeline_plan_errors(overrides, local_batch, key, message):
+    p = Parallelism(pipeline_parallel_degree=2, **overrides)
+    with pytest.raises(ConfigError, match=message) as err:
+        plan_pipeline(8, p, 0, local_batch)
+    assert key in err.value.key
+
+
+def test_pipeline_plan_splits():
+    even = plan_pipeline(8, Parallelism(pipeline_parallel_degree=4), 1, 4)
+    assert even.layer_ranges == ((0, 2), (2, 4), (4, 6), (6, 8)) and even.local_stages == (1,)
+    uneven = plan_pipeline(7, Parallelism(pipeline_parallel_degree=2), 0, 4)
+    assert uneven.layer_ranges == ((0, 4), (4, 7))
+    points = plan_pipeline(8, Parallelism(pipeline_parallel_degree=2, pipeline_parallel_stage_split_points=[3]), 1, 2)
+    assert points.layer_ranges == ((0, 3), (3, 8))
+    looped = plan_pipeline(8, Parallelism(pipeline_parallel_degree=2, pipeline_parallel_virtual_stages=2,
+                                          pipeline_parallel_schedule="Interleaved1F1B"), 1, 4)
+    assert looped.local_stages == (1, 3)
+    v_shape = plan_pipeline(8, Parallelism(pipeline_parallel_degree=2, pipeline_parallel_virtual_stages=2,
+                                           pipeline_parallel_schedule="ZBVZeroBubble"), 0, 4)
+    assert v_shape.local_stages == (0, 3)
