@@ -15,6 +15,9 @@ from torch import Tensor
 
 from losses.chunked_linear_cross_entropy import chunked_linear_cross_entropy
 from losses.functional import IGNORE_INDEX, shift_targets
+from losses.options import DEFAULT_FILTER_EPS
+from losses.vocab_parallel_cce import unsupported as cce_unsupported
+from losses.vocab_parallel_cce import vocab_parallel_cce
 
 
 def vocab_shard_range(vocab_size: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -49,7 +52,8 @@ class VocabParallelOptions:
         return cls(start, stop, group, reduce_e_grad)
 
 
-def _chunked_backend(e, c_shard, targets, bias, options, group, **loss_options) -> Tensor:
+def _chunked_backend(e, c_shard, targets, bias, options, group, *, filter_eps, **loss_options) -> Tensor:
+    del filter_eps  # exact: nothing to filter
     return chunked_linear_cross_entropy(
         e,
         c_shard,
@@ -62,16 +66,32 @@ def _chunked_backend(e, c_shard, targets, bias, options, group, **loss_options) 
     )
 
 
-# impl name -> backend. A fused CUDA/Triton backend gets registered here, and picked
-# by _resolve_impl for "auto" on CUDA, once it exists; until then "auto" is chunked.
-VOCAB_PARALLEL_BACKENDS: dict[str, Callable[..., Tensor]] = {"chunked": _chunked_backend}
+def _cce_backend(
+    e, c_shard, targets, bias, options, group, *, z_loss_weight, label_smoothing, **loss_options
+) -> Tensor:
+    # bias, z-loss and label smoothing were refused by _resolve_impl (cce_unsupported).
+    return vocab_parallel_cce(
+        e, c_shard, targets, vocab_start=options.start, group=group, reduce_e_grad=options.reduce_e_grad, **loss_options
+    )
 
 
-def _resolve_impl(impl: str) -> Callable[..., Tensor]:
-    name = "chunked" if impl == "auto" else impl
-    if name not in VOCAB_PARALLEL_BACKENDS:
+# impl name -> backend; "auto" picks one in _resolve_impl.
+VOCAB_PARALLEL_BACKENDS: dict[str, Callable[..., Tensor]] = {"chunked": _chunked_backend, "cce": _cce_backend}
+
+
+def _resolve_impl(
+    impl: str, e: Tensor, c_shard: Tensor, bias: Optional[Tensor], z_loss_weight: float, label_smoothing: float
+) -> Callable[..., Tensor]:
+    """"auto" is "cce" where CCE's kernels can compute the loss (CUDA tensors, no bias,
+    z-loss or label smoothing, bf16/fp16 to backpropagate), else "chunked"."""
+    if impl != "auto" and impl not in VOCAB_PARALLEL_BACKENDS:
         raise ValueError(f"impl must be 'auto' or one of {sorted(VOCAB_PARALLEL_BACKENDS)}, got {impl!r}")
-    return VOCAB_PARALLEL_BACKENDS[name]
+    if impl in ("auto", "cce"):
+        reason = cce_unsupported(e, c_shard, bias, z_loss_weight=z_loss_weight, label_smoothing=label_smoothing)
+        if reason is not None and impl == "cce":
+            raise ValueError(f"impl='cce' cannot compute this loss: {reason}; use impl='chunked' or 'auto'")
+        impl = "cce" if reason is None else "chunked"
+    return VOCAB_PARALLEL_BACKENDS[impl]
 
 
 def vocab_parallel_linear_cross_entropy(
@@ -88,6 +108,7 @@ def vocab_parallel_linear_cross_entropy(
     z_loss_weight: float = 0.0,
     label_smoothing: float = 0.0,
     impl: str = "auto",
+    filter_eps: float | str | None = DEFAULT_FILTER_EPS,
 ) -> Tensor:
     """Cross-entropy of ``e [..., D] @ c.T`` against ``targets [...]``, ``c`` sharded by rows.
 
@@ -110,7 +131,8 @@ def vocab_parallel_linear_cross_entropy(
     if group is None and dist.is_initialized():
         group = dist.group.WORLD
 
-    loss = _resolve_impl(impl)(
+    backend = _resolve_impl(impl, e, c_shard, bias, z_loss_weight, label_smoothing)
+    loss = backend(
         e.flatten(0, -2),
         c_shard,
         shift_targets(targets, shift, ignore_index).flatten(),
@@ -122,6 +144,7 @@ def vocab_parallel_linear_cross_entropy(
         z_loss_weight=z_loss_weight,
         label_smoothing=label_smoothing,
         reduction=reduction,
+        filter_eps=filter_eps,
     )
     if reduction != "none":
         return loss
