@@ -20,6 +20,7 @@ import torch.distributed as dist
 from data import build_dataloader, build_tokenizer
 from data.loader import check_tokenizer_fits
 from losses import build_loss, loss_option_names
+from losses.vocab_parallel_head import VocabParallelHeadLoss
 from models import Transformer, build_model_args
 from models.initialize import init_weights
 from parallelisms.activation_checkpoint import apply_activation_checkpointing
@@ -30,6 +31,7 @@ from parallelisms.grad_clip import clip_grad_norm_
 from parallelisms.parallel_dims import ParallelDims
 from parallelisms.pipeline import build_schedule, build_stage_module, plan_pipeline
 from parallelisms.tied_embeddings import TiedEmbeddingSync
+from parallelisms.vocab_parallel import finalize_head_grads, shard_head_over_vocab
 from training.config import JobConfig
 from training.config_loader import load_config
 from training.errors import ConfigError
@@ -49,6 +51,7 @@ class NonFiniteLossError(RuntimeError):
 @dataclass
 class TrainResult:
     losses: list[float]  # per step, reduced over all ranks
+    grad_norms: list[float]  # per step, of the whole model before clipping
     model_parts: list[torch.nn.Module]  # this rank's (sharded) stages
 
 
@@ -100,11 +103,15 @@ def train(cfg: JobConfig) -> TrainResult:
         model = Transformer(model_args)
     parts = [build_stage_module(model, plan, s) for s in plan.local_stages] if pp_enabled else [model]
     param_dtype = t.mixed_precision_param if device.type == "cuda" else "float32"
+    fsdp_mesh = dims.fsdp_mesh(mesh)
+    vocab_parallel = cfg.parallelism.vocab_parallel
     for part in parts:
         apply_activation_checkpointing(part, cfg.activation_checkpoint)
         if cfg.compile.enable and "model" in cfg.compile.components:
             apply_compile(part)
-        apply_fsdp(part, dims.fsdp_mesh(mesh), param_dtype, t.mixed_precision_reduce,
+        if vocab_parallel and part.output is not None:
+            shard_head_over_vocab(part, fsdp_mesh)  # the classifier is never gathered
+        apply_fsdp(part, fsdp_mesh, param_dtype, t.mixed_precision_reduce,
                    cfg.parallelism.fsdp_reshard_after_forward, pp_enabled)
         part.to_empty(device=device)
         init_weights(part, t.seed, device)
@@ -115,10 +122,16 @@ def train(cfg: JobConfig) -> TrainResult:
     loss_options = {k: v for k, v in vars(cfg.loss).items() if k in loss_option_names(cfg.loss.name)}
     if cfg.compile.enable and "loss" in cfg.compile.components and "compile" in loss_options:
         loss_options["compile"] = True
-    loss_sum = build_loss(cfg.loss.name, head, loss_options, reduction="sum", device=device) \
-        if head is not None else None
+    if head is None:
+        loss_sum = None
+    elif vocab_parallel:
+        common = {k: loss_options[k] for k in ("ignore_index", "z_loss_weight", "label_smoothing", "logit_softcap")}
+        loss_sum = VocabParallelHeadLoss(head, mesh["dp_shard"].get_group(), impl=cfg.loss.name, **common)
+    else:
+        loss_sum = build_loss(cfg.loss.name, head, loss_options, reduction="sum", device=device)
     loss = GlobalTokenMeanLoss(loss_sum, dp_mesh.get_group())
-    tied = TiedEmbeddingSync(parts, plan, mesh) if pp_enabled and model_args.tie_word_embeddings else None
+    separate_head_copy = pp_enabled or vocab_parallel
+    tied = TiedEmbeddingSync(parts, plan, mesh) if separate_head_copy and model_args.tie_word_embeddings else None
     schedule = build_schedule(parts, plan, cfg.parallelism.pipeline_parallel_schedule, pp_mesh.get_group(),
                               device, loss) if pp_enabled else None
 
@@ -131,13 +144,15 @@ def train(cfg: JobConfig) -> TrainResult:
         logger.info(f"{cfg.model.name} {cfg.model.flavor}: {n_params / 1e6:,.1f}M parameters, vocab "
                     f"{model_args.vocab_size:,}; world {world_size} = pp {dims.pp} x dp_replicate "
                     f"{dims.dp_replicate} x dp_shard {dims.dp_shard}; device {device}; params {param_dtype}")
+        if vocab_parallel:
+            logger.info(f"vocab-parallel head over dp_shard ({dims.dp_shard} ranks), loss impl {cfg.loss.name!r}")
         logger.info(f"global batch {global_batch} x {t.seq_len} tokens, "
                     f"{global_batch // (t.local_batch_size * dims.dp)} accumulation step(s)")
 
     flops_per_token = model_args.flops_per_token(t.seq_len)
     peak = peak_flops(device)
     has_first = any(p.tok_embeddings is not None for p in parts)
-    losses, data_iter = [], iter(dataloader)
+    losses, grad_norms, data_iter = [], [], iter(dataloader)
     window_start, window_tokens = time.perf_counter(), 0
     for step in range(1, t.steps + 1):
         local_batch = next(data_iter)["input_ids"].to(device)
@@ -154,6 +169,8 @@ def train(cfg: JobConfig) -> TrainResult:
                 micro_loss = loss(model(micro), micro)
                 micro_loss.backward()
                 step_loss += micro_loss.detach().double()
+        if vocab_parallel and head is not None:
+            finalize_head_grads(head.weight, fsdp_mesh, dims.dp)
         if tied is not None:
             tied.sync_grads()
         grad_norm = clip_grad_norm_(params, t.max_norm, pp_mesh.get_group() if pp_enabled else None,
@@ -163,16 +180,18 @@ def train(cfg: JobConfig) -> TrainResult:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
-        # Loss terms live on the last stage, one share per data-parallel rank: average them everywhere.
+        # Loss terms live on the last stage, one share per data-parallel rank (a vocab-parallel
+        # head's dp_shard group shares one term): average them everywhere.
         dist.all_reduce(step_loss, group=dp_mesh.get_group())
         if pp_enabled:
             dist.all_reduce(step_loss, group=pp_mesh.get_group())
-        step_loss = step_loss.item() / dims.dp
+        step_loss = step_loss.item() / dims.dp / (dims.dp_shard if vocab_parallel else 1)
         if not torch.isfinite(torch.tensor(step_loss)):
             raise NonFiniteLossError(
                 f"loss is {step_loss} at step {step}; try a lower optimizer.lr, more lr_scheduler.warmup_steps, "
                 "training.max_norm > 0, or training.mixed_precision_param = 'float32'")
         losses.append(step_loss)
+        grad_norms.append(float(grad_norm))
         window_tokens += global_batch * t.seq_len
         if step % cfg.metrics.log_freq == 0 or step == t.steps:
             if device.type == "cuda":
@@ -187,7 +206,7 @@ def train(cfg: JobConfig) -> TrainResult:
             window_start, window_tokens = time.perf_counter(), 0
     metrics.close()
     _report_memory(cfg.job.dump_folder, device, plan, rank)
-    return TrainResult(losses, parts)
+    return TrainResult(losses, grad_norms, parts)
 
 
 def _report_memory(dump_folder: str, device: torch.device, plan, rank: int) -> None:

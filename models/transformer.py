@@ -83,12 +83,15 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleDict({str(i): TransformerBlock(args) for i in range(args.n_layers)})
         self.norm: Optional[nn.RMSNorm] = nn.RMSNorm(args.dim, eps=args.norm_eps)
         self.output: Optional[OutputHead] = OutputHead(args.dim, args.vocab_size)
+        # False when the head is a separate copy kept equal by summing gradients
+        # (pipeline stages, vocab-parallel head; see parallelisms/tied_embeddings.py).
+        self.share_embedding = args.tie_word_embeddings
         self.tie_weights()
         self.register_buffer("rope_cache", self._rope_cache(), persistent=False)
 
     def tie_weights(self) -> None:
         """Share the embedding with the head (when both are here); ``to_empty`` on a plain module unties them."""
-        if self.args.tie_word_embeddings and self.tok_embeddings is not None and self.output is not None:
+        if self.share_embedding and self.tok_embeddings is not None and self.output is not None:
             self.output.weight = self.tok_embeddings.weight
 
     def _rope_cache(self, device: Optional[torch.device] = None) -> Tensor:

@@ -23,10 +23,17 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 class TiedEmbeddingSync:
-    def __init__(self, parts: list[nn.Module], plan: PipelinePlan, mesh: DeviceMesh):
+    """For a tied model whose head is a separate copy: under PP, or as a vocab-parallel head.
+
+    The embedding's FSDP shard and a vocab-parallel head's shard hold the same
+    rows (both ``Shard(0)`` over ``dp_shard``), so the sum is per shard either way.
+    """
+
+    def __init__(self, parts: list[nn.Module], plan: Optional[PipelinePlan], mesh: DeviceMesh):
         self.embedding = next((p.tok_embeddings.weight for p in parts if p.tok_embeddings is not None), None)
         self.head = next((p.output.weight for p in parts if p.output is not None), None)
-        last_rank = next(r for r in range(plan.pp_degree) if plan.num_stages - 1 in plan.stages_of(r))
+        last_rank = 0 if plan is None else \
+            next(r for r in range(plan.pp_degree) if plan.num_stages - 1 in plan.stages_of(r))
         self.group = None
         if last_rank != 0:  # stage 0 always sits on pipeline rank 0
             me = dist.get_rank()

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 import tomli
 
+from losses.options import OPTIONS as LOSS_OPTIONS
 from training.config import JobConfig
 from training.errors import ConfigError
 
@@ -209,6 +210,12 @@ def validate_config(cfg: JobConfig) -> None:
     _require(all(isinstance(x, int) and not isinstance(x, bool) for x in p.pipeline_parallel_stage_split_points),
              "parallelism.pipeline_parallel_stage_split_points",
              "expected a list of layer indices where new stages start, e.g. [7, 14, 21]")
+
+    if p.vocab_parallel:
+        _require(cfg.loss.name in ("auto", "cce", "chunked"), "loss.name",
+                 f"the vocab-parallel head runs 'auto', 'cce' or 'chunked', not {cfg.loss.name!r}")
+        _require(cfg.loss.chunk_size == LOSS_OPTIONS["chunk_size"].default and not cfg.loss.compile,
+                 "loss.chunk_size", "the vocab-parallel head does not take chunk_size or compile yet")
 
     ac = cfg.activation_checkpoint
     if ac.mode == "selective":
