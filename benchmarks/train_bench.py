@@ -72,7 +72,8 @@ def main() -> None:
         if "error" in r:
             print(f"{r['label']:<24}  FAILED {r['error'][:300]}")
             continue
-        mem = ", ".join(f"{m:.1f}{s}" for m, s in zip(r["peak_memory_gib_per_rank"], r["stages_per_rank"]))
+        mem = ", ".join(f"{m:.1f}" + (f" {s}" if s else "")
+                        for m, s in zip(r["peak_memory_gib_per_rank"], r["stages_per_rank"]))
         mfu = f"{r['mfu_percent']:.1f}" if r["mfu_percent"] is not None else "-"
         print(f"{r['label']:<24}{r['tokens_per_second_per_gpu']:>12,.0f}{mfu:>8}  {mem}")
 
