@@ -6,6 +6,8 @@ loss from the registry → optimizer → loop.
 """
 
 import contextlib
+import importlib
+import importlib.util
 import json
 import logging
 import os
@@ -33,7 +35,7 @@ from parallelisms.pipeline import build_schedule, build_stage_module, plan_pipel
 from parallelisms.tied_embeddings import TiedEmbeddingSync
 from parallelisms.vocab_parallel import finalize_head_grads, shard_head_over_vocab
 from training.config import JobConfig
-from training.config_loader import load_config
+from training.config_loader import dump_config, load_config
 from training.errors import ConfigError
 from training.metrics import MetricsLogger, peak_flops, peak_memory_gib
 from training.optimizer import build_lr_scheduler, build_optimizer
@@ -81,6 +83,8 @@ def train(cfg: JobConfig) -> TrainResult:
     if t.seq_len > model_args.max_seq_len:
         raise ConfigError("training.seq_len", f"{t.seq_len} exceeds the flavor's {model_args.max_seq_len} positions")
     model_args = replace(model_args, max_seq_len=t.seq_len)
+    if rank == 0:
+        _log_run(cfg, dims, mesh, device)
     pp_enabled = dims.pp > 1
     plan = plan_pipeline(model_args.n_layers, cfg.parallelism, pp_mesh.get_local_rank(), t.local_batch_size) \
         if pp_enabled else None
@@ -153,7 +157,8 @@ def train(cfg: JobConfig) -> TrainResult:
     peak = peak_flops(device)
     has_first = any(p.tok_embeddings is not None for p in parts)
     losses, grad_norms, data_iter = [], [], iter(dataloader)
-    window_start, window_tokens = time.perf_counter(), 0
+    run_start = window_start = time.perf_counter()
+    window_tokens = 0
     for step in range(1, t.steps + 1):
         local_batch = next(data_iter)["input_ids"].to(device)
         loss.set_global_batch(local_batch, cfg.loss.ignore_index)
@@ -202,11 +207,26 @@ def train(cfg: JobConfig) -> TrainResult:
                 "loss": step_loss, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_second": tps,
                 "mfu_percent": 100 * flops_per_token * tps / peak if peak else None,
                 "peak_memory_gib": peak_memory_gib(device),
-            })
+            }, eta_seconds=(time.perf_counter() - run_start) / step * (t.steps - step))
             window_start, window_tokens = time.perf_counter(), 0
     metrics.close()
     _report_memory(cfg.job.dump_folder, device, plan, rank)
     return TrainResult(losses, grad_norms, parts)
+
+
+def _log_run(cfg: JobConfig, dims: ParallelDims, mesh, device: torch.device) -> None:
+    """Versions, the rank layout and the effective recipe (<dump_folder>/config.toml)."""
+    versions = [f"torch {torch.__version__}"]
+    for name in ("triton", "cut_cross_entropy"):
+        module = sys.modules.get(name) or (importlib.util.find_spec(name) and importlib.import_module(name))
+        versions.append(f"{name} {getattr(module, '__version__', 'unknown')}" if module else f"{name} absent")
+    logger.info(", ".join(versions) + (f"; {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""))
+    grid = mesh.mesh  # [pp, dp_replicate, dp_shard] of global ranks
+    for p in range(dims.pp):
+        logger.info(f"pipeline rank {p}: dp_shard groups " + " ".join(str(g) for g in grid[p].reshape(-1, dims.dp_shard).tolist()))
+    os.makedirs(cfg.job.dump_folder, exist_ok=True)
+    with open(os.path.join(cfg.job.dump_folder, "config.toml"), "w") as f:
+        f.write(dump_config(cfg))
 
 
 def _report_memory(dump_folder: str, device: torch.device, plan, rank: int) -> None:

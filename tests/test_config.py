@@ -78,3 +78,13 @@ def test_train_py_prints_one_line_and_exits_nonzero_before_building_anything():
     assert result.returncode == 2
     assert result.stderr.strip() == "config error: training.seq_len: must be a positive integer"
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_dumped_config_reads_back_unchanged(tmp_path):
+    from training.config_loader import dump_config
+
+    cfg = load_config(["--config", str(ROOT / "configs/qwen3_1p7b_pp4.toml"), "--job.description", 'a "quoted" run',
+                       "--parallelism.pipeline_parallel_stage_split_points", "7,14,21", "--loss.filter_eps", "0.5"])
+    path = tmp_path / "config.toml"
+    path.write_text(dump_config(cfg))
+    assert load_config(["--config", str(path)]) == cfg

@@ -226,3 +226,24 @@ def validate_config(cfg: JobConfig) -> None:
         _require(comp in ("model", "loss"), "compile.components",
                  f"{comp!r} is not one of 'model', 'loss'{_did_you_mean(str(comp), ('model', 'loss'))}")
     _require(cfg.metrics.log_freq >= 1, "metrics.log_freq", "must be >= 1")
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+
+
+def dump_config(cfg: JobConfig) -> str:
+    """The effective recipe (file + overrides) as TOML that ``load_config`` reads back unchanged."""
+    lines = []
+    for section in dataclasses.fields(cfg):
+        lines.append(f"[{section.name}]")
+        for key, value in dataclasses.asdict(getattr(cfg, section.name)).items():
+            lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)

@@ -28,6 +28,12 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
 class MetricsLogger:
     """Written by rank 0 only; figures are already reduced across ranks."""
 
@@ -44,7 +50,7 @@ class MetricsLogger:
 
             self.writer = SummaryWriter(str(folder / "tensorboard"))
 
-    def log(self, step: int, total_steps: int, figures: dict) -> None:
+    def log(self, step: int, total_steps: int, figures: dict, eta_seconds: float) -> None:
         if not self.active:
             return
         record = {"step": step, **figures}
@@ -58,7 +64,7 @@ class MetricsLogger:
         logger.info(
             f"step {step:>{len(str(total_steps))}}/{total_steps}  loss {figures['loss']:.4f}  lr {figures['lr']:.2e}"
             f"  grad_norm {figures['grad_norm']:.3f}  tok/s {figures['tokens_per_second']:,.0f}{mfu}"
-            f"  mem {figures['peak_memory_gib']:.2f}GiB")
+            f"  mem {figures['peak_memory_gib']:.2f}GiB  eta {_duration(eta_seconds)}")
 
     def close(self) -> None:
         if self.active:
