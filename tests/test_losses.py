@@ -11,9 +11,9 @@ from losses.chunked import ChunkedCrossEntropy
 from losses.chunked_linear_cross_entropy import DEFAULT_CHUNK_SIZE
 from losses.cce import CCELoss
 from models.output_head import OutputHead
+from tests.reference import IGNORE
+from tests.reference import reference as shared_reference
 from training.errors import ConfigError
-
-IGNORE = -100
 B, S, D, V = 2, 37, 32, 101  # 74 tokens: not a multiple of the chunk size below, V prime
 CHUNK = 16
 CPU = torch.device("cpu")
@@ -26,25 +26,11 @@ cuda_only = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a 
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
 
 
-def reference(
-    hidden, weight, bias, labels, *, reduction="mean", z_loss_weight=0.0, label_smoothing=0.0, logit_softcap=0.0
-):
-    """The spec in float64, by slicing: position t predicts labels[:, t+1]; the last has no target."""
-    logits = hidden[:, :-1].double() @ weight.double().T
-    if bias is not None:
-        logits = logits + bias.double()
-    if logit_softcap:
-        logits = logit_softcap * torch.tanh(logits / logit_softcap)
-    targets = labels[:, 1:]
-    valid = targets != IGNORE
-    lse = logits.logsumexp(-1)
-    target_logit = logits.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
-    per_token = (1 - label_smoothing) * (lse - target_logit) + label_smoothing * (lse - logits.mean(-1))
-    per_token = torch.where(valid, per_token + z_loss_weight * lse**2, 0.0)
-    if reduction == "none":
-        return torch.cat([per_token, per_token.new_zeros(B, 1)], dim=1)
-    total = per_token.sum()
-    return total / valid.sum().clamp(min=1) if reduction == "mean" else total
+def reference(hidden, weight, bias, labels, *, reduction="mean", logit_softcap=0.0, **options):
+    """The float64 spec with the causal shift: position t predicts labels[:, t+1]; the last has no target."""
+    loss = shared_reference(hidden, weight, labels, bias, shift=1, softcap=logit_softcap, reduction=reduction,
+                            **options)
+    return torch.cat([loss, loss.new_zeros(B, 1)], dim=1) if reduction == "none" else loss
 
 
 def make_inputs(seed, *, ignored=0.0):

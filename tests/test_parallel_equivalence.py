@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.distributed.tensor import DTensor
 
-from dist_utils import run_distributed
+from tests.dist_utils import run_distributed
 from models.initialize import canonical_name
 from train import train
 from training.config_loader import load_config

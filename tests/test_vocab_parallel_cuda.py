@@ -18,7 +18,7 @@ from losses.vocab_parallel import (
     vocab_shard_range,
 )
 from tests.dist_utils import run_distributed
-from tests.test_vocab_parallel import IGNORE, reference
+from tests.reference import IGNORE, reference
 
 # Relative tolerance on max |error| / max |reference|. Loss: CCE's target logit sums
 # bf16-rounded products, and "chunked" rounds the logits to bf16. Gradients: both
