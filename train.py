@@ -35,6 +35,7 @@ from parallelisms.pipeline import build_schedule, build_stage_module, plan_pipel
 from parallelisms.tied_embeddings import TiedEmbeddingSync
 from parallelisms.vocab_parallel import finalize_head_grads, shard_head_over_vocab
 from training.config import JobConfig
+from training.checkpoint import CheckpointError, CheckpointManager
 from training.config_loader import dump_config, load_config
 from training.errors import ConfigError
 from training.metrics import MetricsLogger, peak_flops, peak_memory_gib
@@ -139,10 +140,16 @@ def train(cfg: JobConfig) -> TrainResult:
     schedule = build_schedule(parts, plan, cfg.parallelism.pipeline_parallel_schedule, pp_mesh.get_group(),
                               device, loss) if pp_enabled else None
 
+    # One optimizer and schedule per stage (TorchTitan's layout), so checkpoints key state by parameter name.
     params = [p for part in parts for p in part.parameters()]
-    optimizer = build_optimizer(params, cfg.optimizer, device)
-    scheduler = build_lr_scheduler(optimizer, t.steps, cfg.lr_scheduler)
-    metrics = MetricsLogger(cfg.job.dump_folder, cfg.metrics.enable_tensorboard, active=rank == 0)
+    optimizers = [build_optimizer(list(part.parameters()), cfg.optimizer, device) for part in parts]
+    schedulers = [build_lr_scheduler(opt, t.steps, cfg.lr_scheduler) for opt in optimizers]
+    fingerprint = {k: str(v) for k, v in vars(replace(model_args, max_seq_len=0)).items()}
+    checkpoint = CheckpointManager(cfg.checkpoint, cfg.job.dump_folder, parts, optimizers, schedulers, dataloader,
+                                   fingerprint, tied_embeddings=model_args.tie_word_embeddings)
+    start_step = checkpoint.load()
+    metrics = MetricsLogger(cfg.job.dump_folder, cfg.metrics.enable_tensorboard, active=rank == 0,
+                            append=start_step > 0)
     if rank == 0:
         n_params = model_args.num_params()
         logger.info(f"{cfg.model.name} {cfg.model.flavor}: {n_params / 1e6:,.1f}M parameters, vocab "
@@ -159,7 +166,7 @@ def train(cfg: JobConfig) -> TrainResult:
     losses, grad_norms, data_iter = [], [], iter(dataloader)
     run_start = window_start = time.perf_counter()
     window_tokens = 0
-    for step in range(1, t.steps + 1):
+    for step in range(start_step + 1, t.steps + 1):
         local_batch = next(data_iter)["input_ids"].to(device)
         loss.set_global_batch(local_batch, cfg.loss.ignore_index)
         step_loss = torch.zeros((), device=device, dtype=torch.float64)
@@ -180,10 +187,12 @@ def train(cfg: JobConfig) -> TrainResult:
             tied.sync_grads()
         grad_norm = clip_grad_norm_(params, t.max_norm, pp_mesh.get_group() if pp_enabled else None,
                                     skip=[tied.head_copy] if tied is not None and tied.head_copy is not None else [])
-        optimizer.step()
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        for optimizer in optimizers:
+            optimizer.step()
+        lr = schedulers[0].get_last_lr()[0]
+        for scheduler in schedulers:
+            scheduler.step()
+            scheduler.optimizer.zero_grad(set_to_none=True)
 
         # Loss terms live on the last stage, one share per data-parallel rank (a vocab-parallel
         # head's dp_shard group shares one term): average them everywhere.
@@ -207,8 +216,9 @@ def train(cfg: JobConfig) -> TrainResult:
                 "loss": step_loss, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_second": tps,
                 "mfu_percent": 100 * flops_per_token * tps / peak if peak else None,
                 "peak_memory_gib": peak_memory_gib(device),
-            }, eta_seconds=(time.perf_counter() - run_start) / step * (t.steps - step))
+            }, eta_seconds=(time.perf_counter() - run_start) / (step - start_step) * (t.steps - step))
             window_start, window_tokens = time.perf_counter(), 0
+        checkpoint.maybe_save(step, last=step == t.steps)
     metrics.close()
     _report_memory(cfg.job.dump_folder, device, plan, rank)
     return TrainResult(losses, grad_norms, parts)
@@ -255,6 +265,10 @@ def main(argv: list[str]) -> int:
     except ConfigError as err:
         if rank == 0:
             print(err, file=sys.stderr)
+        return 2
+    except CheckpointError as err:
+        if rank == 0:
+            print(f"checkpoint error: {err}", file=sys.stderr)
         return 2
     except NonFiniteLossError as err:
         if rank == 0:

@@ -104,6 +104,15 @@ class Metrics:
 
 
 @dataclass
+class Checkpoint:
+    enable: bool = False
+    folder: str = "checkpoint"  # under job.dump_folder
+    interval: int = 500  # steps between saves; the last step is always saved
+    keep_latest_k: int = 0  # 0 keeps every checkpoint
+    load_step: int = -1  # -1: resume from the newest complete checkpoint, if any
+
+
+@dataclass
 class JobConfig:
     job: Job = field(default_factory=Job)
     model: Model = field(default_factory=Model)
@@ -115,3 +124,4 @@ class JobConfig:
     activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
     compile: Compile = field(default_factory=Compile)
     metrics: Metrics = field(default_factory=Metrics)
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)

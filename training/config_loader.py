@@ -226,6 +226,9 @@ def validate_config(cfg: JobConfig) -> None:
         _require(comp in ("model", "loss"), "compile.components",
                  f"{comp!r} is not one of 'model', 'loss'{_did_you_mean(str(comp), ('model', 'loss'))}")
     _require(cfg.metrics.log_freq >= 1, "metrics.log_freq", "must be >= 1")
+    _require(cfg.checkpoint.interval >= 1, "checkpoint.interval", "must be >= 1")
+    _require(cfg.checkpoint.keep_latest_k >= 0, "checkpoint.keep_latest_k", "must be >= 0 (0 keeps all)")
+    _require(cfg.checkpoint.load_step >= -1, "checkpoint.load_step", "must be a saved step, or -1 for the newest")
 
 
 def _toml_value(value: Any) -> str:

@@ -37,14 +37,14 @@ def _duration(seconds: float) -> str:
 class MetricsLogger:
     """Written by rank 0 only; figures are already reduced across ranks."""
 
-    def __init__(self, dump_folder: str, enable_tensorboard: bool, active: bool):
+    def __init__(self, dump_folder: str, enable_tensorboard: bool, active: bool, append: bool):
         self.active = active
         self.writer = None
         if not active:
             return
         folder = Path(dump_folder)
         folder.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(folder / "metrics.jsonl", "w")
+        self.jsonl = open(folder / "metrics.jsonl", "a" if append else "w")  # a resumed run continues it
         if enable_tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
