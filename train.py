@@ -163,7 +163,7 @@ def train(cfg: JobConfig) -> TrainResult:
     flops_per_token = model_args.flops_per_token(t.seq_len)
     peak = peak_flops(device)
     has_first = any(p.tok_embeddings is not None for p in parts)
-    losses, grad_norms, data_iter = [], [], iter(dataloader)
+    losses, grad_norms, data_iter = [], [], checkpoint.data_iterator()
     run_start = window_start = time.perf_counter()
     window_tokens = 0
     for step in range(start_step + 1, t.steps + 1):

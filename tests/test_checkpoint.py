@@ -62,6 +62,8 @@ def test_bad_checkpoints_are_refused_with_the_reason(tmp_path):
     _run(1, _argv(tmp_path, 5))
     with pytest.raises(Exception, match=r"vocab_size: checkpoint '515' vs recipe '600'"):
         _run(1, _argv(tmp_path, 6, "--model.vocab_size", "600"))
+    with pytest.raises(Exception, match=r"data position does not fit this recipe"):
+        _run(1, _argv(tmp_path, 6, "--training.global_batch_size", "4"))
     with pytest.raises(Exception, match=r"no complete checkpoint step-3 in .*complete ones: \[5\]"):
         _run(1, _argv(tmp_path, 6, "--checkpoint.load_step", "3"))
     for data_file in (tmp_path / "checkpoint" / "step-5").glob("*.distcp"):

@@ -171,10 +171,18 @@ class CheckpointManager:
                 part, opt, options=_OPTIONS)), options=_OPTIONS)
         for scheduler in self.schedulers:
             scheduler.load_state_dict(extra["lr_scheduler"])
-        self.dataloader.load_state_dict(extra["dataloader"])
+        self.dataloader.load_state_dict(extra["dataloader"])  # checked when iteration starts: data_iterator()
         torch.set_rng_state(extra["rng"])
         logger.info(f"resumed from {path} (step {extra['step']})")
         return extra["step"]
+
+    def data_iterator(self):
+        """Start the data where the checkpoint left it; a position saved for other data is an error."""
+        try:
+            return iter(self.dataloader)
+        except ValueError as err:
+            raise CheckpointError(f"the saved data position does not fit this recipe ({err}); keep the dataset, "
+                                  "seq_len and global batch size of the saved run") from None
 
     def _restore(self, loaded: dict, part: nn.Module, live: dict) -> dict:
         """This part's entries of the loaded state, under its own names (a tied head copy from the embedding)."""
