@@ -10,6 +10,7 @@ import importlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -49,6 +50,14 @@ warnings.filterwarnings("ignore", message=".*set_vital.*")
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+_NONFINITE_ADVICE = ("try a lower optimizer.lr, more lr_scheduler.warmup_steps, training.max_norm > 0, "
+                     "or training.mixed_precision_param = 'float32'")
+_OOM_ADVICE = ("out of GPU memory; to use less: a smaller training.local_batch_size (with global_batch_size kept, "
+               "gradient accumulation makes up the rest) or parallelism.pipeline_parallel_microbatch_size, "
+               "activation_checkpoint.mode = 'full', loss.name = 'cce' (no logits), "
+               "parallelism.vocab_parallel = true (classifier never gathered), or more ranks in the layout")
 
 
 @dataclass
@@ -164,6 +173,7 @@ def train(cfg: JobConfig) -> TrainResult:
     peak = peak_flops(device)
     has_first = any(p.tok_embeddings is not None for p in parts)
     losses, grad_norms, data_iter = [], [], checkpoint.data_iterator()
+    skipped = 0  # steps whose update was dropped for a non-finite loss or gradient
     run_start = window_start = time.perf_counter()
     window_tokens = 0
     for step in range(start_step + 1, t.steps + 1):
@@ -187,12 +197,6 @@ def train(cfg: JobConfig) -> TrainResult:
             tied.sync_grads()
         grad_norm = clip_grad_norm_(params, t.max_norm, pp_mesh.get_group() if pp_enabled else None,
                                     skip=[tied.head_copy] if tied is not None and tied.head_copy is not None else [])
-        for optimizer in optimizers:
-            optimizer.step()
-        lr = schedulers[0].get_last_lr()[0]
-        for scheduler in schedulers:
-            scheduler.step()
-            scheduler.optimizer.zero_grad(set_to_none=True)
 
         # Loss terms live on the last stage, one share per data-parallel rank (a vocab-parallel
         # head's dp_shard group shares one term): average them everywhere.
@@ -200,10 +204,22 @@ def train(cfg: JobConfig) -> TrainResult:
         if pp_enabled:
             dist.all_reduce(step_loss, group=pp_mesh.get_group())
         step_loss = step_loss.item() / dims.dp / (dims.dp_shard if vocab_parallel else 1)
-        if not torch.isfinite(torch.tensor(step_loss)):
-            raise NonFiniteLossError(
-                f"loss is {step_loss} at step {step}; try a lower optimizer.lr, more lr_scheduler.warmup_steps, "
-                "training.max_norm > 0, or training.mixed_precision_param = 'float32'")
+        finite = math.isfinite(step_loss) and math.isfinite(float(grad_norm))  # the same on every rank
+        if not finite and (t.nonfinite_policy == "stop" or skipped == t.nonfinite_max_skips):
+            what = f"loss {step_loss}, grad norm {float(grad_norm)} at step {step}"
+            raise NonFiniteLossError(what + (f" after {skipped} skipped steps" if skipped else "") + "; "
+                                     + _NONFINITE_ADVICE)
+        if finite:
+            for optimizer in optimizers:
+                optimizer.step()
+        else:
+            skipped += 1
+            logger.warning(f"step {step}: loss {step_loss}, grad norm {float(grad_norm)}; update skipped "
+                           f"({skipped}/{t.nonfinite_max_skips})")
+        lr = schedulers[0].get_last_lr()[0]
+        for scheduler in schedulers:
+            scheduler.step()
+            scheduler.optimizer.zero_grad(set_to_none=True)
         losses.append(step_loss)
         grad_norms.append(float(grad_norm))
         window_tokens += global_batch * t.seq_len
@@ -270,6 +286,9 @@ def main(argv: list[str]) -> int:
         if rank == 0:
             print(f"checkpoint error: {err}", file=sys.stderr)
         return 2
+    except torch.cuda.OutOfMemoryError:
+        print(f"rank {rank}: {_OOM_ADVICE}", file=sys.stderr)
+        return 1
     except NonFiniteLossError as err:
         if rank == 0:
             print(f"stopped: {err}", file=sys.stderr)

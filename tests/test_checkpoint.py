@@ -44,18 +44,32 @@ def test_resume_is_bitwise_identical(layout, tmp_path):
     assert first + second == straight
 
 
-def test_checkpoint_loads_into_other_layouts(tmp_path):
-    """Saved by pp=2 x dp_shard=2 with the vocab-parallel head; resumed by one process and by dp_shard=4."""
-    vp = ["--parallelism.vocab_parallel", "--loss.name", "auto"]
-    source = tmp_path / "source"
-    _run(4, _argv(source, 5, "--parallelism.pipeline_parallel_degree", "2", *vp))
-    expected = _run(4, _argv(source, 6, "--parallelism.pipeline_parallel_degree", "2", *vp))
-    for name, world, extra in [("single", 1, []), ("dp_shard4", 4, []), ("dp_shard4_vp", 4, vp),
-                               ("dp_shard2_vp", 2, vp)]:
+def _continue_elsewhere(tmp_path, source, expected, targets):
+    for name, world, extra in targets:
         target = tmp_path / name
         shutil.copytree(source / "checkpoint" / "step-5", target / "checkpoint" / "step-5")
         (next_loss,) = _run(world, _argv(target, 6, *extra))
-        assert next_loss == pytest.approx(expected[0], rel=1e-6), name
+        assert next_loss == pytest.approx(expected, rel=1e-6), name
+
+
+VP = ["--parallelism.vocab_parallel", "--loss.name", "auto"]
+
+
+def test_pipeline_checkpoint_loads_into_other_layouts(tmp_path):
+    """Saved by pp=2 x dp_shard=2 (vocab-parallel head); continued by 1 process and by dp_shard=4."""
+    source = tmp_path / "source"
+    pp = ["--parallelism.pipeline_parallel_degree", "2"]
+    _run(4, _argv(source, 5, *pp, *VP))
+    (expected,) = _run(4, _argv(source, 6, *pp, *VP))
+    _continue_elsewhere(tmp_path, source, expected, [("single", 1, []), ("dp_shard4", 4, []),
+                                                     ("dp_shard4_vp", 4, VP)])
+
+
+def test_vocab_parallel_checkpoint_over_4_ranks_loads_into_2_and_into_no_vocab_parallel(tmp_path):
+    source = tmp_path / "source"
+    _run(4, _argv(source, 5, *VP))
+    (expected,) = _run(4, _argv(source, 6, *VP))
+    _continue_elsewhere(tmp_path, source, expected, [("dp_shard2_vp", 2, VP), ("single", 1, [])])
 
 
 def test_bad_checkpoints_are_refused_with_the_reason(tmp_path):

@@ -74,6 +74,30 @@ def test_non_finite_loss_stops_with_the_step_and_what_to_try(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_nonfinite_skip_mode_counts_then_stops(tmp_path):
+    result = _train(tmp_path, "--training.steps", "8", "--optimizer.lr", "1e30", "--training.max_norm", "0",
+                    "--training.nonfinite_policy", "skip", "--training.nonfinite_max_skips", "2")
+    assert result.returncode == 1
+    assert result.stdout.count("update skipped") == 2
+    assert "after 2 skipped steps" in result.stderr
+
+
+def test_out_of_memory_names_the_knobs_that_reduce_memory(tmp_path):
+    script = (
+        "import sys, torch\n"
+        "from models.transformer import Transformer\n"
+        "def oom(self, x):\n    raise torch.cuda.OutOfMemoryError('CUDA out of memory')\n"
+        "Transformer.forward = oom\n"
+        "import train\n"
+        f"sys.exit(train.main(['--config', 'configs/debug.toml', '--job.dump_folder', r'{tmp_path}']))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    for knob in ("local_batch_size", "activation_checkpoint.mode", "loss.name = 'cce'", "vocab_parallel"):
+        assert knob in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_a_world_size_that_does_not_factor_fails_before_training(tmp_path):
     result = _train(tmp_path, "--parallelism.pipeline_parallel_degree", "2")
     assert result.returncode == 2

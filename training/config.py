@@ -38,6 +38,8 @@ class Training:
     mixed_precision_param: str = "bfloat16"
     mixed_precision_reduce: str = "float32"
     device: str = "auto"
+    nonfinite_policy: str = "stop"  # a non-finite loss or gradient norm: "stop", or "skip" the update
+    nonfinite_max_skips: int = 10  # with "skip": stop after this many skipped steps
 
 
 @dataclass

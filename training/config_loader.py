@@ -21,6 +21,7 @@ _CHOICES = {
     "training.mixed_precision_param": ("bfloat16", "float32"),
     "training.mixed_precision_reduce": ("bfloat16", "float32"),
     "training.device": ("auto", "cpu", "cuda"),
+    "training.nonfinite_policy": ("stop", "skip"),
     "training.dataset": ("text", "jsonl", "tokens"),
     "optimizer.name": ("AdamW",),
     "lr_scheduler.decay_type": ("cosine", "linear", "constant"),
@@ -180,6 +181,7 @@ def validate_config(cfg: JobConfig) -> None:
     _require(t.global_batch_size == -1 or t.global_batch_size > 0, "training.global_batch_size",
              "must be positive, or -1 for local_batch_size x data-parallel degree")
     _require(t.max_norm >= 0, "training.max_norm", "must be >= 0 (0 turns clipping off)")
+    _require(t.nonfinite_max_skips >= 0, "training.nonfinite_max_skips", "must be >= 0")
 
     o = cfg.optimizer
     _require(o.lr > 0, "optimizer.lr", "must be positive")
