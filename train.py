@@ -140,7 +140,8 @@ def train(cfg: JobConfig) -> TrainResult:
         loss_sum = None
     elif vocab_parallel:
         common = {k: loss_options[k] for k in ("ignore_index", "z_loss_weight", "label_smoothing", "logit_softcap")}
-        loss_sum = VocabParallelHeadLoss(head, mesh["dp_shard"].get_group(), impl=cfg.loss.name, **common)
+        group = mesh[cfg.parallelism.vocab_parallel_mesh_dim].get_group()
+        loss_sum = VocabParallelHeadLoss(head, group, impl=cfg.loss.name, **common)
     else:
         loss_sum = build_loss(cfg.loss.name, head, loss_options, reduction="sum", device=device)
     loss = GlobalTokenMeanLoss(loss_sum, dp_mesh.get_group())

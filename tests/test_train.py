@@ -28,7 +28,8 @@ def _losses(folder):
 
 def test_run_train_sh_trains_the_default_recipe_and_the_loss_falls(tmp_path):
     env = {**os.environ, "NGPU": "1"}
-    result = subprocess.run(["./run_train.sh", "--training.steps", "12", "--job.dump_folder", str(tmp_path)],
+    result = subprocess.run(["./run_train.sh", "--training.steps", "12", "--job.dump_folder", str(tmp_path),
+                             "--metrics.enable_tensorboard"],
                             cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -36,6 +37,8 @@ def test_run_train_sh_trains_the_default_recipe_and_the_loss_falls(tmp_path):
     assert set(rows[0]) == {"step", "loss", "lr", "grad_norm", "tokens_per_second", "mfu_percent", "peak_memory_gib"}
     assert rows[-1]["loss"] < rows[0]["loss"] - 1.0
     assert "step 12/12" in result.stdout
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert (tmp_path / "config.toml").is_file() and (tmp_path / "memory.json").is_file()
 
 
 def test_loss_entries_train_identically(tmp_path):
