@@ -11,11 +11,13 @@ import importlib.util
 import json
 import logging
 import math
+import signal
 import os
 import sys
 import time
 import warnings
 from dataclasses import dataclass, replace
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -60,10 +62,29 @@ _OOM_ADVICE = ("out of GPU memory; to use less: a smaller training.local_batch_s
                "parallelism.vocab_parallel = true (classifier never gathered), or more ranks in the layout")
 
 
+class _StopRequest:
+    """SIGTERM / SIGUSR1 (Slurm preemption with --signal): finish the step, checkpoint, exit 0."""
+
+    def __init__(self):
+        self.signal = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signal.Signals(signum).name
+
+    def agreed(self, device: torch.device) -> bool:
+        """Ranks get the signal at different moments: stop together once any rank has it."""
+        flag = torch.tensor([1.0 if self.signal else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() > 0
+
+
 @dataclass
 class TrainResult:
     losses: list[float]  # per step, reduced over all ranks
     grad_norms: list[float]  # per step, of the whole model before clipping
+    stopped_at: Optional[int]  # the step after which a signal stopped the run
     model_parts: list[torch.nn.Module]  # this rank's (sharded) stages
 
 
@@ -175,6 +196,7 @@ def train(cfg: JobConfig) -> TrainResult:
     has_first = any(p.tok_embeddings is not None for p in parts)
     losses, grad_norms, data_iter = [], [], checkpoint.data_iterator()
     skipped = 0  # steps whose update was dropped for a non-finite loss or gradient
+    stop_request, stopped_at = _StopRequest(), None
     run_start = window_start = time.perf_counter()
     window_tokens = 0
     for step in range(start_step + 1, t.steps + 1):
@@ -235,10 +257,16 @@ def train(cfg: JobConfig) -> TrainResult:
                 "peak_memory_gib": peak_memory_gib(device),
             }, eta_seconds=(time.perf_counter() - run_start) / (step - start_step) * (t.steps - step))
             window_start, window_tokens = time.perf_counter(), 0
-        checkpoint.maybe_save(step, last=step == t.steps)
+        saved = checkpoint.maybe_save(step, last=step == t.steps)
+        if step < t.steps and stop_request.agreed(device):
+            if not saved and not checkpoint.maybe_save(step, last=True):
+                logger.warning("checkpoint.enable is off: nothing saved, this run cannot resume")
+            logger.info(f"stopping after step {step} on a signal; rerun the same command to resume")
+            stopped_at = step
+            break
     metrics.close()
     _report_memory(cfg.job.dump_folder, device, plan, rank)
-    return TrainResult(losses, grad_norms, parts)
+    return TrainResult(losses, grad_norms, stopped_at, parts)
 
 
 def _log_run(cfg: JobConfig, dims: ParallelDims, mesh, device: torch.device) -> None:

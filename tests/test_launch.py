@@ -99,7 +99,7 @@ def test_the_batch_script_starts_one_launcher_per_node_through_srun_and_outlives
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "srun").write_text(f'''#!/bin/sh
-echo "srun $*" > {tmp_path}/srun_args
+echo "srun $*" >> {tmp_path}/srun_args
 while [ ! -e {tmp_path}/release ]; do sleep 0.05; done
 exit 3
 ''')
@@ -122,4 +122,5 @@ exit 3
     assert ("srun --ntasks-per-node=1 --cpus-per-task=32 --kill-on-bad-exit=1 scripts/slurm_launch.sh "
             "--training.steps 4") in (tmp_path / "srun_args").read_text()
     assert out.count("--rdzv_backend c10d") == 1  # the resolved command, printed once before srun
-    assert "SIGUSR1" in out and "ends in about 120 s" in out
+    assert "SIGUSR1" in out and "checkpoint and stop" in out
+    assert "srun --overlap --ntasks-per-node=1 pkill -USR1 -f train.py" in (tmp_path / "srun_args").read_text()

@@ -107,9 +107,10 @@ class CheckpointManager:
         }
 
     # -- save -------------------------------------------------------------------------------
-    def maybe_save(self, step: int, last: bool) -> None:
+    def maybe_save(self, step: int, last: bool) -> bool:
+        """Save at the interval and at ``last``; returns whether this step is now saved."""
         if not self.cfg.enable or not (last or step % self.cfg.interval == 0):
-            return
+            return False
         model, optim = self._model_and_optimizer()
         final, partial = self.folder / f"step-{step}", self.folder / f"step-{step}.partial"
         if dist.get_rank() == 0:
@@ -123,6 +124,7 @@ class CheckpointManager:
             self._prune()
             logger.info(f"saved checkpoint {final}")
         dist.barrier()
+        return True
 
     def _prune(self) -> None:
         if self.cfg.keep_latest_k > 0:
