@@ -76,18 +76,20 @@ class CheckpointManager:
         self.tied = tied_embeddings
 
     # -- state ------------------------------------------------------------------------------
+    def _stored_name(self, key: str, part: nn.Module) -> str:
+        """The name ``part``'s state entry has in a checkpoint: a tied head copy is stored as the embedding."""
+        if self.tied and part.output is not None and _HEAD in key:
+            return key.replace(_HEAD, _EMBEDDING)
+        return key
+
     def _rename(self, flat: dict[str, Any], part: nn.Module) -> dict[str, Any]:
-        """Store a tied head copy under the embedding's name (dropped where the embedding is here too)."""
-        if not self.tied or part.output is None:
-            return flat
-        has_embedding = part.tok_embeddings is not None
+        """``part``'s state under stored names; a head copy is dropped where its embedding is here too."""
         out = {}
         for key, value in flat.items():
-            if _HEAD in key:
-                if has_embedding:
-                    continue
-                key = key.replace(_HEAD, _EMBEDDING)
-            out[key] = value
+            stored = self._stored_name(key, part)
+            if stored != key and part.tok_embeddings is not None:
+                continue
+            out[stored] = value
         return out
 
     def _model_and_optimizer(self) -> tuple[dict, dict]:
@@ -188,8 +190,4 @@ class CheckpointManager:
 
     def _restore(self, loaded: dict, part: nn.Module, live: dict) -> dict:
         """This part's entries of the loaded state, under its own names (a tied head copy from the embedding)."""
-        out = {}
-        for key in live:
-            stored = key.replace(_HEAD, _EMBEDDING) if self.tied and part.output is not None and _HEAD in key else key
-            out[key] = loaded[stored]
-        return out
+        return {key: loaded[self._stored_name(key, part)] for key in live}
