@@ -7,12 +7,13 @@ and the same hidden states and targets). The largest temporary is a
 ``[chunk_size, V_local]`` block of logits; nothing ``[N, V]`` is ever allocated.
 
 Per token chunk, the vocab-parallel case adds two small collectives: an all-reduce
-MAX of the ``[chunk]`` row maxima, then one all-reduce SUM of a ``[2 or 3, chunk]``
-stack (sum of exponentials, the target logit from the rank that owns the target
+MAX of the ``[chunk]`` row maxima (each shard's exponential sum is rescaled to the
+global maximum), then one all-reduce SUM of a ``[2 or 3, chunk]`` stack (sum of exponentials, the target logit from the rank that owns the target
 and zeros elsewhere, and the sum of logits when label smoothing needs it).
 """
 
 import functools
+import importlib.util
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional
 
@@ -23,29 +24,37 @@ from torch.autograd.function import once_differentiable
 
 from losses.functional import IGNORE_INDEX, REDUCTIONS, linear_logits, mean_divisor
 
-# 1024 tokens per chunk: the GEMM is [1024, D] x [D, V], large enough to keep a GPU
-# busy, while the per-chunk temporaries (fp32 logits, their gradient and its
-# low-precision copy, about 10 bytes per entry) stay near 1.5 GB for Qwen3's
-# 151,936-token vocabulary. 4096 would be the whole sequence of a typical
-# microbatch, i.e. the materialized logits this loss exists to avoid.
-DEFAULT_CHUNK_SIZE = 1024
+# chunk_size 0 sizes the chunk by memory: the largest multiple of 128 tokens whose
+# [chunk, V_local] logits block fits in 256 MiB (768 tokens for Qwen3's 151,936-entry
+# vocabulary in bf16, 1,024 for Llama 3's). Longer chunks run the GEMMs a little
+# closer to peak (docs/performance.md has the sweep); a chunk as long as the
+# microbatch is the materialized logits this loss exists to avoid.
+DEFAULT_CHUNK_SIZE = 0
+LOGITS_BLOCK_BYTES = 256 * 2**20
 
 
-def _chunk_partial_sums(
-    logits: Tensor, row_max: Tensor, target_col: Tensor, owned: Tensor, with_logit_sum: bool
-) -> Tensor:
-    """This shard's contributions to the per-token sums, stacked to share one all-reduce.
+def auto_chunk_size(local_vocab: int, bytes_per_logit: int) -> int:
+    """Tokens per chunk for ``chunk_size=0``: a 256 MiB logits block, at least 128 tokens."""
+    return max(128, LOGITS_BLOCK_BYTES // (local_vocab * bytes_per_logit) // 128 * 128)
 
-    Rows: sum of ``exp(logit - row_max)``, the target logit (0 where another shard
-    owns the target) and, for label smoothing, the sum of the logits.
+
+def _chunk_row_stats(
+    logits: Tensor, target_col: Tensor, owned: Tensor, with_logit_sum: bool, softcap: float
+) -> tuple[Tensor, Tensor]:
+    """This shard's row maxima and its per-token sums, stacked to share one all-reduce.
+
+    Rows of the stack: sum of ``exp(logit - row_max)``, the target logit (0 where
+    another shard owns the target) and, for label smoothing, the sum of the logits.
+    ``softcap`` is already in ``logits`` here (``linear_logits`` applied it).
     """
+    row_max = logits.amax(-1)
     parts = [
         (logits - row_max[:, None]).exp_().sum(-1),
         logits.gather(1, target_col[:, None]).squeeze(1).where(owned, 0.0),
     ]
     if with_logit_sum:
         parts.append(logits.sum(-1))
-    return torch.stack(parts)
+    return row_max, torch.stack(parts)
 
 
 def _chunk_token_loss(
@@ -98,19 +107,41 @@ def _chunk_logit_grad(
 
 class _ChunkOps(NamedTuple):
     logits: Callable[..., Tensor]
-    partial_sums: Callable[..., Tensor]
+    row_stats: Callable[..., tuple[Tensor, Tensor]]
     token_loss: Callable[..., Tensor]
     logit_grad: Callable[..., Tensor]
 
 
+KERNELS = ("auto", "triton", "torch")
+
+
 @functools.cache
-def _chunk_ops(compiled: bool) -> _ChunkOps:
-    """The per-chunk math, eager or through ``torch.compile`` (which fuses the
-    elementwise passes over each ``[chunk, V]`` block). Collectives stay outside."""
-    ops = _ChunkOps(linear_logits, _chunk_partial_sums, _chunk_token_loss, _chunk_logit_grad)
-    if compiled:
+def _chunk_ops(kernels: str) -> _ChunkOps:
+    """The per-chunk math: "triton" (losses/chunk_kernels.py: two passes over the
+    block in the GEMM's dtype), "compile" (PyTorch through ``torch.compile``, which
+    fuses the elementwise passes over each fp32 block) or "eager". Collectives stay outside."""
+    if kernels == "triton":
+        from losses import chunk_kernels
+
+        return _ChunkOps(chunk_kernels.linear_logits_raw, chunk_kernels.row_stats, _chunk_token_loss,
+                         chunk_kernels.logit_grad)
+    ops = _ChunkOps(linear_logits, _chunk_row_stats, _chunk_token_loss, _chunk_logit_grad)
+    if kernels == "compile":
         ops = _ChunkOps(*(torch.compile(fn) for fn in ops))
     return ops
+
+
+def _pick_kernels(kernels: str, compile: bool, e: Tensor) -> str:
+    """"auto": the Triton kernels for CUDA tensors in 16/32-bit floats, else PyTorch."""
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+    triton_fits = (e.is_cuda and e.dtype in (torch.bfloat16, torch.float16, torch.float32)
+                   and importlib.util.find_spec("triton") is not None)
+    if kernels == "triton" and not triton_fits:
+        raise ValueError(f"kernels='triton' needs triton and CUDA tensors in bf16/fp16/fp32, got {e.device} {e.dtype}")
+    if kernels == "triton" or (kernels == "auto" and triton_fits):
+        return "triton"
+    return "compile" if compile else "eager"
 
 
 @dataclass(frozen=True)
@@ -134,6 +165,18 @@ def _all_reduce(tensor: Tensor, op: dist.ReduceOp, group: Optional[dist.ProcessG
         dist.all_reduce(tensor, op=op, group=group)
 
 
+def _consumer_runs(ctx, i: int) -> bool:
+    """Whether the running backward pass uses this node's gradient for input ``i``
+    (a zero-bubble schedule's input-gradient pass skips the classifier's)."""
+    node = ctx.next_functions[i][0]
+    if node is None:
+        return False
+    try:
+        return torch._C._will_engine_execute_node(node)
+    except RuntimeError:  # a leaf under autograd.grad(): its gradient is returned, not accumulated
+        return False
+
+
 def _local_targets(targets: Tensor, vocab_start: int, local_vocab: int, ignore_index: int):
     """(column of the target in this shard (0 if not here), owned by this shard, not ignored)."""
     valid = targets != ignore_index
@@ -145,16 +188,17 @@ def _local_targets(targets: Tensor, vocab_start: int, local_vocab: int, ignore_i
 class _Grads:
     """Gradient buffers filled chunk by chunk; None where no gradient is wanted.
 
-    ``e`` is accumulated in at least fp32 (it may still be all-reduced across the
-    vocab group); ``w`` in the classifier's dtype with one fused ``addmm_`` per chunk,
+    ``e`` is kept in at least fp32 when it is all-reduced across the vocab group
+    here, else in its own dtype; ``w`` in the classifier's dtype with one fused ``addmm_`` per chunk,
     rounding once per chunk (an fp32 buffer would be twice the weight's size, plus a
     cast copy per chunk); ``bias`` in fp32.
     """
 
-    def __init__(self, e: Tensor, w: Tensor, bias: Optional[Tensor], needs: tuple[bool, ...]):
-        acc = torch.promote_types(e.dtype, torch.float32)
-        self.e = torch.zeros(e.shape, dtype=acc, device=e.device) if needs[0] else None
-        self.w = torch.zeros_like(w) if needs[1] else None
+    def __init__(self, e: Tensor, w: Tensor, bias: Optional[Tensor], needs: tuple[bool, ...], p: "_Params"):
+        acc = torch.promote_types(e.dtype, torch.float32) if p.group is not None and p.reduce_e_grad else e.dtype
+        self.e = torch.empty(e.shape, dtype=acc, device=e.device) if needs[0] else None
+        self.w = torch.empty_like(w) if needs[1] else None
+        self.w_written = False  # the first chunk writes w's gradient, the others add to it
         self.bias = (
             torch.zeros(w.shape[0], dtype=torch.promote_types(bias.dtype, torch.float32), device=w.device)
             if bias is not None and needs[2]
@@ -164,9 +208,16 @@ class _Grads:
     def add_chunk(self, rows: slice, logit_grad: Tensor, e_chunk: Tensor, w: Tensor) -> None:
         low = logit_grad.to(w.dtype)
         if self.e is not None:
-            self.e[rows] = low @ w
+            if self.e.dtype == low.dtype:
+                torch.mm(low, w, out=self.e[rows])
+            else:
+                self.e[rows] = low @ w
         if self.w is not None:
-            self.w.addmm_(low.T, e_chunk)
+            if self.w_written:
+                self.w.addmm_(low.T, e_chunk)
+            else:
+                torch.mm(low.T, e_chunk, out=self.w)
+                self.w_written = True
         if self.bias is not None:
             self.bias += logit_grad.sum(0)
 
@@ -201,30 +252,34 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         n = e.shape[0]
         needs = ctx.needs_input_grad[:3]
         grads_now = p.grad_enabled and any(needs) and p.reduction != "none"
-        grads = _Grads(e, w, bias, needs) if grads_now else None
+        grads = _Grads(e, w, bias, needs, p) if grads_now else None
         acc = torch.promote_types(e.dtype, torch.float32)
         scale = 1 / mean_divisor(targets, p.ignore_index).to(acc) if p.reduction == "mean" else 1.0
 
-        token_loss = torch.empty(n, dtype=acc, device=e.device)
+        col, owned, valid = _local_targets(targets, p.vocab_start, w.shape[0], p.ignore_index)
+        weight = valid.to(acc) * scale if grads_now else None
         lse = torch.empty(n, dtype=acc, device=e.device)
+        token_sums = []  # per chunk: the target logit and, for label smoothing, the sum of logits
         for start in range(0, n, p.chunk_size):
             rows = slice(start, start + p.chunk_size)
-            e_chunk, t_chunk = e[rows], targets[rows]
-            logits = p.ops.logits(e_chunk, w, bias, p.softcap)
-            row_max = logits.amax(-1)
-            _all_reduce(row_max, dist.ReduceOp.MAX, p.group)
-            col, owned, valid = _local_targets(t_chunk, p.vocab_start, w.shape[0], p.ignore_index)
-            sums = p.ops.partial_sums(logits, row_max, col, owned, p.label_smoothing > 0)
-            _all_reduce(sums, dist.ReduceOp.SUM, p.group)
-            lse_chunk = row_max + sums[0].log()
-            logit_sum = sums[2] if p.label_smoothing > 0 else None
-            token_loss[rows] = p.ops.token_loss(
-                lse_chunk, sums[1], logit_sum, valid, p.vocab_size, p.z_loss_weight, p.label_smoothing
-            )
-            lse[rows] = lse_chunk
+            logits = p.ops.logits(e[rows], w, bias, p.softcap)
+            row_max, sums = p.ops.row_stats(logits, col[rows], owned[rows], p.label_smoothing > 0, p.softcap)
+            if p.group is not None:  # rescale each shard's exponential sum to the global maximum
+                global_max = row_max.clone()
+                _all_reduce(global_max, dist.ReduceOp.MAX, p.group)
+                sums[0] *= (row_max - global_max).exp()
+                row_max = global_max
+                _all_reduce(sums, dist.ReduceOp.SUM, p.group)
+            torch.add(row_max, sums[0].log(), out=lse[rows])
+            token_sums.append(sums[1:])
             if grads_now:
-                weight = valid.to(logits.dtype) * scale
-                _backprop_chunk(grads, rows, e_chunk, w, logits, lse_chunk, col, owned, weight, p)
+                _backprop_chunk(grads, rows, e[rows], w, logits, lse[rows], col[rows], owned[rows], weight[rows], p)
+            del logits, row_max, sums  # before the next chunk allocates its block: one block alive, not two
+        token_sums = torch.cat(token_sums, dim=1).to(acc)
+        logit_sum = token_sums[1] if p.label_smoothing > 0 else None
+        token_loss = p.ops.token_loss(
+            lse, token_sums[0], logit_sum, valid, p.vocab_size, p.z_loss_weight, p.label_smoothing
+        )
 
         ctx.p = p
         ctx.stashed = grads_now
@@ -232,7 +287,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         if grads_now:
             # Kept as an attribute, not saved tensors: they are new tensors (no cycle), and
             # scaling them in place must not trip autograd's version check on a second backward.
-            ctx.stash = grads.finish(e, bias, p)
+            ctx.stash = list(grads.finish(e, bias, p))
         elif p.reduction == "none":
             ctx.save_for_backward(e, w, bias, targets, lse)
         if p.reduction == "none":
@@ -254,16 +309,26 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                         g.mul_(grad_loss.to(g.dtype))
             elif not torch.equal(grad_loss, ctx.applied_scale):
                 raise RuntimeError("the chunked loss was backpropagated twice with different upstream gradients")
-            return (*ctx.stash, None, None)
+            grads = list(ctx.stash)
+            for i, grad in enumerate(grads):
+                if _consumer_runs(ctx, i):
+                    if grad is None and ctx.needs_input_grad[i]:
+                        raise RuntimeError("the chunked loss's gradients were already handed out; "
+                                           "recompute the loss to backpropagate again")
+                    # Handed out once: without our reference, AccumulateGrad takes the
+                    # tensor as .grad instead of copying it (a classifier-sized copy).
+                    ctx.stash[i] = None
+            return (*grads, None, None)
 
         e, w, bias, targets, lse = ctx.saved_tensors
-        grads = _Grads(e, w, bias, ctx.needs_input_grad[:3])
+        grads = _Grads(e, w, bias, ctx.needs_input_grad[:3], p)
+        col, owned, valid = _local_targets(targets, p.vocab_start, w.shape[0], p.ignore_index)
+        weight = grad_loss.to(lse.dtype) * valid
         for start in range(0, e.shape[0], p.chunk_size):
             rows = slice(start, start + p.chunk_size)
             logits = p.ops.logits(e[rows], w, bias, p.softcap)
-            col, owned, valid = _local_targets(targets[rows], p.vocab_start, w.shape[0], p.ignore_index)
-            weight = grad_loss[rows].to(logits.dtype) * valid
-            _backprop_chunk(grads, rows, e[rows], w, logits, lse[rows], col, owned, weight, p)
+            _backprop_chunk(grads, rows, e[rows], w, logits, lse[rows], col[rows], owned[rows], weight[rows], p)
+            del logits
         return (*grads.finish(e, bias, p), None, None)
 
 
@@ -284,6 +349,7 @@ def chunked_linear_cross_entropy(
     label_smoothing: float = 0.0,
     reduction: str = "mean",
     compile: bool = False,
+    kernels: str = "auto",
 ) -> Tensor:
     """Cross-entropy of ``e [N, D] @ w.T`` against ``targets [N]``, ``chunk_size`` tokens at a time.
 
@@ -294,7 +360,10 @@ def chunked_linear_cross_entropy(
     and ``targets`` and gets the same loss. The gradient of ``e`` is all-reduced over
     the group when ``reduce_e_grad``, else left partial for the caller to reduce
     (e.g. reduce-scatter); each rank gets only its shard's classifier (and bias)
-    gradient. ``compile`` runs the per-chunk math through ``torch.compile``.
+    gradient. ``kernels``: "auto" runs the per-chunk math in the Triton kernels of
+    ``losses/chunk_kernels.py`` for CUDA bf16/fp16/fp32 tensors and in PyTorch
+    otherwise ("triton" / "torch" force one); ``compile`` runs the PyTorch math
+    through ``torch.compile``.
 
     Returns a scalar for "mean"/"sum" and ``[N]`` for "none", in fp32 (fp64 for fp64
     inputs). "mean" divides by the number of non-ignored targets, and is 0 with zero
@@ -303,14 +372,17 @@ def chunked_linear_cross_entropy(
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
+    if chunk_size < 0:
+        raise ValueError(f"chunk_size must be >= 0 (0: sized by memory), got {chunk_size}")
     if e.dim() != 2 or w.dim() != 2 or e.shape[1] != w.shape[1] or targets.shape != e.shape[:1]:
         raise ValueError(f"expected e [N, D], w [V, D], targets [N]; got {e.shape}, {w.shape}, {targets.shape}")
     if e.dtype != w.dtype:
         raise ValueError(f"e and w must share a dtype, got {e.dtype} and {w.dtype}")
     if bias is not None and bias.shape != w.shape[:1]:
         raise ValueError(f"bias must be [{w.shape[0]}], got {list(bias.shape)}")
+    kernels = _pick_kernels(kernels, compile, e)
+    if chunk_size == 0:  # the Triton kernels keep the block in the GEMM's dtype, PyTorch in >= fp32
+        chunk_size = auto_chunk_size(w.shape[0], e.element_size() if kernels == "triton" else max(4, e.element_size()))
     if vocab_size is None and label_smoothing > 0:
         vocab_size = _global_vocab_size(w, group)
     params = _Params(
@@ -325,7 +397,7 @@ def chunked_linear_cross_entropy(
         label_smoothing=float(label_smoothing),
         reduction=reduction,
         grad_enabled=torch.is_grad_enabled(),
-        ops=_chunk_ops(compile),
+        ops=_chunk_ops(kernels),
     )
     return _ChunkedLinearCrossEntropy.apply(e, w, bias, targets.long(), params)
 

@@ -29,12 +29,12 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _integer(positive: bool = False) -> Check:
+def _integer(minimum: Optional[int] = None) -> Check:
     def check(value):
         if not isinstance(value, int) or isinstance(value, bool):
             return f"must be an integer, got {value!r}"
-        if positive and value <= 0:
-            return f"must be > 0, got {value}"
+        if minimum is not None and value < minimum:
+            return f"must be >= {minimum}, got {value}"
         return None
 
     return check
@@ -76,7 +76,7 @@ OPTIONS: dict[str, LossOption] = {
         LossOption("z_loss_weight", 0.0, _number(0.0), "apply z-loss"),
         LossOption("label_smoothing", 0.0, _number(0.0, 1.0), "apply label smoothing"),
         LossOption("logit_softcap", 0.0, _number(0.0), "softcap the logits"),
-        LossOption("chunk_size", DEFAULT_CHUNK_SIZE, _integer(positive=True), "set a token chunk size"),
+        LossOption("chunk_size", DEFAULT_CHUNK_SIZE, _integer(minimum=0), "set a token chunk size"),
         LossOption("compile", False, _boolean, "compile its chunk math"),
         LossOption("filter_eps", DEFAULT_FILTER_EPS, _filter_eps, "filter small gradients (filter_eps)"),
     )

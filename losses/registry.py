@@ -24,8 +24,8 @@ logger = logging.getLogger(__name__)
 ENTRIES: dict[str, type[OutputLoss]] = {
     cls.name: cls for cls in (ChunkedCrossEntropy, MaterializedCrossEntropy, CCELoss, CCETorchCompileLoss)
 }
-# "auto" picks an entry at build time, so it takes the options every pick can honour,
-# plus "compile", which applies when it picks "chunked" (cce needs no compiling).
+# "auto" picks an entry at build time (today always "chunked"); it takes the common
+# options plus "compile", so a recipe saying "auto" keeps working whatever it picks.
 # Backend-specific sizes (chunk_size, filter_eps) need a named entry.
 AUTO = "auto"
 LOSS_NAMES: tuple[str, ...] = (*ENTRIES, AUTO)
@@ -61,7 +61,7 @@ def build_loss(
     validate_loss_options(name, options)
     device = torch.device(device)
     if name == AUTO:
-        name, reason = _pick_for_auto(head, options, device)
+        name, reason = _pick_for_auto(device)
         logger.info("loss 'auto' resolved to %r: %s", name, reason)
     cls = ENTRIES[name]
     if cls.needs_cuda and device.type != "cuda":
@@ -69,19 +69,12 @@ def build_loss(
     return cls(head, reduction=reduction, **{k: v for k, v in options.items() if k in cls.options})
 
 
-def _pick_for_auto(head: nn.Module, options: dict, device: torch.device) -> tuple[str, str]:
-    """``cce`` where it can run and honour the recipe, else ``chunked``; with the reason."""
-    if device.type != "cuda":
-        return "chunked", f"'cce' needs CUDA and the device is {device.type}"
-    for key, value in options.items():
-        if key not in CCELoss.options and value != OPTIONS[key].default:
-            return "chunked", f"'cce' cannot {OPTIONS[key].capability}"
-    if getattr(head, "bias", None) is not None:
-        return "chunked", "'cce' cannot apply the output head's bias"
-    for module in ("triton", "cut_cross_entropy"):
-        if importlib.util.find_spec(module) is None:
-            return "chunked", f"{module} is not installed"
-    return "cce", "CUDA device"
+def _pick_for_auto(device: torch.device) -> tuple[str, str]:
+    """``chunked`` everywhere: on CUDA its Triton kernels are the fastest entry measured
+    (docs/performance.md) with a bounded logits block; elsewhere it is the lean PyTorch path."""
+    if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+        return "chunked", "its Triton kernels on CUDA"
+    return "chunked", f"its PyTorch path on {device.type}"
 
 
 def _check_name(name: str) -> None:

@@ -8,7 +8,7 @@ from torch import nn
 
 from losses import LOSS_NAMES, OutputLoss, build_loss, loss_option_names, validate_loss_options
 from losses.chunked import ChunkedCrossEntropy
-from losses.chunked_linear_cross_entropy import DEFAULT_CHUNK_SIZE
+from losses.chunked_linear_cross_entropy import DEFAULT_CHUNK_SIZE, auto_chunk_size
 from losses.cce import CCELoss
 from models.output_head import OutputHead
 from tests.reference import IGNORE
@@ -151,11 +151,18 @@ def test_compiled_chunk_math_matches_reference(device):
     check_entry("chunked", device, "everything", "mean", extra_options={"compile": True, "chunk_size": 37})
 
 
+def test_auto_chunk_size_keeps_the_logits_block_within_256_mib():
+    for vocab, bytes_per_logit, tokens in [(151936, 2, 768), (128256, 2, 1024), (256000, 2, 512), (151936, 4, 384)]:
+        assert auto_chunk_size(vocab, bytes_per_logit) == tokens
+        assert tokens * vocab * bytes_per_logit <= 256 * 2**20 < (tokens + 128) * vocab * bytes_per_logit
+    assert auto_chunk_size(10**7, 2) == 128  # never below one GEMM tile of tokens
+
+
 def test_chunk_size_does_not_change_the_result():
     hidden, weight, _, labels = make_inputs(1, ignored=0.2)
     losses = [
         build_loss("chunked", make_head(weight), {"chunk_size": size}, device=CPU)(hidden, labels)
-        for size in (1, 7, B * S, 4096)
+        for size in (1, 7, B * S, 4096, 0)  # 0: sized by memory
     ]
     for loss in losses[1:]:
         torch.testing.assert_close(loss, losses[0])
@@ -257,7 +264,6 @@ def test_unknown_option_suggests_the_closest():
 @pytest.mark.parametrize(
     "name,key,value",
     [
-        ("chunked", "chunk_size", 0),
         ("chunked", "chunk_size", -4),
         ("chunked", "chunk_size", "8"),
         ("chunked", "chunk_size", 8.0),
@@ -291,7 +297,7 @@ def test_unsupported_option_names_the_entries_that_can():
 
 
 def test_unsupported_option_at_its_default_is_accepted():
-    validate_loss_options("cce", {"z_loss_weight": 0.0, "label_smoothing": 0, "chunk_size": 1024})
+    validate_loss_options("cce", {"z_loss_weight": 0.0, "label_smoothing": 0, "chunk_size": DEFAULT_CHUNK_SIZE})
 
 
 def test_cce_on_cpu_says_what_to_use():
@@ -314,15 +320,12 @@ def test_auto_picks_chunked_on_cpu_and_logs_it(caplog):
     assert "resolved to 'chunked'" in caplog.text
 
 
-@pytest.mark.parametrize(
-    "options,with_bias,expected",
-    [({}, False, CCELoss), ({"z_loss_weight": 1e-4}, False, ChunkedCrossEntropy), ({}, True, ChunkedCrossEntropy)],
-)
-def test_auto_on_cuda_picks_cce_unless_it_cannot(options, with_bias, expected):
+@pytest.mark.parametrize("options,with_bias", [({}, False), ({"z_loss_weight": 1e-4}, False), ({}, True)])
+def test_auto_on_cuda_picks_chunked(options, with_bias):
     """Building touches no device memory, so the choice is testable without a GPU."""
     _, weight, bias, _ = make_inputs(0)
     head = make_head(weight, bias if with_bias else None)
-    assert type(build_loss("auto", head, options, device=torch.device("cuda"))) is expected
+    assert type(build_loss("auto", head, options, device=torch.device("cuda"))) is ChunkedCrossEntropy
 
 
 def test_direct_construction_checks_options_too():
