@@ -23,6 +23,8 @@ import triton.language as tl
 from torch import Tensor
 
 _BLOCK = 4096  # logits per program step; a row of V logits takes ceil(V / _BLOCK) steps
+# The vocabulary (of this shard) is a compile-time constant: one model has one or two
+# sizes, and Triton 3.6's interpreter cannot loop to a run-time bound.
 
 
 @triton.jit
@@ -33,7 +35,7 @@ def _capped(z, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def _row_stats_kernel(logits_ptr, stride, vocab, col_ptr, owned_ptr, max_ptr, sums_ptr, n_rows, softcap,
+def _row_stats_kernel(logits_ptr, stride, vocab: tl.constexpr, col_ptr, owned_ptr, max_ptr, sums_ptr, n_rows, softcap,
                       HAS_SOFTCAP: tl.constexpr, WITH_SUM: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     base = logits_ptr + row.to(tl.int64) * stride
@@ -61,7 +63,7 @@ def _row_stats_kernel(logits_ptr, stride, vocab, col_ptr, owned_ptr, max_ptr, su
 
 
 @triton.jit
-def _logit_grad_kernel(logits_ptr, stride, vocab, lse_ptr, col_ptr, owned_ptr, weight_ptr, softcap, z_loss_weight,
+def _logit_grad_kernel(logits_ptr, stride, vocab: tl.constexpr, lse_ptr, col_ptr, owned_ptr, weight_ptr, softcap, z_loss_weight,
                        label_smoothing, total_vocab, HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     base = logits_ptr + row.to(tl.int64) * stride
