@@ -175,9 +175,8 @@ def train(cfg: JobConfig) -> TrainResult:
     params = [p for part in parts for p in part.parameters()]
     optimizers = [build_optimizer(list(part.parameters()), cfg.optimizer, device) for part in parts]
     schedulers = [build_lr_scheduler(opt, t.steps, cfg.lr_scheduler) for opt in optimizers]
-    fingerprint = {k: str(v) for k, v in vars(replace(model_args, max_seq_len=0)).items()}
     checkpoint = CheckpointManager(cfg.checkpoint, cfg.job.dump_folder, parts, optimizers, schedulers, dataloader,
-                                   fingerprint, tied_embeddings=model_args.tie_word_embeddings)
+                                   cfg.model.name, model_args)
     start_step = checkpoint.load()
     metrics = MetricsLogger(cfg.job.dump_folder, cfg.metrics.enable_tensorboard, active=rank == 0,
                             append=start_step > 0)
@@ -259,11 +258,12 @@ def train(cfg: JobConfig) -> TrainResult:
             window_start, window_tokens = time.perf_counter(), 0
         saved = checkpoint.maybe_save(step, last=step == t.steps)
         if step < t.steps and stop_request.agreed(device):
-            if not saved and not checkpoint.maybe_save(step, last=True):
+            if not saved and not checkpoint.maybe_save(step, last=False, force=True):
                 logger.warning("checkpoint.enable is off: nothing saved, this run cannot resume")
             logger.info(f"stopping after step {step} on a signal; rerun the same command to resume")
             stopped_at = step
             break
+    checkpoint.close()
     metrics.close()
     _report_memory(cfg.job.dump_folder, device, plan, rank)
     return TrainResult(losses, grad_norms, stopped_at, parts)

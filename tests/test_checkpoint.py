@@ -3,9 +3,12 @@
 import shutil
 
 import pytest
+import torch
 
 from tests.dist_utils import run_distributed
+from tests.weights import loaded_parameters, whole_parameters
 from train import train
+from training.checkpoint import CheckpointError
 from training.config_loader import load_config
 
 pytestmark = pytest.mark.multiprocess
@@ -84,3 +87,53 @@ def test_bad_checkpoints_are_refused_with_the_reason(tmp_path):
         data_file.write_bytes(data_file.read_bytes()[:100])  # truncated
     with pytest.raises(Exception, match="step-5 (cannot be read|does not match)"):
         _run(1, _argv(tmp_path, 6))
+
+
+ASYNC = ["--checkpoint.async_mode", "async"]
+
+
+def _sync_and_async(rank, world_size, root):
+    sync = train(load_config(_argv(root / "sync", 10))).losses
+    in_background = train(load_config(_argv(root / "async", 10, *ASYNC))).losses
+    resumed = train(load_config(_argv(root / "async", 10, *ASYNC, "--checkpoint.load_step", "5"))).losses
+    return sync, in_background, resumed
+
+
+def test_async_saves_resume_like_sync_ones(tmp_path):
+    """The step-5 save is written while steps 6-10 run; resuming it continues bitwise, as a sync save does."""
+    sync, in_background, resumed = run_distributed(_sync_and_async, 2, tmp_path, timeout_s=300)[0]
+    assert in_background == sync and resumed == sync[5:]
+    assert sorted(p.name for p in (tmp_path / "async" / "checkpoint").iterdir()) == ["step-10", "step-5"]
+
+
+MODEL_ONLY = ["--checkpoint.interval", "3", "--checkpoint.last_save_model_only",
+              "--checkpoint.export_dtype", "bfloat16"]
+
+
+def _model_only_and_initial_loads(rank, world_size, root):
+    out = {"resume_error": "no CheckpointError"}
+    first = train(load_config(_argv(root / "a", 5, *MODEL_ONLY)))  # step-3 complete, step-5 weights only
+    out["losses"], out["trained"] = first.losses, whole_parameters(first.model_parts)
+    try:
+        train(load_config(_argv(root / "a", 6, *MODEL_ONLY)))
+    except CheckpointError as err:
+        out["resume_error"] = str(err)
+    (out["initial"],) = loaded_parameters([_argv(root / "b", 1, "--checkpoint.initial_load_path",
+                                                 str(root / "a" / "checkpoint" / "step-5"))])
+    complete = ["--checkpoint.initial_load_path", str(root / "a" / "checkpoint" / "step-3"),
+                "--checkpoint.initial_load_model_only", "false"]
+    out["continued"] = train(load_config(_argv(root / "c", 5, *complete))).losses
+    out["rerun"] = train(load_config(_argv(root / "c", 6, *complete))).losses  # its own step-5 wins
+    return out
+
+
+def test_model_only_last_save_and_initial_loads(tmp_path):
+    """A bfloat16 weights-only final save refuses to resume but starts another run; a complete checkpoint
+    as initial_load_path with initial_load_model_only = false continues as a resume, until the run has its own."""
+    (out,) = run_distributed(_model_only_and_initial_loads, 1, tmp_path, timeout_s=300)
+    assert "holds only model weights" in out["resume_error"] and "initial_load_path" in out["resume_error"]
+    bf16 = {name: t.to(torch.bfloat16).float() for name, t in out["trained"].items()}
+    assert sorted(out["initial"]) == sorted(bf16)
+    assert all(torch.equal(out["initial"][name], bf16[name]) for name in bf16)
+    assert out["continued"] == out["losses"][3:]  # a complete checkpoint with model_only false: a resume
+    assert len(out["rerun"]) == 1

@@ -41,6 +41,8 @@ def test_cli_overrides_in_both_forms():
     (["steps=3"], "steps=3", "--section.key"),
     (["--job.description"], "job.description", "needs a value"),
     (["--training.device", "tpu"], "training.device", "'auto'"),
+    (["--checkpoint.async_mode", "on"], "checkpoint.async_mode", "'async'"),
+    (["--checkpoint.export_dtype", "bf16"], "checkpoint.export_dtype", "'bfloat16'"),
 ])
 def test_bad_values_name_the_key(argv, key, words):
     with pytest.raises(ConfigError) as err:

@@ -9,13 +9,21 @@ embedding.
 
 Saves are atomic: DCP writes ``step-N.partial/``, which becomes ``step-N/``
 only after every rank finished; a folder without ``.metadata`` or still named
-``.partial`` is never resumed from.
+``.partial`` is never resumed from. An async save copies the state to CPU memory
+and writes it in a background thread; its rename waits until the write is done.
+
+A run whose folder holds no checkpoint yet may start from ``initial_load_path``:
+another run's checkpoint, or a Hugging Face folder read through DCP's
+``HuggingFaceStorageReader`` under the same names (models/hf_adapter.py), so that
+every rank reads only its own slices.
 """
 
 import json
 import logging
 import os
 import shutil
+from concurrent.futures import Future
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,6 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import HuggingFaceStorageReader
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -32,17 +41,24 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from models.args import ModelArgs
+from models.hf_adapter import config_mismatches, to_hf_name
 from training.config import Checkpoint
 from training.errors import ConfigError
+from training.hf_checkpoint import is_hf_folder
 
 logger = logging.getLogger("train")
 
 _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 _HEAD, _EMBEDDING = "output.weight", "tok_embeddings.weight"
+_FIX_OWN = ("delete it, pick another with --checkpoint.load_step, or point checkpoint.folder or job.dump_folder "
+            "elsewhere to start fresh")
+_FIX_INITIAL = "point checkpoint.initial_load_path at a checkpoint of this recipe's model"
+EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be resumed from; the message says what differs."""
+    """A checkpoint or Hugging Face folder that cannot be loaded; the message says what differs."""
 
 
 def _steps(folder: Path) -> list[int]:
@@ -62,18 +78,53 @@ def _last_line(err: BaseException) -> str:
     return lines[-1].strip() if lines else type(err).__name__
 
 
+def model_fingerprint(args: ModelArgs) -> dict[str, str]:
+    """What a checkpoint must have been written for: every ``ModelArgs`` field but the RoPE table length."""
+    return {k: str(v) for k, v in vars(replace(args, max_seq_len=0)).items()}
+
+
+def read_train_state(path: Path, extra: dict, fingerprint: dict[str, str], fix: str) -> None:
+    """Fill ``extra`` from the checkpoint's ``train`` entries; refuse a checkpoint of another model.
+
+    ``fix`` ends either error: what the user can do, which depends on where the path came from.
+    """
+    try:
+        dcp.load({"train": extra}, checkpoint_id=str(path))
+    except (Exception, CheckpointException) as err:  # a truncated or foreign folder
+        raise CheckpointError(f"{path} cannot be read ({_last_line(err)}); {fix}") from None
+    stored = json.loads(extra["fingerprint"])
+    differs = {k: (stored.get(k), v) for k, v in fingerprint.items() if stored.get(k) != v}
+    if differs:
+        detail = ", ".join(f"{k}: checkpoint {a!r} vs recipe {b!r}" for k, (a, b) in differs.items())
+        raise CheckpointError(f"{path} was written for another model ({detail}); {fix}")
+
+
+def _holds_optimizer(path: Path) -> bool:
+    """False for a model-only checkpoint (``last_save_model_only``)."""
+    try:
+        keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    except Exception as err:
+        raise CheckpointError(f"{path} cannot be read ({_last_line(err)})") from None
+    return any(key.startswith("optimizer.") for key in keys)
+
+
 class CheckpointManager:
     """Saves every ``interval`` steps and at the end; resumes from the newest complete checkpoint."""
 
     def __init__(self, cfg: Checkpoint, dump_folder: str, parts: list[nn.Module],
-                 optimizers: list[torch.optim.Optimizer], schedulers: list, dataloader, fingerprint: dict,
-                 tied_embeddings: bool):
+                 optimizers: list[torch.optim.Optimizer], schedulers: list, dataloader, model_name: str,
+                 model_args: ModelArgs):
         self.cfg = cfg
         self.folder = Path(dump_folder) / cfg.folder
         self.parts, self.optimizers, self.schedulers = parts, optimizers, schedulers
         self.dataloader = dataloader
-        self.fingerprint = fingerprint
-        self.tied = tied_embeddings
+        self.model_name, self.model_args = model_name, model_args
+        self.fingerprint = model_fingerprint(model_args)
+        self.tied = model_args.tie_word_embeddings
+        self._pending: Optional[tuple[Future, int]] = None  # an async save in flight, and its step
+        # An async save runs its collectives in a background thread: on a gloo group of its own, since
+        # NCCL has no CPU side and one gloo group cannot take collectives from two threads at once.
+        self.async_group = dist.new_group(backend="gloo") if cfg.enable and cfg.async_mode == "async" else None
 
     # -- state ------------------------------------------------------------------------------
     def _stored_name(self, key: str, part: nn.Module) -> str:
@@ -92,41 +143,81 @@ class CheckpointManager:
             out[stored] = value
         return out
 
-    def _model_and_optimizer(self) -> tuple[dict, dict]:
-        model, optim = {}, {}
-        for part, opt in zip(self.parts, self.optimizers):
+    def _model_state(self) -> dict:
+        model = {}
+        for part in self.parts:
             model.update(self._rename(get_model_state_dict(part, options=_OPTIONS), part))
-            optim.update(self._rename(get_optimizer_state_dict(part, opt, options=_OPTIONS), part))
-        return model, optim
+        return model
 
-    def _extra(self, step: int) -> dict:
-        return {
-            "step": step,
-            "lr_scheduler": self.schedulers[0].state_dict(),
-            "dataloader": self.dataloader.state_dict(),
-            "rng": torch.get_rng_state(),
-            "fingerprint": json.dumps(self.fingerprint, sort_keys=True),
-        }
+    def _optimizer_state(self) -> dict:
+        optim = {}
+        for part, opt in zip(self.parts, self.optimizers):
+            optim.update(self._rename(get_optimizer_state_dict(part, opt, options=_OPTIONS), part))
+        return optim
+
+    def _state(self, step: int, model_only: bool) -> dict:
+        train = {"step": step, "fingerprint": json.dumps(self.fingerprint, sort_keys=True)}
+        if model_only:
+            dtype = EXPORT_DTYPES[self.cfg.export_dtype]
+            return {"model": {k: v.to(dtype) for k, v in self._model_state().items()}, "train": train}
+        train.update(lr_scheduler=self.schedulers[0].state_dict(), dataloader=self.dataloader.state_dict(),
+                     rng=torch.get_rng_state())
+        return {"model": self._model_state(), "optimizer": self._optimizer_state(), "train": train}
 
     # -- save -------------------------------------------------------------------------------
-    def maybe_save(self, step: int, last: bool) -> bool:
-        """Save at the interval and at ``last``; returns whether this step is now saved."""
-        if not self.cfg.enable or not (last or step % self.cfg.interval == 0):
+    def maybe_save(self, step: int, last: bool, force: bool = False) -> bool:
+        """Save at the interval, at ``last`` (the final step) and when ``force``d; returns whether this step is saved.
+
+        The final save holds only the model with ``last_save_model_only``; a forced one (a stop
+        signal) always holds everything, since the run is meant to resume from it.
+        """
+        if not self.cfg.enable:
             return False
-        model, optim = self._model_and_optimizer()
-        final, partial = self.folder / f"step-{step}", self.folder / f"step-{step}.partial"
+        self._publish_finished(wait=False)
+        if not (last or force or step % self.cfg.interval == 0):
+            return False
+        self._publish_finished(wait=True)  # one save in flight at a time
+        state = self._state(step, model_only=last and self.cfg.last_save_model_only)
+        partial = self.folder / f"step-{step}.partial"
         if dist.get_rank() == 0:
             shutil.rmtree(partial, ignore_errors=True)
         dist.barrier()
-        dcp.save({"model": model, "optimizer": optim, "train": self._extra(step)}, checkpoint_id=str(partial))
+        if self.async_group is not None:
+            self._pending = (dcp.async_save(state, checkpoint_id=str(partial), process_group=self.async_group), step)
+            return True
+        dcp.save(state, checkpoint_id=str(partial))
         dist.barrier()
-        if dist.get_rank() == 0:
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(partial, final)
-            self._prune()
-            logger.info(f"saved checkpoint {final}")
+        self._publish(step)
         dist.barrier()
         return True
+
+    def _publish(self, step: int) -> None:
+        """Rename a finished ``step-N.partial`` to ``step-N`` (rank 0; every rank's writes are done)."""
+        if dist.get_rank() == 0:
+            final = self.folder / f"step-{step}"
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(self.folder / f"step-{step}.partial", final)
+            self._prune()
+            logger.info(f"saved checkpoint {final}")
+
+    def _publish_finished(self, wait: bool) -> None:
+        """Publish the async save in flight once it is written (``wait``: block until then).
+
+        Rank 0's future completes only after every rank's data and the ``.metadata`` are written,
+        so the ranks need no barrier here and rank 0 renames as soon as it sees its future done.
+        """
+        if self._pending is None or not (wait or self._pending[0].done()):
+            return
+        future, step = self._pending
+        self._pending = None
+        future.result()  # raises what the writer thread raised
+        self._publish(step)
+
+    def close(self) -> None:
+        """Finish an async save still in flight; call after the last step (or a stop signal's save)."""
+        if self.async_group is not None:
+            self._publish_finished(wait=True)
+            dist.barrier()
 
     def _prune(self) -> None:
         if self.cfg.keep_latest_k > 0:
@@ -144,33 +235,65 @@ class CheckpointManager:
         return self.folder / f"step-{steps[-1]}" if steps else None
 
     def load(self) -> int:
-        """Restore the newest (or ``load_step``) checkpoint; returns its step, 0 when starting fresh."""
-        if not self.cfg.enable:
+        """Resume this run's newest (or ``load_step``) checkpoint, else start from ``initial_load_path``.
+
+        Returns the step to continue after: 0 for a fresh start or one from initial weights.
+        """
+        path = self._pick() if self.cfg.enable else None
+        if path is not None:
+            return self._resume(path, _FIX_OWN)
+        if not self.cfg.initial_load_path:
             return 0
-        path = self._pick()
-        if path is None:
-            return 0
-        model, optim = self._model_and_optimizer()
+        initial = Path(self.cfg.initial_load_path)
+        if is_hf_folder(initial):
+            self._check_hf_config(initial)
+            self._load_model(initial, hf=True)
+        elif self.cfg.initial_load_model_only:
+            read_train_state(initial, {"fingerprint": ""}, self.fingerprint, _FIX_INITIAL)
+            self._load_model(initial, hf=False)
+        else:
+            return self._resume(initial, _FIX_INITIAL)
+        logger.info(f"initial weights from {initial}")
+        return 0
+
+    def _check_hf_config(self, folder: Path) -> None:
+        differs = config_mismatches(json.loads((folder / "config.json").read_text()), self.model_name,
+                                    self.model_args)
+        if differs:
+            raise CheckpointError(f"{folder} holds another model than the recipe's {self.model_name} "
+                                  f"({'; '.join(differs)}); pick the model.flavor and model.vocab_size it has")
+
+    def _load_model(self, path: Path, hf: bool) -> None:
+        """Only the weights, from a DCP checkpoint or a Hugging Face folder (tensors cast to ours on read)."""
+        model = self._model_state()
+        if hf:
+            state, reader = {to_hf_name(k): v for k, v in model.items()}, HuggingFaceStorageReader(str(path))
+        else:
+            state, reader = {"model": model}, dcp.FileSystemReader(str(path))
+        try:
+            dcp.load(state, storage_reader=reader)
+        except (Exception, CheckpointException) as err:
+            raise CheckpointError(f"{path} does not match this model ({_last_line(err)})") from None
+        for part in self.parts:
+            set_model_state_dict(part, self._restore(model, part, get_model_state_dict(part, options=_OPTIONS)),
+                                 options=_OPTIONS)
+
+    def _resume(self, path: Path, fix: str) -> int:
+        """Model, optimizer, LR schedule, data position, RNG state and step; returns the step."""
+        if not _holds_optimizer(path):
+            raise CheckpointError(f"{path} holds only model weights (checkpoint.last_save_model_only) and cannot be "
+                                  "resumed as a training run; start a run from it with checkpoint.initial_load_path "
+                                  "(and initial_load_model_only = true) in a checkpoint.folder with no checkpoint yet")
         extra = {"step": 0, "lr_scheduler": self.schedulers[0].state_dict(),
                  "dataloader": self.dataloader.state_dict(), "rng": torch.get_rng_state(), "fingerprint": ""}
+        read_train_state(path, extra, self.fingerprint, fix)
+        self._load_model(path, hf=False)
+        optim = self._optimizer_state()
         try:
-            dcp.load({"train": extra}, checkpoint_id=str(path))
-        except (Exception, CheckpointException) as err:  # a truncated or foreign folder
-            raise CheckpointError(f"{path} cannot be read ({_last_line(err)}); delete it or pick another "
-                                  "with --checkpoint.load_step") from None
-        stored = json.loads(extra["fingerprint"])
-        differs = {k: (stored.get(k), v) for k, v in self.fingerprint.items() if stored.get(k) != v}
-        if differs:
-            detail = ", ".join(f"{k}: checkpoint {a!r} vs recipe {b!r}" for k, (a, b) in differs.items())
-            raise CheckpointError(f"{path} was written for another model ({detail}); point checkpoint.folder or "
-                                  "job.dump_folder elsewhere to start fresh")
-        try:
-            dcp.load({"model": model, "optimizer": optim}, checkpoint_id=str(path))
+            dcp.load({"optimizer": optim}, checkpoint_id=str(path))
         except (Exception, CheckpointException) as err:
             raise CheckpointError(f"{path} does not match this model ({_last_line(err)})") from None
         for part, opt in zip(self.parts, self.optimizers):
-            set_model_state_dict(part, self._restore(model, part, get_model_state_dict(part, options=_OPTIONS)),
-                                 options=_OPTIONS)
             set_optimizer_state_dict(part, opt, self._restore(optim, part, get_optimizer_state_dict(
                 part, opt, options=_OPTIONS)), options=_OPTIONS)
         for scheduler in self.schedulers:

@@ -112,6 +112,11 @@ class Checkpoint:
     interval: int = 500  # steps between saves; the last step is always saved
     keep_latest_k: int = 0  # 0 keeps every checkpoint
     load_step: int = -1  # -1: resume from the newest complete checkpoint, if any
+    async_mode: str = "disabled"  # "async": write in a background thread after a copy to CPU memory
+    initial_load_path: str = ""  # a DCP checkpoint or Hugging Face folder to start from when `folder` has none
+    initial_load_model_only: bool = True  # from initial_load_path take only the weights
+    last_save_model_only: bool = False  # the final save holds only the weights (for export, not resume)
+    export_dtype: str = "float32"  # dtype of the weights in a model-only final save
 
 
 @dataclass

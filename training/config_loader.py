@@ -13,8 +13,9 @@ from typing import Any, Sequence
 import tomli
 
 from losses.options import OPTIONS as LOSS_OPTIONS
-from training.config import JobConfig
+from training.config import Checkpoint, JobConfig
 from training.errors import ConfigError
+from training.hf_checkpoint import is_hf_folder
 
 _CHOICES = {
     "model.name": ("llama3", "qwen3"),
@@ -28,6 +29,8 @@ _CHOICES = {
     "activation_checkpoint.mode": ("none", "full", "selective"),
     "parallelism.fsdp_reshard_after_forward": ("default", "always", "never"),
     "parallelism.vocab_parallel_mesh_dim": ("dp_shard",),
+    "checkpoint.async_mode": ("disabled", "async"),
+    "checkpoint.export_dtype": ("float32", "bfloat16", "float16"),
 }
 
 
@@ -231,6 +234,20 @@ def validate_config(cfg: JobConfig) -> None:
     _require(cfg.checkpoint.interval >= 1, "checkpoint.interval", "must be >= 1")
     _require(cfg.checkpoint.keep_latest_k >= 0, "checkpoint.keep_latest_k", "must be >= 0 (0 keeps all)")
     _require(cfg.checkpoint.load_step >= -1, "checkpoint.load_step", "must be a saved step, or -1 for the newest")
+    _check_initial_load(cfg.checkpoint)
+
+
+def _check_initial_load(ck: Checkpoint) -> None:
+    """``initial_load_path`` must be a DCP checkpoint or a Hugging Face folder (weights only)."""
+    if not ck.initial_load_path:
+        return
+    folder = Path(ck.initial_load_path)
+    hf = is_hf_folder(folder)
+    _require(hf or (folder / ".metadata").is_file(), "checkpoint.initial_load_path",
+             f"'{folder}' is neither a checkpoint folder (with .metadata) nor a Hugging Face folder "
+             "(config.json and *.safetensors)")
+    _require(ck.initial_load_model_only or not hf, "checkpoint.initial_load_model_only",
+             f"'{folder}' is a Hugging Face folder, which holds only weights; set it to true")
 
 
 def _toml_value(value: Any) -> str:

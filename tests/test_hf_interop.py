@@ -1,0 +1,171 @@
+"""Hugging Face interop: weights in through initial_load_path under any layout, out through scripts/export_hf.py.
+
+The reference is transformers itself (tiny random Qwen3 and Llama 3 saved by ``save_pretrained``);
+without it the export -> import round trip still checks every layout bitwise.
+"""
+
+import json
+from dataclasses import asdict, replace
+
+import pytest
+import torch
+
+from models import Transformer, build_model_args
+from models.args import RopeScaling
+from models.flavors import LLAMA3_FLAVORS
+from scripts.export_hf import main as export_hf
+from tests.dist_utils import run_distributed
+from tests.weights import loaded_parameters, whole_parameters
+from train import train
+from training.checkpoint import CheckpointError
+from training.config_loader import load_config
+from training.errors import ConfigError
+from training.hf_checkpoint import INDEX, write_hf_folder
+
+VOCAB = 515
+PP_VP = ["--parallelism.pipeline_parallel_degree", "2", "--parallelism.vocab_parallel", "--loss.name", "auto"]
+# Llama 3.1's RoPE scaling, with an original context short enough that the debug flavor's 16-wide heads
+# have frequencies in all three bands (kept, blended, divided by the factor).
+SCALED_LLAMA = replace(LLAMA3_FLAVORS["debug"], rope_scaling=RopeScaling(8.0, 1.0, 4.0, 64))
+
+
+def _argv(folder, name, steps, *extra):
+    return ["--config", "configs/debug.toml", "--model.name", name, "--model.vocab_size", str(VOCAB),
+            "--training.seq_len", "32", "--training.global_batch_size", "8", "--training.local_batch_size", "2",
+            "--training.steps", str(steps), "--job.dump_folder", str(folder), *extra]
+
+
+def _merged(per_rank: list[dict], tied: bool) -> dict[str, torch.Tensor]:
+    """One name -> tensor map from all ranks; a tied head copy must equal the embedding, then is dropped."""
+    merged = {k: v for rank in per_rank for k, v in rank.items()}
+    if tied and "output.weight" in merged:
+        assert torch.equal(merged.pop("output.weight"), merged["tok_embeddings.weight"])
+    return merged
+
+
+def _assert_bitwise(a: dict, b: dict, label: str):
+    assert sorted(a) == sorted(b), label
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{label}: {name}"
+
+
+# -- round trip, no transformers needed ---------------------------------------------------------------
+def _train_export_import(rank, world_size, root):
+    """Per model: train 2 steps, export to HF, import into a fresh single-process run; and a mismatched import."""
+    out = {}
+    for name in ("qwen3", "llama3"):
+        source = train(load_config(_argv(root / f"{name}_source", name, 2, "--checkpoint.enable")))
+        hf = root / f"{name}_hf"
+        assert export_hf(["--checkpoint", str(root / f"{name}_source" / "checkpoint" / "step-2"),
+                          "--config", "configs/debug.toml", "--model.name", name, "--model.vocab_size", str(VOCAB),
+                          "--output", str(hf)]) == 0
+        (imported,) = loaded_parameters([_argv(root / f"{name}_single", name, 1,
+                                               "--checkpoint.initial_load_path", str(hf))])
+        out[name] = (whole_parameters(source.model_parts), imported, sorted(p.name for p in hf.iterdir()))
+    config_file = root / "qwen3_hf" / "config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "num_hidden_layers": 3, "rms_norm_eps": 1e-5,
+                                       "tie_word_embeddings": False}))
+    out["mismatch"] = None
+    try:
+        train(load_config(_argv(root / "mismatch", "qwen3", 1, "--checkpoint.initial_load_path",
+                                str(root / "qwen3_hf"))))
+    except CheckpointError as err:
+        out["mismatch"] = str(err)
+    config_file.write_text(json.dumps(config))
+    return out
+
+
+def _import_pipeline(rank, world_size, root):
+    return loaded_parameters([_argv(root / f"{name}_pp", name, 1, "--checkpoint.initial_load_path",
+                                    str(root / f"{name}_hf"), *PP_VP) for name in ("qwen3", "llama3")])
+
+
+@pytest.mark.multiprocess
+def test_export_then_import_is_bitwise_in_every_layout(tmp_path):
+    (out,) = run_distributed(_train_export_import, 1, tmp_path, timeout_s=300)
+    for name, tied in (("qwen3", True), ("llama3", False)):
+        trained, imported, files = out[name]
+        assert files == ["config.json", "model.safetensors"]
+        _assert_bitwise(_merged([trained], tied), _merged([imported], tied), f"{name} single process")
+    for field in ("num_hidden_layers: folder 3 vs recipe 4", "rms_norm_eps: folder 1e-05 vs recipe 1e-06",
+                  "tie_word_embeddings: folder False vs recipe True"):
+        assert field in (out["mismatch"] or "no CheckpointError"), field
+
+    # 2 pipeline stages x 2 FSDP shards, the vocab-parallel head a DTensor over the shards (a tied one a copy).
+    per_rank = run_distributed(_import_pipeline, 4, tmp_path, timeout_s=300)
+    for i, (name, tied) in enumerate((("qwen3", True), ("llama3", False))):
+        _assert_bitwise(_merged([out[name][1]], tied), _merged([rank[i] for rank in per_rank], tied),
+                        f"{name} pp=2 x dp_shard=2")
+
+
+def test_sharded_bfloat16_export(tmp_path):
+    """A size limit splits the weights over several files with an index; bfloat16 halves them."""
+    args = build_model_args("qwen3", "debug", VOCAB)
+    state = {name: torch.randn(p.shape) for name, p in Transformer(args).named_parameters()}
+    files = write_hf_folder(state, "qwen3", args, tmp_path, torch.bfloat16, max_shard_bytes=100_000)
+    index = json.loads((tmp_path / INDEX).read_text())
+    assert len(files) > 1 and sorted(set(index["weight_map"].values())) == files
+    assert index["metadata"]["total_size"] == 2 * sum(t.numel() for t in state.values())
+    assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+def test_initial_load_path_is_checked_when_the_recipe_loads(tmp_path):
+    with pytest.raises(ConfigError, match="checkpoint.initial_load_path: .* is neither a checkpoint folder"):
+        load_config(_argv(tmp_path, "qwen3", 1, "--checkpoint.initial_load_path", str(tmp_path)))
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ConfigError, match="checkpoint.initial_load_model_only: .* Hugging Face folder"):
+        load_config(_argv(tmp_path, "qwen3", 1, "--checkpoint.initial_load_path", str(tmp_path),
+                          "--checkpoint.initial_load_model_only", "false"))
+
+
+# -- transformers as the reference ------------------------------------------------------------------
+def _hf_reference(transformers, name: str, folder):
+    """A tiny random transformers model with our debug flavor's sizes, saved as safetensors."""
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=192, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096)
+    if name == "qwen3":
+        config = transformers.Qwen3Config(**common, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True)
+        model = transformers.Qwen3ForCausalLM(config)
+    else:
+        scaling = {"rope_type": "llama3", **asdict(SCALED_LLAMA.rope_scaling)}  # the same four field names
+        config = transformers.LlamaConfig(**common, rope_theta=5e5, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                                          rope_scaling=scaling)
+        model = transformers.LlamaForCausalLM(config)
+    torch.manual_seed(0)
+    with torch.no_grad():  # every weight random, norms included, so a swapped name cannot go unnoticed
+        for param_name, param in model.named_parameters():
+            param.copy_(1 + 0.1 * torch.randn_like(param) if "norm" in param_name else 0.05 * torch.randn_like(param))
+    model.float().eval().save_pretrained(folder, safe_serialization=True)
+    return model
+
+
+def _import_references(rank, world_size, root):
+    """Both references through initial_load_path; the Llama one has RoPE scaling, so its flavor must too."""
+    LLAMA3_FLAVORS["debug"] = SCALED_LLAMA
+    return loaded_parameters([_argv(root / f"{name}_run", name, 1, "--checkpoint.initial_load_path",
+                                    str(root / name)) for name in ("qwen3", "llama3")])
+
+
+@pytest.mark.multiprocess
+def test_logits_match_transformers_and_the_export_loads_in_it(tmp_path, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    references = {name: _hf_reference(transformers, name, tmp_path / name) for name in ("qwen3", "llama3")}
+    (loaded,) = run_distributed(_import_references, 1, tmp_path, timeout_s=300)
+    monkeypatch.setitem(LLAMA3_FLAVORS, "debug", SCALED_LLAMA)
+    tokens = torch.randint(0, VOCAB, (2, 32), generator=torch.Generator().manual_seed(0))
+    for (name, reference), weights in zip(references.items(), loaded):
+        args = build_model_args(name, "debug", VOCAB)
+        ours = Transformer(replace(args, max_seq_len=32))
+        with torch.no_grad():
+            for param_name, param in ours.named_parameters():
+                param.copy_(weights[param_name])
+            expected = reference(tokens).logits
+            torch.testing.assert_close(ours.forward_logits(tokens), expected, rtol=0, atol=1e-5, msg=name)
+            # What the export writes (config.json, several shards and their index) is what transformers reads.
+            write_hf_folder(dict(ours.named_parameters()), name, args, tmp_path / f"{name}_out", torch.float32,
+                            max_shard_bytes=200_000)
+            exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / f"{name}_out")
+            assert type(exported) is type(reference)
+            torch.testing.assert_close(exported(tokens).logits, expected, rtol=0, atol=1e-5, msg=name)

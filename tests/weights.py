@@ -1,0 +1,37 @@
+"""A run's parameters gathered whole, for bitwise comparisons across layouts (call inside ``run_distributed``)."""
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from models.initialize import canonical_name
+from train import train
+from training.checkpoint import CheckpointManager
+from training.config_loader import load_config
+
+
+def whole_parameters(parts) -> dict[str, torch.Tensor]:
+    """Every parameter of this rank's parts, gathered whole, by name (a tied head copy as ``output.weight``)."""
+    out = {}
+    for part in parts:
+        for name, param in part.named_parameters():
+            full = param.full_tensor() if isinstance(param, DTensor) else param
+            out[canonical_name(name)] = full.detach().clone()
+    return out
+
+
+def loaded_parameters(argvs: list[list[str]]) -> list[dict[str, torch.Tensor]]:
+    """Train each recipe and return its parameters as ``CheckpointManager.load`` left them, before any step."""
+    captured, load = [], CheckpointManager.load
+
+    def capture(self):
+        step = load(self)
+        captured.append(whole_parameters(self.parts))
+        return step
+
+    CheckpointManager.load = capture
+    try:
+        for argv in argvs:
+            train(load_config(argv))
+    finally:
+        CheckpointManager.load = load
+    return captured
