@@ -30,7 +30,7 @@ from models import Transformer, build_model_args
 from models.initialize import init_weights
 from parallelisms.activation_checkpoint import apply_activation_checkpointing
 from parallelisms.compile import apply_compile
-from parallelisms.distributed import init_distributed, resolve_device
+from parallelisms.distributed import init_distributed, resolve_device, set_pg_timeouts
 from parallelisms.fsdp import apply_fsdp
 from parallelisms.grad_clip import clip_grad_norm_
 from parallelisms.parallel_dims import ParallelDims
@@ -41,7 +41,8 @@ from training.config import JobConfig
 from training.checkpoint import CheckpointError, CheckpointManager
 from training.config_loader import dump_config, load_config
 from training.errors import ConfigError
-from training.metrics import MetricsLogger, peak_flops, peak_memory_gib
+from training.faults import FaultWatch, is_collective_failure
+from training.metrics import MetricsLogger, peak_flops, peak_memory_gib, pipeline_peak_memory
 from training.optimizer import build_lr_scheduler, build_optimizer
 from training.token_normalization import GlobalTokenMeanLoss
 
@@ -99,11 +100,16 @@ def _global_batch_size(cfg: JobConfig, dims: ParallelDims) -> int:
     return g
 
 
-def train(cfg: JobConfig) -> TrainResult:
-    """Run the recipe in the current process group (started here if there is none)."""
+def train(cfg: JobConfig, faults: Optional[FaultWatch] = None) -> TrainResult:
+    """Run the recipe in the current process group (started here if there is none).
+
+    ``faults`` (``main`` passes one) is started on that group to name ranks that die or hang.
+    """
     t = cfg.training
     device = resolve_device(t.device)
-    rank, world_size = init_distributed(device)
+    rank, world_size = init_distributed(device, cfg.comm.init_timeout_seconds)
+    if faults is not None:
+        faults.start()
     dims = ParallelDims.from_config(cfg.parallelism, world_size)
     global_batch = _global_batch_size(cfg, dims)
     mesh, dp_mesh = dims.build_mesh(device.type)
@@ -196,9 +202,13 @@ def train(cfg: JobConfig) -> TrainResult:
     losses, grad_norms, data_iter = [], [], checkpoint.data_iterator()
     skipped = 0  # steps whose update was dropped for a non-finite loss or gradient
     stop_request, stopped_at = _StopRequest(), None
+    # Groups made since init_process_group had the backend's default; an async save's keeps it.
+    set_pg_timeouts(cfg.comm.init_timeout_seconds, device, exclude=(checkpoint.async_group,))
     run_start = window_start = time.perf_counter()
     window_tokens = 0
     for step in range(start_step + 1, t.steps + 1):
+        if faults is not None:
+            faults.at_step(step)
         local_batch = next(data_iter)["input_ids"].to(device)
         loss.set_global_batch(local_batch, cfg.loss.ignore_index)
         step_loss = torch.zeros((), device=device, dtype=torch.float64)
@@ -254,8 +264,11 @@ def train(cfg: JobConfig) -> TrainResult:
                 "loss": step_loss, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_second": tps,
                 "mfu_percent": 100 * flops_per_token * tps / peak if peak else None,
                 "peak_memory_gib": peak_memory_gib(device),
+                **(pipeline_peak_memory(device, pp_mesh.get_group()) if pp_enabled else {}),
             }, eta_seconds=(time.perf_counter() - run_start) / (step - start_step) * (t.steps - step))
             window_start, window_tokens = time.perf_counter(), 0
+        if step == start_step + 1:  # start-up is over: from now on a rank that stops answering is caught sooner
+            set_pg_timeouts(cfg.comm.train_timeout_seconds, device, exclude=(checkpoint.async_group,))
         saved = checkpoint.maybe_save(step, last=step == t.steps)
         if step < t.steps and stop_request.agreed(device):
             if not saved and not checkpoint.maybe_save(step, last=False, force=True):
@@ -304,9 +317,10 @@ def main(argv: list[str]) -> int:
     rank = int(os.environ.get("RANK", 0))
     if rank != 0:
         logging.getLogger().setLevel(logging.WARNING)
+    faults = FaultWatch()
     try:
         cfg = load_config(argv)
-        train(cfg)
+        train(cfg, faults)
     except ConfigError as err:
         if rank == 0:
             print(err, file=sys.stderr)
@@ -326,6 +340,10 @@ def main(argv: list[str]) -> int:
         if rank == 0:
             print("interrupted; exiting", file=sys.stderr)
         return 130
+    except RuntimeError as err:
+        if not (faults.started and is_collective_failure(err)):
+            raise
+        faults.report_and_exit(err)  # names the ranks that stopped answering, exits 1
     finally:
         if dist.is_initialized():
             with contextlib.suppress(Exception):

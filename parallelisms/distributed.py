@@ -6,6 +6,7 @@ import socket
 
 import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 
 from training.errors import ConfigError
 
@@ -27,11 +28,13 @@ def resolve_device(choice: str) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(device: torch.device, timeout_seconds: int = 600) -> tuple[int, int]:
+def init_distributed(device: torch.device, timeout_seconds: int) -> tuple[int, int]:
     """Start (or join) the default process group; returns (rank, world_size).
 
     A plain ``python train.py`` becomes a world of one so that FSDP's mixed
     precision and every other code path are the same as under ``torchrun``.
+    ``timeout_seconds`` (``comm.init_timeout_seconds``) bounds every collective
+    until ``set_pg_timeouts`` replaces it.
     """
     if not dist.is_initialized():
         if "WORLD_SIZE" not in os.environ:
@@ -41,3 +44,24 @@ def init_distributed(device: torch.device, timeout_seconds: int = 600) -> tuple[
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_seconds),
                                 device_id=device if device.type == "cuda" else None)
     return dist.get_rank(), dist.get_world_size()
+
+
+def set_pg_timeouts(timeout_seconds: int, device: torch.device, exclude: tuple = ()) -> None:
+    """Give every process group this rank belongs to a new collective timeout (TorchTitan's ``set_pg_timeouts``).
+
+    Groups made after ``init_process_group`` (the mesh's, the tied-embedding pairs)
+    start with the backend's default (30 min for gloo), so all of them are set but
+    ``exclude`` (``None`` entries ignored): an async checkpoint's group runs a whole
+    save in the background and keeps its long default. The barrier first: a rank
+    still in a slow start-up collective must not be held to the new, shorter limit
+    by a faster peer.
+    """
+    if device.type == "cuda":
+        dist.barrier(device_ids=[device.index])
+        torch.cuda.synchronize(device)
+    else:
+        dist.barrier()
+    timeout = datetime.timedelta(seconds=timeout_seconds)
+    for group in list(c10d._world.pg_map):
+        if group not in exclude:
+            c10d._set_pg_timeout(timeout, group)

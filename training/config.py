@@ -106,6 +106,12 @@ class Metrics:
 
 
 @dataclass
+class Comm:
+    init_timeout_seconds: int = 300  # collectives from start-up through the first step (build, load, compile)
+    train_timeout_seconds: int = 100  # every collective after that: how long a hung rank goes unnoticed
+
+
+@dataclass
 class Checkpoint:
     enable: bool = False
     folder: str = "checkpoint"  # under job.dump_folder
@@ -131,4 +137,5 @@ class JobConfig:
     activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
     compile: Compile = field(default_factory=Compile)
     metrics: Metrics = field(default_factory=Metrics)
+    comm: Comm = field(default_factory=Comm)
     checkpoint: Checkpoint = field(default_factory=Checkpoint)

@@ -231,6 +231,8 @@ def validate_config(cfg: JobConfig) -> None:
         _require(comp in ("model", "loss"), "compile.components",
                  f"{comp!r} is not one of 'model', 'loss'{_did_you_mean(str(comp), ('model', 'loss'))}")
     _require(cfg.metrics.log_freq >= 1, "metrics.log_freq", "must be >= 1")
+    for key in ("init_timeout_seconds", "train_timeout_seconds"):
+        _require(getattr(cfg.comm, key) > 0, f"comm.{key}", "must be a positive number of seconds")
     _require(cfg.checkpoint.interval >= 1, "checkpoint.interval", "must be >= 1")
     _require(cfg.checkpoint.keep_latest_k >= 0, "checkpoint.keep_latest_k", "must be >= 0 (0 keeps all)")
     _require(cfg.checkpoint.load_step >= -1, "checkpoint.load_step", "must be a saved step, or -1 for the newest")

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
 logger = logging.getLogger("train")
 
@@ -26,6 +27,16 @@ def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def pipeline_peak_memory(device: torch.device, pp_group: dist.ProcessGroup) -> dict[str, float]:
+    """``peak_memory_gib/pp_rank_<r>`` for every pipeline rank: its stages hold different layers (the
+    first the embedding, the last the head and loss), so rank 0's figure alone misleads. One scalar
+    per rank, gathered over the pp group."""
+    mine = torch.tensor([peak_memory_gib(device)], dtype=torch.float64, device=device)
+    peaks = [torch.zeros_like(mine) for _ in range(dist.get_world_size(pp_group))]
+    dist.all_gather(peaks, mine, group=pp_group)
+    return {f"peak_memory_gib/pp_rank_{r}": peak.item() for r, peak in enumerate(peaks)}
 
 
 def _duration(seconds: float) -> str:
