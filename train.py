@@ -40,8 +40,10 @@ from parallelisms.vocab_parallel import finalize_head_grads, shard_head_over_voc
 from training.config import JobConfig
 from training.checkpoint import CheckpointError, CheckpointManager
 from training.config_loader import dump_config, load_config
+from training.dry_run import DryRun, format_report, split_dry_run_args
 from training.errors import ConfigError
 from training.faults import FaultWatch, is_collective_failure
+from training.memory_estimate import estimate_memory
 from training.metrics import MetricsLogger, peak_flops, peak_memory_gib, pipeline_peak_memory
 from training.optimizer import build_lr_scheduler, build_optimizer
 from training.token_normalization import GlobalTokenMeanLoss
@@ -282,6 +284,13 @@ def train(cfg: JobConfig, faults: Optional[FaultWatch] = None) -> TrainResult:
     return TrainResult(losses, grad_norms, stopped_at, parts)
 
 
+def _dry_run(cfg: JobConfig, dry_run: DryRun) -> str:
+    """``--dry_run``: the layout checks of a run and its predicted memory; no device, no process group."""
+    dims = ParallelDims.from_config(cfg.parallelism, dry_run.world_size)
+    accumulation = _global_batch_size(cfg, dims) // (cfg.training.local_batch_size * dims.dp)
+    return format_report(cfg, dims, estimate_memory(cfg, dims, accumulation), accumulation, dry_run.gpu_memory_gib)
+
+
 def _log_run(cfg: JobConfig, dims: ParallelDims, mesh, device: torch.device) -> None:
     """Versions, the rank layout and the effective recipe (<dump_folder>/config.toml)."""
     versions = [f"torch {torch.__version__}"]
@@ -319,7 +328,13 @@ def main(argv: list[str]) -> int:
         logging.getLogger().setLevel(logging.WARNING)
     faults = FaultWatch()
     try:
+        dry_run, argv = split_dry_run_args(argv)
         cfg = load_config(argv)
+        if dry_run is not None:
+            report = _dry_run(cfg, dry_run)
+            if rank == 0:
+                print(report)
+            return 0
         train(cfg, faults)
     except ConfigError as err:
         if rank == 0:

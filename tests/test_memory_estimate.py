@@ -1,0 +1,99 @@
+"""The memory estimate of ``train.py --dry_run`` against measured peaks, and the dry run end to end."""
+
+import pytest
+import torch.distributed as dist
+
+import train
+from parallelisms.parallel_dims import ParallelDims
+from training.config_loader import load_config
+from training.memory_estimate import estimate_memory, peaks_per_rank_gib
+
+ONE_GPU = "configs/qwen3_1p7b.toml"
+PP4 = "configs/qwen3_1p7b_pp4.toml"
+PP2 = ["--parallelism.pipeline_parallel_degree", "2"]
+FSDP4 = ["--parallelism.pipeline_parallel_degree", "1", "--training.local_batch_size", "2"]
+VOCAB_PARALLEL = ["--parallelism.vocab_parallel", "--loss.name", "auto"]
+INTERLEAVED = ["--parallelism.pipeline_parallel_schedule", "Interleaved1F1B",
+               "--parallelism.pipeline_parallel_virtual_stages", "2"]
+
+# Measured torch.cuda.max_memory_allocated per rank, GiB, in rank order (memory.json's
+# peak_memory_gib_per_rank), as quoted in docs/performance.md: "Qwen3-1.7B on one H100 80GB"
+# (steps 20, warmup 8) and "Qwen3-1.7B on 4 x H200" (the recipe scaled to 4 GPUs, with the
+# overrides of that section's benchmark command). Measurements, not fitted targets.
+MEASURED = [
+    ("1 H100, cce, 2 sequences", ONE_GPU, [], 1, [30.7]),
+    ("1 H100, cross_entropy, 2 sequences", ONE_GPU, ["--loss.name", "cross_entropy"], 1, [43.6]),
+    ("1 H100, cce, 4 sequences", ONE_GPU, ["--training.local_batch_size", "4"], 1, [40.7]),
+    ("PP=4, cce", PP4, [], 4, [16.4, 10.1, 8.9, 13.3]),
+    ("PP=4, cross_entropy", PP4, ["--loss.name", "cross_entropy"], 4, [16.4, 10.1, 8.9, 19.6]),
+    ("PP=4, 16 sequences, cce", PP4, ["--training.local_batch_size", "16"], 4, [16.6, 10.3, 9.1, 13.5]),
+    ("PP=4, 16 sequences, Interleaved1F1B x2", PP4, ["--training.local_batch_size", "16", *INTERLEAVED], 4,
+     [19.4, 13.3, 12.0, 16.1]),
+    ("PP=2 x dp_shard=2, cce", PP4, PP2, 4, [16.6, 16.6, 14.7, 14.7]),
+    ("PP=2 x dp_shard=2, vocab-parallel head", PP4, [*PP2, *VOCAB_PARALLEL], 4, [16.6, 16.6, 13.9, 13.9]),
+    ("PP=2 x dp_shard=2, cross_entropy", PP4, [*PP2, "--loss.name", "cross_entropy"], 4, [16.6, 16.6, 21.1, 21.1]),
+    ("FSDP=4, cce", PP4, FSDP4, 4, [16.3] * 4),
+    ("FSDP=4, vocab-parallel head", PP4, [*FSDP4, *VOCAB_PARALLEL], 4, [16.3] * 4),
+]
+
+
+def _predicted(config: str, overrides: list[str], world_size: int) -> list[float]:
+    cfg = load_config(["--config", config, *overrides])
+    dims = ParallelDims.from_config(cfg.parallelism, world_size)
+    return peaks_per_rank_gib(estimate_memory(cfg, dims), dims)
+
+
+@pytest.mark.parametrize("label, config, overrides, world_size, measured", MEASURED, ids=[m[0] for m in MEASURED])
+def test_estimate_is_within_15_percent_of_every_measured_peak(label, config, overrides, world_size, measured):
+    predicted = _predicted(config, overrides, world_size)
+    assert len(predicted) == len(measured)
+    for rank, (got, want) in enumerate(zip(predicted, measured)):
+        assert abs(got - want) <= 0.15 * want, f"{label}, rank {rank}: predicted {got} GiB, measured {want} GiB"
+
+
+@pytest.mark.parametrize("schedule, in_flight", [("1F1B", [4, 3, 2, 1]), ("GPipe", [8, 8, 8, 8])])
+def test_microbatches_in_flight_follow_the_schedule(schedule, in_flight):
+    cfg = load_config(["--config", PP4, "--parallelism.pipeline_parallel_schedule", schedule])
+    estimates = estimate_memory(cfg, ParallelDims.from_config(cfg.parallelism, 8))
+    assert [m.in_flight for m in estimates] == in_flight
+
+
+@pytest.fixture
+def no_process_group(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the dry run started a process group")
+
+    monkeypatch.setattr(dist, "init_process_group", refuse)
+    yield
+    assert not dist.is_initialized()
+
+
+def test_dry_run_prints_the_table_and_exits_0_without_a_process_group(no_process_group, capsys, tmp_path):
+    code = train.main(["--config", PP4, "--dry_run", "--world_size", "8", "--job.dump_folder", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0
+    for row in ("parameters (fp32 shards)", "gradients (fp32 shards)", "optimizer state", "activations",
+                "loss workspace", "CUDA context", "total on the GPU", "fits 80 GiB", "pp rank 3"):
+        assert row in out, row
+    peaks = _predicted(PP4, [], 8)
+    assert f"predicted peak_memory_gib_per_rank: {peaks}" in out and len(peaks) == 8
+    assert not list(tmp_path.iterdir())  # nothing written: no config.toml, no metrics
+
+
+def test_dry_run_world_size_comes_from_the_environment(no_process_group, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert train.main(["--config", ONE_GPU, "--dry_run", "--gpu_memory_gib", "24"]) == 0
+    out = capsys.readouterr().out
+    assert "world 4 = pp 1 x dp_replicate 1 x dp_shard 4" in out and "fits 24 GiB" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dry_run", "--world_size", "6"], "config error: parallelism.pipeline_parallel_degree: pipeline_parallel_degree "
+                                         "(4) x data_parallel_replicate_degree (1) = 4 does not divide the world size 6"),
+    (["--dry_run", "--world_size", "two"], "config error: --world_size: expected a positive integer, got 'two'"),
+    (["--world_size", "8"], "config error: --world_size: only goes with --dry_run"),
+])
+def test_dry_run_config_errors_are_one_line(no_process_group, capsys, args, message):
+    assert train.main(["--config", PP4, *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1, err

@@ -1,0 +1,126 @@
+"""``train.py --dry_run``: the predicted memory of every rank, printed before a job is queued.
+
+    python train.py --config configs/qwen3_1p7b_pp4.toml --dry_run --world_size 8 [--gpu_memory_gib 80]
+
+The flags are taken out of the command line before the recipe is read; the
+estimate itself is training/memory_estimate.py.
+"""
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+from models import build_model_args
+from parallelisms.parallel_dims import ParallelDims
+from training.config import JobConfig
+from training.errors import ConfigError
+from training.memory_estimate import CUDA_OVERHEAD_GIB, GIB, RankMemory, loss_impl, peaks_per_rank_gib
+
+_VALUED = ("--world_size", "--gpu_memory_gib")
+
+
+@dataclass(frozen=True)
+class DryRun:
+    world_size: int  # default: $WORLD_SIZE (set by torchrun), else 1
+    gpu_memory_gib: float
+
+
+def _positive(flag: str, text: str, kind: type) -> float:
+    try:
+        value = kind(text)
+    except ValueError:
+        value = 0
+    if not 0 < value < float("inf"):
+        raise ConfigError(flag, f"expected a positive {'integer' if kind is int else 'number'}, got {text!r}")
+    return value
+
+
+def split_dry_run_args(argv: Sequence[str]) -> tuple[Optional[DryRun], list[str]]:
+    """Take ``--dry_run [--world_size N] [--gpu_memory_gib G]`` out of ``argv``; the rest is the recipe's."""
+    rest, values, dry_run, i = [], {}, False, 0
+    while i < len(argv):
+        name, has_value, text = argv[i].partition("=")
+        if name == "--dry_run" and not has_value:
+            dry_run = True
+        elif name in _VALUED:
+            if not has_value:
+                if i + 1 == len(argv) or argv[i + 1].startswith("--"):
+                    raise ConfigError(name, f"needs a value: {name} VALUE or {name}=VALUE")
+                i += 1
+                text = argv[i]
+            values[name] = text
+        else:
+            rest.append(argv[i])
+        i += 1
+    if not dry_run:
+        if values:
+            flag = next(iter(values))
+            raise ConfigError(flag, "only goes with --dry_run; a run's world size is the number of processes launched")
+        return None, rest
+    world_size = _positive("--world_size", values.get("--world_size", os.environ.get("WORLD_SIZE", "1")), int)
+    return DryRun(world_size, _positive("--gpu_memory_gib", values.get("--gpu_memory_gib", "80"), float)), rest
+
+
+def _gib(value: float) -> str:
+    return f"{value / GIB:.2f}"
+
+
+_ROWS: list[tuple[str, Callable[[RankMemory], str]]] = [
+    ("parameters (fp32 shards)", lambda m: _gib(m.parameters)),
+    ("gradients (fp32 shards)", lambda m: _gib(m.gradients)),
+    ("optimizer state (AdamW, 2 x fp32)", lambda m: _gib(m.optimizer)),
+    ("gathered parameters (FSDP)", lambda m: _gib(m.unsharded_params)),
+    ("unsharded gradients (FSDP)", lambda m: _gib(m.unsharded_grads)),
+    ("pipeline receive buffers", lambda m: _gib(m.pipeline_buffers)),
+    ("activations", lambda m: _gib(m.activations)),
+    ("  microbatches in flight", lambda m: str(m.in_flight)),
+    ("loss workspace or one block's backward", lambda m: _gib(m.transient)),
+]
+
+
+def format_report(cfg: JobConfig, dims: ParallelDims, estimates: list[RankMemory], accumulation_steps: int,
+                  gpu_memory_gib: float) -> str:
+    """A table with one column per pipeline rank, its notes, and the per-rank peaks as memory.json lists them."""
+    t, p, ac = cfg.training, cfg.parallelism, cfg.activation_checkpoint
+    a = build_model_args(cfg.model.name, cfg.model.flavor, cfg.model.vocab_size)
+    pp = dims.pp > 1
+    microbatch = p.pipeline_parallel_microbatch_size if pp else t.local_batch_size
+    schedule = (f"{p.pipeline_parallel_schedule}, {t.local_batch_size // microbatch} microbatches of " if pp
+                else "") + f"{microbatch} x {t.seq_len} tokens" + ("" if pp else " per micro-step")
+    ac_text = ac.mode + (f" ({ac.selective_ac_option})" if ac.mode == "selective" else "")
+    lines = [
+        "Predicted peak GPU memory per rank (no GPU used, no process group; how: docs/performance.md)",
+        f"{cfg.model.name} {cfg.model.flavor} ({a.num_params() / 1e6:,.1f}M parameters), world {dims.world_size} = "
+        f"pp {dims.pp} x dp_replicate {dims.dp_replicate} x dp_shard {dims.dp_shard}",
+        f"{schedule}, {accumulation_steps} micro-step(s) per optimizer step; activation checkpointing {ac_text}; "
+        f"loss {loss_impl(cfg)}" + (" (vocab-parallel head)" if p.vocab_parallel else "")
+        + f"; params {t.mixed_precision_param}, reduce {t.mixed_precision_reduce}",
+        "",
+    ]
+    width = 40
+    heads = [f"pp rank {m.pp_rank}" if pp else "every rank" for m in estimates]
+    ranks = [f"{m.pp_rank * dims.dp}-{(m.pp_rank + 1) * dims.dp - 1}" if dims.dp > 1 else str(m.pp_rank)
+             for m in estimates]
+    stages = [(",".join(map(str, m.stages)) if pp else "all") + f" ({m.layers} layers)" for m in estimates]
+    overhead = CUDA_OVERHEAD_GIB * GIB
+    table = [("GiB", heads), ("  global ranks", ranks), ("  stages", stages)]
+    table += [(label, [value(m) for m in estimates]) for label, value in _ROWS]
+    table += [
+        ("peak allocated (memory.json's figure)", [_gib(m.peak) for m in estimates]),
+        ("CUDA context, NCCL, allocator (guess)", [_gib(overhead) for _ in estimates]),
+        ("total on the GPU", [_gib(m.peak + overhead) for m in estimates]),
+        (f"fits {gpu_memory_gib:g} GiB", ["yes" if m.peak + overhead <= gpu_memory_gib * GIB else "NO"
+                                          for m in estimates]),
+        ("peak during", [m.phase for m in estimates]),
+    ]
+    col = max(14, *(len(v) + 2 for _, values in table for v in values))
+    lines += [label.ljust(width) + "".join(v.rjust(col) for v in values) for label, values in table]
+    lines += [
+        "",
+        "peak allocated is what memory.json records (torch.cuda.max_memory_allocated); the fixed "
+        f"{CUDA_OVERHEAD_GIB:g} GiB is a guess",
+        "for what it does not see. In the backward the fp32 gradient shards do not exist yet (zero_grad frees",
+        "them) unless gradients accumulate; at the optimizer step the activations are gone.",
+        f"predicted peak_memory_gib_per_rank: {peaks_per_rank_gib(estimates, dims)}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,265 @@
+"""Predicted peak GPU memory of every pipeline rank, from the recipe and the layout alone.
+
+``python train.py --config X --dry_run --world_size N`` prints it (training/dry_run.py).
+No device memory, no process group: the stages are cut by ``plan_pipeline`` from a
+meta-device model, the microbatches in flight are read off torch's own schedule
+tables, and the rest is byte counting. Every data-parallel rank of a pipeline rank
+holds the same, so there is one estimate per pipeline rank.
+
+The peak is the larger of two moments of a steady-state step (the optimizer state
+exists from step 1's update on):
+
+- backward: fp32 master shards + AdamW state + what FSDP holds gathered + the
+  activations of the microbatches in flight + the largest transient, either the
+  loss's workspace or one block's backward (its activations recomputed without
+  checkpointing and its bf16 gradients). Gradient shards are freed by
+  ``zero_grad(set_to_none=True)``, so they exist here only under gradient
+  accumulation;
+- optimizer step: master shards + gradient shards + AdamW state.
+
+Every term is counted from the code (ours, torch's FSDP2 and pipelining); nothing is
+fitted to measurements. tests/test_memory_estimate.py holds the result within 15 % of
+the peaks measured in docs/performance.md, whose section "Predicting memory before a
+run" lists the terms, the comparison and what is left out.
+"""
+
+import math
+from dataclasses import dataclass, replace
+from typing import Optional
+
+import torch
+from torch.distributed.pipelining._schedule_visualizer import get_schedule_ops
+from torch.distributed.pipelining.schedules import _ComputationType
+
+from models import Transformer, build_model_args
+from losses.chunked_linear_cross_entropy import auto_chunk_size
+from models.args import ModelArgs
+from parallelisms.parallel_dims import ParallelDims
+from parallelisms.pipeline import PIPELINE_SCHEDULES, PipelinePlan, build_stage_module, plan_pipeline
+from training.config import JobConfig, Parallelism
+from training.errors import ConfigError
+
+GIB = 2**30
+# CUDA context, NCCL buffers and the caching allocator's unused reserve: not in
+# torch.cuda.max_memory_allocated (memory.json), but on the GPU. A fixed guess, not measured.
+CUDA_OVERHEAD_GIB = 1.0
+_BYTES = {"bfloat16": 2, "float32": 4}
+
+
+@dataclass(frozen=True)
+class RankMemory:
+    """Bytes one pipeline rank (each of its data-parallel ranks) holds at its predicted peak."""
+
+    pp_rank: int
+    stages: tuple[int, ...]
+    layers: int
+    phase: str  # "backward" or "optimizer step": the larger moment, which the figures below describe
+    parameters: float  # fp32 master shards
+    gradients: float  # fp32 gradient shards (and the vocab-parallel head's) alive at the peak
+    optimizer: float  # AdamW exp_avg and exp_avg_sq, fp32 shards
+    unsharded_params: float  # gathered by FSDP and not yet resharded
+    unsharded_grads: float  # PP: accumulated over microbatches; no PP: a tied root's, reduced at the end
+    pipeline_buffers: float  # the stage's receive buffers, one per microbatch
+    activations: float
+    in_flight: int  # (stage, microbatch) pairs whose activations are held at the peak
+    transient: float  # the larger of the loss workspace and one block's backward
+
+    @property
+    def peak(self) -> float:
+        return (self.parameters + self.gradients + self.optimizer + self.unsharded_params + self.unsharded_grads
+                + self.pipeline_buffers + self.activations + self.transient)
+
+
+def loss_impl(cfg: JobConfig) -> str:
+    """The loss entry a run uses: ``auto`` is ``chunked``, as losses/registry.py resolves it."""
+    return "chunked" if cfg.loss.name == "auto" else cfg.loss.name
+
+
+def _chunk_tokens(cfg: JobConfig, rows: int, tokens: int, logit_bytes: int) -> int:
+    """Tokens per chunk of ``chunked``: the recipe's, or the 256 MiB block ``chunk_size = 0`` picks."""
+    chunk = cfg.loss.chunk_size or auto_chunk_size(rows, logit_bytes)
+    return min(chunk, tokens)
+
+
+def layer_activation_bytes(a: ModelArgs, mode: str, compiled: bool, act_bytes: int) -> float:
+    """Bytes one block keeps for its backward, per token.
+
+    ``none``: every tensor the eager block saves (compiled blocks save less: the
+    partitioner recomputes pointwise ops). ``op``: the block input and the outputs of
+    the matmuls and attention that op-level selective AC saves; a compiled block drops
+    w2's, which backward never reads. ``full``: the block input.
+    """
+    d, q, kv, f = a.dim, a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim, a.ffn_dim
+    lse = 4 * a.n_heads  # attention's fp32 log-sum-exp
+    if mode == "full":
+        return act_bytes * d
+    if mode == "op":
+        return act_bytes * (d + q + 2 * kv + q + d + 2 * f + (0 if compiled else d)) + lse
+    # norm inputs and outputs (4d), SDPA's q, k, v, output and wo's input copy (5q),
+    # q/k before their norms, SwiGLU's w1, silu, w3 and product (4f)
+    return act_bytes * (4 * d + 5 * q + (q + kv if a.qk_norm else 0) + 4 * f) + lse
+
+
+def _block_modes(cfg: JobConfig, n_blocks: int) -> list[str]:
+    """The AC mode of each block of a stage, as parallelisms/activation_checkpoint.py applies it."""
+    ac = cfg.activation_checkpoint
+    if ac.mode != "selective":
+        return [ac.mode] * n_blocks
+    if ac.selective_ac_option == "op":
+        return ["op"] * n_blocks
+    every = int(ac.selective_ac_option)
+    return ["full" if (i + 1) % every == 0 else "none" for i in range(n_blocks)]
+
+
+def loss_workspace(cfg: JobConfig, a: ModelArgs, tokens: int, dp_shard: int, head_reduced_at_once: bool) -> float:
+    """Peak bytes of the loss's forward + backward on ``tokens`` tokens, beyond its inputs.
+
+    Counted from the implementations and checked against benchmarks/loss_bench.py and
+    vocab_parallel_bench.py (docs/performance.md): ``cross_entropy`` peaks at 12 bytes per
+    logit (fp32 log-probabilities, their gradient and the logits'), ``chunked`` (its CUDA
+    kernels) at one logit of one chunk in the GEMM's dtype, ``cce`` holds only the gradients.
+    """
+    v, d, n = a.vocab_size, a.dim, tokens
+    param_b, reduce_b = _BYTES[cfg.training.mixed_precision_param], _BYTES[cfg.training.mixed_precision_reduce]
+    impl = loss_impl(cfg)
+    if cfg.parallelism.vocab_parallel:
+        rows, gathered = math.ceil(v / dp_shard), dp_shard * n
+        # the shard's gradient and its fp32 upcast; the gathered hidden states and their gradient
+        workspace = (param_b + 4) * rows * d + 2 * param_b * gathered * d
+        if impl == "chunked":
+            workspace += param_b * _chunk_tokens(cfg, rows, gathered, param_b) * rows + 4 * gathered * d
+        return workspace
+    # The gathered classifier's gradient, plus the fp32 copy FSDP reduce-scatters right away
+    # when the head is its own group and no pipeline defers the reduction.
+    classifier_grad = (param_b + (reduce_b if head_reduced_at_once else 0)) * v * d
+    if impl == "cross_entropy":
+        return max(12 * n * v, classifier_grad + param_b * n * (v + d))
+    if impl == "chunked":
+        inner = param_b * _chunk_tokens(cfg, v, n, param_b) * v + param_b * n * d
+    elif impl == "cce_torch_compile":
+        inner = param_b * n * v + param_b * n * d
+    else:  # cce
+        inner = param_b * n * d
+    return max(param_b * v * d + inner, classifier_grad)
+
+
+def _schedule_ops(cfg: JobConfig, plan: PipelinePlan) -> list:
+    """torch's per-rank action lists for the recipe's schedule (those its visualizer draws)."""
+    schedule = PIPELINE_SCHEDULES[cfg.parallelism.pipeline_parallel_schedule]
+    try:
+        return get_schedule_ops(schedule, plan.pp_degree, plan.n_microbatches, plan.num_stages // plan.pp_degree)
+    except ValueError as err:  # e.g. Interleaved1F1B's microbatches-per-round rule
+        raise ConfigError("parallelism.pipeline_parallel_microbatch_size", str(err)) from None
+
+
+def _in_flight(ops: list, stage_bytes: dict[int, float]) -> tuple[float, int]:
+    """Most activation bytes a rank's actions hold at once: a forward adds one microbatch of
+    its stage, the backward that finishes one (full, or weight for zero-bubble) frees it.
+    Counted per stage, not per microbatch id (torch's 1F1B table numbers the last rank's from 1)."""
+    held = dict.fromkeys(stage_bytes, 0)
+    peak, count = 0.0, 0
+    for action in ops:
+        if action is None:
+            continue
+        if action.computation_type == _ComputationType.FORWARD:
+            held[action.stage_index] += 1
+        elif action.computation_type in (_ComputationType.FULL_BACKWARD, _ComputationType.BACKWARD_WEIGHT):
+            held[action.stage_index] -= 1
+        total = sum(stage_bytes[s] * k for s, k in held.items())
+        if total > peak:
+            peak, count = total, sum(held.values())
+    return peak, count
+
+
+def _numel(module: Optional[torch.nn.Module]) -> int:
+    return sum(x.numel() for x in module.parameters()) if module is not None else 0
+
+
+def _gathered_without_pp(part: Transformer, p: Parallelism, tied_in_root: bool, vp_head: bool) -> tuple[int, int]:
+    """(parameters FSDP holds gathered during the backward, gradients it holds unreduced), no PP.
+
+    Groups as parallelisms/fsdp.py makes them: each block (when they reshard, the one
+    running and the one prefetched), the embedding, the head, and the root (norm, and a
+    tied embedding/head, whose gradient is reduced only at the end of the backward).
+    """
+    reshard = p.fsdp_reshard_after_forward != "never"
+    blocks = _numel(part.layers)
+    held = min(2 * _numel(part.layers["0"]), blocks) if reshard else blocks
+    if tied_in_root or not reshard:  # a root holding the tied weight never reshards
+        held += _numel(part.norm) + (_numel(part.tok_embeddings) if tied_in_root else 0)
+    if not tied_in_root and not reshard:
+        held += _numel(part.tok_embeddings)
+    if not tied_in_root and not vp_head and p.fsdp_reshard_after_forward != "always":
+        held += _numel(part.output)  # applied by the loss, first in backward: kept gathered between
+    return held, (_numel(part.tok_embeddings) if tied_in_root else 0)
+
+
+def estimate_memory(cfg: JobConfig, dims: ParallelDims, accumulation_steps: int = 1) -> list[RankMemory]:
+    """One ``RankMemory`` per pipeline rank; ConfigError for a layout the run would refuse."""
+    t, p = cfg.training, cfg.parallelism
+    a = build_model_args(cfg.model.name, cfg.model.flavor, cfg.model.vocab_size)
+    with torch.device("meta"):
+        model = Transformer(replace(a, max_seq_len=t.seq_len))
+    pp = dims.pp > 1
+    plans = [plan_pipeline(a.n_layers, p, r, t.local_batch_size) for r in range(dims.pp)] if pp else [None]
+    parts = {s: build_stage_module(model, plans[0], s) for s in range(plans[0].num_stages)} if pp else {0: model}
+    tokens = (p.pipeline_parallel_microbatch_size if pp else t.local_batch_size) * t.seq_len
+    param_b, reduce_b = _BYTES[t.mixed_precision_param], _BYTES[t.mixed_precision_reduce]
+    compiled = cfg.compile.enable and "model" in cfg.compile.components
+    n = dims.dp_shard
+    stage_bytes = {s: tokens * sum(layer_activation_bytes(a, mode, compiled, param_b)
+                                   for mode in _block_modes(cfg, len(part.layers)))
+                   for s, part in parts.items()}
+    ops = _schedule_ops(cfg, plans[0]) if pp else None
+    # One block's backward: its activations recomputed (as without checkpointing) and its
+    # gradients, plus without PP the fp32 copy FSDP reduce-scatters right away.
+    block_backward = layer_activation_bytes(a, "none", compiled, param_b) * tokens \
+        + (param_b + (0 if pp else reduce_b)) * _numel(model.layers["0"])
+
+    estimates = []
+    for r, plan in enumerate(plans):
+        stages = plan.stages_of(r) if pp else (0,)
+        sharded = gathered = unreduced = buffers = vp_grad = loss = 0.0
+        for s in stages:
+            part = parts[s]
+            tied = part.output is not None and part.tok_embeddings is not None \
+                and part.output.weight is part.tok_embeddings.weight
+            vp_head = part.output is not None and p.vocab_parallel  # a vocab-sharded copy outside FSDP
+            fsdp = _numel(part) - (_numel(part.output) if vp_head and not tied else 0)
+            vp_rows = math.ceil(a.vocab_size / n) * a.dim if vp_head else 0
+            sharded += math.ceil(fsdp / n) + vp_rows
+            vp_grad += 4 * vp_rows
+            root_grad = 0
+            if pp:
+                # The schedule turns resharding after backward off for all but the last microbatch,
+                # so a stage's parameters stay gathered, and their gradients accumulate unsharded
+                # in the reduce dtype until the step's one reduce-scatter.
+                gathered += param_b * fsdp
+                unreduced += max(param_b, reduce_b) * fsdp
+                first, last = s == 0, s == plan.num_stages - 1
+                buffers += plan.n_microbatches * tokens * a.dim * param_b * ((not first) + (not last))
+            else:
+                held, root_grad = _gathered_without_pp(part, p, tied and not vp_head, vp_head)
+                gathered += param_b * held
+                unreduced += param_b * root_grad
+            if part.output is not None:
+                head_reduced_at_once = not pp and not tied and not vp_head
+                # a tied root's gradient is the classifier gradient the workspace counts: not twice
+                loss = loss_workspace(cfg, a, tokens, n, head_reduced_at_once) - param_b * root_grad
+        activations, in_flight = _in_flight(ops[r], stage_bytes) if pp else (stage_bytes[0], 1)
+        grads = 4 * sharded
+        common = dict(pp_rank=r, stages=stages, layers=sum(len(parts[s].layers) for s in stages),
+                      parameters=4 * sharded, optimizer=8 * sharded, pipeline_buffers=buffers)
+        backward = RankMemory(phase="backward", **common, gradients=grads if accumulation_steps > 1 else vp_grad,
+                              unsharded_params=gathered, unsharded_grads=unreduced, activations=activations,
+                              in_flight=in_flight, transient=max(loss, block_backward))
+        # Under PP the step starts with the accumulated gradients' reduce-scatter.
+        step = RankMemory(phase="optimizer step", **common, gradients=grads, unsharded_params=0.0,
+                          unsharded_grads=unreduced if pp else 0.0, activations=0.0, in_flight=0, transient=0.0)
+        estimates.append(max(backward, step, key=lambda m: m.peak))
+    return estimates
+
+
+def peaks_per_rank_gib(estimates: list[RankMemory], dims: ParallelDims) -> list[float]:
+    """In global rank order, like memory.json's ``peak_memory_gib_per_rank`` (pp is the outer mesh dim)."""
+    return [round(m.peak / GIB, 2) for m in estimates for _ in range(dims.dp)]
