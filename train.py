@@ -46,6 +46,7 @@ from training.faults import FaultWatch, is_collective_failure
 from training.memory_estimate import estimate_memory
 from training.metrics import MetricsLogger, peak_flops, peak_memory_gib, pipeline_peak_memory
 from training.optimizer import build_lr_scheduler, build_optimizer
+from training.profiling import start_profiler
 from training.token_normalization import GlobalTokenMeanLoss
 
 logger = logging.getLogger("train")
@@ -206,6 +207,7 @@ def train(cfg: JobConfig, faults: Optional[FaultWatch] = None) -> TrainResult:
     stop_request, stopped_at = _StopRequest(), None
     # Groups made since init_process_group had the backend's default; an async save's keeps it.
     set_pg_timeouts(cfg.comm.init_timeout_seconds, device, exclude=(checkpoint.async_group,))
+    profiler = start_profiler(cfg.profiling, cfg.job.dump_folder, rank, start_step, t.steps)
     run_start = window_start = time.perf_counter()
     window_tokens = 0
     for step in range(start_step + 1, t.steps + 1):
@@ -271,6 +273,8 @@ def train(cfg: JobConfig, faults: Optional[FaultWatch] = None) -> TrainResult:
             window_start, window_tokens = time.perf_counter(), 0
         if step == start_step + 1:  # start-up is over: from now on a rank that stops answering is caught sooner
             set_pg_timeouts(cfg.comm.train_timeout_seconds, device, exclude=(checkpoint.async_group,))
+        if profiler is not None:
+            profiler.step()
         saved = checkpoint.maybe_save(step, last=step == t.steps)
         if step < t.steps and stop_request.agreed(device):
             if not saved and not checkpoint.maybe_save(step, last=False, force=True):
@@ -278,6 +282,8 @@ def train(cfg: JobConfig, faults: Optional[FaultWatch] = None) -> TrainResult:
             logger.info(f"stopping after step {step} on a signal; rerun the same command to resume")
             stopped_at = step
             break
+    if profiler is not None:
+        profiler.stop()
     checkpoint.close()
     metrics.close()
     _report_memory(cfg.job.dump_folder, device, plan, rank)

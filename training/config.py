@@ -106,6 +106,13 @@ class Metrics:
 
 
 @dataclass
+class Profiling:
+    enable_profiling: bool = False
+    save_traces_folder: str = "profile_traces"  # under job.dump_folder
+    profile_freq: int = 10  # trace every N-th step (after one warm-up step)
+
+
+@dataclass
 class Comm:
     init_timeout_seconds: int = 300  # collectives from start-up through the first step (build, load, compile)
     train_timeout_seconds: int = 100  # every collective after that: how long a hung rank goes unnoticed
@@ -137,5 +144,6 @@ class JobConfig:
     activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
     compile: Compile = field(default_factory=Compile)
     metrics: Metrics = field(default_factory=Metrics)
+    profiling: Profiling = field(default_factory=Profiling)
     comm: Comm = field(default_factory=Comm)
     checkpoint: Checkpoint = field(default_factory=Checkpoint)

@@ -231,6 +231,8 @@ def validate_config(cfg: JobConfig) -> None:
         _require(comp in ("model", "loss"), "compile.components",
                  f"{comp!r} is not one of 'model', 'loss'{_did_you_mean(str(comp), ('model', 'loss'))}")
     _require(cfg.metrics.log_freq >= 1, "metrics.log_freq", "must be >= 1")
+    _require(cfg.profiling.profile_freq >= 2, "profiling.profile_freq",
+             "must be >= 2 (each traced step follows one untraced warm-up step)")
     for key in ("init_timeout_seconds", "train_timeout_seconds"):
         _require(getattr(cfg.comm, key) > 0, f"comm.{key}", "must be a positive number of seconds")
     _require(cfg.checkpoint.interval >= 1, "checkpoint.interval", "must be >= 1")

@@ -1,0 +1,78 @@
+"""Where a profiled step's GPU time went: ``python scripts/trace_summary.py <rank0_trace.json> [--top 15]``.
+
+Reads a trace written by ``[profiling]`` (``training/profiling.py``) and prints the step's
+wall time, the GPU's busy time (kernels and copies, overlaps merged) and the idle rest, GPU
+time by kind of kernel (matmul, attention, communication, Triton, optimizer, other) and the
+longest kernels. Communication overlaps compute on its own stream, so kinds add up to more
+than the busy time when it is hidden.
+"""
+
+import argparse
+import gzip
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+KINDS = [  # (kind, pattern on the kernel name), first match wins
+    ("communication", r"nccl|all_?reduce|all_?gather|reduce_?scatter"),
+    ("attention", r"flash|fmha|attention|sdpa"),
+    ("matmul", r"gemm|nvjet|cutlass|xmma|sm\d+_.*(h|b)mma|matmul"),
+    ("optimizer", r"multi_tensor|adam"),
+    ("triton", r"^triton|_kernel$"),
+]
+
+
+def kind_of(name: str) -> str:
+    lowered = name.lower()
+    return next((kind for kind, pattern in KINDS if re.search(pattern, lowered)), "other")
+
+
+def _merged_length(intervals: list[tuple[float, float]]) -> float:
+    total, end = 0.0, float("-inf")
+    for start, stop in sorted(intervals):
+        if stop > end:
+            total += stop - max(start, end)
+            end = stop
+    return total
+
+
+def summarize(events: list[dict]) -> dict:
+    gpu = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
+    steps = [e for e in events if str(e.get("name", "")).startswith("ProfilerStep#") and "dur" in e]
+    by_kind, by_name = defaultdict(float), defaultdict(lambda: [0.0, 0])
+    for e in gpu:
+        name = e["name"] if e["cat"] == "kernel" else e["cat"]
+        by_kind[kind_of(name) if e["cat"] == "kernel" else "copies"] += e["dur"]
+        by_name[name][0] += e["dur"]
+        by_name[name][1] += 1
+    wall = max((e["dur"] for e in steps), default=0.0)
+    busy = _merged_length([(e["ts"], e["ts"] + e["dur"]) for e in gpu])
+    return {"wall_us": wall, "busy_us": busy, "by_kind": dict(by_kind), "by_name": dict(by_name)}
+
+
+def _load(path: Path) -> list[dict]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as f:
+        return json.load(f)["traceEvents"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("trace", type=Path, help="a rank<r>_trace.json(.gz) from [profiling]")
+    parser.add_argument("--top", type=int, default=15, help="how many of the longest kernels to list")
+    args = parser.parse_args()
+    s = summarize(_load(args.trace))
+    wall, busy = s["wall_us"], s["busy_us"]
+    print(f"step wall {wall / 1e3:.1f} ms; GPU busy {busy / 1e3:.1f} ms"
+          + (f" ({100 * busy / wall:.0f} %), idle {(wall - busy) / 1e3:.1f} ms" if wall else ""))
+    print(f"\n{'kind':<14} {'ms':>9} {'% of busy':>9}")
+    for kind, us in sorted(s["by_kind"].items(), key=lambda kv: -kv[1]):
+        print(f"{kind:<14} {us / 1e3:>9.1f} {100 * us / busy if busy else 0:>8.1f}%")
+    print(f"\n{'ms':>9} {'calls':>6}  kernel")
+    for name, (us, calls) in sorted(s["by_name"].items(), key=lambda kv: -kv[1][0])[: args.top]:
+        print(f"{us / 1e3:>9.1f} {calls:>6}  {name[:110]}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""[profiling]: traces of every N-th step (training/profiling.py) and their summary (scripts/trace_summary.py)."""
+
+import json
+
+from scripts.trace_summary import kind_of, summarize
+from train import train
+from training.config_loader import load_config
+
+
+def test_every_nth_step_is_traced_and_summarized(tmp_path):
+    argv = ["--config", "configs/debug.toml", "--training.steps", "5", "--training.seq_len", "32",
+            "--training.local_batch_size", "2", "--job.dump_folder", str(tmp_path),
+            "--profiling.enable_profiling", "--profiling.profile_freq", "2"]
+    train(load_config(argv))
+    traces = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.glob("profile_traces/*/*.json"))
+    assert traces == ["profile_traces/iteration_2/rank0_trace.json", "profile_traces/iteration_4/rank0_trace.json"]
+    events = json.loads((tmp_path / traces[1]).read_text())["traceEvents"]
+    names = {str(e.get("name")) for e in events}
+    # torch labels the step's span by the steps done before it
+    assert "ProfilerStep#3" in names and names & {"aten::mm", "aten::addmm", "aten::bmm"}
+    assert summarize(events)["wall_us"] > 0
+
+
+def test_summary_merges_overlapping_kernels_and_sorts_them_by_kind():
+    kernels = [("sm90_xmma_gemm_bf16bf16", 0, 10), ("ncclDevKernel_AllGather_RING_LL", 5, 20),
+               ("flash_fwd_kernel", 30, 5), ("triton_poi_fused_add_0", 40, 2), ("vectorized_elementwise", 50, 1)]
+    events = [{"cat": "kernel", "name": n, "ts": ts, "dur": dur} for n, ts, dur in kernels]
+    events.append({"cat": "cpu_op", "name": "ProfilerStep#7", "ts": 0, "dur": 100})
+    s = summarize(events)
+    assert s["wall_us"] == 100 and s["busy_us"] == 25 + 5 + 2 + 1  # [0, 25) merged from the gemm and nccl
+    assert s["by_kind"] == {"matmul": 10, "communication": 20, "attention": 5, "triton": 2, "other": 1}
+    assert kind_of("multi_tensor_apply_kernel<AdamFunctor>") == "optimizer"
