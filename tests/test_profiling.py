@@ -3,15 +3,22 @@
 import json
 
 from scripts.trace_summary import kind_of, summarize
+from tests.dist_utils import run_distributed
 from train import train
 from training.config_loader import load_config
 
 
+def _train(rank, world_size, argv):
+    train(load_config(argv))
+
+
 def test_every_nth_step_is_traced_and_summarized(tmp_path):
+    # In a process of its own, as every in-process run here: the process group it starts must not
+    # leak its environment (MASTER_PORT, WORLD_SIZE) into later tests' subprocesses.
     argv = ["--config", "configs/debug.toml", "--training.steps", "5", "--training.seq_len", "32",
             "--training.local_batch_size", "2", "--job.dump_folder", str(tmp_path),
             "--profiling.enable_profiling", "--profiling.profile_freq", "2"]
-    train(load_config(argv))
+    run_distributed(_train, 1, argv, timeout_s=300)
     traces = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.glob("profile_traces/*/*.json"))
     assert traces == ["profile_traces/iteration_2/rank0_trace.json", "profile_traces/iteration_4/rank0_trace.json"]
     events = json.loads((tmp_path / traces[1]).read_text())["traceEvents"]
