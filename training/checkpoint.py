@@ -143,26 +143,31 @@ class CheckpointManager:
             out[stored] = value
         return out
 
-    def _model_state(self) -> dict:
-        model = {}
-        for part in self.parts:
-            model.update(self._rename(get_model_state_dict(part, options=_OPTIONS), part))
-        return model
+    def _model_states(self) -> list[dict]:
+        """Each part's model state under its own names."""
+        return [get_model_state_dict(part, options=_OPTIONS) for part in self.parts]
 
-    def _optimizer_state(self) -> dict:
-        optim = {}
-        for part, opt in zip(self.parts, self.optimizers):
-            optim.update(self._rename(get_optimizer_state_dict(part, opt, options=_OPTIONS), part))
-        return optim
+    def _optimizer_states(self) -> list[dict]:
+        """Each part's optimizer state under its own names."""
+        return [get_optimizer_state_dict(part, opt, options=_OPTIONS) for part, opt in zip(self.parts, self.optimizers)]
+
+    def _stored(self, states: list[dict]) -> dict:
+        """The parts' states merged under stored names: what a checkpoint holds. The tensors are
+        the parts' own, so loading into this dict fills ``states`` too."""
+        merged = {}
+        for part, state in zip(self.parts, states):
+            merged.update(self._rename(state, part))
+        return merged
 
     def _state(self, step: int, model_only: bool) -> dict:
         train = {"step": step, "fingerprint": json.dumps(self.fingerprint, sort_keys=True)}
+        model = self._stored(self._model_states())
         if model_only:
             dtype = EXPORT_DTYPES[self.cfg.export_dtype]
-            return {"model": {k: v.to(dtype) for k, v in self._model_state().items()}, "train": train}
+            return {"model": {k: v.to(dtype) for k, v in model.items()}, "train": train}
         train.update(lr_scheduler=self.schedulers[0].state_dict(), dataloader=self.dataloader.state_dict(),
                      rng=torch.get_rng_state())
-        return {"model": self._model_state(), "optimizer": self._optimizer_state(), "train": train}
+        return {"model": model, "optimizer": self._stored(self._optimizer_states()), "train": train}
 
     # -- save -------------------------------------------------------------------------------
     def maybe_save(self, step: int, last: bool, force: bool = False) -> bool:
@@ -265,7 +270,8 @@ class CheckpointManager:
 
     def _load_model(self, path: Path, hf: bool) -> None:
         """Only the weights, from a DCP checkpoint or a Hugging Face folder (tensors cast to ours on read)."""
-        model = self._model_state()
+        live = self._model_states()
+        model = self._stored(live)
         if hf:
             state, reader = {to_hf_name(k): v for k, v in model.items()}, HuggingFaceStorageReader(str(path))
         else:
@@ -274,9 +280,8 @@ class CheckpointManager:
             dcp.load(state, storage_reader=reader)
         except (Exception, CheckpointException) as err:
             raise CheckpointError(f"{path} does not match this model ({_last_line(err)})") from None
-        for part in self.parts:
-            set_model_state_dict(part, self._restore(model, part, get_model_state_dict(part, options=_OPTIONS)),
-                                 options=_OPTIONS)
+        for part, state in zip(self.parts, live):
+            set_model_state_dict(part, self._restore(model, part, state), options=_OPTIONS)
 
     def _resume(self, path: Path, fix: str) -> int:
         """Model, optimizer, LR schedule, data position, RNG state and step; returns the step."""
@@ -288,14 +293,14 @@ class CheckpointManager:
                  "dataloader": self.dataloader.state_dict(), "rng": torch.get_rng_state(), "fingerprint": ""}
         read_train_state(path, extra, self.fingerprint, fix)
         self._load_model(path, hf=False)
-        optim = self._optimizer_state()
+        live = self._optimizer_states()
+        optim = self._stored(live)
         try:
             dcp.load({"optimizer": optim}, checkpoint_id=str(path))
         except (Exception, CheckpointException) as err:
             raise CheckpointError(f"{path} does not match this model ({_last_line(err)})") from None
-        for part, opt in zip(self.parts, self.optimizers):
-            set_optimizer_state_dict(part, opt, self._restore(optim, part, get_optimizer_state_dict(
-                part, opt, options=_OPTIONS)), options=_OPTIONS)
+        for part, opt, state in zip(self.parts, self.optimizers, live):
+            set_optimizer_state_dict(part, opt, self._restore(optim, part, state), options=_OPTIONS)
         for scheduler in self.schedulers:
             scheduler.load_state_dict(extra["lr_scheduler"])
         self.dataloader.load_state_dict(extra["dataloader"])  # checked when iteration starts: data_iterator()
@@ -312,5 +317,6 @@ class CheckpointManager:
                                   "seq_len and global batch size of the saved run") from None
 
     def _restore(self, loaded: dict, part: nn.Module, live: dict) -> dict:
-        """This part's entries of the loaded state, under its own names (a tied head copy from the embedding)."""
+        """This part's entries (the keys of ``live``) of the loaded state, under its own names (a tied
+        head copy from the embedding)."""
         return {key: loaded[self._stored_name(key, part)] for key in live}
