@@ -43,7 +43,8 @@ from training.dry_run import DryRun, format_report, split_dry_run_args
 from training.errors import ConfigError
 from training.faults import FaultWatch, is_collective_failure
 from training.memory_estimate import estimate_memory
-from training.metrics import MetricsLogger, peak_flops, peak_memory_gib, pipeline_peak_memory
+from training.metrics import (MetricsLogger, gather_peak_memory_gib, peak_flops, peak_memory_gib,
+                              pipeline_peak_memory)
 from training.optimizer import build_lr_scheduler, build_optimizer
 from training.profiling import start_profiler
 from training.token_normalization import GlobalTokenMeanLoss
@@ -315,13 +316,11 @@ def _log_run(cfg: JobConfig, dims: ParallelDims, mesh, device: torch.device) -> 
 
 def _report_memory(dump_folder: str, device: torch.device, plan, rank: int) -> None:
     """Peak memory of every rank, with its pipeline stages: logged and written to memory.json."""
-    mine = torch.tensor([peak_memory_gib(device)], device=device)
-    peaks = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(peaks, mine)
+    peaks = gather_peak_memory_gib(device)
     stages = [None] * dist.get_world_size()
     dist.all_gather_object(stages, list(plan.local_stages) if plan is not None else [])
     if rank == 0:
-        per_rank = [round(p.item(), 3) for p in peaks]
+        per_rank = [round(p, 3) for p in peaks]
         logger.info("peak memory per rank (GiB): " + ", ".join(
             f"{r}:{m:.2f}" + (f" (stages {stages[r]})" if stages[r] else "") for r, m in enumerate(per_rank)))
         with open(os.path.join(dump_folder, "memory.json"), "w") as f:

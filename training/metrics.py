@@ -29,14 +29,19 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def gather_peak_memory_gib(device: torch.device, group: Optional[dist.ProcessGroup] = None) -> list[float]:
+    """Every rank's ``peak_memory_gib`` in the order of ``group`` (default: the world)."""
+    mine = torch.tensor([peak_memory_gib(device)], dtype=torch.float64, device=device)
+    peaks = [torch.zeros_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(peaks, mine, group=group)
+    return [peak.item() for peak in peaks]
+
+
 def pipeline_peak_memory(device: torch.device, pp_group: dist.ProcessGroup) -> dict[str, float]:
     """``peak_memory_gib/pp_rank_<r>`` for every pipeline rank: its stages hold different layers (the
-    first the embedding, the last the head and loss), so rank 0's figure alone misleads. One scalar
-    per rank, gathered over the pp group."""
-    mine = torch.tensor([peak_memory_gib(device)], dtype=torch.float64, device=device)
-    peaks = [torch.zeros_like(mine) for _ in range(dist.get_world_size(pp_group))]
-    dist.all_gather(peaks, mine, group=pp_group)
-    return {f"peak_memory_gib/pp_rank_{r}": peak.item() for r, peak in enumerate(peaks)}
+    first the embedding, the last the head and loss), so rank 0's figure alone misleads."""
+    peaks = gather_peak_memory_gib(device, pp_group)
+    return {f"peak_memory_gib/pp_rank_{r}": peak for r, peak in enumerate(peaks)}
 
 
 def _duration(seconds: float) -> str:
