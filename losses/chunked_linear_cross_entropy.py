@@ -8,8 +8,9 @@ and the same hidden states and targets). The largest temporary is a
 
 Per token chunk, the vocab-parallel case adds two small collectives: an all-reduce
 MAX of the ``[chunk]`` row maxima (each shard's exponential sum is rescaled to the
-global maximum), then one all-reduce SUM of a ``[2 or 3, chunk]`` stack (sum of exponentials, the target logit from the rank that owns the target
-and zeros elsewhere, and the sum of logits when label smoothing needs it).
+global maximum), then one all-reduce SUM of a ``[2 or 3, chunk]`` stack (sum of
+exponentials, the target logit from the rank that owns the target and zeros
+elsewhere, and the sum of logits when label smoothing needs it).
 """
 
 import functools
@@ -113,6 +114,7 @@ class _ChunkOps(NamedTuple):
 
 
 KERNELS = ("auto", "triton", "torch")
+TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None  # checked once, not per call
 
 
 @functools.cache
@@ -135,8 +137,7 @@ def _pick_kernels(kernels: str, compile: bool, e: Tensor) -> str:
     """"auto": the Triton kernels for CUDA tensors in 16/32-bit floats, else PyTorch."""
     if kernels not in KERNELS:
         raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
-    triton_fits = (e.is_cuda and e.dtype in (torch.bfloat16, torch.float16, torch.float32)
-                   and importlib.util.find_spec("triton") is not None)
+    triton_fits = TRITON_AVAILABLE and e.is_cuda and e.dtype in (torch.bfloat16, torch.float16, torch.float32)
     if kernels == "triton" and not triton_fits:
         raise ValueError(f"kernels='triton' needs triton and CUDA tensors in bf16/fp16/fp32, got {e.device} {e.dtype}")
     if kernels == "triton" or (kernels == "auto" and triton_fits):

@@ -5,7 +5,6 @@ chosen entry cannot honour) is a ``ConfigError`` raised before any model is buil
 """
 
 import difflib
-import importlib.util
 import logging
 from typing import Iterable
 
@@ -15,6 +14,7 @@ from torch import nn
 from losses.base import OutputLoss
 from losses.cce import CCELoss, CCETorchCompileLoss
 from losses.chunked import ChunkedCrossEntropy
+from losses.chunked_linear_cross_entropy import TRITON_AVAILABLE
 from losses.cross_entropy import MaterializedCrossEntropy
 from losses.options import COMMON_OPTIONS, OPTIONS
 from training.errors import ConfigError
@@ -72,7 +72,7 @@ def build_loss(
 def _pick_for_auto(device: torch.device) -> tuple[str, str]:
     """``chunked`` everywhere: on CUDA its Triton kernels are the fastest entry measured
     (docs/performance.md) with a bounded logits block; elsewhere it is the lean PyTorch path."""
-    if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+    if device.type == "cuda" and TRITON_AVAILABLE:
         return "chunked", "its Triton kernels on CUDA"
     return "chunked", f"its PyTorch path on {device.type}"
 
