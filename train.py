@@ -5,7 +5,6 @@ mesh → data → model (meta) → pipeline split → parallelize → init weigh
 loss from the registry → optimizer → loop.
 """
 
-import contextlib
 import importlib.metadata
 import json
 import logging
@@ -29,7 +28,7 @@ from models import Transformer, build_model_args
 from models.initialize import init_weights
 from parallelisms.activation_checkpoint import apply_activation_checkpointing
 from parallelisms.compile import apply_compile
-from parallelisms.distributed import init_distributed, resolve_device, set_pg_timeouts
+from parallelisms.distributed import close_distributed, init_distributed, resolve_device, set_pg_timeouts
 from parallelisms.fsdp import apply_fsdp
 from parallelisms.grad_clip import clip_grad_norm_
 from parallelisms.parallel_dims import ParallelDims
@@ -210,82 +209,86 @@ def train(cfg: JobConfig, faults: Optional[FaultWatch] = None) -> TrainResult:
     profiler = start_profiler(cfg.profiling, cfg.job.dump_folder, rank, start_step, t.steps)
     run_start = window_start = time.perf_counter()
     window_tokens = 0
-    for step in range(start_step + 1, t.steps + 1):
-        if faults is not None:
-            faults.at_step(step)
-        local_batch = next(data_iter)["input_ids"].to(device)
-        loss.set_global_batch(local_batch, cfg.loss.ignore_index)
-        step_loss = torch.zeros((), device=device, dtype=torch.float64)
-        for micro in local_batch.split(t.local_batch_size):
-            if pp_enabled:
-                mb_losses: list[torch.Tensor] = []
-                target = micro if head is not None else None
-                inputs = (micro,) if has_first else ()
-                schedule.step(*inputs, target=target, losses=mb_losses)
-                step_loss += sum(l.detach().double() for l in mb_losses) if mb_losses else 0.0
-            else:
-                micro_loss = loss(model(micro), micro)
-                micro_loss.backward()
-                step_loss += micro_loss.detach().double()
-        if vocab_parallel and head is not None:
-            finalize_head_grads(head.weight, fsdp_mesh, dims.dp)
-        if tied is not None:
-            tied.sync_grads()
-        grad_norm = clip_grad_norm_(params, t.max_norm, pp_mesh.get_group() if pp_enabled else None,
-                                    skip=[tied.head_copy] if tied is not None and tied.head_copy is not None else [])
+    finished = False  # every rank reached the end (or a stop signal) together
+    try:
+        for step in range(start_step + 1, t.steps + 1):
+            if faults is not None:
+                faults.at_step(step)
+            local_batch = next(data_iter)["input_ids"].to(device)
+            loss.set_global_batch(local_batch, cfg.loss.ignore_index)
+            step_loss = torch.zeros((), device=device, dtype=torch.float64)
+            for micro in local_batch.split(t.local_batch_size):
+                if pp_enabled:
+                    mb_losses: list[torch.Tensor] = []
+                    target = micro if head is not None else None
+                    inputs = (micro,) if has_first else ()
+                    schedule.step(*inputs, target=target, losses=mb_losses)
+                    step_loss += sum(l.detach().double() for l in mb_losses) if mb_losses else 0.0
+                else:
+                    micro_loss = loss(model(micro), micro)
+                    micro_loss.backward()
+                    step_loss += micro_loss.detach().double()
+            if vocab_parallel and head is not None:
+                finalize_head_grads(head.weight, fsdp_mesh, dims.dp)
+            if tied is not None:
+                tied.sync_grads()
+            grad_norm = clip_grad_norm_(params, t.max_norm, pp_mesh.get_group() if pp_enabled else None,
+                                        skip=[tied.head_copy] if tied is not None and tied.head_copy is not None else [])
 
-        # Loss terms live on the last stage, one share per data-parallel rank (a vocab-parallel
-        # head's dp_shard group shares one term): average them everywhere.
-        dist.all_reduce(step_loss, group=dp_mesh.get_group())
-        if pp_enabled:
-            dist.all_reduce(step_loss, group=pp_mesh.get_group())
-        step_loss = step_loss.item() / dims.dp / (dims.dp_shard if vocab_parallel else 1)
-        finite = math.isfinite(step_loss) and math.isfinite(float(grad_norm))  # the same on every rank
-        if not finite and (t.nonfinite_policy == "stop" or skipped == t.nonfinite_max_skips):
-            what = f"loss {step_loss}, grad norm {float(grad_norm)} at step {step}"
-            raise NonFiniteLossError(what + (f" after {skipped} skipped steps" if skipped else "") + "; "
-                                     + _NONFINITE_ADVICE)
-        if finite:
-            for optimizer in optimizers:
-                optimizer.step()
-        else:
-            skipped += 1
-            logger.warning(f"step {step}: loss {step_loss}, grad norm {float(grad_norm)}; update skipped "
-                           f"({skipped}/{t.nonfinite_max_skips})")
-        lr = schedulers[0].get_last_lr()[0]
-        for scheduler in schedulers:
-            scheduler.step()
-            scheduler.optimizer.zero_grad(set_to_none=True)
-        losses.append(step_loss)
-        grad_norms.append(float(grad_norm))
-        window_tokens += global_batch * t.seq_len
-        if step % cfg.metrics.log_freq == 0 or step == t.steps:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            elapsed = time.perf_counter() - window_start
-            tps = window_tokens / elapsed / world_size
-            metrics.log(step, t.steps, {
-                "loss": step_loss, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_second": tps,
-                "mfu_percent": 100 * flops_per_token * tps / peak if peak else None,
-                "peak_memory_gib": peak_memory_gib(device),
-                **(pipeline_peak_memory(device, pp_mesh.get_group()) if pp_enabled else {}),
-            }, eta_seconds=(time.perf_counter() - run_start) / (step - start_step) * (t.steps - step))
-            window_start, window_tokens = time.perf_counter(), 0
-        if step == start_step + 1:  # start-up is over: from now on a rank that stops answering is caught sooner
-            set_pg_timeouts(cfg.comm.train_timeout_seconds, device, exclude=(checkpoint.async_group,))
+            # Loss terms live on the last stage, one share per data-parallel rank (a vocab-parallel
+            # head's dp_shard group shares one term): average them everywhere.
+            dist.all_reduce(step_loss, group=dp_mesh.get_group())
+            if pp_enabled:
+                dist.all_reduce(step_loss, group=pp_mesh.get_group())
+            step_loss = step_loss.item() / dims.dp / (dims.dp_shard if vocab_parallel else 1)
+            finite = math.isfinite(step_loss) and math.isfinite(float(grad_norm))  # the same on every rank
+            if not finite and (t.nonfinite_policy == "stop" or skipped == t.nonfinite_max_skips):
+                what = f"loss {step_loss}, grad norm {float(grad_norm)} at step {step}"
+                raise NonFiniteLossError(what + (f" after {skipped} skipped steps" if skipped else "") + "; "
+                                         + _NONFINITE_ADVICE)
+            if finite:
+                for optimizer in optimizers:
+                    optimizer.step()
+            else:
+                skipped += 1
+                logger.warning(f"step {step}: loss {step_loss}, grad norm {float(grad_norm)}; update skipped "
+                               f"({skipped}/{t.nonfinite_max_skips})")
+            lr = schedulers[0].get_last_lr()[0]
+            for scheduler in schedulers:
+                scheduler.step()
+                scheduler.optimizer.zero_grad(set_to_none=True)
+            losses.append(step_loss)
+            grad_norms.append(float(grad_norm))
+            window_tokens += global_batch * t.seq_len
+            if step % cfg.metrics.log_freq == 0 or step == t.steps:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                elapsed = time.perf_counter() - window_start
+                tps = window_tokens / elapsed / world_size
+                metrics.log(step, t.steps, {
+                    "loss": step_loss, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_second": tps,
+                    "mfu_percent": 100 * flops_per_token * tps / peak if peak else None,
+                    "peak_memory_gib": peak_memory_gib(device),
+                    **(pipeline_peak_memory(device, pp_mesh.get_group()) if pp_enabled else {}),
+                }, eta_seconds=(time.perf_counter() - run_start) / (step - start_step) * (t.steps - step))
+                window_start, window_tokens = time.perf_counter(), 0
+            if step == start_step + 1:  # start-up is over: from now on a rank that stops answering is caught sooner
+                set_pg_timeouts(cfg.comm.train_timeout_seconds, device, exclude=(checkpoint.async_group,))
+            if profiler is not None:
+                profiler.step()
+            saved = checkpoint.maybe_save(step, last=step == t.steps)
+            if step < t.steps and stop_request.agreed(device):
+                if not saved and not checkpoint.maybe_save(step, last=False, force=True):
+                    logger.warning("checkpoint.enable is off: nothing saved, this run cannot resume")
+                logger.info(f"stopping after step {step} on a signal; rerun the same command to resume")
+                stopped_at = step
+                break
+        finished = True
+    finally:  # on every way out: nothing of ours left running, and the last async save published
         if profiler is not None:
-            profiler.step()
-        saved = checkpoint.maybe_save(step, last=step == t.steps)
-        if step < t.steps and stop_request.agreed(device):
-            if not saved and not checkpoint.maybe_save(step, last=False, force=True):
-                logger.warning("checkpoint.enable is off: nothing saved, this run cannot resume")
-            logger.info(f"stopping after step {step} on a signal; rerun the same command to resume")
-            stopped_at = step
-            break
-    if profiler is not None:
-        profiler.stop()
-    checkpoint.close()
-    metrics.close()
+            profiler.stop()
+        metrics.close()
+        checkpoint.close(all_ranks=finished)
     _report_memory(cfg.job.dump_folder, device, plan, rank)
     return TrainResult(losses, grad_norms, stopped_at, parts)
 
@@ -366,9 +369,8 @@ def main(argv: list[str]) -> int:
             raise
         faults.report_and_exit(err)  # names the ranks that stopped answering, exits 1
     finally:
-        if dist.is_initialized():
-            with contextlib.suppress(Exception):
-                dist.destroy_process_group()
+        faults.stop()
+        close_distributed()
     return 0
 
 

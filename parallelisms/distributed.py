@@ -1,12 +1,15 @@
 """Process-group start-up: NCCL on CUDA, gloo on CPU, one code path for one or many ranks."""
 
 import datetime
+import gc
 import os
 import socket
+import weakref
 
 import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from training.errors import ConfigError
 
@@ -44,6 +47,36 @@ def init_distributed(device: torch.device, timeout_seconds: int) -> tuple[int, i
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_seconds),
                                 device_id=device if device.type == "cuda" else None)
     return dist.get_rank(), dist.get_world_size()
+
+
+# Every root mesh this process built: DTensor's caches keep meshes alive after the run, and a root
+# mesh keeps its dimensions' process groups; close_distributed takes those groups from them.
+_ROOT_MESHES: "weakref.WeakSet[DeviceMesh]" = weakref.WeakSet()
+
+
+def init_mesh(device_type: str, shape: tuple[int, ...], dim_names: tuple[str, ...]) -> DeviceMesh:
+    """``init_device_mesh``, remembered so that ``close_distributed`` can let go of its groups."""
+    mesh = init_device_mesh(device_type, shape, mesh_dim_names=dim_names)
+    _ROOT_MESHES.add(mesh)
+    return mesh
+
+
+def close_distributed() -> None:
+    """Destroy every process group and let go of them, so each one's worker threads end now.
+
+    A gloo worker frees the collective it has just run, output tensors included, and freeing a tensor
+    that Python has dropped takes the GIL. If the interpreter is already shutting down by then, the
+    thread is killed inside a C++ destructor and the process aborts ("terminate called without an
+    active exception") after a run that succeeded. A group joins its workers when its last reference
+    goes, and destroy_process_group drops only c10d's own: the meshes (kept alive by DTensor's caches),
+    FSDP states and pipeline stages hold the others. Call this last, once nothing uses a group.
+    """
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    for mesh in list(_ROOT_MESHES):
+        getattr(mesh, "_pg_registry", {}).clear()  # where torch keeps them: a root mesh's groups by name
+    _ROOT_MESHES.clear()
+    gc.collect()  # FSDP states and pipeline stages hold groups inside reference cycles
 
 
 def set_pg_timeouts(timeout_seconds: int, device: torch.device, exclude: tuple = ()) -> None:

@@ -2,8 +2,9 @@
 
 from dataclasses import dataclass
 
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 
+from parallelisms.distributed import init_mesh
 from training.config import Parallelism
 from training.errors import ConfigError
 
@@ -43,8 +44,7 @@ class ParallelDims:
     def build_mesh(self, device_type: str) -> tuple[DeviceMesh, DeviceMesh]:
         """The mesh with dims ``pp``, ``dp_replicate``, ``dp_shard``, and the flattened
         data-parallel mesh ``dp`` (data loading, loss sums)."""
-        mesh = init_device_mesh(device_type, (self.pp, self.dp_replicate, self.dp_shard),
-                                mesh_dim_names=("pp", "dp_replicate", "dp_shard"))
+        mesh = init_mesh(device_type, (self.pp, self.dp_replicate, self.dp_shard), ("pp", "dp_replicate", "dp_shard"))
         return mesh, mesh["dp_replicate", "dp_shard"]._flatten("dp")
 
     def fsdp_mesh(self, mesh: DeviceMesh) -> DeviceMesh:

@@ -6,9 +6,13 @@ them into one gloo process group over 127.0.0.1, calls ``fn(rank, world_size,
 rank fails the caller with that rank's traceback; a hang fails it after
 ``timeout_s``. ``fn`` and ``args`` must be picklable (``fn`` defined at module
 level) and so must what ``fn`` returns; tensors come back through ``torch.save``.
+
+Each rank then shuts down as ``train.py`` does (``close_distributed``) and fails
+if a gloo worker thread outlives it: such a thread can abort the process at exit.
 """
 
 import datetime
+import glob
 import os
 import socket
 import tempfile
@@ -18,6 +22,8 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from parallelisms.distributed import close_distributed
 
 
 def free_port() -> int:
@@ -46,10 +52,24 @@ def _run_rank(
         timeout=datetime.timedelta(seconds=timeout_s),
     )
     try:
-        result = fn(rank, world_size, *args)
-        torch.save(result, os.path.join(result_dir, f"rank{rank}.pt"))
+        torch.save(fn(rank, world_size, *args), os.path.join(result_dir, f"rank{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        close_distributed()
+    left = gloo_worker_threads()
+    if left:
+        raise RuntimeError(f"rank {rank}: {left} gloo worker threads outlived close_distributed()")
+
+
+def gloo_worker_threads() -> int:
+    """This process's gloo worker threads (Linux names them pt_gloo_runloop)."""
+    names = []
+    for comm in glob.glob("/proc/self/task/*/comm"):
+        try:
+            with open(comm) as f:
+                names.append(f.read().strip())
+        except FileNotFoundError:  # the thread ended while we looked
+            pass
+    return names.count("pt_gloo_runloop")
 
 
 def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 120.0) -> list[Any]:

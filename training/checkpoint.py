@@ -218,10 +218,21 @@ class CheckpointManager:
         future.result()  # raises what the writer thread raised
         self._publish(step)
 
-    def close(self) -> None:
-        """Finish an async save still in flight; call after the last step (or a stop signal's save)."""
-        if self.async_group is not None:
+    def close(self, all_ranks: bool) -> None:
+        """Finish an async save still in flight, so that nothing written is lost; call once the loop is over.
+
+        ``all_ranks``: every rank got here (the last step, a stop signal), so they wait for rank 0's
+        rename together. Otherwise (an error on this rank) only this rank's part is waited for.
+        """
+        if self.async_group is None:
+            return
+        try:
             self._publish_finished(wait=True)
+        except Exception as err:  # the save failed too, e.g. a peer died; the error being raised says more
+            if all_ranks:
+                raise
+            logger.warning(f"the checkpoint being written in the background is lost: {err}")
+        if all_ranks:
             dist.barrier()
 
     def _prune(self) -> None:

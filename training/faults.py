@@ -4,9 +4,12 @@ printing only a stack trace.
 A collective fails at once when a peer died (gloo: its connection is reset) and after the group's
 timeout when a peer hangs (``comm.train_timeout_seconds``; gloo raises, NCCL raises a
 ``DistBackendError`` where the error reaches Python). The first rank to see such an error raises a
-flag on the c10d store. A thread on every rank waits for that flag, so it wakes even while its main
-thread is stuck in another collective, and checks the rank in; who has not checked in after
-``CHECK_IN_SECONDS`` is dead or hung (a stopped process's threads stop with it).
+flag on the c10d store and wakes every rank's watcher thread (each waits on a key of its own, so it
+wakes even while its main thread is stuck in another collective); each rank checks in, and who has not
+checked in after ``CHECK_IN_SECONDS`` is dead or hung (a stopped process's threads stop with it).
+
+A run that ends, well or not, calls ``stop``: the rank wakes its own watcher, joins it and drops its
+store clients, so no thread of ours is left blocked in C++ when the interpreter shuts down.
 """
 
 import datetime
@@ -22,6 +25,11 @@ from torch.distributed.distributed_c10d import _get_default_store
 
 CHECK_IN_SECONDS = 5.0
 _RAISED, _ALIVE = "fault/raised", "fault/alive"
+_STOP = "stop"  # the value a rank writes to its own wake key to end its watcher
+
+
+def _wake_key(rank: int) -> str:
+    return f"fault/wake/{rank}"
 
 
 def is_collective_failure(err: BaseException) -> bool:
@@ -53,6 +61,8 @@ class FaultWatch:
         self._step = 0  # the step this rank is in; 0 during start-up
         self._first_step = 0  # this run's first; until it is done the init timeout holds
         self._store = None
+        self._rank = 0
+        self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
 
     def at_step(self, step: int) -> None:
@@ -67,15 +77,35 @@ class FaultWatch:
         if dist.get_world_size() == 1:
             return
         store = _get_default_store()
+        self._rank = dist.get_rank()
         self._store = store.clone()  # one store client per thread: they are not shared across threads
-        threading.Thread(target=self._watch, args=(store.clone(),), name="fault-watch", daemon=True).start()
+        self._store.delete_key(_wake_key(self._rank))  # left by an earlier watcher in this process
+        self._thread = threading.Thread(target=self._watch, args=(store.clone(), self._rank),
+                                        name="fault-watch", daemon=True)
+        self._thread.start()
 
-    def _watch(self, store) -> None:
+    def _watch(self, store, rank: int) -> None:
         try:
-            store.wait([_RAISED], datetime.timedelta(days=365))
-        except Exception:  # the store closed: the run is over, or its host died (the main thread says so)
+            store.wait([_wake_key(rank)], datetime.timedelta(days=365))
+            woken_by = store.get(_wake_key(rank)).decode()
+        except Exception:  # the store closed: its host died (the main thread says so)
             return
-        self.report_and_exit()
+        if woken_by != _STOP:
+            self.report_and_exit()
+
+    def stop(self) -> None:
+        """End the watcher thread and drop the store clients; the run is over on this rank.
+
+        Touches only this rank's wake key, so a peer still running keeps its watcher.
+        """
+        if self._thread is not None:
+            try:
+                self._store.set(_wake_key(self._rank), _STOP)
+            except Exception:  # the store's host is gone: the watcher's wait has failed and returns
+                pass
+            self._thread.join()
+            self._thread = None
+        self._store = None
 
     def report_and_exit(self, cause: Optional[BaseException] = None) -> NoReturn:
         """Raise the flag (``cause``: this rank's failed collective), check in, name who did not, exit 1.
@@ -95,6 +125,7 @@ class FaultWatch:
             self._store.set_timeout(datetime.timedelta(seconds=CHECK_IN_SECONDS))
             if cause is not None:  # the first error is the one everyone quotes
                 self._store.compare_set(_RAISED, "", f"rank {rank}: {_first_line(cause)}")
+            self._store.multi_set([_wake_key(r) for r in range(world)], ["raised"] * world)
             self._store.append(_ALIVE, f"{rank},")
             time.sleep(CHECK_IN_SECONDS)
             alive = {int(r) for r in self._store.get(_ALIVE).decode().split(",") if r}
