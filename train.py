@@ -35,11 +35,11 @@ from parallelisms.parallel_dims import ParallelDims
 from parallelisms.pipeline import build_schedule, build_stage_module, plan_pipeline
 from parallelisms.tied_embeddings import TiedEmbeddingSync
 from parallelisms.vocab_parallel import finalize_head_grads, shard_head_over_vocab
-from training.config import JobConfig
+from config.job_config import JobConfig
 from training.checkpoint import CheckpointError, CheckpointManager
 from training.config_loader import dump_config, load_config
 from training.dry_run import DryRun, format_report, split_dry_run_args
-from training.errors import ConfigError
+from config.errors import ConfigError
 from training.faults import FaultWatch, is_collective_failure
 from training.memory_estimate import estimate_memory
 from training.metrics import (MetricsLogger, gather_peak_memory_gib, peak_flops, peak_memory_gib,

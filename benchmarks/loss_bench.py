@@ -46,7 +46,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from losses import LOSS_NAMES, build_loss  # noqa: E402
 from models.output_head import OutputHead  # noqa: E402
-from training.errors import ConfigError  # noqa: E402
+from config.errors import ConfigError  # noqa: E402
 
 try:
     import triton.testing

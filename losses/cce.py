@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from losses.base import OutputLoss
 from losses.functional import mean_divisor
 from losses.options import DEFAULT_FILTER_EPS
-from training.errors import ConfigError
+from config.errors import ConfigError
 
 
 class CutCrossEntropy(OutputLoss):

@@ -6,7 +6,9 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-IGNORE_INDEX = -100
+from config.job_config import Loss
+
+IGNORE_INDEX = Loss.ignore_index  # the recipe's default (PyTorch's -100)
 REDUCTIONS = ("mean", "sum", "none")
 
 

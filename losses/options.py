@@ -9,8 +9,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from losses.chunked_linear_cross_entropy import DEFAULT_CHUNK_SIZE
-from losses.functional import IGNORE_INDEX
+from config.job_config import Loss
 
 # Returns what is wrong with a value, or None when it is valid.
 Check = Callable[[object], Optional[str]]
@@ -60,7 +59,8 @@ def _boolean(value: object) -> Optional[str]:
 
 # What cut_cross_entropy 25.1.1 accepts (its "auto" and "high" are the same threshold).
 FILTER_EPS_NAMES = ("high", "auto")
-DEFAULT_FILTER_EPS = "high"
+_DEFAULTS = Loss()  # the recipe's defaults are every entry's defaults
+DEFAULT_FILTER_EPS = _DEFAULTS.filter_eps
 
 
 def _filter_eps(value: object) -> Optional[str]:
@@ -72,13 +72,13 @@ def _filter_eps(value: object) -> Optional[str]:
 OPTIONS: dict[str, LossOption] = {
     option.name: option
     for option in (
-        LossOption("ignore_index", IGNORE_INDEX, _integer(), "ignore a label id"),
-        LossOption("z_loss_weight", 0.0, _number(0.0), "apply z-loss"),
-        LossOption("label_smoothing", 0.0, _number(0.0, 1.0), "apply label smoothing"),
-        LossOption("logit_softcap", 0.0, _number(0.0), "softcap the logits"),
-        LossOption("chunk_size", DEFAULT_CHUNK_SIZE, _integer(minimum=0), "set a token chunk size"),
-        LossOption("compile", False, _boolean, "compile its chunk math"),
-        LossOption("filter_eps", DEFAULT_FILTER_EPS, _filter_eps, "filter small gradients (filter_eps)"),
+        LossOption("ignore_index", _DEFAULTS.ignore_index, _integer(), "ignore a label id"),
+        LossOption("z_loss_weight", _DEFAULTS.z_loss_weight, _number(0.0), "apply z-loss"),
+        LossOption("label_smoothing", _DEFAULTS.label_smoothing, _number(0.0, 1.0), "apply label smoothing"),
+        LossOption("logit_softcap", _DEFAULTS.logit_softcap, _number(0.0), "softcap the logits"),
+        LossOption("chunk_size", _DEFAULTS.chunk_size, _integer(minimum=0), "set a token chunk size"),
+        LossOption("compile", _DEFAULTS.compile, _boolean, "compile its chunk math"),
+        LossOption("filter_eps", _DEFAULTS.filter_eps, _filter_eps, "filter small gradients (filter_eps)"),
     )
 }
 

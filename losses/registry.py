@@ -17,7 +17,7 @@ from losses.chunked import ChunkedCrossEntropy
 from losses.chunked_linear_cross_entropy import TRITON_AVAILABLE
 from losses.cross_entropy import MaterializedCrossEntropy
 from losses.options import COMMON_OPTIONS, OPTIONS
-from training.errors import ConfigError
+from config.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

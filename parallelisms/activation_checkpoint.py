@@ -7,7 +7,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from models.transformer import Transformer
-from training.config import ActivationCheckpoint
+from config.job_config import ActivationCheckpoint
 
 # Saved by op-level selective AC: the expensive results; everything else is recomputed.
 _SAVE_OPS = {

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from training.errors import ConfigError
+from config.errors import ConfigError
 
 
 def _free_port() -> int:

@@ -5,8 +5,8 @@ from dataclasses import dataclass
 from torch.distributed.device_mesh import DeviceMesh
 
 from parallelisms.distributed import init_mesh
-from training.config import Parallelism
-from training.errors import ConfigError
+from config.job_config import Parallelism
+from config.errors import ConfigError
 
 
 @dataclass(frozen=True)

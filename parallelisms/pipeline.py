@@ -19,8 +19,8 @@ from torch.distributed.pipelining.schedules import (
 )
 
 from models.transformer import Transformer
-from training.config import Parallelism
-from training.errors import ConfigError
+from config.job_config import Parallelism
+from config.errors import ConfigError
 
 PIPELINE_SCHEDULES = {
     "GPipe": ScheduleGPipe,

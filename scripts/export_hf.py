@@ -22,7 +22,7 @@ import torch.distributed.checkpoint as dcp
 from models import build_model_args
 from training.checkpoint import EXPORT_DTYPES, CheckpointError, model_fingerprint, read_train_state
 from training.config_loader import load_config
-from training.errors import ConfigError
+from config.errors import ConfigError
 from training.hf_checkpoint import write_hf_folder
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from training.config_loader import load_config
-from training.errors import ConfigError
+from config.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,6 +9,7 @@ against the registry. No model, process group or device is touched.
 
 import dataclasses
 import re
+import typing
 from pathlib import Path
 
 import pytest
@@ -18,8 +19,7 @@ from losses.options import OPTIONS
 from losses.registry import LOSS_NAMES, loss_option_names
 from models.flavors import MODEL_FLAVORS
 from parallelisms.pipeline import PIPELINE_SCHEDULES
-from training.config import JobConfig
-from training.config_loader import _CHOICES
+from config.job_config import JobConfig, LossName, PipelineSchedule
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "config.md"
 
@@ -118,11 +118,26 @@ def _allowed(section: str, key: str) -> str:
     return DOCUMENTED[(section, key)][3]
 
 
-@pytest.mark.parametrize("key", list(_CHOICES))
+def _choices(tp) -> tuple:
+    """The values of a ``Literal`` field (or of a list of them); () for other types."""
+    if typing.get_origin(tp) is list:
+        tp = typing.get_args(tp)[0]
+    return typing.get_args(tp) if typing.get_origin(tp) is typing.Literal else ()
+
+
+_TYPES = {key: typing.get_type_hints(type(getattr(JobConfig(), key[0])))[key[1]] for key in FIELDS}
+CHOICES = {key: _choices(tp) for key, tp in _TYPES.items() if _choices(tp)}
+
+
+@pytest.mark.parametrize("key", list(CHOICES), ids=[f"{s}.{k}" for s, k in CHOICES])
 def test_every_choice_is_listed(key):
-    section, name = key.split(".")
-    for value in _CHOICES[key]:
-        assert f'`"{value}"`' in _allowed(section, name), f"{key}: choice {value!r} not in the allowed-values cell"
+    for value in CHOICES[key]:
+        assert f'`"{value}"`' in _allowed(*key), f"{key}: choice {value!r} not in the allowed-values cell"
+
+
+def test_the_types_choices_are_the_registries_names():
+    assert sorted(typing.get_args(LossName)) == sorted(LOSS_NAMES)
+    assert sorted(typing.get_args(PipelineSchedule)) == sorted(PIPELINE_SCHEDULES)
 
 
 def test_loss_names_flavors_and_schedules_are_listed():

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from parallelisms.distributed import set_pg_timeouts
 from tests.dist_utils import run_distributed
 from training.config_loader import dump_config, load_config
-from training.errors import ConfigError
+from config.errors import ConfigError
 from training.faults import CHECK_IN_SECONDS, is_collective_failure
 
 ROOT = Path(__file__).resolve().parents[1]

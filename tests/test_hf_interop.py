@@ -19,7 +19,7 @@ from tests.weights import loaded_parameters, whole_parameters
 from train import train
 from training.checkpoint import CheckpointError
 from training.config_loader import load_config
-from training.errors import ConfigError
+from config.errors import ConfigError
 from training.hf_checkpoint import INDEX, write_hf_folder
 
 VOCAB = 515

@@ -13,7 +13,7 @@ from losses.cce import CCELoss
 from models.output_head import OutputHead
 from tests.reference import IGNORE
 from tests.reference import reference as shared_reference
-from training.errors import ConfigError
+from config.errors import ConfigError
 B, S, D, V = 2, 37, 32, 101  # 74 tokens: not a multiple of the chunk size below, V prime
 CHUNK = 16
 CPU = torch.device("cpu")

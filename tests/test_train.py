@@ -10,8 +10,8 @@ import pytest
 
 from parallelisms.parallel_dims import ParallelDims
 from parallelisms.pipeline import plan_pipeline
-from training.config import Parallelism
-from training.errors import ConfigError
+from config.job_config import Parallelism
+from config.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -43,8 +43,8 @@ from torch.distributed.checkpoint.state_dict import (
 
 from models.args import ModelArgs
 from models.hf_adapter import config_mismatches, to_hf_name
-from training.config import Checkpoint
-from training.errors import ConfigError
+from config.job_config import Checkpoint
+from config.errors import ConfigError
 from training.hf_checkpoint import is_hf_folder
 
 logger = logging.getLogger("train")

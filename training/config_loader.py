@@ -13,26 +13,9 @@ from typing import Any, Sequence
 import tomli
 
 from losses.options import OPTIONS as LOSS_OPTIONS
-from training.config import Checkpoint, JobConfig
-from training.errors import ConfigError
+from config.job_config import Checkpoint, JobConfig
+from config.errors import ConfigError
 from training.hf_checkpoint import is_hf_folder
-
-_CHOICES = {
-    "model.name": ("llama3", "qwen3"),
-    "training.mixed_precision_param": ("bfloat16", "float32"),
-    "training.mixed_precision_reduce": ("bfloat16", "float32"),
-    "training.device": ("auto", "cpu", "cuda"),
-    "training.nonfinite_policy": ("stop", "skip"),
-    "training.dataset": ("text", "jsonl", "tokens"),
-    "optimizer.name": ("AdamW",),
-    "lr_scheduler.decay_type": ("cosine", "linear", "constant"),
-    "activation_checkpoint.mode": ("none", "full", "selective"),
-    "parallelism.fsdp_reshard_after_forward": ("default", "always", "never"),
-    "parallelism.vocab_parallel_mesh_dim": ("dp_shard",),
-    "checkpoint.async_mode": ("disabled", "async"),
-    "checkpoint.export_dtype": ("float32", "bfloat16", "float16"),
-}
-
 
 def _did_you_mean(name: str, options: Sequence[str]) -> str:
     close = difflib.get_close_matches(name, list(options), n=1)
@@ -42,24 +25,42 @@ def _did_you_mean(name: str, options: Sequence[str]) -> str:
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is typing.Union:
         return " or ".join(_type_name(t) for t in typing.get_args(tp))
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list"}[tp]
+    if typing.get_origin(tp) is typing.Literal:
+        return "one of " + ", ".join(map(repr, typing.get_args(tp)))
+    if typing.get_origin(tp) is list:
+        return "a list"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[tp]
 
 
 def _check_type(key: str, tp: Any, value: Any) -> Any:
-    """Accept ``value`` for a field of type ``tp`` (TOML-typed), or raise naming the key."""
-    if typing.get_origin(tp) is typing.Union:
+    """Accept ``value`` for a field of type ``tp`` (TOML-typed), or raise naming the key.
+
+    A ``Literal`` field takes one of its values; a ``list[X]`` field a list of X.
+    """
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
         for option in typing.get_args(tp):
             try:
                 return _check_type(key, option, value)
             except ConfigError:
                 pass
+    elif origin is typing.Literal:
+        allowed = typing.get_args(tp)
+        if value in allowed and type(value) is type(allowed[0]):
+            return value
+        raise ConfigError(key, f"{value!r} is not one of {', '.join(map(repr, allowed))}"
+                               f"{_did_you_mean(str(value), [str(a) for a in allowed])}")
+    elif origin is list:
+        if isinstance(value, list):
+            (item,) = typing.get_args(tp) or (Any,)
+            return value if item is Any else [_check_type(key, item, v) for v in value]
     elif tp is bool and isinstance(value, bool):
         return value
     elif tp is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     elif tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
-    elif tp in (str, list) and isinstance(value, tp):
+    elif tp is str and isinstance(value, str):
         return value
     raise ConfigError(key, f"expected {_type_name(tp)}, got {value!r}")
 
@@ -76,7 +77,7 @@ def _parse_cli_value(key: str, tp: Any, text: str) -> Any:
     """Read a command-line string by the field's type: ``[a, b]``, ``a,b`` and bare words all work."""
     if tp is str:
         return text
-    if tp is list:
+    if typing.get_origin(tp) is list:
         value = _parse_scalar(text)
         if not isinstance(value, list):
             items = text.strip().removeprefix("[").removesuffix("]").split(",")
@@ -167,12 +168,7 @@ def validate_config(cfg: JobConfig) -> None:
     """Checks that need no process group: choices, ranges, and cross-key combinations."""
     from losses import validate_loss_options
     from models import MODEL_FLAVORS
-    from parallelisms.pipeline import PIPELINE_SCHEDULES
 
-    for key, allowed in _CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        _require(value in allowed, key, f"{value!r} is not one of {', '.join(map(repr, allowed))}{_did_you_mean(str(value), allowed)}")
     flavors = MODEL_FLAVORS[cfg.model.name]
     _require(cfg.model.flavor in flavors, "model.flavor",
              f"{cfg.model.name} has no flavor {cfg.model.flavor!r}; choose one of {', '.join(flavors)}")
@@ -204,9 +200,6 @@ def validate_config(cfg: JobConfig) -> None:
         _require(getattr(p, key) >= 1, f"parallelism.{key}", "must be >= 1")
     _require(p.data_parallel_shard_degree == -1 or p.data_parallel_shard_degree >= 1,
              "parallelism.data_parallel_shard_degree", "must be >= 1, or -1 to fill the remaining ranks")
-    _require(p.pipeline_parallel_schedule in PIPELINE_SCHEDULES, "parallelism.pipeline_parallel_schedule",
-             f"{p.pipeline_parallel_schedule!r} is not one of {', '.join(PIPELINE_SCHEDULES)}"
-             f"{_did_you_mean(p.pipeline_parallel_schedule, PIPELINE_SCHEDULES)}")
     _require(p.pipeline_parallel_layers_per_stage >= 0, "parallelism.pipeline_parallel_layers_per_stage",
              "must be >= 0 (0 splits the layers evenly)")
     _require(not (p.pipeline_parallel_layers_per_stage and p.pipeline_parallel_stage_split_points),
@@ -227,9 +220,6 @@ def validate_config(cfg: JobConfig) -> None:
         _require(ac.selective_ac_option == "op" or (ac.selective_ac_option.isdigit() and int(ac.selective_ac_option) > 0),
                  "activation_checkpoint.selective_ac_option",
                  f"expected 'op' or a positive integer N (every N-th block), got {ac.selective_ac_option!r}")
-    for comp in cfg.compile.components:
-        _require(comp in ("model", "loss"), "compile.components",
-                 f"{comp!r} is not one of 'model', 'loss'{_did_you_mean(str(comp), ('model', 'loss'))}")
     _require(cfg.metrics.log_freq >= 1, "metrics.log_freq", "must be >= 1")
     _require(cfg.profiling.profile_freq >= 2, "profiling.profile_freq",
              "must be >= 2 (each traced step follows one untraced warm-up step)")

@@ -12,8 +12,8 @@ from typing import Callable, Optional, Sequence
 
 from models import build_model_args
 from parallelisms.parallel_dims import ParallelDims
-from training.config import JobConfig
-from training.errors import ConfigError
+from config.job_config import JobConfig
+from config.errors import ConfigError
 from training.memory_estimate import CUDA_OVERHEAD_GIB, GIB, RankMemory, loss_impl, peaks_per_rank_gib
 
 _VALUED = ("--world_size", "--gpu_memory_gib")

@@ -36,8 +36,8 @@ from losses.chunked_linear_cross_entropy import auto_chunk_size
 from models.args import ModelArgs
 from parallelisms.parallel_dims import ParallelDims
 from parallelisms.pipeline import PIPELINE_SCHEDULES, PipelinePlan, build_stage_module, plan_pipeline
-from training.config import JobConfig, Parallelism
-from training.errors import ConfigError
+from config.job_config import JobConfig, Parallelism
+from config.errors import ConfigError
 
 GIB = 2**30
 # CUDA context, NCCL buffers and the caching allocator's unused reserve: not in

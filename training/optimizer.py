@@ -5,7 +5,7 @@ import math
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from training.config import LRScheduler, Optimizer
+from config.job_config import LRScheduler, Optimizer
 
 
 def build_optimizer(params: list[torch.nn.Parameter], cfg: Optimizer, device: torch.device) -> torch.optim.AdamW:

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch.profiler import ProfilerAction, ProfilerActivity
 
-from training.config import Profiling
+from config.job_config import Profiling
 
 logger = logging.getLogger("train")
 

@@ -1,14 +1,17 @@
 """Recipe configuration: one plain dataclass per TOML section.
 
-Names follow TorchTitan's where it has them. Every field is documented in
-``docs/config.md``; ``training/config_loader.py`` turns TOML + CLI overrides into
-a validated ``JobConfig``.
+Names follow TorchTitan's where it has them. A key with a fixed set of values has
+them in its type (``Literal``), which is what the loader checks a value against.
+Every field is documented in ``docs/config.md``; ``training/config_loader.py`` turns
+TOML + CLI overrides into a validated ``JobConfig``.
 """
 
 from dataclasses import dataclass, field
-from typing import Union
+from typing import Literal, Union
 
-from losses.options import OPTIONS as LOSS_OPTIONS
+Dtype = Literal["bfloat16", "float32"]
+LossName = Literal["auto", "chunked", "cce", "cce_torch_compile", "cross_entropy"]
+PipelineSchedule = Literal["GPipe", "1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble"]
 
 
 @dataclass
@@ -19,7 +22,7 @@ class Job:
 
 @dataclass
 class Model:
-    name: str = "qwen3"
+    name: Literal["llama3", "qwen3"] = "qwen3"
     flavor: str = "debug"
     tokenizer: str = "bytes"
     vocab_size: int = 0  # 0 keeps the flavor's vocabulary
@@ -33,43 +36,44 @@ class Training:
     seq_len: int = 256
     max_norm: float = 1.0
     seed: int = 0
-    dataset: str = "text"
+    dataset: Literal["text", "jsonl", "tokens"] = "text"
     dataset_path: str = "data/corpus"
-    mixed_precision_param: str = "bfloat16"
-    mixed_precision_reduce: str = "float32"
-    device: str = "auto"
-    nonfinite_policy: str = "stop"  # a non-finite loss or gradient norm: "stop", or "skip" the update
+    mixed_precision_param: Dtype = "bfloat16"
+    mixed_precision_reduce: Dtype = "float32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    nonfinite_policy: Literal["stop", "skip"] = "stop"  # a non-finite loss or gradient norm: "stop", or "skip" the update
     nonfinite_max_skips: int = 10  # with "skip": stop after this many skipped steps
 
 
 @dataclass
 class Optimizer:
-    name: str = "AdamW"
+    name: Literal["AdamW"] = "AdamW"
     lr: float = 3e-4
     weight_decay: float = 0.1
-    betas: list = field(default_factory=lambda: [0.9, 0.95])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
 
 
 @dataclass
 class LRScheduler:
     warmup_steps: int = 0
-    decay_type: str = "cosine"
+    decay_type: Literal["cosine", "linear", "constant"] = "cosine"
     min_lr_factor: float = 0.1
 
 
 @dataclass
 class Loss:
-    """``name`` picks a registry entry (losses/registry.py); the defaults are the registry's."""
+    """``name`` picks a registry entry (losses/registry.py); the other fields are the options
+    entries take (losses/options.py says which entry honours which, and their valid values)."""
 
-    name: str = "auto"
-    ignore_index: int = LOSS_OPTIONS["ignore_index"].default
-    z_loss_weight: float = LOSS_OPTIONS["z_loss_weight"].default
-    label_smoothing: float = LOSS_OPTIONS["label_smoothing"].default
-    logit_softcap: float = LOSS_OPTIONS["logit_softcap"].default
-    chunk_size: int = LOSS_OPTIONS["chunk_size"].default
-    compile: bool = LOSS_OPTIONS["compile"].default
-    filter_eps: Union[str, float] = LOSS_OPTIONS["filter_eps"].default
+    name: LossName = "auto"
+    ignore_index: int = -100
+    z_loss_weight: float = 0.0
+    label_smoothing: float = 0.0
+    logit_softcap: float = 0.0
+    chunk_size: int = 0  # 0: sized by memory (a 256 MiB block of logits)
+    compile: bool = False
+    filter_eps: Union[str, float] = "high"  # cut-cross-entropy's threshold: "high" (= "auto") or a number
 
 
 @dataclass
@@ -77,26 +81,26 @@ class Parallelism:
     data_parallel_replicate_degree: int = 1
     data_parallel_shard_degree: int = -1  # -1: whatever the other degrees leave
     pipeline_parallel_degree: int = 1
-    pipeline_parallel_schedule: str = "1F1B"
+    pipeline_parallel_schedule: PipelineSchedule = "1F1B"
     pipeline_parallel_microbatch_size: int = 1
     pipeline_parallel_layers_per_stage: int = 0  # 0: split evenly
-    pipeline_parallel_stage_split_points: list = field(default_factory=list)
+    pipeline_parallel_stage_split_points: list[int] = field(default_factory=list)
     pipeline_parallel_virtual_stages: int = 1  # stages per pipeline rank; >1 for interleaved schedules
-    fsdp_reshard_after_forward: str = "default"
+    fsdp_reshard_after_forward: Literal["default", "always", "never"] = "default"
     vocab_parallel: bool = False
-    vocab_parallel_mesh_dim: str = "dp_shard"
+    vocab_parallel_mesh_dim: Literal["dp_shard"] = "dp_shard"
 
 
 @dataclass
 class ActivationCheckpoint:
-    mode: str = "none"
+    mode: Literal["none", "full", "selective"] = "none"
     selective_ac_option: str = "2"  # selective: "op", or N to checkpoint every N-th block
 
 
 @dataclass
 class Compile:
     enable: bool = False
-    components: list = field(default_factory=lambda: ["model", "loss"])
+    components: list[Literal["model", "loss"]] = field(default_factory=lambda: ["model", "loss"])
 
 
 @dataclass
@@ -125,11 +129,11 @@ class Checkpoint:
     interval: int = 500  # steps between saves; the last step is always saved
     keep_latest_k: int = 0  # 0 keeps every checkpoint
     load_step: int = -1  # -1: resume from the newest complete checkpoint, if any
-    async_mode: str = "disabled"  # "async": write in a background thread after a copy to CPU memory
+    async_mode: Literal["disabled", "async"] = "disabled"  # "async": write in a background thread after a copy to CPU memory
     initial_load_path: str = ""  # a DCP checkpoint or Hugging Face folder to start from when `folder` has none
     initial_load_model_only: bool = True  # from initial_load_path take only the weights
     last_save_model_only: bool = False  # the final save holds only the weights (for export, not resume)
-    export_dtype: str = "float32"  # dtype of the weights in a model-only final save
+    export_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # dtype of the weights in a model-only final save
 
 
 @dataclass

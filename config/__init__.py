@@ -1,0 +1,10 @@
+"""The recipe's dataclasses and the error a user fixes in the recipe: the bottom of the tree.
+
+Every other package may import this one; it imports none of them. Reading a recipe
+(TOML + command line, validated against the registries) is ``training/config_loader.py``.
+"""
+
+from config.errors import ConfigError
+from config.job_config import JobConfig
+
+__all__ = ["ConfigError", "JobConfig"]
