@@ -1,86 +1,55 @@
 """Train a recipe: ``torchrun --nproc_per_node=N train.py --config configs/X.toml [--section.key value ...]``.
 
-The whole composition is in ``main``, in order: config → process group and
-mesh → data → model (meta) → pipeline split → parallelize → init weights →
-loss from the registry → optimizer → loop.
+``train`` is the whole composition, in order: process group and mesh → data → model
+(meta) → pipeline split → parallelize → init weights → loss from the registry →
+optimizer → checkpoint → loop. ``main`` turns what can go wrong into one line and an
+exit code, and closes the process group on every way out.
 """
 
-import importlib.metadata
-import json
 import logging
-import math
-import signal
 import os
 import sys
 import time
+import traceback
 import warnings
 from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
+from config.errors import ConfigError
+from config.job_config import JobConfig
 from data import build_dataloader, build_tokenizer
 from data.loader import check_tokenizer_fits
-from losses import build_loss, loss_option_names
-from losses.vocab_parallel_head import VocabParallelHeadLoss
+from losses import build_loss, choose_loss, recipe_options
 from models import Transformer, build_model_args
 from models.initialize import init_weights
-from parallelisms.activation_checkpoint import apply_activation_checkpointing
-from parallelisms.compile import apply_compile
 from parallelisms.distributed import close_distributed, init_distributed, resolve_device, set_pg_timeouts
-from parallelisms.fsdp import apply_fsdp
-from parallelisms.grad_clip import clip_grad_norm_
 from parallelisms.parallel_dims import ParallelDims
+from parallelisms.parallelize import parallelize
 from parallelisms.pipeline import build_schedule, build_stage_module, plan_pipeline
 from parallelisms.tied_embeddings import TiedEmbeddingSync
-from parallelisms.vocab_parallel import finalize_head_grads, shard_head_over_vocab
-from config.job_config import JobConfig
 from training.checkpoint import CheckpointError, CheckpointManager
-from training.config_loader import dump_config, load_config
+from training.config_loader import load_config
 from training.dry_run import DryRun, format_report, split_dry_run_args
-from config.errors import ConfigError
 from training.faults import FaultWatch, is_collective_failure
 from training.memory_estimate import estimate_memory
-from training.metrics import (MetricsLogger, gather_peak_memory_gib, peak_flops, peak_memory_gib,
-                              pipeline_peak_memory)
+from training.metrics import MetricsLogger, peak_flops, peak_memory_gib, pipeline_peak_memory
 from training.optimizer import build_lr_scheduler, build_optimizer
+from training.preemption import StopRequest
 from training.profiling import start_profiler
+from training.run_log import log_run, report_memory
+from training.step import NonFiniteLossError, TrainStep, global_batch_size
 from training.token_normalization import GlobalTokenMeanLoss
 
 logger = logging.getLogger("train")
 # torchdata 0.11 calls an API that torch >= 2.12 deprecates; nothing for a user to act on.
 warnings.filterwarnings("ignore", message=".*set_vital.*")
 
-
-class NonFiniteLossError(RuntimeError):
-    pass
-
-
-_NONFINITE_ADVICE = ("try a lower optimizer.lr, more lr_scheduler.warmup_steps, training.max_norm > 0, "
-                     "or training.mixed_precision_param = 'float32'")
 _OOM_ADVICE = ("out of GPU memory; to use less: a smaller training.local_batch_size (with global_batch_size kept, "
                "gradient accumulation makes up the rest) or parallelism.pipeline_parallel_microbatch_size, "
                "activation_checkpoint.mode = 'full', loss.name = 'cce' (no logits), "
                "parallelism.vocab_parallel = true (classifier never gathered), or more ranks in the layout")
-
-
-class _StopRequest:
-    """SIGTERM / SIGUSR1 (Slurm preemption with --signal): finish the step, checkpoint, exit 0."""
-
-    def __init__(self):
-        self.signal = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.signal = signal.Signals(signum).name
-
-    def agreed(self, device: torch.device) -> bool:
-        """Ranks get the signal at different moments: stop together once any rank has it."""
-        flag = torch.tensor([1.0 if self.signal else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return flag.item() > 0
 
 
 @dataclass
@@ -89,17 +58,6 @@ class TrainResult:
     grad_norms: list[float]  # per step, of the whole model before clipping
     stopped_at: Optional[int]  # the step after which a signal stopped the run
     model_parts: list[torch.nn.Module]  # this rank's (sharded) stages
-
-
-def _global_batch_size(cfg: JobConfig, dims: ParallelDims) -> int:
-    t = cfg.training
-    per_micro_step = t.local_batch_size * dims.dp
-    g = t.global_batch_size if t.global_batch_size > 0 else per_micro_step
-    if g % per_micro_step:
-        raise ConfigError("training.global_batch_size",
-                          f"{g} is not a multiple of local_batch_size {t.local_batch_size} x data-parallel degree "
-                          f"{dims.dp} = {per_micro_step}; gradient accumulation needs whole micro-steps")
-    return g
 
 
 def train(cfg: JobConfig, faults: Optional[FaultWatch] = None) -> TrainResult:
@@ -113,163 +71,78 @@ def train(cfg: JobConfig, faults: Optional[FaultWatch] = None) -> TrainResult:
     if faults is not None:
         faults.start()
     dims = ParallelDims.from_config(cfg.parallelism, world_size)
-    global_batch = _global_batch_size(cfg, dims)
+    global_batch = global_batch_size(cfg, dims)
     mesh, dp_mesh = dims.build_mesh(device.type)
-    pp_mesh = mesh["pp"]
     torch.manual_seed(t.seed)
-
-    model_args = build_model_args(cfg.model.name, cfg.model.flavor, cfg.model.vocab_size)
-    if t.seq_len > model_args.max_seq_len:
-        raise ConfigError("training.seq_len", f"{t.seq_len} exceeds the flavor's {model_args.max_seq_len} positions")
-    model_args = replace(model_args, max_seq_len=t.seq_len)
+    model_args = _model_args(cfg)
     if rank == 0:
-        _log_run(cfg, dims, mesh, device)
-    pp_enabled = dims.pp > 1
-    plan = plan_pipeline(model_args.n_layers, cfg.parallelism, pp_mesh.get_local_rank(), t.local_batch_size) \
-        if pp_enabled else None
+        log_run(cfg, dims, mesh, device)
+    plan = plan_pipeline(model_args.n_layers, cfg.parallelism, mesh["pp"].get_local_rank(), t.local_batch_size) \
+        if dims.pp > 1 else None
+    dataloader = _build_data(cfg, model_args.vocab_size, global_batch, dp_mesh, dims)
 
-    try:
-        tokenizer = build_tokenizer(cfg.model.tokenizer)
-        check_tokenizer_fits(tokenizer, model_args.vocab_size)
-    except ValueError as err:
-        raise ConfigError("model.tokenizer", str(err)) from None
-    try:
-        dataloader = build_dataloader(dataset=t.dataset, dataset_path=t.dataset_path, tokenizer=tokenizer,
-                                      seq_len=t.seq_len, global_batch_size=global_batch,
-                                      dp_rank=dp_mesh.get_local_rank(), dp_degree=dims.dp, seed=t.seed,
-                                      vocab_size=model_args.vocab_size)
-    except ValueError as err:
-        raise ConfigError("training.dataset_path", str(err)) from None
-
-    # Build on the meta device: nothing is allocated until each rank holds only its shard.
+    # The model, built on the meta device: nothing is allocated until each rank holds only its shard.
     with torch.device("meta"):
         model = Transformer(model_args)
-    parts = [build_stage_module(model, plan, s) for s in plan.local_stages] if pp_enabled else [model]
+    parts = [build_stage_module(model, plan, s) for s in plan.local_stages] if plan else [model]
     param_dtype = t.mixed_precision_param if device.type == "cuda" else "float32"
-    fsdp_mesh = dims.fsdp_mesh(mesh)
-    vocab_parallel = cfg.parallelism.vocab_parallel
+    compute_dtype = getattr(torch, param_dtype)  # of the hidden states the loss sees
     for part in parts:
-        apply_activation_checkpointing(part, cfg.activation_checkpoint)
-        if cfg.compile.enable and "model" in cfg.compile.components:
-            apply_compile(part)
-        if vocab_parallel and part.output is not None:
-            shard_head_over_vocab(part, fsdp_mesh)  # the classifier is never gathered
-        apply_fsdp(part, fsdp_mesh, param_dtype, t.mixed_precision_reduce,
-                   cfg.parallelism.fsdp_reshard_after_forward, pp_enabled)
+        parallelize(part, cfg, dims.fsdp_mesh(mesh), param_dtype, pp_enabled=plan is not None)
         part.to_empty(device=device)
         init_weights(part, t.seed, device)
         part.train()
 
-    # The loss: chosen by name, applied to the last stage's hidden states through its head.
-    head = next((p.output for p in parts if p.output is not None), None)
-    loss_options = {k: v for k, v in vars(cfg.loss).items() if k in loss_option_names(cfg.loss.name)}
-    if cfg.compile.enable and "loss" in cfg.compile.components and "compile" in loss_options:
-        loss_options["compile"] = True
-    if head is None:
-        loss_sum = None
-    elif vocab_parallel:
-        common = {k: loss_options[k] for k in ("ignore_index", "z_loss_weight", "label_smoothing", "logit_softcap")}
-        group = mesh[cfg.parallelism.vocab_parallel_mesh_dim].get_group()
-        loss_sum = VocabParallelHeadLoss(head, group, impl=cfg.loss.name, **common)
-    else:
-        loss_sum = build_loss(cfg.loss.name, head, loss_options, reduction="sum", device=device)
-    loss = GlobalTokenMeanLoss(loss_sum, dp_mesh.get_group())
-    separate_head_copy = pp_enabled or vocab_parallel
-    tied = TiedEmbeddingSync(parts, plan, mesh) if separate_head_copy and model_args.tie_word_embeddings else None
-    schedule = build_schedule(parts, plan, cfg.parallelism.pipeline_parallel_schedule, pp_mesh.get_group(),
-                              device, loss) if pp_enabled else None
-
-    # One optimizer and schedule per stage (TorchTitan's layout), so checkpoints key state by parameter name.
-    params = [p for part in parts for p in part.parameters()]
+    loss = _build_training_loss(cfg, parts, mesh, dp_mesh, device, compute_dtype)
+    tied = TiedEmbeddingSync(parts, plan, mesh) \
+        if (plan or cfg.parallelism.vocab_parallel) and model_args.tie_word_embeddings else None
+    schedule = build_schedule(parts, plan, cfg.parallelism.pipeline_parallel_schedule, mesh["pp"].get_group(),
+                              device, loss) if plan else None
+    # One optimizer and LR schedule per stage (TorchTitan's layout): checkpoints key their state by parameter name.
     optimizers = [build_optimizer(list(part.parameters()), cfg.optimizer, device) for part in parts]
     schedulers = [build_lr_scheduler(opt, t.steps, cfg.lr_scheduler) for opt in optimizers]
+    train_step = TrainStep(cfg, dims, parts, schedule, loss, optimizers, schedulers, tied, mesh, dp_mesh.get_group())
+
     checkpoint = CheckpointManager(cfg.checkpoint, cfg.job.dump_folder, parts, optimizers, schedulers, dataloader,
                                    cfg.model.name, model_args)
     start_step = checkpoint.load()
     metrics = MetricsLogger(cfg.job.dump_folder, cfg.metrics.enable_tensorboard, active=rank == 0,
                             append=start_step > 0)
     if rank == 0:
-        n_params = model_args.num_params()
-        logger.info(f"{cfg.model.name} {cfg.model.flavor}: {n_params / 1e6:,.1f}M parameters, vocab "
-                    f"{model_args.vocab_size:,}; world {world_size} = pp {dims.pp} x dp_replicate "
-                    f"{dims.dp_replicate} x dp_shard {dims.dp_shard}; device {device}; params {param_dtype}")
-        if vocab_parallel:
-            logger.info(f"vocab-parallel head over dp_shard ({dims.dp_shard} ranks), loss impl {cfg.loss.name!r}")
+        logger.info(f"{cfg.model.name} {cfg.model.flavor}: {model_args.num_params() / 1e6:,.1f}M parameters, vocab "
+                    f"{model_args.vocab_size:,}; world {world_size} = pp {dims.pp} x dp_replicate {dims.dp_replicate}"
+                    f" x dp_shard {dims.dp_shard}; device {device}; params {param_dtype}")
         logger.info(f"global batch {global_batch} x {t.seq_len} tokens, "
                     f"{global_batch // (t.local_batch_size * dims.dp)} accumulation step(s)")
+        choice = choose_loss(cfg.loss.name, _loss_options(cfg), device_type=device.type,
+                             dtype=compute_dtype, vocab_parallel=cfg.parallelism.vocab_parallel)
+        logger.info(f"loss: {choice.describe(cfg.parallelism.vocab_parallel)}")
 
-    flops_per_token = model_args.flops_per_token(t.seq_len)
-    peak = peak_flops(device)
-    has_first = any(p.tok_embeddings is not None for p in parts)
+    flops_per_token, peak = model_args.flops_per_token(t.seq_len), peak_flops(device)
     losses, grad_norms, data_iter = [], [], checkpoint.data_iterator()
-    skipped = 0  # steps whose update was dropped for a non-finite loss or gradient
-    stop_request, stopped_at = _StopRequest(), None
+    stop_request, stopped_at = StopRequest(), None
     # Groups made since init_process_group had the backend's default; an async save's keeps it.
     set_pg_timeouts(cfg.comm.init_timeout_seconds, device, exclude=(checkpoint.async_group,))
     profiler = start_profiler(cfg.profiling, cfg.job.dump_folder, rank, start_step, t.steps)
     run_start = window_start = time.perf_counter()
-    window_tokens = 0
-    finished = False  # every rank reached the end (or a stop signal) together
+    window_tokens, finished = 0, False
     try:
         for step in range(start_step + 1, t.steps + 1):
             if faults is not None:
                 faults.at_step(step)
-            local_batch = next(data_iter)["input_ids"].to(device)
-            loss.set_global_batch(local_batch, cfg.loss.ignore_index)
-            step_loss = torch.zeros((), device=device, dtype=torch.float64)
-            for micro in local_batch.split(t.local_batch_size):
-                if pp_enabled:
-                    mb_losses: list[torch.Tensor] = []
-                    target = micro if head is not None else None
-                    inputs = (micro,) if has_first else ()
-                    schedule.step(*inputs, target=target, losses=mb_losses)
-                    step_loss += sum(l.detach().double() for l in mb_losses) if mb_losses else 0.0
-                else:
-                    micro_loss = loss(model(micro), micro)
-                    micro_loss.backward()
-                    step_loss += micro_loss.detach().double()
-            if vocab_parallel and head is not None:
-                finalize_head_grads(head.weight, fsdp_mesh, dims.dp)
-            if tied is not None:
-                tied.sync_grads()
-            grad_norm = clip_grad_norm_(params, t.max_norm, pp_mesh.get_group() if pp_enabled else None,
-                                        skip=[tied.head_copy] if tied is not None and tied.head_copy is not None else [])
-
-            # Loss terms live on the last stage, one share per data-parallel rank (a vocab-parallel
-            # head's dp_shard group shares one term): average them everywhere.
-            dist.all_reduce(step_loss, group=dp_mesh.get_group())
-            if pp_enabled:
-                dist.all_reduce(step_loss, group=pp_mesh.get_group())
-            step_loss = step_loss.item() / dims.dp / (dims.dp_shard if vocab_parallel else 1)
-            finite = math.isfinite(step_loss) and math.isfinite(float(grad_norm))  # the same on every rank
-            if not finite and (t.nonfinite_policy == "stop" or skipped == t.nonfinite_max_skips):
-                what = f"loss {step_loss}, grad norm {float(grad_norm)} at step {step}"
-                raise NonFiniteLossError(what + (f" after {skipped} skipped steps" if skipped else "") + "; "
-                                         + _NONFINITE_ADVICE)
-            if finite:
-                for optimizer in optimizers:
-                    optimizer.step()
-            else:
-                skipped += 1
-                logger.warning(f"step {step}: loss {step_loss}, grad norm {float(grad_norm)}; update skipped "
-                               f"({skipped}/{t.nonfinite_max_skips})")
-            lr = schedulers[0].get_last_lr()[0]
-            for scheduler in schedulers:
-                scheduler.step()
-                scheduler.optimizer.zero_grad(set_to_none=True)
-            losses.append(step_loss)
-            grad_norms.append(float(grad_norm))
+            outcome = train_step(next(data_iter)["input_ids"].to(device), step)
+            losses.append(outcome.loss)
+            grad_norms.append(outcome.grad_norm)
             window_tokens += global_batch * t.seq_len
             if step % cfg.metrics.log_freq == 0 or step == t.steps:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
-                elapsed = time.perf_counter() - window_start
-                tps = window_tokens / elapsed / world_size
+                tps = window_tokens / (time.perf_counter() - window_start) / world_size
                 metrics.log(step, t.steps, {
-                    "loss": step_loss, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_second": tps,
-                    "mfu_percent": 100 * flops_per_token * tps / peak if peak else None,
+                    "loss": outcome.loss, "lr": outcome.lr, "grad_norm": outcome.grad_norm,
+                    "tokens_per_second": tps, "mfu_percent": 100 * flops_per_token * tps / peak if peak else None,
                     "peak_memory_gib": peak_memory_gib(device),
-                    **(pipeline_peak_memory(device, pp_mesh.get_group()) if pp_enabled else {}),
+                    **(pipeline_peak_memory(device, mesh["pp"].get_group()) if plan else {}),
                 }, eta_seconds=(time.perf_counter() - run_start) / (step - start_step) * (t.steps - step))
                 window_start, window_tokens = time.perf_counter(), 0
             if step == start_step + 1:  # start-up is over: from now on a rank that stops answering is caught sooner
@@ -289,45 +162,59 @@ def train(cfg: JobConfig, faults: Optional[FaultWatch] = None) -> TrainResult:
             profiler.stop()
         metrics.close()
         checkpoint.close(all_ranks=finished)
-    _report_memory(cfg.job.dump_folder, device, plan, rank)
+    report_memory(cfg.job.dump_folder, device, plan, rank)
     return TrainResult(losses, grad_norms, stopped_at, parts)
+
+
+def _model_args(cfg: JobConfig):
+    """The flavor's hyperparameters with the recipe's vocabulary and RoPE table length."""
+    args = build_model_args(cfg.model.name, cfg.model.flavor, cfg.model.vocab_size)
+    if cfg.training.seq_len > args.max_seq_len:
+        raise ConfigError("training.seq_len", f"{cfg.training.seq_len} exceeds the flavor's {args.max_seq_len} positions")
+    return replace(args, max_seq_len=cfg.training.seq_len)
+
+
+def _build_data(cfg: JobConfig, vocab_size: int, global_batch: int, dp_mesh, dims: ParallelDims):
+    """This rank's resumable loader of its share of every global batch."""
+    t = cfg.training
+    try:
+        tokenizer = build_tokenizer(cfg.model.tokenizer)
+        check_tokenizer_fits(tokenizer, vocab_size)
+    except ValueError as err:
+        raise ConfigError("model.tokenizer", str(err)) from None
+    try:
+        return build_dataloader(dataset=t.dataset, dataset_path=t.dataset_path, tokenizer=tokenizer,
+                                seq_len=t.seq_len, global_batch_size=global_batch,
+                                dp_rank=dp_mesh.get_local_rank(), dp_degree=dims.dp, seed=t.seed,
+                                vocab_size=vocab_size)
+    except ValueError as err:
+        raise ConfigError("training.dataset_path", str(err)) from None
+
+
+def _build_training_loss(cfg: JobConfig, parts, mesh, dp_mesh, device: torch.device,
+                         dtype: torch.dtype) -> GlobalTokenMeanLoss:
+    """The recipe's loss on the last stage's hidden states, normalized by the global batch's tokens.
+
+    Pipeline ranks without the last stage get one too (the schedule needs a loss on every rank).
+    """
+    head = next((p.output for p in parts if p.output is not None), None)
+    loss_sum = None
+    if head is not None:
+        vp = cfg.parallelism.vocab_parallel
+        loss_sum = build_loss(cfg.loss.name, head, _loss_options(cfg), reduction="sum", device=device, dtype=dtype,
+                              vocab_group=mesh[cfg.parallelism.vocab_parallel_mesh_dim].get_group() if vp else None)
+    return GlobalTokenMeanLoss(loss_sum, dp_mesh.get_group())
+
+
+def _loss_options(cfg: JobConfig) -> dict:
+    return recipe_options(cfg.loss, compile_loss=cfg.compile.enable and "loss" in cfg.compile.components)
 
 
 def _dry_run(cfg: JobConfig, dry_run: DryRun) -> str:
     """``--dry_run``: the layout checks of a run and its predicted memory; no device, no process group."""
     dims = ParallelDims.from_config(cfg.parallelism, dry_run.world_size)
-    accumulation = _global_batch_size(cfg, dims) // (cfg.training.local_batch_size * dims.dp)
+    accumulation = global_batch_size(cfg, dims) // (cfg.training.local_batch_size * dims.dp)
     return format_report(cfg, dims, estimate_memory(cfg, dims, accumulation), accumulation, dry_run.gpu_memory_gib)
-
-
-def _log_run(cfg: JobConfig, dims: ParallelDims, mesh, device: torch.device) -> None:
-    """Versions, the rank layout and the effective recipe (<dump_folder>/config.toml)."""
-    versions = [f"torch {torch.__version__}"]
-    for name in ("triton", "cut-cross-entropy"):  # read from the installed metadata: importing triton takes seconds
-        try:
-            versions.append(f"{name} {importlib.metadata.version(name)}")
-        except importlib.metadata.PackageNotFoundError:
-            versions.append(f"{name} absent")
-    logger.info(", ".join(versions) + (f"; {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""))
-    grid = mesh.mesh  # [pp, dp_replicate, dp_shard] of global ranks
-    for p in range(dims.pp):
-        logger.info(f"pipeline rank {p}: dp_shard groups " + " ".join(str(g) for g in grid[p].reshape(-1, dims.dp_shard).tolist()))
-    os.makedirs(cfg.job.dump_folder, exist_ok=True)
-    with open(os.path.join(cfg.job.dump_folder, "config.toml"), "w") as f:
-        f.write(dump_config(cfg))
-
-
-def _report_memory(dump_folder: str, device: torch.device, plan, rank: int) -> None:
-    """Peak memory of every rank, with its pipeline stages: logged and written to memory.json."""
-    peaks = gather_peak_memory_gib(device)
-    stages = [None] * dist.get_world_size()
-    dist.all_gather_object(stages, list(plan.local_stages) if plan is not None else [])
-    if rank == 0:
-        per_rank = [round(p, 3) for p in peaks]
-        logger.info("peak memory per rank (GiB): " + ", ".join(
-            f"{r}:{m:.2f}" + (f" (stages {stages[r]})" if stages[r] else "") for r, m in enumerate(per_rank)))
-        with open(os.path.join(dump_folder, "memory.json"), "w") as f:
-            json.dump({"peak_memory_gib_per_rank": per_rank, "stages_per_rank": stages}, f)
 
 
 def main(argv: list[str]) -> int:
@@ -364,10 +251,13 @@ def main(argv: list[str]) -> int:
         if rank == 0:
             print("interrupted; exiting", file=sys.stderr)
         return 130
-    except RuntimeError as err:
-        if not (faults.started and is_collective_failure(err)):
-            raise
-        faults.report_and_exit(err)  # names the ranks that stopped answering, exits 1
+    except Exception as err:
+        if faults.started and is_collective_failure(err):
+            faults.report_and_exit(err)  # names the ranks that stopped answering, exits 1
+        # A bug: its traceback, printed here so that the exception (whose frames hold the
+        # run's process groups) is gone before the groups are closed below.
+        traceback.print_exc()
+        return 1
     finally:
         faults.stop()
         close_distributed()

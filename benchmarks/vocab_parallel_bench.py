@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from losses.vocab_parallel import VocabParallelOptions, vocab_parallel_linear_cross_entropy
-from losses.vocab_parallel_head import _GatherRows
+from parallelisms.vocab_parallel import gather_rows
 
 
 def gathered(loss_kind: str, e, shard, targets, group):
@@ -45,8 +45,8 @@ def vocab_parallel(e, shard, targets, group):
     rank = dist.get_rank(group)
     rows = shard.shape[0]
     options = VocabParallelOptions(rank * rows, (rank + 1) * rows, group, reduce_e_grad=False)
-    e_all = _GatherRows.apply(e, group)
-    t_all = _GatherRows.apply(targets, group)
+    e_all = gather_rows(e, group)
+    t_all = gather_rows(targets, group)
     loss = vocab_parallel_linear_cross_entropy(e_all, shard.to(torch.bfloat16), t_all, options, reduction="sum",
                                                impl="cce")
     loss.backward()

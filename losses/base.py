@@ -65,12 +65,12 @@ class OutputLoss(nn.Module):
         """Materialized fp32 logits ``[..., V]`` (softcap applied), for evaluation and generation."""
         return self.head(hidden, functools.partial(linear_logits, softcap=self.logit_softcap))
 
-    def _apply_head(self, hidden: Tensor, weight: Tensor, bias: Optional[Tensor], *, targets: Tensor) -> Tensor:
-        loss = self.linear_loss(hidden.flatten(0, -2), weight, bias, targets.flatten())
+    def _apply_head(self, hidden: Tensor, c: Tensor, bias: Optional[Tensor], *, targets: Tensor) -> Tensor:
+        loss = self.linear_loss(hidden.flatten(0, -2), c, bias, targets.flatten())
         return loss.view(targets.shape) if self.reduction == "none" else loss
 
-    def linear_loss(self, e: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor) -> Tensor:
-        """Loss of ``e [N, D]`` against ``targets [N]`` (already shifted), reduced by
+    def linear_loss(self, e: Tensor, c: Tensor, bias: Optional[Tensor], targets: Tensor) -> Tensor:
+        """Loss of ``e [N, D]`` against ``targets [N]`` (already shifted) with classifier ``c [V, D]``, reduced by
         ``self.reduction`` ("none": ``[N]``, 0 where ignored; "mean": 0 if all ignored)."""
         raise NotImplementedError
 

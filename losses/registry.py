@@ -1,34 +1,35 @@
-"""The recipe's ``[loss] name`` -> loss class, and the config-time check of its options.
+"""Where the loss is chosen: the recipe's ``[loss] name`` -> the module that computes it.
 
+``build_loss`` is the one way to build a loss, with or without the vocab-parallel head.
 Every mistake in ``[loss]`` (a misspelt name or option, a bad value, an option the
 chosen entry cannot honour) is a ``ConfigError`` raised before any model is built.
 """
 
 import difflib
-import logging
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from losses.base import OutputLoss
-from losses.cce import CCELoss, CCETorchCompileLoss
-from losses.chunked import ChunkedCrossEntropy
-from losses.chunked_linear_cross_entropy import TRITON_AVAILABLE
-from losses.cross_entropy import MaterializedCrossEntropy
-from losses.options import COMMON_OPTIONS, OPTIONS
 from config.errors import ConfigError
-
-logger = logging.getLogger(__name__)
+from config.job_config import Loss
+from losses.base import OutputLoss
+from losses.entries.cce import CCELoss, CCETorchCompileLoss
+from losses.entries.chunked import ChunkedCrossEntropy
+from losses.entries.cross_entropy import MaterializedCrossEntropy
+from losses.entries.vocab_parallel import VocabParallelLoss
+from losses.options import COMMON_OPTIONS, OPTIONS
+from losses.resolve import AUTO, LossChoice, resolve_loss, why_not_cce
 
 ENTRIES: dict[str, type[OutputLoss]] = {
     cls.name: cls for cls in (ChunkedCrossEntropy, MaterializedCrossEntropy, CCELoss, CCETorchCompileLoss)
 }
-# "auto" picks an entry at build time (today always "chunked"); it takes the common
-# options plus "compile", so a recipe saying "auto" keeps working whatever it picks.
-# Backend-specific sizes (chunk_size, filter_eps) need a named entry.
-AUTO = "auto"
+# "auto" takes the common options plus "compile", so a recipe saying "auto" keeps working
+# whatever it resolves to; backend-specific sizes (chunk_size, filter_eps) need a named entry.
 LOSS_NAMES: tuple[str, ...] = (*ENTRIES, AUTO)
+# What the vocab-parallel head computes with (losses/vocab_parallel.py's backends).
+VOCAB_PARALLEL_NAMES = (AUTO, "chunked", "cce")
 
 
 def loss_option_names(name: str) -> set[str]:
@@ -54,27 +55,56 @@ def validate_loss_options(name: str, options: dict[str, object]) -> None:
             raise ConfigError(f"loss.{key}", f"{name!r} cannot {option.capability}; use {_either(able)}")
 
 
-def build_loss(
-    name: str, head: nn.Module, options: dict, *, reduction: str = "mean", device: torch.device
-) -> OutputLoss:
-    """Check ``options``, resolve ``auto`` for ``device`` and build the loss around ``head``."""
+def recipe_options(loss: Loss, compile_loss: bool) -> dict:
+    """The options a recipe's ``[loss]`` gives its entry; ``compile_loss``: ``[compile]`` asks for the loss."""
+    options = {k: v for k, v in vars(loss).items() if k in loss_option_names(loss.name)}
+    if compile_loss and "compile" in options:
+        options["compile"] = True
+    return options
+
+
+def build_loss(name: str, head: nn.Module, options: dict, *, reduction: str = "mean", device: torch.device,
+               dtype: Optional[torch.dtype] = None, vocab_group: Optional[dist.ProcessGroup] = None) -> OutputLoss:
+    """Check ``options``, choose how to compute ``name`` (``losses/resolve.py``) and build the loss
+    around ``head``. ``dtype``: of the hidden states it will see (default: the head's weight's).
+    ``vocab_group``: ``head``'s classifier is sharded by vocabulary over this group (the
+    vocab-parallel head). The result's ``choice`` says what was chosen and why."""
     validate_loss_options(name, options)
     device = torch.device(device)
-    if name == AUTO:
-        name, reason = _pick_for_auto(device)
-        logger.info("loss 'auto' resolved to %r: %s", name, reason)
-    cls = ENTRIES[name]
-    if cls.needs_cuda and device.type != "cuda":
-        raise ConfigError("loss.name", f"{name!r} needs a CUDA device, not {device.type}; use 'chunked' or 'auto'")
-    return cls(head, reduction=reduction, **{k: v for k, v in options.items() if k in cls.options})
+    dtype = dtype or head.weight.dtype
+    choice = choose_loss(name, options, device_type=device.type, dtype=dtype, vocab_parallel=vocab_group is not None,
+                         bias=getattr(head, "bias", None) is not None)
+    if vocab_group is not None:
+        if name == "cce":
+            why = why_not_cce(device.type, dtype, needs_grad=True, bias=getattr(head, "bias", None) is not None,
+                              z_loss_weight=options.get("z_loss_weight", 0.0),
+                              label_smoothing=options.get("label_smoothing", 0.0))
+            if why is not None:
+                raise ConfigError("loss.name", f"'cce' cannot compute this loss: {why}; use 'chunked' or 'auto'")
+        common = {k: v for k, v in options.items() if k in COMMON_OPTIONS}
+        loss = VocabParallelLoss(head, group=vocab_group, backend=choice.entry, reduction=reduction, **common)
+    else:
+        cls = ENTRIES[choice.entry]
+        if cls.needs_cuda and device.type != "cuda":
+            raise ConfigError("loss.name", f"{name!r} needs a CUDA device, not {device.type}; use 'chunked' or 'auto'")
+        own = {k: v for k, v in options.items() if k in cls.options}
+        if choice.entry == "chunked":
+            own["kernels"] = choice.kernels
+        loss = cls(head, reduction=reduction, **own)
+    loss.choice = choice
+    return loss
 
 
-def _pick_for_auto(device: torch.device) -> tuple[str, str]:
-    """``chunked`` everywhere: on CUDA its Triton kernels are the fastest entry measured
-    (docs/performance.md) with a bounded logits block; elsewhere it is the lean PyTorch path."""
-    if device.type == "cuda" and TRITON_AVAILABLE:
-        return "chunked", "its Triton kernels on CUDA"
-    return "chunked", f"its PyTorch path on {device.type}"
+def choose_loss(name: str, options: dict, *, device_type: str, dtype: torch.dtype, vocab_parallel: bool,
+                bias: bool = False, gpu_kernels: Optional[bool] = None) -> LossChoice:
+    """``resolve_loss`` for a recipe's ``[loss]`` section; the memory estimate asks it too."""
+    if vocab_parallel and name not in VOCAB_PARALLEL_NAMES:
+        raise ConfigError("loss.name", f"the vocab-parallel head runs {_either(list(VOCAB_PARALLEL_NAMES))}, "
+                                       f"not {name!r}")
+    return resolve_loss(name, device_type=device_type, dtype=dtype, vocab_parallel=vocab_parallel,
+                        bias=bias, z_loss_weight=options.get("z_loss_weight", 0.0),
+                        label_smoothing=options.get("label_smoothing", 0.0),
+                        compile=bool(options.get("compile", False)), gpu_kernels=gpu_kernels)
 
 
 def _check_name(name: str) -> None:

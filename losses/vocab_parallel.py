@@ -13,11 +13,13 @@ from typing import Callable, Optional
 import torch.distributed as dist
 from torch import Tensor
 
-from losses.chunked_linear_cross_entropy import chunked_linear_cross_entropy
+import torch
+
 from losses.functional import IGNORE_INDEX, shift_targets
+from losses.kernels.cce_vocab_parallel import vocab_parallel_cce
+from losses.kernels.chunked import chunked_linear_cross_entropy
 from losses.options import DEFAULT_FILTER_EPS
-from losses.vocab_parallel_cce import unsupported as cce_unsupported
-from losses.vocab_parallel_cce import vocab_parallel_cce
+from losses.resolve import AUTO, resolve_loss, why_not_cce
 
 
 def vocab_shard_range(vocab_size: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -52,51 +54,40 @@ class VocabParallelOptions:
         return cls(start, stop, group, reduce_e_grad)
 
 
-def _chunked_backend(e, c_shard, targets, bias, options, group, *, filter_eps, **loss_options) -> Tensor:
+def _chunked_backend(e, c, targets, bias, options, group, *, filter_eps, kernels, **loss_options) -> Tensor:
     del filter_eps  # exact: nothing to filter
-    return chunked_linear_cross_entropy(
-        e,
-        c_shard,
-        targets,
-        bias,
-        vocab_start=options.start,
-        group=group,
-        reduce_e_grad=options.reduce_e_grad,
-        **loss_options,
-    )
+    return chunked_linear_cross_entropy(e, c, targets, bias, vocab_start=options.start, group=group,
+                                        reduce_e_grad=options.reduce_e_grad, kernels=kernels, **loss_options)
 
 
-def _cce_backend(
-    e, c_shard, targets, bias, options, group, *, z_loss_weight, label_smoothing, **loss_options
-) -> Tensor:
-    # bias, z-loss and label smoothing were refused by _resolve_impl (cce_unsupported).
-    return vocab_parallel_cce(
-        e, c_shard, targets, vocab_start=options.start, group=group, reduce_e_grad=options.reduce_e_grad, **loss_options
-    )
+def _cce_backend(e, c, targets, bias, options, group, *, z_loss_weight, label_smoothing, kernels, **loss_options):
+    del bias, z_loss_weight, label_smoothing, kernels  # none of them: refused by the resolver (why_not_cce)
+    return vocab_parallel_cce(e, c, targets, vocab_start=options.start, group=group,
+                              reduce_e_grad=options.reduce_e_grad, **loss_options)
 
 
-# impl name -> backend; "auto" picks one in _resolve_impl.
+# entry name -> the function that computes it on a vocab shard
 VOCAB_PARALLEL_BACKENDS: dict[str, Callable[..., Tensor]] = {"chunked": _chunked_backend, "cce": _cce_backend}
 
 
-def _resolve_impl(
-    impl: str, e: Tensor, c_shard: Tensor, bias: Optional[Tensor], z_loss_weight: float, label_smoothing: float
-) -> Callable[..., Tensor]:
-    """"auto" is "cce" where CCE's kernels can compute the loss (CUDA tensors, no bias,
-    z-loss or label smoothing, bf16/fp16 to backpropagate), else "chunked"."""
-    if impl != "auto" and impl not in VOCAB_PARALLEL_BACKENDS:
+def _backend(impl: str, e: Tensor, c: Tensor, bias: Optional[Tensor], z_loss_weight: float,
+             label_smoothing: float) -> tuple[Callable[..., Tensor], str]:
+    """The backend and its kernels for ``impl`` on these tensors, as ``losses/resolve.py`` picks them."""
+    if impl != AUTO and impl not in VOCAB_PARALLEL_BACKENDS:
         raise ValueError(f"impl must be 'auto' or one of {sorted(VOCAB_PARALLEL_BACKENDS)}, got {impl!r}")
-    if impl in ("auto", "cce"):
-        reason = cce_unsupported(e, c_shard, bias, z_loss_weight=z_loss_weight, label_smoothing=label_smoothing)
-        if reason is not None and impl == "cce":
-            raise ValueError(f"impl='cce' cannot compute this loss: {reason}; use impl='chunked' or 'auto'")
-        impl = "cce" if reason is None else "chunked"
-    return VOCAB_PARALLEL_BACKENDS[impl]
+    facts = dict(needs_grad=torch.is_grad_enabled() and (e.requires_grad or c.requires_grad), bias=bias is not None,
+                 z_loss_weight=z_loss_weight, label_smoothing=label_smoothing)
+    if impl == "cce":
+        why = why_not_cce(e.device.type, e.dtype, **facts)
+        if why is not None:
+            raise ValueError(f"impl='cce' cannot compute this loss: {why}; use impl='chunked' or 'auto'")
+    choice = resolve_loss(impl, device_type=e.device.type, dtype=e.dtype, vocab_parallel=True, **facts)
+    return VOCAB_PARALLEL_BACKENDS[choice.entry], choice.kernels
 
 
 def vocab_parallel_linear_cross_entropy(
     e: Tensor,
-    c_shard: Tensor,
+    c: Tensor,
     targets: Tensor,
     options: VocabParallelOptions,
     *,
@@ -110,18 +101,22 @@ def vocab_parallel_linear_cross_entropy(
     impl: str = "auto",
     filter_eps: float | str | None = DEFAULT_FILTER_EPS,
 ) -> Tensor:
-    """Cross-entropy of ``e [..., D] @ c.T`` against ``targets [...]``, ``c`` sharded by rows.
+    """Cross-entropy of ``e [..., D]`` against ``targets [...]`` with the classifier sharded by rows.
 
-    ``c_shard`` is rows ``[options.start, options.stop)`` of the classifier and ``bias``
+    ``c`` is this rank's rows ``[options.start, options.stop)`` of the classifier and ``bias``
     (optional) the same slice of its bias. ``shift=k`` (``True`` = 1) scores ``e[..., t]``
     against ``targets[..., t + k]``; with reduction "none" the result then has
     ``S - k`` positions, as upstream. "mean" divides by the number of non-ignored
     targets and is 0 when there are none. ``options`` may also be the installed
-    ``cut_cross_entropy``'s own ``VocabParallelOptions``, where it has one.
+    ``cut_cross_entropy``'s own ``VocabParallelOptions``, where it has one. ``impl``: the
+    backend, "chunked" or "cce", or "auto" for what ``losses/resolve.py`` picks for these tensors.
+
+    Gradients follow upstream CCE: a rank's upstream gradient weighs its own shard's part, so
+    with different upstream gradients g_r the hidden states get sum_r g_r * (shard r's part).
     """
     options = _as_options(options)
-    if c_shard.shape[0] != options.stop - options.start:
-        raise ValueError(f"c_shard has {c_shard.shape[0]} rows but options cover [{options.start}, {options.stop})")
+    if c.shape[0] != options.stop - options.start:
+        raise ValueError(f"c has {c.shape[0]} rows but options cover [{options.start}, {options.stop})")
     if e.shape[:-1] != targets.shape:
         raise ValueError(f"e {list(e.shape)} and targets {list(targets.shape)} disagree on the batch shape")
     shift = int(shift)
@@ -131,10 +126,10 @@ def vocab_parallel_linear_cross_entropy(
     if group is None and dist.is_initialized():
         group = dist.group.WORLD
 
-    backend = _resolve_impl(impl, e, c_shard, bias, z_loss_weight, label_smoothing)
+    backend, kernels = _backend(impl, e, c, bias, z_loss_weight, label_smoothing)
     loss = backend(
         e.flatten(0, -2),
-        c_shard,
+        c,
         shift_targets(targets, shift, ignore_index).flatten(),
         bias,
         options,
@@ -145,6 +140,7 @@ def vocab_parallel_linear_cross_entropy(
         label_smoothing=label_smoothing,
         reduction=reduction,
         filter_eps=filter_eps,
+        kernels=kernels,
     )
     if reduction != "none":
         return loss

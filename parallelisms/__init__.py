@@ -1,8 +1,14 @@
-"""How the model is spread over ranks: mesh, FSDP2, pipeline stages, AC, compile.
+"""How the model is spread over ranks. Imports ``config`` and ``models`` only.
 
 Where to look:
 - ``parallel_dims.py``: degrees from the recipe, validated, and the named DeviceMesh.
+- ``distributed.py``: process-group start-up, timeouts and the orderly shutdown.
 - ``pipeline.py``: where the model is split into stages and the schedule is built.
-- ``fsdp.py``: which modules are sharded together, mixed precision.
+- ``parallelize.py``: what is applied to each model part, in order: AC, compile, the
+  vocab-parallel head, FSDP (``activation_checkpoint.py``, ``compile.py``,
+  ``vocab_parallel.py``, ``fsdp.py``).
+- ``vocab_parallel.py``: where the classifier is sharded by vocabulary, the hidden-state
+  gather that goes with it, and its gradient's completion.
 - ``tied_embeddings.py``: the embedding/head tie across the first and last stage.
+- ``grad_clip.py``: the whole model's gradient norm across shards and stages.
 """

@@ -3,15 +3,15 @@
 FSDP already shards the classifier's dim 0, which is the vocabulary. Instead of
 all-gathering it for the loss, each rank keeps its rows as a ``Shard(0)``
 DTensor (the same rows FSDP would give it), the ranks all-gather their hidden
-states and labels instead (``n x tokens x dim``, far less than ``vocab x dim``
-for Qwen3 at training batch sizes), and the loss runs vocab-parallel on the
-gathered batch (losses/vocab_parallel_head.py). The head's gradient then needs
-no reduce-scatter; under HSDP it is all-reduced over ``dp_replicate`` only.
+states and labels instead (``gather_rows``: ``n x tokens x dim``, far less than
+``vocab x dim`` for Qwen3 at training batch sizes), and the loss runs vocab-parallel
+on the gathered batch (losses/entries/vocab_parallel.py). The head's gradient then
+needs no reduce-scatter; under HSDP it is all-reduced over ``dp_replicate`` only.
 """
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
@@ -50,3 +50,32 @@ def finalize_head_grads(weight: nn.Parameter, fsdp_mesh: DeviceMesh, dp_degree: 
     if fsdp_mesh.ndim > 1:
         dist.all_reduce(local, group=fsdp_mesh.get_group(0))
     local.div_(dp_degree)
+
+
+def vocab_rows(weight: Tensor) -> tuple[int, int]:
+    """Rows ``[start, stop)`` of the vocabulary this rank's shard of a vocab-sharded head holds."""
+    shape, offset = compute_local_shape_and_global_offset(weight.shape, weight.device_mesh, weight.placements)
+    return offset[0], offset[0] + shape[0]
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather along dim 0; backward reduce-scatters (sums) the gradient back to its owner."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, group: dist.ProcessGroup) -> Tensor:
+        ctx.group = group
+        out = x.new_empty((x.shape[0] * dist.get_world_size(group), *x.shape[1:]))
+        dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        out = grad.new_empty((grad.shape[0] // dist.get_world_size(ctx.group), *grad.shape[1:]))
+        dist.reduce_scatter_tensor(out, grad.contiguous(), group=ctx.group)
+        return out, None
+
+
+def gather_rows(x: Tensor, group: dist.ProcessGroup) -> Tensor:
+    """The group's ``x`` stacked along dim 0 in rank order; the gradient of each rank's rows
+    is summed over the group and returned to that rank (one reduce-scatter, not an all-reduce)."""
+    return _GatherRows.apply(x, group)

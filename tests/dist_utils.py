@@ -17,6 +17,7 @@ import os
 import socket
 import tempfile
 import time
+import traceback
 from typing import Any, Callable
 
 import torch
@@ -51,10 +52,14 @@ def _run_rank(
         world_size=world_size,
         timeout=datetime.timedelta(seconds=timeout_s),
     )
+    failure = None
     try:
         torch.save(fn(rank, world_size, *args), os.path.join(result_dir, f"rank{rank}.pt"))
-    finally:
-        close_distributed()
+    except BaseException:  # kept as text: the exception's frames would keep the run's groups alive
+        failure = traceback.format_exc()
+    close_distributed()
+    if failure is not None:
+        raise RuntimeError(f"rank {rank} failed:\n{failure}")
     left = gloo_worker_threads()
     if left:
         raise RuntimeError(f"rank {rank}: {left} gloo worker threads outlived close_distributed()")

@@ -17,8 +17,8 @@ pytest.importorskip("triton")
 
 CHECK = r"""
 import json, torch
-from losses import chunk_kernels
-from losses.chunked_linear_cross_entropy import _chunk_logit_grad, _chunk_row_stats
+from losses.kernels import chunked_triton as chunk_kernels
+from losses.kernels.chunked import _chunk_logit_grad, _chunk_row_stats
 
 errors = {}
 gen = torch.Generator().manual_seed(0)

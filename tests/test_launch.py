@@ -108,8 +108,9 @@ exit 3
     batch = subprocess.Popen(["bash", str(SBATCH), "--training.steps", "4"], cwd=ROOT, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 30
-        while not (tmp_path / "srun_args").exists() and time.monotonic() < deadline:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "srun_args").exists():  # the trap is set before srun starts
+            assert batch.poll() is None and time.monotonic() < deadline, "srun was never started"
             time.sleep(0.05)
         batch.send_signal(signal.SIGUSR1)  # what Slurm sends 120 s before the time limit
         time.sleep(0.5)

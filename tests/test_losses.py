@@ -1,15 +1,13 @@
 """Every [loss] entry against a float64 materialized reference, and the registry's checks."""
 
-import logging
-
 import pytest
 import torch
 from torch import nn
 
-from losses import LOSS_NAMES, OutputLoss, build_loss, loss_option_names, validate_loss_options
-from losses.chunked import ChunkedCrossEntropy
-from losses.chunked_linear_cross_entropy import DEFAULT_CHUNK_SIZE, auto_chunk_size
-from losses.cce import CCELoss
+from losses import LOSS_NAMES, OutputLoss, build_loss, loss_option_names, resolve_loss, validate_loss_options
+from losses.entries.chunked import ChunkedCrossEntropy
+from losses.kernels.chunked import DEFAULT_CHUNK_SIZE, auto_chunk_size
+from losses.entries.cce import CCELoss
 from models.output_head import OutputHead
 from tests.reference import IGNORE
 from tests.reference import reference as shared_reference
@@ -312,12 +310,11 @@ def test_cce_rejects_a_head_with_bias():
         build_loss("cce_torch_compile", make_head(weight, bias), {}, device=CPU)
 
 
-def test_auto_picks_chunked_on_cpu_and_logs_it(caplog):
-    with caplog.at_level(logging.INFO, logger="losses.registry"):
-        loss_fn = build_loss("auto", make_head(make_inputs(0)[1]), {"z_loss_weight": 1e-4}, device=CPU)
+def test_auto_picks_chunked_on_cpu_and_says_why():
+    loss_fn = build_loss("auto", make_head(make_inputs(0)[1]), {"z_loss_weight": 1e-4}, device=CPU)
     assert type(loss_fn) is ChunkedCrossEntropy and loss_fn.z_loss_weight == 1e-4
-    assert loss_fn.chunk_size == DEFAULT_CHUNK_SIZE and not loss_fn.compile_chunk_math
-    assert "resolved to 'chunked'" in caplog.text
+    assert loss_fn.chunk_size == DEFAULT_CHUNK_SIZE and loss_fn.kernels == "torch"
+    assert loss_fn.choice.entry == "chunked" and "auto: PyTorch ops on cpu" in loss_fn.choice.describe()
 
 
 @pytest.mark.parametrize("options,with_bias", [({}, False), ({"z_loss_weight": 1e-4}, False), ({}, True)])
@@ -326,6 +323,51 @@ def test_auto_on_cuda_picks_chunked(options, with_bias):
     _, weight, bias, _ = make_inputs(0)
     head = make_head(weight, bias if with_bias else None)
     assert type(build_loss("auto", head, options, device=torch.device("cuda"))) is ChunkedCrossEntropy
+
+
+# (name, device, dtype, vocab_parallel, facts) -> (entry, kernels): the one resolver's rules.
+RESOLUTIONS = [
+    (("auto", "cuda", torch.bfloat16, False, {}), ("chunked", "triton")),
+    (("auto", "cpu", torch.float32, False, {"compile": True}), ("chunked", "compile")),
+    (("chunked", "cuda", torch.float64, False, {}), ("chunked", "torch")),  # no Triton kernels for fp64
+    (("auto", "cuda", torch.bfloat16, True, {}), ("cce", "cce")),
+    (("auto", "cuda", torch.bfloat16, True, {"z_loss_weight": 1e-4}), ("chunked", "triton")),
+    (("auto", "cuda", torch.bfloat16, True, {"bias": True}), ("chunked", "triton")),
+    (("auto", "cuda", torch.float32, True, {}), ("chunked", "triton")),  # CCE backpropagates 16-bit only
+    (("auto", "cuda", torch.float32, True, {"needs_grad": False}), ("cce", "cce")),  # its forward takes fp32
+    (("auto", "cpu", torch.float32, True, {}), ("chunked", "torch")),
+    (("cross_entropy", "cuda", torch.bfloat16, False, {}), ("cross_entropy", "torch")),
+]
+
+
+@pytest.mark.parametrize("case, expected", RESOLUTIONS)
+def test_the_one_resolver(case, expected):
+    name, device_type, dtype, vocab_parallel, facts = case
+    choice = resolve_loss(name, device_type=device_type, dtype=dtype, vocab_parallel=vocab_parallel,
+                          gpu_kernels=True, **facts)
+    assert (choice.entry, choice.kernels) == expected
+    assert choice.reason
+
+
+def test_cce_kernels_of_another_release_are_refused_in_one_line(monkeypatch):
+    """The vocab-parallel backend calls 25.1.1's kernels by position: another release's are refused."""
+    import importlib.metadata
+
+    pytest.importorskip("cut_cross_entropy.cce")  # the check runs where the kernels import
+    from losses.kernels import cce_vocab_parallel
+
+    real_version = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda name: "25.9.0" if name == "cut-cross-entropy" else real_version(name))
+    monkeypatch.setitem(cce_vocab_parallel._SIGNATURES, ("utils", "_handle_eps"), ("eps", "dtype"))
+    cce_vocab_parallel.cce_kernels.cache_clear()
+    try:
+        with pytest.raises(ImportError) as err:
+            cce_vocab_parallel.cce_kernels()
+    finally:
+        cce_vocab_parallel.cce_kernels.cache_clear()
+    message = str(err.value)
+    assert "\n" not in message and "cut-cross-entropy 25.9.0" in message and "cut-cross-entropy==25.1.1" in message
 
 
 def test_direct_construction_checks_options_too():

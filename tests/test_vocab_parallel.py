@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from losses.chunked_linear_cross_entropy import chunked_linear_cross_entropy
+from losses.kernels.chunked import chunked_linear_cross_entropy
 from losses.vocab_parallel import VocabParallelOptions, vocab_parallel_linear_cross_entropy, vocab_shard_range
 from tests.dist_utils import run_distributed
 from tests.reference import IGNORE, reference
@@ -158,3 +158,32 @@ def test_accepts_cut_cross_entropy_options(monkeypatch):
     case = CASES["even_split"]
     loss = vocab_parallel_linear_cross_entropy(case["e"], case["c"], case["targets"], _OtherOptions(0, 96))
     assert_close(loss, _expected(case)[0], "loss")
+
+
+def _per_rank_upstream(rank, world_size, case, reduction):
+    """Each rank backpropagates a different scalar, g_r = 1 + rank."""
+    options = VocabParallelOptions.from_vocab(case["c"].shape[0])
+    e = case["e"].clone().requires_grad_()
+    c_shard = case["c"][options.start : options.stop].clone().requires_grad_()
+    loss = vocab_parallel_linear_cross_entropy(e, c_shard, case["targets"], options, reduction=reduction)
+    loss.backward(torch.tensor(1.0 + rank))
+    return (options.start, options.stop), e.grad, c_shard.grad
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_each_ranks_upstream_gradient_weighs_its_own_shard(reduction):
+    """As upstream CCE: e gets sum_r g_r * (shard r's part of dL/de); shard r's rows get g_r * dL/dc_r."""
+    case = make_case(9, vocab=101, ignored=0.2)
+    per_rank = run_distributed(_per_rank_upstream, 2, case, reduction)
+    ranges = [r[0] for r in per_rank]
+    # float64 reference: one copy of e per shard, so autograd separates each shard's part
+    copies = [case["e"].double().requires_grad_() for _ in ranges]
+    shards = [case["c"][a:b].double().requires_grad_() for a, b in ranges]
+    logits = torch.cat([e @ c.T for e, c in zip(copies, shards)], dim=-1)
+    loss = torch.nn.functional.cross_entropy(logits, case["targets"], ignore_index=IGNORE, reduction=reduction)
+    loss.backward()
+    expected_e = sum((1.0 + r) * copies[r].grad for r in range(len(ranges)))
+    for rank, (_, e_grad, c_grad) in enumerate(per_rank):
+        assert_close(e_grad, expected_e, f"rank {rank} e grad")
+        assert_close(c_grad, (1.0 + rank) * shards[rank].grad, f"rank {rank} classifier grad")

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from losses.vocab_parallel import (
     VOCAB_PARALLEL_BACKENDS,
     VocabParallelOptions,
-    _resolve_impl,
+    _backend,
     vocab_parallel_linear_cross_entropy,
     vocab_shard_range,
 )
@@ -145,13 +145,13 @@ def test_auto_picks_cce_where_its_kernels_can_compute_the_loss():
     e = torch.randn(8, 16, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     c = torch.randn(32, 16, device="cuda", dtype=torch.bfloat16)
     cce, chunked = VOCAB_PARALLEL_BACKENDS["cce"], VOCAB_PARALLEL_BACKENDS["chunked"]
-    assert _resolve_impl("auto", e, c, None, 0.0, 0.0) is cce
-    assert _resolve_impl("auto", e, c, None, 1e-4, 0.0) is chunked
-    assert _resolve_impl("auto", e.float(), c, None, 0.0, 0.0) is chunked  # CCE backpropagates bf16/fp16 only
+    assert _backend("auto", e, c, None, 0.0, 0.0)[0] is cce
+    assert _backend("auto", e, c, None, 1e-4, 0.0)[0] is chunked
+    assert _backend("auto", e.float(), c, None, 0.0, 0.0)[0] is chunked  # CCE backpropagates bf16/fp16 only
     with pytest.raises(ValueError, match="bf16/fp16"):
-        _resolve_impl("cce", e.float(), c, None, 0.0, 0.0)
+        _backend("cce", e.float(), c, None, 0.0, 0.0)
     with torch.no_grad():
-        assert _resolve_impl("auto", e.float(), c.float(), None, 0.0, 0.0) is cce  # forward is fine
+        assert _backend("auto", e.float(), c.float(), None, 0.0, 0.0)[0] is cce  # forward is fine
 
 
 # --- two GPUs, one NCCL process each ---------------------------------------------------
@@ -216,7 +216,7 @@ def test_two_gpus_match_reference(dist_cases_and_results, name):
 
 def test_auto_is_chunked_on_cpu():
     e, c = torch.randn(3, 4, requires_grad=True), torch.randn(5, 4)
-    assert _resolve_impl("auto", e, c, None, 0.0, 0.0) is VOCAB_PARALLEL_BACKENDS["chunked"]
+    assert _backend("auto", e, c, None, 0.0, 0.0) == (VOCAB_PARALLEL_BACKENDS["chunked"], "torch")
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ from models import build_model_args
 from parallelisms.parallel_dims import ParallelDims
 from config.job_config import JobConfig
 from config.errors import ConfigError
-from training.memory_estimate import CUDA_OVERHEAD_GIB, GIB, RankMemory, loss_impl, peaks_per_rank_gib
+from training.memory_estimate import CUDA_OVERHEAD_GIB, GIB, RankMemory, loss_choice, peaks_per_rank_gib
 
 _VALUED = ("--world_size", "--gpu_memory_gib")
 
@@ -93,8 +93,8 @@ def format_report(cfg: JobConfig, dims: ParallelDims, estimates: list[RankMemory
         f"{cfg.model.name} {cfg.model.flavor} ({a.num_params() / 1e6:,.1f}M parameters), world {dims.world_size} = "
         f"pp {dims.pp} x dp_replicate {dims.dp_replicate} x dp_shard {dims.dp_shard}",
         f"{schedule}, {accumulation_steps} micro-step(s) per optimizer step; activation checkpointing {ac_text}; "
-        f"loss {loss_impl(cfg)}" + (" (vocab-parallel head)" if p.vocab_parallel else "")
-        + f"; params {t.mixed_precision_param}, reduce {t.mixed_precision_reduce}",
+        f"params {t.mixed_precision_param}, reduce {t.mixed_precision_reduce}",
+        f"loss: {loss_choice(cfg).describe(p.vocab_parallel)}",
         "",
     ]
     width = 40

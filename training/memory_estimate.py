@@ -31,13 +31,15 @@ import torch
 from torch.distributed.pipelining._schedule_visualizer import get_schedule_ops
 from torch.distributed.pipelining.schedules import _ComputationType
 
+from config.errors import ConfigError
+from config.job_config import JobConfig
+from losses import LossChoice, choose_loss, recipe_options
+from losses.kernels.chunked import auto_chunk_size
 from models import Transformer, build_model_args
-from losses.chunked_linear_cross_entropy import auto_chunk_size
 from models.args import ModelArgs
+from parallelisms.fsdp import fsdp_groups, tied_in_root
 from parallelisms.parallel_dims import ParallelDims
 from parallelisms.pipeline import PIPELINE_SCHEDULES, PipelinePlan, build_stage_module, plan_pipeline
-from config.job_config import JobConfig, Parallelism
-from config.errors import ConfigError
 
 GIB = 2**30
 # CUDA context, NCCL buffers and the caching allocator's unused reserve: not in
@@ -70,9 +72,13 @@ class RankMemory:
                 + self.pipeline_buffers + self.activations + self.transient)
 
 
-def loss_impl(cfg: JobConfig) -> str:
-    """The loss entry a run uses: ``auto`` is ``chunked``, as losses/registry.py resolves it."""
-    return "chunked" if cfg.loss.name == "auto" else cfg.loss.name
+def loss_choice(cfg: JobConfig) -> LossChoice:
+    """What the run's loss computes with on a GPU machine with the requirements installed: the
+    registry's own answer (losses/resolve.py) for the recipe's parameter dtype on CUDA."""
+    compile_loss = cfg.compile.enable and "loss" in cfg.compile.components
+    return choose_loss(cfg.loss.name, recipe_options(cfg.loss, compile_loss), device_type="cuda",
+                       dtype=getattr(torch, cfg.training.mixed_precision_param),
+                       vocab_parallel=cfg.parallelism.vocab_parallel, gpu_kernels=True)
 
 
 def _chunk_tokens(cfg: JobConfig, rows: int, tokens: int, logit_bytes: int) -> int:
@@ -121,7 +127,7 @@ def loss_workspace(cfg: JobConfig, a: ModelArgs, tokens: int, dp_shard: int, hea
     """
     v, d, n = a.vocab_size, a.dim, tokens
     param_b, reduce_b = _BYTES[cfg.training.mixed_precision_param], _BYTES[cfg.training.mixed_precision_reduce]
-    impl = loss_impl(cfg)
+    impl = loss_choice(cfg).entry
     if cfg.parallelism.vocab_parallel:
         rows, gathered = math.ceil(v / dp_shard), dp_shard * n
         # the shard's gradient and its fp32 upcast; the gathered hidden states and their gradient
@@ -175,23 +181,23 @@ def _numel(module: Optional[torch.nn.Module]) -> int:
     return sum(x.numel() for x in module.parameters()) if module is not None else 0
 
 
-def _gathered_without_pp(part: Transformer, p: Parallelism, tied_in_root: bool, vp_head: bool) -> tuple[int, int]:
+def _gathered_without_pp(part: Transformer, p, vp_head: bool) -> tuple[int, int]:
     """(parameters FSDP holds gathered during the backward, gradients it holds unreduced), no PP.
 
-    Groups as parallelisms/fsdp.py makes them: each block (when they reshard, the one
-    running and the one prefetched), the embedding, the head, and the root (norm, and a
-    tied embedding/head, whose gradient is reduced only at the end of the backward).
+    From the groups parallelisms/fsdp.py shards: at most two blocks when blocks reshard
+    (the one running and the one prefetched), every other group that is not resharded
+    after its forward, and the root's tied embedding/head gradient, reduced only at the
+    end of the backward.
     """
-    reshard = p.fsdp_reshard_after_forward != "never"
+    groups = fsdp_groups(part, p.fsdp_reshard_after_forward, pp_enabled=False, vocab_parallel_head=vp_head)
+    tied = tied_in_root(part, vp_head)
+    own = {"embedding": _numel(part.tok_embeddings), "head": _numel(part.output),
+           "root": _numel(part.norm) + (_numel(part.tok_embeddings) if tied else 0)}
     blocks = _numel(part.layers)
-    held = min(2 * _numel(part.layers["0"]), blocks) if reshard else blocks
-    if tied_in_root or not reshard:  # a root holding the tied weight never reshards
-        held += _numel(part.norm) + (_numel(part.tok_embeddings) if tied_in_root else 0)
-    if not tied_in_root and not reshard:
-        held += _numel(part.tok_embeddings)
-    if not tied_in_root and not vp_head and p.fsdp_reshard_after_forward != "always":
-        held += _numel(part.output)  # applied by the loss, first in backward: kept gathered between
-    return held, (_numel(part.tok_embeddings) if tied_in_root else 0)
+    held = min(2 * _numel(part.layers["0"]), blocks) if any(
+        g.reshard_after_forward for g in groups if g.kind == "block") else blocks
+    held += sum(own[g.kind] for g in groups if g.kind != "block" and not g.reshard_after_forward)
+    return held, (_numel(part.tok_embeddings) if tied else 0)
 
 
 def estimate_memory(cfg: JobConfig, dims: ParallelDims, accumulation_steps: int = 1) -> list[RankMemory]:
@@ -239,7 +245,7 @@ def estimate_memory(cfg: JobConfig, dims: ParallelDims, accumulation_steps: int 
                 first, last = s == 0, s == plan.num_stages - 1
                 buffers += plan.n_microbatches * tokens * a.dim * param_b * ((not first) + (not last))
             else:
-                held, root_grad = _gathered_without_pp(part, p, tied and not vp_head, vp_head)
+                held, root_grad = _gathered_without_pp(part, p, vp_head)
                 gathered += param_b * held
                 unreduced += param_b * root_grad
             if part.output is not None:

@@ -20,7 +20,9 @@ kernel accumulates the hidden-state gradient in bf16/fp16 over blocks of 128 voc
 accumulating in fp32: under 1%).
 
 25.1.1's kernels take no bias, z-loss or label smoothing, and its backward takes only
-bf16/fp16 hidden states: ``unsupported`` names what a call needs that they lack. With a
+bf16/fp16 hidden states: ``losses/resolve.py``'s ``why_not_cce`` names what a call needs that
+they lack. The kernels are called by position, so ``cce_kernels`` checks once that the
+installed release's take 25.1.1's arguments. With a
 softcap, CCE's forward (upstream main's too) counts the padding columns of each shard's
 last vocabulary block as logits of ``-softcap``: ``exp(-softcap)`` each, at most
 BLOCK_V - 1 (127) per shard, so negligible for caps above ~15 (Gemma's is 30).
@@ -29,7 +31,11 @@ imports anywhere.
 """
 
 import functools
+import importlib
+import importlib.metadata
+import inspect
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -40,36 +46,47 @@ from torch.autograd.function import once_differentiable
 from losses.functional import IGNORE_INDEX, REDUCTIONS
 from losses.options import DEFAULT_FILTER_EPS
 
-BACKWARD_DTYPES = (torch.bfloat16, torch.float16)
+SUPPORTED_VERSION = "25.1.1"
+# What each 25.1.1 kernel this module calls takes, in order: later releases reordered and renamed them.
+_SIGNATURES = {
+    ("cce_lse_forward", "cce_lse_forward_kernel"): ("e", "c", "valids", "softcap", "return_logit_avg"),
+    ("indexed_dot", "indexed_neg_dot_forward_kernel"): ("e", "c", "inds", "shift", "valids", "softcap", "out_dtype"),
+    ("cce_backward", "cce_backward_kernel"): ("do", "e", "c", "lse", "valids", "softcap", "filter_eps", "targets",
+                                             "shift", "vocab_ordering", "grad_scale"),
+    ("utils", "_build_flat_valids"): ("targets", "ignore_index", "shift"),
+    ("utils", "handle_reduction_none"): ("batch_shape", "valids", "shift", "loss"),
+    ("utils", "_handle_eps"): ("filter_eps", "dtype"),
+    ("cce", "sort_logit_avg"): ("logit_avg",),
+}
 
 
 @functools.cache
-def _kernels_importable() -> bool:
+def cce_kernels() -> SimpleNamespace:
+    """cut-cross-entropy's kernels by name, checked once against 25.1.1's signatures.
+
+    Raises ``ImportError`` (one line, naming the supported release) where the package is
+    missing, needs a Triton that is not there, or is a release whose kernels take other
+    arguments: calling those by position would compute something else silently.
+    """
     try:
-        import cut_cross_entropy.cce  # noqa: F401  (needs Triton)
-    except ImportError:
-        return False
-    return True
-
-
-def unsupported(
-    e: Tensor, c_shard: Tensor, bias: Optional[Tensor], *, z_loss_weight: float, label_smoothing: float
-) -> Optional[str]:
-    """Why this backend cannot compute the loss asked for, or None when it can."""
-    if bias is not None:
-        return "CCE 25.1.1's kernels take no bias"
-    if z_loss_weight:
-        return "CCE 25.1.1's kernels have no z-loss"
-    if label_smoothing:
-        return "CCE 25.1.1's kernels have no label smoothing"
-    if not (e.is_cuda and c_shard.is_cuda):
-        return "its Triton kernels need CUDA tensors"
-    needs_grad = torch.is_grad_enabled() and (e.requires_grad or c_shard.requires_grad)
-    if needs_grad and e.dtype not in BACKWARD_DTYPES:
-        return f"CCE's backward takes only bf16/fp16 hidden states, got {e.dtype}"
-    if not _kernels_importable():
-        return "triton and cut_cross_entropy must be importable"
-    return None
+        version = importlib.metadata.version("cut-cross-entropy")
+    except importlib.metadata.PackageNotFoundError:
+        raise ImportError(f"cut-cross-entropy is not installed: pip install cut-cross-entropy=={SUPPORTED_VERSION}") \
+            from None
+    kernels = {}
+    for (module, name), params in _SIGNATURES.items():
+        try:
+            fn = getattr(importlib.import_module(f"cut_cross_entropy.{module}"), name)
+        except (ImportError, AttributeError) as err:
+            raise ImportError(f"cut-cross-entropy {version}'s {module}.{name} cannot be loaded ({err}); headroom "
+                              f"calls {SUPPORTED_VERSION}'s kernels: pip install cut-cross-entropy=={SUPPORTED_VERSION}"
+                              ) from None
+        if tuple(inspect.signature(fn).parameters) != params:
+            raise ImportError(f"cut-cross-entropy {version} is installed, whose {name} takes other arguments than "
+                              f"{SUPPORTED_VERSION}'s, which headroom calls: pip install "
+                              f"cut-cross-entropy=={SUPPORTED_VERSION}")
+        kernels[name] = fn
+    return SimpleNamespace(**kernels)
 
 
 @dataclass(frozen=True)
@@ -102,18 +119,15 @@ def _reduce_over_shards(local_lse: Tensor, neg_target_logit: Tensor, group) -> t
 class _VocabParallelCCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, e: Tensor, c: Tensor, targets: Tensor, p: _Params) -> Tensor:
-        from cut_cross_entropy.cce_lse_forward import cce_lse_forward_kernel
-        from cut_cross_entropy.indexed_dot import indexed_neg_dot_forward_kernel
-        from cut_cross_entropy.utils import _build_flat_valids, handle_reduction_none
-
-        valids = _build_flat_valids(targets, p.ignore_index, False)  # int32 rows; None if all count
+        k = cce_kernels()
+        valids = k._build_flat_valids(targets, p.ignore_index, False)  # int32 rows; None if all count
         n_valid = targets.numel() if valids is None else valids.numel()
         col = targets - p.vocab_start
         owned = (col >= 0) & (col < c.shape[0])
 
-        local = cce_lse_forward_kernel(e, c, valids, p.softcap, return_logit_avg=p.sort_vocab)
+        local = k.cce_lse_forward_kernel(e, c, valids, p.softcap, return_logit_avg=p.sort_vocab)
         local_lse, logit_avg = local if p.sort_vocab else (local, None)
-        neg_target = indexed_neg_dot_forward_kernel(e, c, col.where(owned, 0), False, valids, p.softcap, torch.float32)
+        neg_target = k.indexed_neg_dot_forward_kernel(e, c, col.where(owned, 0), False, valids, p.softcap, torch.float32)
         neg_target = neg_target.where(owned if valids is None else owned[valids], 0.0)
         lse, neg_target = _reduce_over_shards(local_lse, neg_target, p.group)
         nll = lse + neg_target
@@ -122,18 +136,16 @@ class _VocabParallelCCE(torch.autograd.Function):
         ctx.grad_scale = 1 / max(n_valid, 1) if p.reduction == "mean" else 1.0
         ctx.save_for_backward(e, c, lse, col.where(owned, -1), valids, logit_avg)
         if p.reduction == "none":
-            return handle_reduction_none(targets.shape, valids, False, nll)
+            return k.handle_reduction_none(targets.shape, valids, False, nll)
         return nll.sum() * ctx.grad_scale
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss: Tensor):
-        from cut_cross_entropy.cce import sort_logit_avg
-        from cut_cross_entropy.cce_backward import cce_backward_kernel
-
+        k = cce_kernels()
         p: _Params = ctx.p
         e, c, lse, local_targets, valids, logit_avg = ctx.saved_tensors
-        grad_e, grad_c = cce_backward_kernel(
+        grad_e, grad_c = k.cce_backward_kernel(
             grad_loss,
             e,
             c.detach().requires_grad_(ctx.needs_input_grad[1]),  # the kernel skips dc unless set
@@ -142,7 +154,7 @@ class _VocabParallelCCE(torch.autograd.Function):
             p.softcap,
             p.filter_eps,
             targets=local_targets,
-            vocab_ordering=None if logit_avg is None else sort_logit_avg(logit_avg),
+            vocab_ordering=None if logit_avg is None else k.sort_logit_avg(logit_avg),
             grad_scale=ctx.grad_scale,
         )
         if not ctx.needs_input_grad[0]:
@@ -154,7 +166,7 @@ class _VocabParallelCCE(torch.autograd.Function):
 
 def vocab_parallel_cce(
     e: Tensor,
-    c_shard: Tensor,
+    c: Tensor,
     targets: Tensor,
     *,
     vocab_start: int = 0,
@@ -165,22 +177,20 @@ def vocab_parallel_cce(
     reduction: str = "mean",
     filter_eps: float | str | None = DEFAULT_FILTER_EPS,
 ) -> Tensor:
-    """Cross-entropy of ``e [N, D] @ c.T`` against ``targets [N]``; ``c_shard`` is rows
-    ``[vocab_start, vocab_start + V_local)`` of ``c``, the others are on ``group``'s other
-    ranks (``group=None``: ``c_shard`` is all of ``c``).
+    """Cross-entropy of ``e [N, D]`` against ``targets [N]`` with a classifier sharded by rows:
+    ``c`` is rows ``[vocab_start, vocab_start + V_local)`` of it, the others are on ``group``'s
+    other ranks (``group=None``: ``c`` is the whole classifier).
 
     Same contract as ``chunked_linear_cross_entropy`` with a group (same loss on every
-    rank, fp32; "mean" is 0 when every target is ignored), minus what ``unsupported``
+    rank, fp32; "mean" is 0 when every target is ignored), minus what ``why_not_cce``
     lists. ``filter_eps`` is CCE's: backward skips the blocks of logits whose gradients
     are all below it ("high"/"auto": bf16/fp16 eps / 32); None computes them all.
     """
-    from cut_cross_entropy.utils import _handle_eps
-
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     # CCE matches a threshold as float(); a config may give an int such as 0.
-    eps = _handle_eps(float(filter_eps) if isinstance(filter_eps, int) else filter_eps, e.dtype)
-    needs_grad = torch.is_grad_enabled() and (e.requires_grad or c_shard.requires_grad)
+    eps = cce_kernels()._handle_eps(float(filter_eps) if isinstance(filter_eps, int) else filter_eps, e.dtype)
+    needs_grad = torch.is_grad_enabled() and (e.requires_grad or c.requires_grad)
     params = _Params(
         vocab_start=vocab_start,
         group=group,
@@ -191,4 +201,4 @@ def vocab_parallel_cce(
         filter_eps=eps,
         sort_vocab=needs_grad and eps is not None,
     )
-    return _VocabParallelCCE.apply(e.contiguous(), c_shard, targets, params)
+    return _VocabParallelCCE.apply(e.contiguous(), c, targets, params)

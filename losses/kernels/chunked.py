@@ -14,7 +14,6 @@ elsewhere, and the sum of logits when label smoothing needs it).
 """
 
 import functools
-import importlib.util
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional
 
@@ -24,6 +23,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from losses.functional import IGNORE_INDEX, REDUCTIONS, linear_logits, mean_divisor
+from losses.resolve import chunked_kernels
 
 # chunk_size 0 sizes the chunk by memory: the largest multiple of 128 tokens whose
 # [chunk, V_local] logits block fits in 256 MiB (768 tokens for Qwen3's 151,936-entry
@@ -113,36 +113,34 @@ class _ChunkOps(NamedTuple):
     logit_grad: Callable[..., Tensor]
 
 
-KERNELS = ("auto", "triton", "torch")
-TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None  # checked once, not per call
+KERNELS = ("triton", "torch", "compile")
 
 
 @functools.cache
 def _chunk_ops(kernels: str) -> _ChunkOps:
-    """The per-chunk math: "triton" (losses/chunk_kernels.py: two passes over the
-    block in the GEMM's dtype), "compile" (PyTorch through ``torch.compile``, which
-    fuses the elementwise passes over each fp32 block) or "eager". Collectives stay outside."""
+    """The per-chunk math: "triton" (chunked_triton.py: two passes over the block in the
+    GEMM's dtype), "compile" (PyTorch through ``torch.compile``, which fuses the elementwise
+    passes over each fp32 block) or "torch". Collectives stay outside."""
     if kernels == "triton":
-        from losses import chunk_kernels
+        from losses.kernels import chunked_triton
 
-        return _ChunkOps(chunk_kernels.linear_logits_raw, chunk_kernels.row_stats, _chunk_token_loss,
-                         chunk_kernels.logit_grad)
+        return _ChunkOps(chunked_triton.linear_logits_raw, chunked_triton.row_stats, _chunk_token_loss,
+                         chunked_triton.logit_grad)
     ops = _ChunkOps(linear_logits, _chunk_row_stats, _chunk_token_loss, _chunk_logit_grad)
     if kernels == "compile":
         ops = _ChunkOps(*(torch.compile(fn) for fn in ops))
     return ops
 
 
-def _pick_kernels(kernels: str, compile: bool, e: Tensor) -> str:
-    """"auto": the Triton kernels for CUDA tensors in 16/32-bit floats, else PyTorch."""
+def _check_kernels(kernels: Optional[str], e: Tensor) -> str:
+    """``None``: what ``losses/resolve.py`` picks for ``e``; else a choice it must be able to run."""
+    if kernels is None:
+        return chunked_kernels(e.device.type, e.dtype)[0]
     if kernels not in KERNELS:
-        raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
-    triton_fits = TRITON_AVAILABLE and e.is_cuda and e.dtype in (torch.bfloat16, torch.float16, torch.float32)
-    if kernels == "triton" and not triton_fits:
+        raise ValueError(f"kernels must be one of {KERNELS} or None, got {kernels!r}")
+    if kernels == "triton" and chunked_kernels(e.device.type, e.dtype)[0] != "triton":
         raise ValueError(f"kernels='triton' needs triton and CUDA tensors in bf16/fp16/fp32, got {e.device} {e.dtype}")
-    if kernels == "triton" or (kernels == "auto" and triton_fits):
-        return "triton"
-    return "compile" if compile else "eager"
+    return kernels
 
 
 @dataclass(frozen=True)
@@ -190,55 +188,61 @@ class _Grads:
     """Gradient buffers filled chunk by chunk; None where no gradient is wanted.
 
     ``e`` is kept in at least fp32 when it is all-reduced across the vocab group
-    here, else in its own dtype; ``w`` in the classifier's dtype with one fused ``addmm_`` per chunk,
+    here, else in its own dtype; ``c`` in the classifier's dtype with one fused ``addmm_`` per chunk,
     rounding once per chunk (an fp32 buffer would be twice the weight's size, plus a
     cast copy per chunk); ``bias`` in fp32.
     """
 
-    def __init__(self, e: Tensor, w: Tensor, bias: Optional[Tensor], needs: tuple[bool, ...], p: "_Params"):
+    def __init__(self, e: Tensor, c: Tensor, bias: Optional[Tensor], needs: tuple[bool, ...], p: "_Params"):
         acc = torch.promote_types(e.dtype, torch.float32) if p.group is not None and p.reduce_e_grad else e.dtype
         self.e = torch.empty(e.shape, dtype=acc, device=e.device) if needs[0] else None
-        self.w = torch.empty_like(w) if needs[1] else None
-        self.w_written = False  # the first chunk writes w's gradient, the others add to it
+        self.c = torch.empty_like(c) if needs[1] else None
+        self.c_written = False  # the first chunk writes c's gradient, the others add to it
         self.bias = (
-            torch.zeros(w.shape[0], dtype=torch.promote_types(bias.dtype, torch.float32), device=w.device)
+            torch.zeros(c.shape[0], dtype=torch.promote_types(bias.dtype, torch.float32), device=c.device)
             if bias is not None and needs[2]
             else None
         )
 
-    def add_chunk(self, rows: slice, logit_grad: Tensor, e_chunk: Tensor, w: Tensor) -> None:
-        low = logit_grad.to(w.dtype)
+    def add_chunk(self, rows: slice, logit_grad: Tensor, e_chunk: Tensor, c: Tensor) -> None:
+        low = logit_grad.to(c.dtype)
         if self.e is not None:
             if self.e.dtype == low.dtype:
-                torch.mm(low, w, out=self.e[rows])
+                torch.mm(low, c, out=self.e[rows])
             else:
-                self.e[rows] = low @ w
-        if self.w is not None:
-            if self.w_written:
-                self.w.addmm_(low.T, e_chunk)
+                self.e[rows] = low @ c
+        if self.c is not None:
+            if self.c_written:
+                self.c.addmm_(low.T, e_chunk)
             else:
-                torch.mm(low.T, e_chunk, out=self.w)
-                self.w_written = True
+                torch.mm(low.T, e_chunk, out=self.c)
+                self.c_written = True
         if self.bias is not None:
             self.bias += logit_grad.sum(0)
 
-    def finish(self, e: Tensor, bias: Optional[Tensor], p: _Params):
-        """Reduce the hidden-state gradient over the vocab group and cast to input dtypes."""
+    def finish(self, e: Tensor, bias: Optional[Tensor], p: _Params, reduce_e: bool = True):
+        """The gradients in the inputs' dtypes; the hidden states' reduced over the vocab group
+        unless ``reduce_e`` is off (kept in the accumulation dtype, for ``_reduced_e_grad`` later)."""
         grad_e = self.e
-        if grad_e is not None:
-            if p.reduce_e_grad:
-                _all_reduce(grad_e, dist.ReduceOp.SUM, p.group)
-            grad_e = grad_e.to(e.dtype)
+        if grad_e is not None and reduce_e:
+            grad_e = _reduced_e_grad(grad_e, e.dtype, p)
         grad_bias = None if self.bias is None else self.bias.to(bias.dtype)
-        return grad_e, self.w, grad_bias
+        return grad_e, self.c, grad_bias
 
 
-def _backprop_chunk(grads, rows, e_chunk, w, logits, lse, col, owned, token_weight, p):
+def _reduced_e_grad(grad_e: Tensor, dtype: torch.dtype, p: _Params) -> Tensor:
+    """Sum the shards' parts of the hidden-state gradient (if ``reduce_e_grad``), in ``dtype``."""
+    if p.reduce_e_grad:
+        _all_reduce(grad_e, dist.ReduceOp.SUM, p.group)
+    return grad_e.to(dtype)
+
+
+def _backprop_chunk(grads, rows, e_chunk, c, logits, lse, col, owned, token_weight, p):
     logit_grad = p.ops.logit_grad(
         logits, lse, col, owned, token_weight,
         p.vocab_size, p.softcap, p.z_loss_weight, p.label_smoothing,
     )  # fmt: skip
-    grads.add_chunk(rows, logit_grad, e_chunk, w)
+    grads.add_chunk(rows, logit_grad, e_chunk, c)
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -249,21 +253,21 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     the saved log-sum-exp (no collectives needed but the e-gradient reduction)."""
 
     @staticmethod
-    def forward(ctx, e: Tensor, w: Tensor, bias: Optional[Tensor], targets: Tensor, p: _Params):
+    def forward(ctx, e: Tensor, c: Tensor, bias: Optional[Tensor], targets: Tensor, p: _Params):
         n = e.shape[0]
         needs = ctx.needs_input_grad[:3]
         grads_now = p.grad_enabled and any(needs) and p.reduction != "none"
-        grads = _Grads(e, w, bias, needs, p) if grads_now else None
+        grads = _Grads(e, c, bias, needs, p) if grads_now else None
         acc = torch.promote_types(e.dtype, torch.float32)
         scale = 1 / mean_divisor(targets, p.ignore_index).to(acc) if p.reduction == "mean" else 1.0
 
-        col, owned, valid = _local_targets(targets, p.vocab_start, w.shape[0], p.ignore_index)
+        col, owned, valid = _local_targets(targets, p.vocab_start, c.shape[0], p.ignore_index)
         weight = valid.to(acc) * scale if grads_now else None
         lse = torch.empty(n, dtype=acc, device=e.device)
         token_sums = []  # per chunk: the target logit and, for label smoothing, the sum of logits
         for start in range(0, n, p.chunk_size):
             rows = slice(start, start + p.chunk_size)
-            logits = p.ops.logits(e[rows], w, bias, p.softcap)
+            logits = p.ops.logits(e[rows], c, bias, p.softcap)
             row_max, sums = p.ops.row_stats(logits, col[rows], owned[rows], p.label_smoothing > 0, p.softcap)
             if p.group is not None:  # rescale each shard's exponential sum to the global maximum
                 global_max = row_max.clone()
@@ -274,7 +278,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             torch.add(row_max, sums[0].log(), out=lse[rows])
             token_sums.append(sums[1:])
             if grads_now:
-                _backprop_chunk(grads, rows, e[rows], w, logits, lse[rows], col[rows], owned[rows], weight[rows], p)
+                _backprop_chunk(grads, rows, e[rows], c, logits, lse[rows], col[rows], owned[rows], weight[rows], p)
             del logits, row_max, sums  # before the next chunk allocates its block: one block alive, not two
         token_sums = torch.cat(token_sums, dim=1).to(acc)
         logit_sum = token_sums[1] if p.label_smoothing > 0 else None
@@ -288,9 +292,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         if grads_now:
             # Kept as an attribute, not saved tensors: they are new tensors (no cycle), and
             # scaling them in place must not trip autograd's version check on a second backward.
-            ctx.stash = list(grads.finish(e, bias, p))
+            # The hidden-state gradient is reduced over the group only in the backward, after
+            # each rank scaled its shard's part by its own upstream gradient (upstream CCE's rule).
+            ctx.stash = list(grads.finish(e, bias, p, reduce_e=False))
+            ctx.e_dtype = e.dtype
         elif p.reduction == "none":
-            ctx.save_for_backward(e, w, bias, targets, lse)
+            ctx.save_for_backward(e, c, bias, targets, lse)
         if p.reduction == "none":
             return token_loss
         return token_loss.sum() * scale
@@ -308,6 +315,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 for g in ctx.stash:
                     if g is not None:
                         g.mul_(grad_loss.to(g.dtype))
+                if ctx.stash[0] is not None:
+                    ctx.stash[0] = _reduced_e_grad(ctx.stash[0], ctx.e_dtype, p)
             elif not torch.equal(grad_loss, ctx.applied_scale):
                 raise RuntimeError("the chunked loss was backpropagated twice with different upstream gradients")
             grads = list(ctx.stash)
@@ -321,21 +330,21 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                     ctx.stash[i] = None
             return (*grads, None, None)
 
-        e, w, bias, targets, lse = ctx.saved_tensors
-        grads = _Grads(e, w, bias, ctx.needs_input_grad[:3], p)
-        col, owned, valid = _local_targets(targets, p.vocab_start, w.shape[0], p.ignore_index)
+        e, c, bias, targets, lse = ctx.saved_tensors
+        grads = _Grads(e, c, bias, ctx.needs_input_grad[:3], p)
+        col, owned, valid = _local_targets(targets, p.vocab_start, c.shape[0], p.ignore_index)
         weight = grad_loss.to(lse.dtype) * valid
         for start in range(0, e.shape[0], p.chunk_size):
             rows = slice(start, start + p.chunk_size)
-            logits = p.ops.logits(e[rows], w, bias, p.softcap)
-            _backprop_chunk(grads, rows, e[rows], w, logits, lse[rows], col[rows], owned[rows], weight[rows], p)
+            logits = p.ops.logits(e[rows], c, bias, p.softcap)
+            _backprop_chunk(grads, rows, e[rows], c, logits, lse[rows], col[rows], owned[rows], weight[rows], p)
             del logits
         return (*grads.finish(e, bias, p), None, None)
 
 
 def chunked_linear_cross_entropy(
     e: Tensor,
-    w: Tensor,
+    c: Tensor,
     targets: Tensor,
     bias: Optional[Tensor] = None,
     *,
@@ -349,22 +358,20 @@ def chunked_linear_cross_entropy(
     z_loss_weight: float = 0.0,
     label_smoothing: float = 0.0,
     reduction: str = "mean",
-    compile: bool = False,
-    kernels: str = "auto",
+    kernels: Optional[str] = None,
 ) -> Tensor:
-    """Cross-entropy of ``e [N, D] @ w.T`` against ``targets [N]``, ``chunk_size`` tokens at a time.
+    """Cross-entropy of ``e [N, D] @ c.T`` against ``targets [N]``, ``chunk_size`` tokens at a time.
 
-    ``group=None``: ``w`` is the whole classifier ``[V, D]``. With a group: ``w`` is
+    ``group=None``: ``c`` is the whole classifier ``[V, D]``. With a group: ``c`` is
     this rank's rows ``[vocab_start, vocab_start + V_local)`` of a ``vocab_size``-row
     classifier (only label smoothing needs ``vocab_size``; it is all-reduced when not
     given) and ``bias`` the same slice of its bias. Every rank passes the same ``e``
     and ``targets`` and gets the same loss. The gradient of ``e`` is all-reduced over
     the group when ``reduce_e_grad``, else left partial for the caller to reduce
     (e.g. reduce-scatter); each rank gets only its shard's classifier (and bias)
-    gradient. ``kernels``: "auto" runs the per-chunk math in the Triton kernels of
-    ``losses/chunk_kernels.py`` for CUDA bf16/fp16/fp32 tensors and in PyTorch
-    otherwise ("triton" / "torch" force one); ``compile`` runs the PyTorch math
-    through ``torch.compile``.
+    gradient. ``kernels`` runs the per-chunk math in the Triton kernels of
+    ``chunked_triton.py`` ("triton"), in PyTorch ops ("torch") or in PyTorch ops through
+    ``torch.compile`` ("compile"); None takes what ``losses/resolve.py`` picks for ``e``.
 
     Returns a scalar for "mean"/"sum" and ``[N]`` for "none", in fp32 (fp64 for fp64
     inputs). "mean" divides by the number of non-ignored targets, and is 0 with zero
@@ -375,17 +382,17 @@ def chunked_linear_cross_entropy(
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if chunk_size < 0:
         raise ValueError(f"chunk_size must be >= 0 (0: sized by memory), got {chunk_size}")
-    if e.dim() != 2 or w.dim() != 2 or e.shape[1] != w.shape[1] or targets.shape != e.shape[:1]:
-        raise ValueError(f"expected e [N, D], w [V, D], targets [N]; got {e.shape}, {w.shape}, {targets.shape}")
-    if e.dtype != w.dtype:
-        raise ValueError(f"e and w must share a dtype, got {e.dtype} and {w.dtype}")
-    if bias is not None and bias.shape != w.shape[:1]:
-        raise ValueError(f"bias must be [{w.shape[0]}], got {list(bias.shape)}")
-    kernels = _pick_kernels(kernels, compile, e)
+    if e.dim() != 2 or c.dim() != 2 or e.shape[1] != c.shape[1] or targets.shape != e.shape[:1]:
+        raise ValueError(f"expected e [N, D], c [V, D], targets [N]; got {e.shape}, {c.shape}, {targets.shape}")
+    if e.dtype != c.dtype:
+        raise ValueError(f"e and c must share a dtype, got {e.dtype} and {c.dtype}")
+    if bias is not None and bias.shape != c.shape[:1]:
+        raise ValueError(f"bias must be [{c.shape[0]}], got {list(bias.shape)}")
+    kernels = _check_kernels(kernels, e)
     if chunk_size == 0:  # the Triton kernels keep the block in the GEMM's dtype, PyTorch in >= fp32
-        chunk_size = auto_chunk_size(w.shape[0], e.element_size() if kernels == "triton" else max(4, e.element_size()))
+        chunk_size = auto_chunk_size(c.shape[0], e.element_size() if kernels == "triton" else max(4, e.element_size()))
     if vocab_size is None and label_smoothing > 0:
-        vocab_size = _global_vocab_size(w, group)
+        vocab_size = _global_vocab_size(c, group)
     params = _Params(
         vocab_start=vocab_start,
         vocab_size=vocab_size,
@@ -400,12 +407,12 @@ def chunked_linear_cross_entropy(
         grad_enabled=torch.is_grad_enabled(),
         ops=_chunk_ops(kernels),
     )
-    return _ChunkedLinearCrossEntropy.apply(e, w, bias, targets.long(), params)
+    return _ChunkedLinearCrossEntropy.apply(e, c, bias, targets.long(), params)
 
 
-def _global_vocab_size(w: Tensor, group: Optional[dist.ProcessGroup]) -> int:
+def _global_vocab_size(c: Tensor, group: Optional[dist.ProcessGroup]) -> int:
     if group is None:
-        return w.shape[0]
-    size = torch.tensor([w.shape[0]], device=w.device)
+        return c.shape[0]
+    size = torch.tensor([c.shape[0]], device=c.device)
     dist.all_reduce(size, group=group)
     return int(size.item())

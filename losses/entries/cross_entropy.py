@@ -15,8 +15,8 @@ class MaterializedCrossEntropy(OutputLoss):
 
     name = "cross_entropy"
 
-    def linear_loss(self, e: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor) -> Tensor:
-        logits = linear_logits(e, weight, bias, self.logit_softcap)
+    def linear_loss(self, e: Tensor, c: Tensor, bias: Optional[Tensor], targets: Tensor) -> Tensor:
+        logits = linear_logits(e, c, bias, self.logit_softcap)
         loss = F.cross_entropy(
             logits, targets, ignore_index=self.ignore_index, reduction="none", label_smoothing=self.label_smoothing
         )

@@ -9,10 +9,11 @@ from typing import ClassVar, Optional
 import torch
 from torch import Tensor, nn
 
+from config.errors import ConfigError
 from losses.base import OutputLoss
 from losses.functional import mean_divisor
 from losses.options import DEFAULT_FILTER_EPS
-from config.errors import ConfigError
+from losses.resolve import cce_problem
 
 
 class CutCrossEntropy(OutputLoss):
@@ -32,12 +33,12 @@ class CutCrossEntropy(OutputLoss):
                 "loss.name", f"{self.name!r} cannot apply the output head's bias; use 'chunked' or 'cross_entropy'"
             )
 
-    def linear_loss(self, e: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor) -> Tensor:
+    def linear_loss(self, e: Tensor, c: Tensor, bias: Optional[Tensor], targets: Tensor) -> Tensor:
         from cut_cross_entropy import linear_cross_entropy
 
         loss = linear_cross_entropy(
             e,
-            weight,
+            c,
             targets,
             ignore_index=self.ignore_index,
             softcap=self.logit_softcap or None,
@@ -63,18 +64,21 @@ class CCELoss(CutCrossEntropy):
 
     def __init__(self, head: nn.Module, *, filter_eps: float | str | None = DEFAULT_FILTER_EPS, **common):
         super().__init__(head, **common)
+        problem = cce_problem()
+        if problem is not None:
+            raise ConfigError("loss.name", f"'cce': {problem}")
         # 25.1.1 matches a threshold as float(); TOML may give an int such as 0.
         self.filter_eps = float(filter_eps) if isinstance(filter_eps, int) else filter_eps
 
-    def linear_loss(self, e: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor) -> Tensor:
+    def linear_loss(self, e: Tensor, c: Tensor, bias: Optional[Tensor], targets: Tensor) -> Tensor:
         # 25.1.1 asserts this only in the backward, after a whole forward pass.
-        needs_backward = torch.is_grad_enabled() and (e.requires_grad or weight.requires_grad)
+        needs_backward = torch.is_grad_enabled() and (e.requires_grad or c.requires_grad)
         if needs_backward and e.dtype not in (torch.bfloat16, torch.float16):
             raise ValueError(
                 f"'cce' backpropagates only bf16/fp16 hidden states, got {e.dtype}; "
                 "train in bf16 (mixed precision) or use loss 'chunked'"
             )
-        return super().linear_loss(e, weight, bias, targets)
+        return super().linear_loss(e, c, bias, targets)
 
     def impl_options(self) -> dict[str, object]:
         return {"filter_eps": self.filter_eps}

@@ -1,0 +1,24 @@
+"""``parallelize``: everything applied to one model part (a pipeline stage, or the whole model), in order.
+
+The order is fixed: activation checkpointing wraps the blocks, ``torch.compile`` compiles
+the (wrapped) blocks, the vocab-parallel head replaces the classifier by its vocab shard,
+and FSDP shards what is left; each step relies on the ones before it (TorchTitan's order).
+"""
+
+from config.job_config import JobConfig
+from models.transformer import Transformer
+from parallelisms.activation_checkpoint import apply_activation_checkpointing
+from parallelisms.compile import apply_compile
+from parallelisms.fsdp import apply_fsdp
+from parallelisms.vocab_parallel import shard_head_over_vocab
+
+
+def parallelize(part: Transformer, cfg: JobConfig, fsdp_mesh, param_dtype: str, pp_enabled: bool) -> None:
+    """Apply AC, compile, the vocab-parallel head and FSDP to ``part`` (still on the meta device)."""
+    apply_activation_checkpointing(part, cfg.activation_checkpoint)
+    if cfg.compile.enable and "model" in cfg.compile.components:
+        apply_compile(part)
+    if cfg.parallelism.vocab_parallel and part.output is not None:
+        shard_head_over_vocab(part, fsdp_mesh)  # the classifier is never gathered
+    apply_fsdp(part, fsdp_mesh, param_dtype, cfg.training.mixed_precision_reduce,
+               cfg.parallelism.fsdp_reshard_after_forward, pp_enabled)

@@ -1,0 +1,50 @@
+"""What a run writes about itself besides its metrics: versions and layout at the start, the effective
+recipe (``config.toml``), and every rank's peak memory at the end (``memory.json``)."""
+
+import importlib.metadata
+import json
+import logging
+import os
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from config.job_config import JobConfig
+from parallelisms.parallel_dims import ParallelDims
+from parallelisms.pipeline import PipelinePlan
+from training.config_loader import dump_config
+from training.metrics import gather_peak_memory_gib
+
+logger = logging.getLogger("train")
+
+
+def log_run(cfg: JobConfig, dims: ParallelDims, mesh, device: torch.device) -> None:
+    """Versions, the rank layout and the effective recipe (<dump_folder>/config.toml); rank 0 only."""
+    versions = [f"torch {torch.__version__}"]
+    for name in ("triton", "cut-cross-entropy"):  # read from the installed metadata: importing triton takes seconds
+        try:
+            versions.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            versions.append(f"{name} absent")
+    logger.info(", ".join(versions) + (f"; {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""))
+    grid = mesh.mesh  # [pp, dp_replicate, dp_shard] of global ranks
+    for p in range(dims.pp):
+        groups = " ".join(str(g) for g in grid[p].reshape(-1, dims.dp_shard).tolist())
+        logger.info(f"pipeline rank {p}: dp_shard groups {groups}")
+    os.makedirs(cfg.job.dump_folder, exist_ok=True)
+    with open(os.path.join(cfg.job.dump_folder, "config.toml"), "w") as f:
+        f.write(dump_config(cfg))
+
+
+def report_memory(dump_folder: str, device: torch.device, plan: Optional[PipelinePlan], rank: int) -> None:
+    """Peak memory of every rank, with its pipeline stages: logged and written to memory.json."""
+    peaks = gather_peak_memory_gib(device)
+    stages = [None] * dist.get_world_size()
+    dist.all_gather_object(stages, list(plan.local_stages) if plan is not None else [])
+    if rank == 0:
+        per_rank = [round(p, 3) for p in peaks]
+        logger.info("peak memory per rank (GiB): " + ", ".join(
+            f"{r}:{m:.2f}" + (f" (stages {stages[r]})" if stages[r] else "") for r, m in enumerate(per_rank)))
+        with open(os.path.join(dump_folder, "memory.json"), "w") as f:
+            json.dump({"peak_memory_gib_per_rank": per_rank, "stages_per_rank": stages}, f)

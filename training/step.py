@@ -1,0 +1,123 @@
+"""One optimizer step: forward/backward micro-steps, then finishing the step.
+
+Finishing is where the layouts differ: the vocab-parallel head's gradient is completed,
+a tied head copy is kept equal to the embedding, the whole model's gradient is clipped,
+the non-finite policy decides whether to step, and the optimizers step.
+"""
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from config.errors import ConfigError
+from config.job_config import JobConfig
+from parallelisms.grad_clip import clip_grad_norm_
+from parallelisms.parallel_dims import ParallelDims
+from parallelisms.tied_embeddings import TiedEmbeddingSync
+from parallelisms.vocab_parallel import finalize_head_grads
+from training.token_normalization import GlobalTokenMeanLoss
+
+logger = logging.getLogger("train")
+
+NONFINITE_ADVICE = ("try a lower optimizer.lr, more lr_scheduler.warmup_steps, training.max_norm > 0, "
+                    "or training.mixed_precision_param = 'float32'")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The non-finite policy stopped the run (the same on every rank)."""
+
+
+def global_batch_size(cfg: JobConfig, dims: ParallelDims) -> int:
+    """Sequences per optimizer step; a whole number of micro-steps of every data-parallel rank."""
+    t = cfg.training
+    per_micro_step = t.local_batch_size * dims.dp
+    g = t.global_batch_size if t.global_batch_size > 0 else per_micro_step
+    if g % per_micro_step:
+        raise ConfigError("training.global_batch_size",
+                          f"{g} is not a multiple of local_batch_size {t.local_batch_size} x data-parallel degree "
+                          f"{dims.dp} = {per_micro_step}; gradient accumulation needs whole micro-steps")
+    return g
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    loss: float  # the global batch's token mean, the same on every rank
+    grad_norm: float  # the whole model's, before clipping
+    lr: float  # the learning rate the step used
+    updated: bool  # False: the non-finite policy skipped the update
+
+
+class TrainStep:
+    """``step(local_batch)`` runs one optimizer step of this rank's share of the global batch.
+
+    ``parts`` are this rank's model stages; ``schedule`` the pipeline schedule (None
+    without PP); ``loss`` the global-token-mean loss on the last stage's hidden states.
+    """
+
+    def __init__(self, cfg: JobConfig, dims: ParallelDims, parts: list[nn.Module], schedule,
+                 loss: GlobalTokenMeanLoss, optimizers: list[torch.optim.Optimizer], schedulers: list,
+                 tied: Optional[TiedEmbeddingSync], mesh, dp_group: dist.ProcessGroup):
+        self.t = cfg.training
+        self.ignore_index = cfg.loss.ignore_index
+        self.dims, self.parts, self.schedule, self.loss = dims, parts, schedule, loss
+        self.optimizers, self.schedulers, self.tied = optimizers, schedulers, tied
+        self.params = [p for part in parts for p in part.parameters()]
+        self.head = next((p.output for p in parts if p.output is not None), None)
+        self.vocab_parallel_head = self.head if cfg.parallelism.vocab_parallel else None
+        self.has_first_stage = any(p.tok_embeddings is not None for p in parts)
+        self.fsdp_mesh, self.dp_group = dims.fsdp_mesh(mesh), dp_group
+        self.pp_group = mesh["pp"].get_group() if schedule is not None else None
+        self.skipped = 0  # updates dropped for a non-finite loss or gradient
+
+    def __call__(self, local_batch: torch.Tensor, step: int) -> StepOutcome:
+        self.loss.set_global_batch(local_batch, self.ignore_index)
+        step_loss = torch.zeros((), device=local_batch.device, dtype=torch.float64)
+        for micro in local_batch.split(self.t.local_batch_size):
+            step_loss += self._forward_backward(micro)
+        return self._finish(step_loss, step)
+
+    def _forward_backward(self, micro: torch.Tensor) -> torch.Tensor:
+        """One micro-step's loss (its share of the global mean), gradients accumulated."""
+        if self.schedule is None:
+            loss = self.loss(self.parts[0](micro), micro)
+            loss.backward()
+            return loss.detach().double()
+        losses: list[torch.Tensor] = []
+        self.schedule.step(*((micro,) if self.has_first_stage else ()),
+                           target=micro if self.head is not None else None, losses=losses)
+        return sum(loss.detach().double() for loss in losses) if losses else torch.zeros((), dtype=torch.float64,
+                                                                                         device=micro.device)
+
+    def _finish(self, step_loss: torch.Tensor, step: int) -> StepOutcome:
+        if self.vocab_parallel_head is not None:
+            finalize_head_grads(self.vocab_parallel_head.weight, self.fsdp_mesh, self.dims.dp)
+        if self.tied is not None:
+            self.tied.sync_grads()
+        duplicate = [self.tied.head_copy] if self.tied is not None and self.tied.head_copy is not None else []
+        grad_norm = float(clip_grad_norm_(self.params, self.t.max_norm, self.pp_group, skip=duplicate))
+        # The loss lives on the last stage, one share per data-parallel rank: sum the shares.
+        dist.all_reduce(step_loss, group=self.dp_group)
+        if self.pp_group is not None:
+            dist.all_reduce(step_loss, group=self.pp_group)
+        loss = step_loss.item() / self.dims.dp
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)  # the same on every rank
+        if not finite and (self.t.nonfinite_policy == "stop" or self.skipped == self.t.nonfinite_max_skips):
+            after = f" after {self.skipped} skipped steps" if self.skipped else ""
+            raise NonFiniteLossError(f"loss {loss}, grad norm {grad_norm} at step {step}{after}; {NONFINITE_ADVICE}")
+        if finite:
+            for optimizer in self.optimizers:
+                optimizer.step()
+        else:
+            self.skipped += 1
+            logger.warning(f"step {step}: loss {loss}, grad norm {grad_norm}; update skipped "
+                           f"({self.skipped}/{self.t.nonfinite_max_skips})")
+        lr = self.schedulers[0].get_last_lr()[0]
+        for scheduler in self.schedulers:
+            scheduler.step()
+            scheduler.optimizer.zero_grad(set_to_none=True)
+        return StepOutcome(loss, grad_norm, lr, finite)
