@@ -2,6 +2,7 @@
 
 import copy
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -99,9 +100,26 @@ def test_hf_tokenizer_from_file_or_folder_finds_eos(tmp_path):
 
 def test_hf_tokenizer_eos_by_name_or_a_clear_error(tmp_path):
     path = write_word_tokenizer(tmp_path, eos_token="<END>")
-    with pytest.raises(ValueError, match="no end-of-sequence token found.*eos_token="):
-        HFTokenizer(path)
-    assert HFTokenizer(path, eos_token="<END>").eos_id == 0
+    with pytest.raises(ValueError, match="tokenizer.json: no end-of-sequence token found.*set model.eos_token"):
+        build_tokenizer(str(path))
+    with pytest.raises(ValueError, match=r"looked for <\|im_end\|>\).*set model.eos_token"):
+        build_tokenizer(str(path), eos_token="<|im_end|>")
+    for spec in (str(path), str(tmp_path)):
+        assert build_tokenizer(spec, eos_token="<END>").eos_id == 0
+
+
+def test_bytes_tokenizer_refuses_an_eos_token():
+    with pytest.raises(ValueError, match="bytes tokenizer's EOS is always id 256, so leave model.eos_token empty"):
+        build_tokenizer("bytes", eos_token="</s>")
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"hello": "world"}'])
+def test_corrupt_tokenizer_json_names_the_file(tmp_path, content):
+    pytest.importorskip("tokenizers")
+    path = tmp_path / "tokenizer.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))}: not a readable Hugging Face tokenizer.json .*; use the tokenizer.json"):
+        build_tokenizer(str(path))
 
 
 def test_hf_tokenized_text_ends_documents_with_its_eos(tmp_path):
