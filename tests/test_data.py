@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from data import ByteTokenizer, HFTokenizer, build_dataloader, build_tokenizer
-from data.token_stream import load_token_stream
+from data import ByteTokenizer, HFTokenizer, build_dataloader, build_tokenizer, documents
+from data.token_stream import document_batches, load_token_stream, tokenize_batches
 
 EOS = ByteTokenizer.eos_id
 
@@ -118,7 +118,8 @@ def test_corrupt_tokenizer_json_names_the_file(tmp_path, content):
     pytest.importorskip("tokenizers")
     path = tmp_path / "tokenizer.json"
     path.write_text(content)
-    with pytest.raises(ValueError, match=f"^{re.escape(str(path))}: not a readable Hugging Face tokenizer.json .*; use the tokenizer.json"):
+    message = f"^{re.escape(str(path))}: not a readable Hugging Face tokenizer.json .*; use the tokenizer.json"
+    with pytest.raises(ValueError, match=message):
         build_tokenizer(str(path))
 
 
@@ -144,6 +145,27 @@ def test_text_documents_are_packed_with_eos_and_the_remainder_dropped(tmp_path):
     assert sorted(first_epoch.tolist()) == [[a, b, EOS, c], [d, EOS, e, f]]  # final EOS dropped
 
 
+# Blank lines made of \t, U+2028, U+00A0 and \r; a form feed ending a document; CRLF inside one.
+TRICKY_TEXT = "  first\r\n line \n\t\n\u2028\n second\x0c\n\n\n\u00a0\nthird\u2028still third\n \n"
+
+
+def test_streamed_text_splits_documents_like_the_blank_line_rule(tmp_path, monkeypatch):
+    """Read a line at a time, in batches of any size, the documents are re.split's on blank lines."""
+    (tmp_path / "a.txt").write_text(TRICKY_TEXT, encoding="utf-8")
+    (tmp_path / "b.txt").write_text("last", encoding="utf-8")
+    reference = [d.strip() for d in re.split(r"\n\s*\n", TRICKY_TEXT) if d.strip()] + ["last"]
+    assert len(reference) == 4
+    expected = [i for doc in reference for i in (*doc.encode("utf-8"), EOS)]
+    files = [tmp_path / "a.txt", tmp_path / "b.txt"]
+    monkeypatch.setattr(documents, "BATCH_BYTES", 1)  # every document its own batch
+    batches = list(document_batches("text", files, "text"))
+    assert [b.documents for b in batches] == [[doc] for doc in reference]
+    assert batches[-1].bytes_read == sum(f.stat().st_size for f in files)
+    assert tokenize_batches(iter(batches), ByteTokenizer()).tolist() == expected
+    monkeypatch.setattr(documents, "BATCH_BYTES", 1 << 22)
+    assert load_token_stream("text", tmp_path, ByteTokenizer(), 300).tolist() == expected
+
+
 def test_jsonl_documents_are_the_text_fields(tmp_path):
     path = tmp_path / "docs.jsonl"
     line_separator = "\u2028"  # legal inside a JSON string; must not split the line
@@ -151,6 +173,15 @@ def test_jsonl_documents_are_the_text_fields(tmp_path):
     path.write_text(json.dumps(records[0]) + "\n\n" + json.dumps(records[1], ensure_ascii=False) + "\n", encoding="utf-8")
     expected = [*b"hi", EOS, *b"yo", *line_separator.encode("utf-8"), EOS]
     assert load_token_stream("jsonl", path, ByteTokenizer(), 300).tolist() == expected
+
+
+def test_jsonl_text_field_is_configurable(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text('{"body": "ab", "text": "no"}\n{"body": "c"}\n')
+    loader = make_loader(path, dataset="jsonl", text_column="body", seq_len=5, global_batch_size=1)
+    assert take(loader, 1)[0].tolist() == [[*b"ab", EOS, *b"c", EOS]]
+    with pytest.raises(ValueError, match='docs.jsonl: line 2 has no string "text" field.*dataset_text_column'):
+        make_loader(path, dataset="jsonl")
 
 
 def test_tokens_file_is_memory_mapped_and_windowed(numbered_tokens):
