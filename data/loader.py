@@ -27,7 +27,7 @@ def build_dataloader(
     Each item is ``{"input_ids": LongTensor[global_batch_size // dp_degree, seq_len]}``;
     labels are the inputs (the loss shifts). It never ends: after the last window it
     starts the next epoch in a new seeded order. See PackedWindowDataset for the order.
-    ``text_column`` names the JSONL field holding the text.
+    ``text_column`` names the JSONL field or Parquet column holding the text.
     """
     check_batch_split(global_batch_size, dp_rank, dp_degree, seq_len)
     check_tokenizer_fits(tokenizer, vocab_size)

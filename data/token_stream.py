@@ -8,9 +8,10 @@ import numpy as np
 
 from data.documents import (DocumentBatch, across_files, in_batches, input_files, jsonl_file_documents,
                             text_file_documents)
+from data.parquet_documents import check_parquet_files, parquet_file_documents
 from data.tokenizer import Tokenizer
 
-DOCUMENT_SUFFIXES = {"text": ".txt", "jsonl": ".jsonl"}
+DOCUMENT_SUFFIXES = {"text": ".txt", "jsonl": ".jsonl", "parquet": ".parquet"}
 FORMATS = (*DOCUMENT_SUFFIXES, "tokens")
 
 # Tokens scanned at a time when checking a token file, so checking never loads it whole.
@@ -24,7 +25,7 @@ def load_token_stream(
 ) -> np.ndarray:
     """The uint32 token stream for ``dataset`` (one of FORMATS) at ``path``.
 
-    ``text_column`` names the JSONL field holding the text. Cached per process,
+    ``text_column`` names the JSONL field or Parquet column holding the text. Cached per process,
     keyed by the files' size and mtime, so each rank's loader and every test re-building a loader
     tokenize the corpus once.
     """
@@ -40,11 +41,17 @@ def load_token_stream(
 
 
 def document_batches(dataset: str, files: list[Path], text_column: str) -> Iterator[DocumentBatch]:
-    """The documents of ``files`` in order, in batches: the one reading path, for the trainer and pretokenizing."""
+    """The documents of ``files`` in order, in batches: the one reading path, for the trainer and pretokenizing.
+
+    Every Parquet footer is checked here, before the first batch is read.
+    """
     if dataset == "text":
         read_file = text_file_documents
-    else:
+    elif dataset == "jsonl":
         read_file = partial(jsonl_file_documents, text_column=text_column)
+    else:
+        check_parquet_files(files, text_column)
+        read_file = partial(parquet_file_documents, text_column=text_column)
     return in_batches(across_files(files, read_file))
 
 

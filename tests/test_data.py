@@ -8,10 +8,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
-from data import ByteTokenizer, HFTokenizer, build_dataloader, build_tokenizer, documents
+from data import ByteTokenizer, HFTokenizer, build_dataloader, build_tokenizer, documents, parquet_documents
 from data.token_stream import document_batches, load_token_stream, tokenize_batches
 
 EOS = ByteTokenizer.eos_id
@@ -184,6 +186,79 @@ def test_jsonl_text_field_is_configurable(tmp_path):
         make_loader(path, dataset="jsonl")
 
 
+def write_parquet(path, columns, row_group_size=None):
+    pq.write_table(pa.table(columns), path, row_group_size=row_group_size)
+    return path
+
+
+def test_parquet_folder_is_its_text_column_in_file_order(tmp_path, monkeypatch):
+    """Two files (one of three row groups), read two rows at a time; ids are the tokenizer's own."""
+    tok = HFTokenizer(write_word_tokenizer(tmp_path))
+    first = ["hello world", "", "  world\n\nhello  "]  # kept as they are: a row is a document
+    second = ["world", "hello hello", "world hello", "hello", "world world"]
+    write_parquet(tmp_path / "b.parquet", {"id": range(5), "body": second}, row_group_size=2)
+    write_parquet(tmp_path / "a.parquet", {"body": first})
+    (tmp_path / "c.txt").write_text("not parquet")
+    monkeypatch.setattr(parquet_documents, "PARQUET_BATCH_ROWS", 2)
+    monkeypatch.setattr(documents, "BATCH_BYTES", 1)
+    expected = [i for doc in first + second for i in (*tok.encode(doc), tok.eos_id)]
+    batches = list(document_batches("parquet", sorted(tmp_path.glob("*.parquet")), "body"))
+    assert len(batches) == 8 and batches[-1].bytes_read == sum(f.stat().st_size for f in tmp_path.glob("*.parquet"))
+    stream = load_token_stream("parquet", tmp_path, tok, 300, text_column="body")
+    assert stream.dtype == np.uint32 and stream.tolist() == expected
+    loader = make_loader(tmp_path, dataset="parquet", text_column="body", tokenizer=tok, seq_len=len(expected),
+                         global_batch_size=1)
+    assert take(loader, 1)[0].tolist() == [expected]
+
+
+@pytest.mark.parametrize("problem, columns, message", [
+    ("no column", {"id": [1], "body": ["x"]}, r"bad.parquet: no column 'text' \(it has id, body\); "),
+    ("not strings", {"text": [1, 2]}, r"bad.parquet: column 'text' holds int64, not strings; set dataset_text_column"),
+    ("no rows", {"text": pa.array([], pa.string())}, r"bad.parquet: empty file \(no rows\); remove it or fill it"),
+    ("a null", {"text": ["x", None]}, r"bad.parquet: row 1 of column 'text' is null; drop or fill"),
+])
+def test_parquet_column_problems_name_the_file(tmp_path, problem, columns, message):
+    write_parquet(tmp_path / "a.parquet", {"text": ["fine"]})
+    write_parquet(tmp_path / "bad.parquet", columns)
+    with pytest.raises(ValueError, match=message):
+        make_loader(tmp_path, dataset="parquet")
+
+
+def test_every_parquet_footer_is_checked_before_any_document_is_read(tmp_path):
+    write_parquet(tmp_path / "a.parquet", {"text": ["fine"]})
+    write_parquet(tmp_path / "b.parquet", {"content": ["fine"]})
+    with pytest.raises(ValueError, match="b.parquet: no column 'text'"):
+        document_batches("parquet", sorted(tmp_path.iterdir()), "text")  # raises before iteration
+
+
+@pytest.mark.parametrize("damage", ["not parquet", "truncated", "empty"])
+def test_corrupt_parquet_file(tmp_path, damage):
+    path = write_parquet(tmp_path / "bad.parquet", {"text": ["some text"] * 100})
+    whole = path.read_bytes()
+    damaged = {"not parquet": b"id,text\n1,hello\n", "truncated": whole[: len(whole) // 2], "empty": b""}
+    path.write_bytes(damaged[damage])
+    with pytest.raises(ValueError, match=r"bad.parquet: not a readable Parquet file \(.+\); replace it or remove it"):
+        make_loader(path, dataset="parquet")
+
+
+def test_corrupt_parquet_page_behind_a_good_footer(tmp_path):
+    """Footer and page headers intact, the second row group's compressed dictionary overwritten."""
+    path = write_parquet(tmp_path / "bad.parquet", {"text": [f"doc {i} " * 5 for i in range(100)]}, row_group_size=50)
+    chunk = pq.ParquetFile(path).metadata.row_group(1).column(0)
+    data = bytearray(path.read_bytes())
+    start, end = chunk.dictionary_page_offset + 30, chunk.data_page_offset
+    data[start:end] = b"\xff" * (end - start)
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"bad.parquet: corrupt Parquet data after row \d+ \(.+\); replace the file"):
+        make_loader(path, dataset="parquet")
+
+
+def test_folder_without_parquet_files(tmp_path):
+    (tmp_path / "a.txt").write_text("text")
+    with pytest.raises(ValueError, match=r"folder holds no \*.parquet files"):
+        make_loader(tmp_path, dataset="parquet")
+
+
 def test_tokens_file_is_memory_mapped_and_windowed(numbered_tokens):
     stream = load_token_stream("tokens", numbered_tokens, ByteTokenizer(), 300)
     assert isinstance(stream, np.memmap)
@@ -274,11 +349,11 @@ def test_global_batch_must_split_evenly_over_ranks(numbered_tokens):
 
 
 def test_unknown_format_names_the_choices(numbered_tokens):
-    with pytest.raises(ValueError, match="expected one of 'text', 'jsonl', 'tokens'"):
-        make_loader(numbered_tokens, dataset="parquet")
+    with pytest.raises(ValueError, match="expected one of 'text', 'jsonl', 'parquet', 'tokens'"):
+        make_loader(numbered_tokens, dataset="csv")
 
 
-@pytest.mark.parametrize("dataset", ["text", "jsonl", "tokens"])
+@pytest.mark.parametrize("dataset", ["text", "jsonl", "parquet", "tokens"])
 def test_missing_path(tmp_path, dataset):
     with pytest.raises(ValueError, match="missing.*no such file"):
         make_loader(tmp_path / "missing", dataset=dataset)
