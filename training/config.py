@@ -22,6 +22,7 @@ class Model:
     name: str = "qwen3"
     flavor: str = "debug"
     tokenizer: str = "bytes"
+    eos_token: str = ""  # a tokenizer.json's end-of-sequence token; "" looks for the common ones
     vocab_size: int = 0  # 0 keeps the flavor's vocabulary
 
 
@@ -35,6 +36,7 @@ class Training:
     seed: int = 0
     dataset: str = "text"
     dataset_path: str = "data/corpus"
+    dataset_text_column: str = "text"  # the JSONL field or Parquet column holding the text
     mixed_precision_param: str = "bfloat16"
     mixed_precision_reduce: str = "float32"
     device: str = "auto"

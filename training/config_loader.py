@@ -23,7 +23,7 @@ _CHOICES = {
     "training.mixed_precision_reduce": ("bfloat16", "float32"),
     "training.device": ("auto", "cpu", "cuda"),
     "training.nonfinite_policy": ("stop", "skip"),
-    "training.dataset": ("text", "jsonl", "tokens"),
+    "training.dataset": ("text", "jsonl", "parquet", "tokens"),
     "optimizer.name": ("AdamW",),
     "lr_scheduler.decay_type": ("cosine", "linear", "constant"),
     "activation_checkpoint.mode": ("none", "full", "selective"),
