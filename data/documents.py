@@ -10,8 +10,8 @@ from typing import Callable, Iterator, NamedTuple
 # A document and the input bytes read by the end of it.
 Documents = Iterator[tuple[str, int]]
 
-# Input bytes per batch of documents: enough work for one tokenizing step, small enough to hold twice over.
-BATCH_BYTES = 1 << 22
+# Input bytes per batch of documents: one unit of work for a pretokenize worker, and its progress line's step.
+BATCH_BYTES = 1 << 20
 
 
 class DocumentBatch(NamedTuple):

@@ -15,6 +15,7 @@ import torch
 
 from data import ByteTokenizer, HFTokenizer, build_dataloader, build_tokenizer, documents, parquet_documents
 from data.token_stream import document_batches, load_token_stream, tokenize_batches
+from tests.word_tokenizer import write_word_tokenizer
 
 EOS = ByteTokenizer.eos_id
 
@@ -77,17 +78,6 @@ def test_hf_tokenizer_without_the_library_says_what_to_install(tmp_path, monkeyp
     monkeypatch.setitem(sys.modules, "tokenizers", None)
     with pytest.raises(ImportError, match="pip install tokenizers"):
         HFTokenizer(tmp_path / "tokenizer.json")
-
-
-def write_word_tokenizer(folder, eos_token="<|endoftext|>"):
-    """A tiny word-level tokenizer.json made with the tokenizers library itself."""
-    tokenizers = pytest.importorskip("tokenizers")
-    vocab = {eos_token: 0, "[UNK]": 1, "hello": 2, "world": 3}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    path = folder / "tokenizer.json"
-    tok.save(str(path))
-    return path
 
 
 def test_hf_tokenizer_from_file_or_folder_finds_eos(tmp_path):
@@ -164,7 +154,7 @@ def test_streamed_text_splits_documents_like_the_blank_line_rule(tmp_path, monke
     assert [b.documents for b in batches] == [[doc] for doc in reference]
     assert batches[-1].bytes_read == sum(f.stat().st_size for f in files)
     assert tokenize_batches(iter(batches), ByteTokenizer()).tolist() == expected
-    monkeypatch.setattr(documents, "BATCH_BYTES", 1 << 22)
+    monkeypatch.undo()  # the default: one batch
     assert load_token_stream("text", tmp_path, ByteTokenizer(), 300).tolist() == expected
 
 
