@@ -178,7 +178,7 @@ def _build_data(cfg: JobConfig, vocab_size: int, global_batch: int, dp_mesh, dim
     """This rank's resumable loader of its share of every global batch."""
     t = cfg.training
     try:
-        tokenizer = build_tokenizer(cfg.model.tokenizer)
+        tokenizer = build_tokenizer(cfg.model.tokenizer, eos_token=cfg.model.eos_token)
         check_tokenizer_fits(tokenizer, vocab_size)
     except ValueError as err:
         raise ConfigError("model.tokenizer", str(err)) from None
@@ -186,7 +186,7 @@ def _build_data(cfg: JobConfig, vocab_size: int, global_batch: int, dp_mesh, dim
         return build_dataloader(dataset=t.dataset, dataset_path=t.dataset_path, tokenizer=tokenizer,
                                 seq_len=t.seq_len, global_batch_size=global_batch,
                                 dp_rank=dp_mesh.get_local_rank(), dp_degree=dims.dp, seed=t.seed,
-                                vocab_size=vocab_size)
+                                vocab_size=vocab_size, text_column=t.dataset_text_column)
     except ValueError as err:
         raise ConfigError("training.dataset_path", str(err)) from None
 

@@ -25,6 +25,7 @@ class Model:
     name: Literal["llama3", "qwen3"] = "qwen3"
     flavor: str = "debug"
     tokenizer: str = "bytes"
+    eos_token: str = ""  # a tokenizer.json's end-of-sequence token; "" looks for the common ones
     vocab_size: int = 0  # 0 keeps the flavor's vocabulary
 
 
@@ -36,8 +37,9 @@ class Training:
     seq_len: int = 256
     max_norm: float = 1.0
     seed: int = 0
-    dataset: Literal["text", "jsonl", "tokens"] = "text"
+    dataset: Literal["text", "jsonl", "parquet", "tokens"] = "text"
     dataset_path: str = "data/corpus"
+    dataset_text_column: str = "text"  # the JSONL field or Parquet column holding the text
     mixed_precision_param: Dtype = "bfloat16"
     mixed_precision_reduce: Dtype = "float32"
     device: Literal["auto", "cpu", "cuda"] = "auto"

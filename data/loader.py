@@ -20,18 +20,20 @@ def build_dataloader(
     dp_degree: int,
     seed: int,
     vocab_size: int,
+    text_column: str = "text",
 ) -> StatefulDataLoader:
     """A resumable loader whose every item is this rank's local batch for one step.
 
     Each item is ``{"input_ids": LongTensor[global_batch_size // dp_degree, seq_len]}``;
     labels are the inputs (the loss shifts). It never ends: after the last window it
     starts the next epoch in a new seeded order. See PackedWindowDataset for the order.
+    ``text_column`` names the JSONL field or Parquet column holding the text.
     """
     check_batch_split(global_batch_size, dp_rank, dp_degree, seq_len)
     check_tokenizer_fits(tokenizer, vocab_size)
     if dataset not in FORMATS:
         raise ValueError(f"dataset {dataset!r}: expected one of {', '.join(map(repr, FORMATS))}")
-    tokens = load_token_stream(dataset, Path(dataset_path), tokenizer, vocab_size)
+    tokens = load_token_stream(dataset, Path(dataset_path), tokenizer, vocab_size, text_column)
     if len(tokens) < seq_len:
         raise ValueError(
             f"{dataset_path}: only {len(tokens)} tokens, but seq_len = {seq_len} needs at least {seq_len} "

@@ -1,14 +1,18 @@
 """A dataset as one flat token stream: tokenized documents, or a memory-mapped token file."""
 
+from functools import partial
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
-from data.documents import input_files, jsonl_documents, text_documents
+from data.documents import (DocumentBatch, across_files, in_batches, input_files, jsonl_file_documents,
+                            text_file_documents)
+from data.parquet_documents import check_parquet_files, parquet_file_documents
 from data.tokenizer import Tokenizer
 
-DOCUMENT_READERS = {"text": (text_documents, ".txt"), "jsonl": (jsonl_documents, ".jsonl")}
-FORMATS = (*DOCUMENT_READERS, "tokens")
+DOCUMENT_SUFFIXES = {"text": ".txt", "jsonl": ".jsonl", "parquet": ".parquet"}
+FORMATS = (*DOCUMENT_SUFFIXES, "tokens")
 
 # Tokens scanned at a time when checking a token file, so checking never loads it whole.
 TOKEN_CHECK_CHUNK = 1 << 24
@@ -16,33 +20,53 @@ TOKEN_CHECK_CHUNK = 1 << 24
 _streams: dict[tuple, np.ndarray] = {}
 
 
-def load_token_stream(dataset: str, path: Path, tokenizer: Tokenizer, vocab_size: int) -> np.ndarray:
+def load_token_stream(
+    dataset: str, path: Path, tokenizer: Tokenizer, vocab_size: int, text_column: str = "text"
+) -> np.ndarray:
     """The uint32 token stream for ``dataset`` (one of FORMATS) at ``path``.
 
-    Cached per process, keyed by the files' size and mtime, so each rank's loader and
-    every test re-building a loader tokenize the corpus once.
+    ``text_column`` names the JSONL field or Parquet column holding the text. Cached per process,
+    keyed by the files' size and mtime, so each rank's loader and every test re-building a loader
+    tokenize the corpus once.
     """
-    if dataset == "tokens":
-        files = [token_file(path)]
-    else:
-        read_documents, suffix = DOCUMENT_READERS[dataset]
-        files = input_files(path, suffix)
-    key = (dataset, tokenizer.name, vocab_size, *((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    files = [token_file(path)] if dataset == "tokens" else input_files(path, DOCUMENT_SUFFIXES[dataset])
+    key = (dataset, tokenizer.name, vocab_size, text_column,
+           *((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
     if key not in _streams:
         if dataset == "tokens":
             _streams[key] = map_token_file(path, vocab_size)
         else:
-            _streams[key] = tokenize_documents(read_documents(files), tokenizer)
+            _streams[key] = tokenize_batches(document_batches(dataset, files, text_column), tokenizer)
     return _streams[key]
 
 
-def tokenize_documents(docs: list[str], tokenizer: Tokenizer) -> np.ndarray:
-    """Documents joined into one stream with EOS after every document."""
+def document_batches(dataset: str, files: list[Path], text_column: str) -> Iterator[DocumentBatch]:
+    """The documents of ``files`` in order, in batches: the one reading path, for the trainer and pretokenizing.
+
+    Every Parquet footer is checked here, before the first batch is read.
+    """
+    if dataset == "text":
+        read_file = text_file_documents
+    elif dataset == "jsonl":
+        read_file = partial(jsonl_file_documents, text_column=text_column)
+    else:
+        check_parquet_files(files, text_column)
+        read_file = partial(parquet_file_documents, text_column=text_column)
+    return in_batches(across_files(files, read_file))
+
+
+def tokenize_batch(documents: list[str], tokenizer: Tokenizer) -> np.ndarray:
+    """Documents as uint32 ids with EOS after every document."""
     ids: list[int] = []
-    for doc in docs:
-        ids.extend(tokenizer.encode(doc))
+    for document in documents:
+        ids.extend(tokenizer.encode(document))
         ids.append(tokenizer.eos_id)
     return np.array(ids, dtype=np.uint32)
+
+
+def tokenize_batches(batches: Iterator[DocumentBatch], tokenizer: Tokenizer) -> np.ndarray:
+    """All batches as one stream; only one batch's ids are ever Python ints."""
+    return np.concatenate([tokenize_batch(batch.documents, tokenizer) for batch in batches])
 
 
 def token_file(path: Path) -> Path:

@@ -2,16 +2,20 @@
 
 import copy
 import json
+import re
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
-from data import ByteTokenizer, HFTokenizer, build_dataloader, build_tokenizer
-from data.token_stream import load_token_stream
+from data import ByteTokenizer, HFTokenizer, build_dataloader, build_tokenizer, documents, parquet_documents
+from data.token_stream import document_batches, load_token_stream, tokenize_batches
+from tests.word_tokenizer import write_word_tokenizer
 
 EOS = ByteTokenizer.eos_id
 
@@ -76,17 +80,6 @@ def test_hf_tokenizer_without_the_library_says_what_to_install(tmp_path, monkeyp
         HFTokenizer(tmp_path / "tokenizer.json")
 
 
-def write_word_tokenizer(folder, eos_token="<|endoftext|>"):
-    """A tiny word-level tokenizer.json made with the tokenizers library itself."""
-    tokenizers = pytest.importorskip("tokenizers")
-    vocab = {eos_token: 0, "[UNK]": 1, "hello": 2, "world": 3}
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    path = folder / "tokenizer.json"
-    tok.save(str(path))
-    return path
-
-
 def test_hf_tokenizer_from_file_or_folder_finds_eos(tmp_path):
     path = write_word_tokenizer(tmp_path)
     for spec in (str(path), str(tmp_path)):
@@ -99,9 +92,27 @@ def test_hf_tokenizer_from_file_or_folder_finds_eos(tmp_path):
 
 def test_hf_tokenizer_eos_by_name_or_a_clear_error(tmp_path):
     path = write_word_tokenizer(tmp_path, eos_token="<END>")
-    with pytest.raises(ValueError, match="no end-of-sequence token found.*eos_token="):
-        HFTokenizer(path)
-    assert HFTokenizer(path, eos_token="<END>").eos_id == 0
+    with pytest.raises(ValueError, match="tokenizer.json: no end-of-sequence token found.*set model.eos_token"):
+        build_tokenizer(str(path))
+    with pytest.raises(ValueError, match=r"looked for <\|im_end\|>\).*set model.eos_token"):
+        build_tokenizer(str(path), eos_token="<|im_end|>")
+    for spec in (str(path), str(tmp_path)):
+        assert build_tokenizer(spec, eos_token="<END>").eos_id == 0
+
+
+def test_bytes_tokenizer_refuses_an_eos_token():
+    with pytest.raises(ValueError, match="bytes tokenizer's EOS is always id 256, so leave model.eos_token empty"):
+        build_tokenizer("bytes", eos_token="</s>")
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"hello": "world"}'])
+def test_corrupt_tokenizer_json_names_the_file(tmp_path, content):
+    pytest.importorskip("tokenizers")
+    path = tmp_path / "tokenizer.json"
+    path.write_text(content)
+    message = f"^{re.escape(str(path))}: not a readable Hugging Face tokenizer.json .*; use the tokenizer.json"
+    with pytest.raises(ValueError, match=message):
+        build_tokenizer(str(path))
 
 
 def test_hf_tokenized_text_ends_documents_with_its_eos(tmp_path):
@@ -126,6 +137,27 @@ def test_text_documents_are_packed_with_eos_and_the_remainder_dropped(tmp_path):
     assert sorted(first_epoch.tolist()) == [[a, b, EOS, c], [d, EOS, e, f]]  # final EOS dropped
 
 
+# Blank lines made of \t, U+2028, U+00A0 and \r; a form feed ending a document; CRLF inside one.
+TRICKY_TEXT = "  first\r\n line \n\t\n\u2028\n second\x0c\n\n\n\u00a0\nthird\u2028still third\n \n"
+
+
+def test_streamed_text_splits_documents_like_the_blank_line_rule(tmp_path, monkeypatch):
+    """Read a line at a time, in batches of any size, the documents are re.split's on blank lines."""
+    (tmp_path / "a.txt").write_text(TRICKY_TEXT, encoding="utf-8")
+    (tmp_path / "b.txt").write_text("last", encoding="utf-8")
+    reference = [d.strip() for d in re.split(r"\n\s*\n", TRICKY_TEXT) if d.strip()] + ["last"]
+    assert len(reference) == 4
+    expected = [i for doc in reference for i in (*doc.encode("utf-8"), EOS)]
+    files = [tmp_path / "a.txt", tmp_path / "b.txt"]
+    monkeypatch.setattr(documents, "BATCH_BYTES", 1)  # every document its own batch
+    batches = list(document_batches("text", files, "text"))
+    assert [b.documents for b in batches] == [[doc] for doc in reference]
+    assert batches[-1].bytes_read == sum(f.stat().st_size for f in files)
+    assert tokenize_batches(iter(batches), ByteTokenizer()).tolist() == expected
+    monkeypatch.undo()  # the default: one batch
+    assert load_token_stream("text", tmp_path, ByteTokenizer(), 300).tolist() == expected
+
+
 def test_jsonl_documents_are_the_text_fields(tmp_path):
     path = tmp_path / "docs.jsonl"
     line_separator = "\u2028"  # legal inside a JSON string; must not split the line
@@ -133,6 +165,88 @@ def test_jsonl_documents_are_the_text_fields(tmp_path):
     path.write_text(json.dumps(records[0]) + "\n\n" + json.dumps(records[1], ensure_ascii=False) + "\n", encoding="utf-8")
     expected = [*b"hi", EOS, *b"yo", *line_separator.encode("utf-8"), EOS]
     assert load_token_stream("jsonl", path, ByteTokenizer(), 300).tolist() == expected
+
+
+def test_jsonl_text_field_is_configurable(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text('{"body": "ab", "text": "no"}\n{"body": "c"}\n')
+    loader = make_loader(path, dataset="jsonl", text_column="body", seq_len=5, global_batch_size=1)
+    assert take(loader, 1)[0].tolist() == [[*b"ab", EOS, *b"c", EOS]]
+    with pytest.raises(ValueError, match='docs.jsonl: line 2 has no string "text" field.*dataset_text_column'):
+        make_loader(path, dataset="jsonl")
+
+
+def write_parquet(path, columns, row_group_size=None):
+    pq.write_table(pa.table(columns), path, row_group_size=row_group_size)
+    return path
+
+
+def test_parquet_folder_is_its_text_column_in_file_order(tmp_path, monkeypatch):
+    """Two files (one of three row groups), read two rows at a time; ids are the tokenizer's own."""
+    tok = HFTokenizer(write_word_tokenizer(tmp_path))
+    first = ["hello world", "", "  world\n\nhello  "]  # kept as they are: a row is a document
+    second = ["world", "hello hello", "world hello", "hello", "world world"]
+    write_parquet(tmp_path / "b.parquet", {"id": range(5), "body": second}, row_group_size=2)
+    write_parquet(tmp_path / "a.parquet", {"body": first})
+    (tmp_path / "c.txt").write_text("not parquet")
+    monkeypatch.setattr(parquet_documents, "PARQUET_BATCH_ROWS", 2)
+    monkeypatch.setattr(documents, "BATCH_BYTES", 1)
+    expected = [i for doc in first + second for i in (*tok.encode(doc), tok.eos_id)]
+    batches = list(document_batches("parquet", sorted(tmp_path.glob("*.parquet")), "body"))
+    assert len(batches) == 8 and batches[-1].bytes_read == sum(f.stat().st_size for f in tmp_path.glob("*.parquet"))
+    stream = load_token_stream("parquet", tmp_path, tok, 300, text_column="body")
+    assert stream.dtype == np.uint32 and stream.tolist() == expected
+    loader = make_loader(tmp_path, dataset="parquet", text_column="body", tokenizer=tok, seq_len=len(expected),
+                         global_batch_size=1)
+    assert take(loader, 1)[0].tolist() == [expected]
+
+
+@pytest.mark.parametrize("problem, columns, message", [
+    ("no column", {"id": [1], "body": ["x"]}, r"bad.parquet: no column 'text' \(it has id, body\); "),
+    ("not strings", {"text": [1, 2]}, r"bad.parquet: column 'text' holds int64, not strings; set dataset_text_column"),
+    ("no rows", {"text": pa.array([], pa.string())}, r"bad.parquet: empty file \(no rows\); remove it or fill it"),
+    ("a null", {"text": ["x", None]}, r"bad.parquet: row 1 of column 'text' is null; drop or fill"),
+])
+def test_parquet_column_problems_name_the_file(tmp_path, problem, columns, message):
+    write_parquet(tmp_path / "a.parquet", {"text": ["fine"]})
+    write_parquet(tmp_path / "bad.parquet", columns)
+    with pytest.raises(ValueError, match=message):
+        make_loader(tmp_path, dataset="parquet")
+
+
+def test_every_parquet_footer_is_checked_before_any_document_is_read(tmp_path):
+    write_parquet(tmp_path / "a.parquet", {"text": ["fine"]})
+    write_parquet(tmp_path / "b.parquet", {"content": ["fine"]})
+    with pytest.raises(ValueError, match="b.parquet: no column 'text'"):
+        document_batches("parquet", sorted(tmp_path.iterdir()), "text")  # raises before iteration
+
+
+@pytest.mark.parametrize("damage", ["not parquet", "truncated", "empty"])
+def test_corrupt_parquet_file(tmp_path, damage):
+    path = write_parquet(tmp_path / "bad.parquet", {"text": ["some text"] * 100})
+    whole = path.read_bytes()
+    damaged = {"not parquet": b"id,text\n1,hello\n", "truncated": whole[: len(whole) // 2], "empty": b""}
+    path.write_bytes(damaged[damage])
+    with pytest.raises(ValueError, match=r"bad.parquet: not a readable Parquet file \(.+\); replace it or remove it"):
+        make_loader(path, dataset="parquet")
+
+
+def test_corrupt_parquet_page_behind_a_good_footer(tmp_path):
+    """Footer and page headers intact, the second row group's compressed dictionary overwritten."""
+    path = write_parquet(tmp_path / "bad.parquet", {"text": [f"doc {i} " * 5 for i in range(100)]}, row_group_size=50)
+    chunk = pq.ParquetFile(path).metadata.row_group(1).column(0)
+    data = bytearray(path.read_bytes())
+    start, end = chunk.dictionary_page_offset + 30, chunk.data_page_offset
+    data[start:end] = b"\xff" * (end - start)
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"bad.parquet: corrupt Parquet data after row \d+ \(.+\); replace the file"):
+        make_loader(path, dataset="parquet")
+
+
+def test_folder_without_parquet_files(tmp_path):
+    (tmp_path / "a.txt").write_text("text")
+    with pytest.raises(ValueError, match=r"folder holds no \*.parquet files"):
+        make_loader(tmp_path, dataset="parquet")
 
 
 def test_tokens_file_is_memory_mapped_and_windowed(numbered_tokens):
@@ -225,11 +339,11 @@ def test_global_batch_must_split_evenly_over_ranks(numbered_tokens):
 
 
 def test_unknown_format_names_the_choices(numbered_tokens):
-    with pytest.raises(ValueError, match="expected one of 'text', 'jsonl', 'tokens'"):
-        make_loader(numbered_tokens, dataset="parquet")
+    with pytest.raises(ValueError, match="expected one of 'text', 'jsonl', 'parquet', 'tokens'"):
+        make_loader(numbered_tokens, dataset="csv")
 
 
-@pytest.mark.parametrize("dataset", ["text", "jsonl", "tokens"])
+@pytest.mark.parametrize("dataset", ["text", "jsonl", "parquet", "tokens"])
 def test_missing_path(tmp_path, dataset):
     with pytest.raises(ValueError, match="missing.*no such file"):
         make_loader(tmp_path / "missing", dataset=dataset)
