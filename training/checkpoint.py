@@ -44,7 +44,7 @@ from torch.distributed.checkpoint.state_dict import (
 from models.args import ModelArgs
 from models.hf_adapter import config_mismatches, to_hf_name
 from training.config import Checkpoint
-from training.errors import ConfigError
+from training.errors import CheckpointError, ConfigError
 from training.hf_checkpoint import is_hf_folder
 
 logger = logging.getLogger("train")
@@ -55,10 +55,6 @@ _FIX_OWN = ("delete it, pick another with --checkpoint.load_step, or point check
             "elsewhere to start fresh")
 _FIX_INITIAL = "point checkpoint.initial_load_path at a checkpoint of this recipe's model"
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint or Hugging Face folder that cannot be loaded; the message says what differs."""
 
 
 def _steps(folder: Path) -> list[int]:
