@@ -45,7 +45,7 @@ from models.args import ModelArgs
 from models.hf_adapter import config_mismatches, to_hf_name
 from training.config import Checkpoint
 from training.errors import CheckpointError, ConfigError
-from training.hf_checkpoint import is_hf_folder
+from training.hf_checkpoint import check_weight_files, is_hf_folder, read_hf_config
 
 logger = logging.getLogger("train")
 
@@ -259,6 +259,7 @@ class CheckpointManager:
         initial = Path(self.cfg.initial_load_path)
         if is_hf_folder(initial):
             self._check_hf_config(initial)
+            check_weight_files(initial)
             self._load_model(initial, hf=True)
         elif self.cfg.initial_load_model_only:
             read_train_state(initial, {"fingerprint": ""}, self.fingerprint, _FIX_INITIAL)
@@ -269,8 +270,7 @@ class CheckpointManager:
         return 0
 
     def _check_hf_config(self, folder: Path) -> None:
-        differs = config_mismatches(json.loads((folder / "config.json").read_text()), self.model_name,
-                                    self.model_args)
+        differs = config_mismatches(read_hf_config(folder), self.model_name, self.model_args)
         if differs:
             raise CheckpointError(f"{folder} holds another model than the recipe's {self.model_name} "
                                   f"({'; '.join(differs)}); pick the model.flavor and model.vocab_size it has")
