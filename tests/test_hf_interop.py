@@ -15,6 +15,7 @@ from models import Transformer, build_model_args
 from models.args import RopeScaling
 from models.flavors import LLAMA3_FLAVORS
 from scripts.export_hf import main as export_hf
+from scripts.export_hf import read_model
 from tests.dist_utils import run_distributed
 from tests.weights import loaded_parameters, whole_parameters
 from train import train
@@ -174,6 +175,66 @@ def test_a_damaged_config_json_is_named(text, problem, tmp_path):
     (tmp_path / "config.json").write_text(text)
     with pytest.raises(CheckpointError, match=f"^{tmp_path / 'config.json'} {problem}.*; download or export"):
         read_hf_config(tmp_path)
+
+
+def test_export_refuses_a_non_empty_folder_without_replace(tmp_path, capsys):
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"an earlier export")
+    assert export_hf(["--checkpoint", str(tmp_path / "step-1"), "--config", "configs/debug.toml",
+                      "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{out} is not empty; pass --replace" in err
+    assert sorted(tmp_path.iterdir()) == [out] and [p.name for p in out.iterdir()] == ["model.safetensors"]
+    assert (out / "model.safetensors").read_bytes() == b"an earlier export"
+
+
+def _export_twice_then_import(rank, world_size, root):
+    """Export step 1 (sharded, with an index), then step 2 over it with --replace (one file) and import that;
+    then put the first export's files back beside it, and then damage config.json: both imports must fail."""
+    run, out, first = root / "run", root / "hf", root / "first"
+
+    def export(step, *extra):
+        return export_hf(["--checkpoint", str(run / "checkpoint" / f"step-{step}"), "--config", "configs/debug.toml",
+                          "--model.vocab_size", str(VOCAB), "--output", str(out), *extra])
+
+    train(load_config(_argv(run, "qwen3", 2, "--checkpoint.enable", "--checkpoint.interval", "1")))
+    assert export(1, "--max_shard_gib", str(SHARD_BYTES / 2**30)) == 0
+    shutil.copytree(out, first)
+    assert export(2, "--replace") == 0
+    result = {"files": sorted(p.name for p in root.iterdir()), "exported": sorted(p.name for p in out.iterdir()),
+              "step1": read_model(run / "checkpoint" / "step-1", None),
+              "step2": read_model(run / "checkpoint" / "step-2", None)}
+    argv = _argv(root / "import", "qwen3", 1, "--checkpoint.initial_load_path", str(out))
+    (result["imported"],) = loaded_parameters([argv])
+    for file in first.iterdir():  # what an export into the non-empty folder used to leave
+        if file.name != "config.json":
+            shutil.copy(file, out / file.name)
+    result["mixed"] = _load_error(argv)
+    (out / "config.json").write_text("[]")
+    result["config"] = _load_error(argv)
+    return result
+
+
+def _load_error(argv) -> str:
+    """The CheckpointError a run stops with before its first step."""
+    try:
+        train(load_config(argv))
+    except CheckpointError as err:
+        return str(err)
+    return "no CheckpointError"
+
+
+@pytest.mark.multiprocess
+def test_an_export_with_replace_replaces_the_folder_whole(tmp_path):
+    (out,) = run_distributed(_export_twice_then_import, 1, tmp_path, timeout_s=300)
+    assert out["files"] == ["first", "hf", "run"]  # no .partial or .replaced folder left
+    assert out["exported"] == ["config.json", "model.safetensors"]
+    imported = _merged([out["imported"]], tied=True)
+    _assert_bitwise(out["step2"], imported, "import of the second export")
+    assert any(not torch.equal(out["step1"][name], imported[name]) for name in imported)  # the steps differ
+    assert f"{tmp_path / 'hf' / 'model.safetensors'} is not listed in {tmp_path / 'hf' / INDEX}" in out["mixed"]
+    assert f"{tmp_path / 'hf' / 'config.json'} holds an array, not a JSON object" in out["config"]
 
 
 def test_initial_load_path_is_checked_when_the_recipe_loads(tmp_path):
