@@ -89,6 +89,14 @@ def test_bad_checkpoints_are_refused_with_the_reason(tmp_path):
         _run(1, _argv(tmp_path, 6))
 
 
+def test_a_folder_that_cannot_be_written_stops_the_run_before_the_first_step(tmp_path):
+    (tmp_path / "taken").write_text("a file where the checkpoint folder's parent should be")
+    with pytest.raises(Exception, match=r"config error: checkpoint\.folder: cannot write checkpoints to "
+                                        r"\S*taken/checkpoint \(.*Not a directory.*\); point job\.dump_folder"):
+        _run(1, _argv(tmp_path, 5, "--checkpoint.folder", "taken/checkpoint"))
+    assert not (tmp_path / "metrics.jsonl").exists()  # written from the first step on
+
+
 ASYNC = ["--checkpoint.async_mode", "async"]
 
 

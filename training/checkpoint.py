@@ -25,7 +25,7 @@ import shutil
 from concurrent.futures import Future
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -74,6 +74,19 @@ def _last_line(err: BaseException) -> str:
     return lines[-1].strip() if lines else type(err).__name__
 
 
+def _on_rank0(action: Callable[[], None]) -> Optional[OSError]:
+    """Run the file operation ``action`` on rank 0 and give every rank its error (None: done), so that every
+    rank raises the same error rather than the others waiting for rank 0 in the next collective."""
+    failure = [None]
+    if dist.get_rank() == 0:
+        try:
+            action()
+        except OSError as err:
+            failure[0] = err
+    dist.broadcast_object_list(failure, src=0)
+    return failure[0]
+
+
 def model_fingerprint(args: ModelArgs) -> dict[str, str]:
     """What a checkpoint must have been written for: every ``ModelArgs`` field but the RoPE table length."""
     return {k: str(v) for k, v in vars(replace(args, max_seq_len=0)).items()}
@@ -118,9 +131,26 @@ class CheckpointManager:
         self.fingerprint = model_fingerprint(model_args)
         self.tied = model_args.tie_word_embeddings
         self._pending: Optional[tuple[Future, int]] = None  # an async save in flight, and its step
+        if cfg.enable:
+            self._check_writable()
         # An async save runs its collectives in a background thread: on a gloo group of its own, since
         # NCCL has no CPU side and one gloo group cannot take collectives from two threads at once.
         self.async_group = dist.new_group(backend="gloo") if cfg.enable and cfg.async_mode == "async" else None
+
+    def _check_writable(self) -> None:
+        """Create the folder and a file in it now: a folder that cannot be written stops the run before the
+        first step, not at the first save ``interval`` steps in."""
+        probe = self.folder / ".write-probe"
+
+        def create_and_remove() -> None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            probe.touch()
+            probe.unlink()
+
+        failure = _on_rank0(create_and_remove)
+        if failure is not None:
+            raise ConfigError("checkpoint.folder", f"cannot write checkpoints to {self.folder} ({failure}); point "
+                                                   "job.dump_folder or checkpoint.folder at a writable place")
 
     # -- state ------------------------------------------------------------------------------
     def _stored_name(self, key: str, part: nn.Module) -> str:
