@@ -1,5 +1,7 @@
 """Checkpoints: exact resume, loading into another layout, and refusing bad checkpoints."""
 
+import random
+import re
 import shutil
 
 import pytest
@@ -10,6 +12,7 @@ from tests.weights import loaded_parameters, whole_parameters
 from train import train
 from training.checkpoint import CheckpointError
 from training.config_loader import load_config
+from training.errors import ConfigError
 
 pytestmark = pytest.mark.multiprocess
 
@@ -75,18 +78,44 @@ def test_vocab_parallel_checkpoint_over_4_ranks_loads_into_2_and_into_no_vocab_p
     _continue_elsewhere(tmp_path, source, expected, [("dp_shard2_vp", 2, VP), ("single", 1, [])])
 
 
-def test_bad_checkpoints_are_refused_with_the_reason(tmp_path):
-    _run(1, _argv(tmp_path, 5))
-    with pytest.raises(Exception, match=r"vocab_size: checkpoint '515' vs recipe '600'"):
-        _run(1, _argv(tmp_path, 6, "--model.vocab_size", "600"))
-    with pytest.raises(Exception, match=r"data position does not fit this recipe"):
-        _run(1, _argv(tmp_path, 6, "--training.global_batch_size", "4"))
-    with pytest.raises(Exception, match=r"no complete checkpoint step-3 in .*complete ones: \[5\]"):
-        _run(1, _argv(tmp_path, 6, "--checkpoint.load_step", "3"))
-    for data_file in (tmp_path / "checkpoint" / "step-5").glob("*.distcp"):
+def _refusal(argv) -> str:
+    """The error a run stops with before its first step."""
+    try:
+        train(load_config(argv))
+    except (CheckpointError, ConfigError) as err:
+        return str(err)
+    return "not refused"
+
+
+def _bad_resumes(rank, world_size, root):
+    """The error of each resume that must be refused (step-5, then step-4 damaged in between), and what is left."""
+    folder = root / "checkpoint"
+    train(load_config(_argv(root, 5, "--checkpoint.interval", "2")))
+    errors = [_refusal(_argv(root, 6, *extra)) for extra in (["--training.global_batch_size", "4"],
+                                                             ["--checkpoint.load_step", "3"])]
+    for data_file in (folder / "step-5").glob("*.distcp"):
         data_file.write_bytes(data_file.read_bytes()[:100])  # truncated
-    with pytest.raises(Exception, match="step-5 (cannot be read|does not match)"):
-        _run(1, _argv(tmp_path, 6))
+    errors.append(_refusal(_argv(root, 6)))
+    for data_file in (folder / "step-4").glob("*.distcp"):  # overwritten, same size
+        data_file.write_bytes(random.Random(0).randbytes(data_file.stat().st_size))
+    errors.append(_refusal(_argv(root, 6, "--checkpoint.load_step", "4")))
+    return errors, sorted(p.name for p in folder.iterdir())
+
+
+def test_bad_checkpoints_are_refused_with_the_reason(tmp_path):
+    (errors, left), = run_distributed(_bad_resumes, 1, tmp_path, timeout_s=300)
+    # Another model's resume runs in a process of its own: that failure leaves gloo worker threads behind.
+    with pytest.raises(Exception, match=r"vocab_size: checkpoint '515' vs recipe '600'"):
+        _run(1, _argv(tmp_path, 6, "--model.vocab_size", "600", "--checkpoint.load_step", "2"))
+    expected = [r"data position does not fit this recipe",
+                r"no complete checkpoint step-3 in .*complete ones: \[2, 4, 5\]",
+                r"step-5 is corrupt \(__0_0\.distcp: truncated \(100 of \d+ bytes\)\); "
+                r"resume another complete one with --checkpoint\.load_step N \(N: 2, 4\), delete it",
+                r"step-4 is corrupt \(__0_0\.distcp: overwritten .*\); "
+                r"resume another complete one with --checkpoint\.load_step N \(N: 2, 5\), delete it"]
+    for error, pattern in zip(errors, expected, strict=True):
+        assert re.search(pattern, error) and "\n" not in error, error
+    assert left == ["step-2", "step-4", "step-5"]  # refused, not touched
 
 
 def test_a_folder_that_cannot_be_written_stops_the_run_before_the_first_step(tmp_path):

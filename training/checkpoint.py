@@ -51,9 +51,8 @@ logger = logging.getLogger("train")
 
 _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 _HEAD, _EMBEDDING = "output.weight", "tok_embeddings.weight"
-_FIX_OWN = ("delete it, pick another with --checkpoint.load_step, or point checkpoint.folder or job.dump_folder "
-            "elsewhere to start fresh")
 _FIX_INITIAL = "point checkpoint.initial_load_path at a checkpoint of this recipe's model"
+_ITEM_START = b"PK\x03\x04"  # every item DCP writes is a torch.save zip archive, which starts so
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -92,15 +91,61 @@ def model_fingerprint(args: ModelArgs) -> dict[str, str]:
     return {k: str(v) for k, v in vars(replace(args, max_seq_len=0)).items()}
 
 
-def read_train_state(path: Path, extra: dict, fingerprint: dict[str, str], fix: str) -> None:
-    """Fill ``extra`` from the checkpoint's ``train`` entries; refuse a checkpoint of another model.
+def _starts_items(file: Path, offsets: list[int]) -> bool:
+    """Whether a saved item starts at each of ``offsets`` in ``file``."""
+    with file.open("rb") as f:
+        for offset in offsets:
+            f.seek(offset)
+            if f.read(len(_ITEM_START)) != _ITEM_START:
+                return False
+    return True
 
-    ``fix`` ends either error: what the user can do, which depends on where the path came from.
+
+def damaged_files(path: Path) -> list[str]:
+    """``name: what is wrong`` for each file of checkpoint ``path`` that is missing, shorter than its
+    ``.metadata`` says, or holds something else where a saved item should start.
+
+    Called once a load has failed, to tell a damaged checkpoint from one of another model. It reads a
+    few bytes per item, not the data, so every rank can afford it; the same files give every rank the
+    same answer, so no rank waits for another.
+    """
+    try:
+        storage = dcp.FileSystemReader(str(path)).read_metadata().storage_data
+    except Exception as err:
+        return [f".metadata: cannot be read ({_last_line(err)})"]
+    items: dict[str, list] = {}
+    for info in storage.values():
+        items.setdefault(info.relative_path, []).append(info)
+    damaged = []
+    for name, infos in sorted(items.items()):
+        file, end = path / name, max(info.offset + info.length for info in infos)
+        if not file.is_file():
+            damaged.append(f"{name}: missing")
+        elif file.stat().st_size < end:
+            damaged.append(f"{name}: truncated ({file.stat().st_size} of {end} bytes)")
+        elif not _starts_items(file, [info.offset for info in infos]):
+            damaged.append(f"{name}: overwritten (its items are not where .metadata says)")
+    return damaged
+
+
+def _load_error(path: Path, err: BaseException, what: str, fix: str) -> CheckpointError:
+    """Why ``dcp.load`` of checkpoint ``path`` failed: its damaged files if it has any, else ``what`` and DCP's
+    cause; ``fix`` (what the user can do) depends on where the path came from."""
+    damaged = damaged_files(path)
+    if damaged:
+        return CheckpointError(f"{path} is corrupt ({', '.join(damaged)}); {fix}")
+    return CheckpointError(f"{path} {what} ({_last_line(err)}); {fix}")
+
+
+def read_train_state(path: Path, extra: dict, fingerprint: dict[str, str], fix: str) -> None:
+    """Fill ``extra`` from the checkpoint's ``train`` entries; refuse a damaged checkpoint or one of another model.
+
+    ``fix`` ends every error: what the user can do, which depends on where the path came from.
     """
     try:
         dcp.load({"train": extra}, checkpoint_id=str(path))
-    except (Exception, CheckpointException) as err:  # a truncated or foreign folder
-        raise CheckpointError(f"{path} cannot be read ({_last_line(err)}); {fix}") from None
+    except (Exception, CheckpointException) as err:  # a damaged or foreign folder
+        raise _load_error(path, err, "cannot be read", fix) from None
     stored = json.loads(extra["fingerprint"])
     differs = {k: (stored.get(k), v) for k, v in fingerprint.items() if stored.get(k) != v}
     if differs:
@@ -267,33 +312,34 @@ class CheckpointManager:
                 shutil.rmtree(self.folder / f"step-{old}")
 
     # -- load -------------------------------------------------------------------------------
-    def _pick(self) -> Optional[Path]:
+    def _pick(self) -> Optional[int]:
+        """The step to resume: ``load_step``, else the newest complete checkpoint's (None: there is none)."""
         steps = _steps(self.folder)
         if self.cfg.load_step >= 0:
             if self.cfg.load_step not in steps:
                 raise ConfigError("checkpoint.load_step", f"no complete checkpoint step-{self.cfg.load_step} in "
                                   f"{self.folder} (complete ones: {steps or 'none'})")
-            return self.folder / f"step-{self.cfg.load_step}"
-        return self.folder / f"step-{steps[-1]}" if steps else None
+            return self.cfg.load_step
+        return steps[-1] if steps else None
 
     def load(self) -> int:
         """Resume this run's newest (or ``load_step``) checkpoint, else start from ``initial_load_path``.
 
         Returns the step to continue after: 0 for a fresh start or one from initial weights.
         """
-        path = self._pick() if self.cfg.enable else None
-        if path is not None:
-            return self._resume(path, _FIX_OWN)
+        step = self._pick() if self.cfg.enable else None
+        if step is not None:
+            return self._resume(self.folder / f"step-{step}", self._fix_own(step))
         if not self.cfg.initial_load_path:
             return 0
         initial = Path(self.cfg.initial_load_path)
         if is_hf_folder(initial):
             self._check_hf_config(initial)
             check_weight_files(initial)
-            self._load_model(initial, hf=True)
+            self._load_model(initial, _FIX_INITIAL, hf=True)
         elif self.cfg.initial_load_model_only:
             read_train_state(initial, {"fingerprint": ""}, self.fingerprint, _FIX_INITIAL)
-            self._load_model(initial, hf=False)
+            self._load_model(initial, _FIX_INITIAL, hf=False)
         else:
             return self._resume(initial, _FIX_INITIAL)
         logger.info(f"initial weights from {initial}")
@@ -305,7 +351,13 @@ class CheckpointManager:
             raise CheckpointError(f"{folder} holds another model than the recipe's {self.model_name} "
                                   f"({'; '.join(differs)}); pick the model.flavor and model.vocab_size it has")
 
-    def _load_model(self, path: Path, hf: bool) -> None:
+    def _fix_own(self, step: int) -> str:
+        """What to do about this run's own ``step-N`` that cannot be resumed: the other complete ones are the way out."""
+        others = ", ".join(str(s) for s in _steps(self.folder) if s != step)
+        resume = f"resume another complete one with --checkpoint.load_step N (N: {others}), " if others else ""
+        return f"{resume}delete it, or point checkpoint.folder or job.dump_folder elsewhere to start fresh"
+
+    def _load_model(self, path: Path, fix: str, hf: bool) -> None:
         """Only the weights, from a DCP checkpoint or a Hugging Face folder (tensors cast to ours on read)."""
         live = self._model_states()
         model = self._stored(live)
@@ -316,7 +368,9 @@ class CheckpointManager:
         try:
             dcp.load(state, storage_reader=reader)
         except (Exception, CheckpointException) as err:
-            raise CheckpointError(f"{path} does not match this model ({_last_line(err)})") from None
+            if hf:
+                raise CheckpointError(f"{path} does not match this model ({_last_line(err)}); {fix}") from None
+            raise _load_error(path, err, "does not match this model", fix) from None
         for part, state in zip(self.parts, live):
             set_model_state_dict(part, self._restore(model, part, state), options=_OPTIONS)
 
@@ -329,13 +383,13 @@ class CheckpointManager:
         extra = {"step": 0, "lr_scheduler": self.schedulers[0].state_dict(),
                  "dataloader": self.dataloader.state_dict(), "rng": torch.get_rng_state(), "fingerprint": ""}
         read_train_state(path, extra, self.fingerprint, fix)
-        self._load_model(path, hf=False)
+        self._load_model(path, fix, hf=False)
         live = self._optimizer_states()
         optim = self._stored(live)
         try:
             dcp.load({"optimizer": optim}, checkpoint_id=str(path))
         except (Exception, CheckpointException) as err:
-            raise CheckpointError(f"{path} does not match this model ({_last_line(err)})") from None
+            raise _load_error(path, err, "does not match this model", fix) from None
         for part, opt, state in zip(self.parts, self.optimizers, live):
             set_optimizer_state_dict(part, opt, self._restore(optim, part, state), options=_OPTIONS)
         for scheduler in self.schedulers:
