@@ -1,5 +1,6 @@
 """Checkpoints: exact resume, loading into another layout, and refusing bad checkpoints."""
 
+import logging
 import random
 import re
 import shutil
@@ -140,7 +141,36 @@ def test_async_saves_resume_like_sync_ones(tmp_path):
     """The step-5 save is written while steps 6-10 run; resuming it continues bitwise, as a sync save does."""
     sync, in_background, resumed = run_distributed(_sync_and_async, 2, tmp_path, timeout_s=300)[0]
     assert in_background == sync and resumed == sync[5:]
-    assert sorted(p.name for p in (tmp_path / "async" / "checkpoint").iterdir()) == ["step-10", "step-5"]
+    folder = tmp_path / "async" / "checkpoint"
+    (aside,) = folder.glob("abandoned-from-step-5-*")  # the first step-10, set aside by the rollback to step-5
+    assert sorted(p.name for p in folder.glob("step-*")) == ["step-10", "step-5"]
+    assert [p.name for p in aside.iterdir()] == ["step-10"]
+
+
+def _roll_back(rank, world_size, root):
+    """Save steps 2, 4, 6, 8; rerun from step-2 to step 5 saving every step and keeping 2; rerun to step 6."""
+    warnings = []  # what rank 0 logs at warning level
+    handler = logging.Handler()
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger("train").addHandler(handler)
+    folder, every_step = root / "checkpoint", ["--checkpoint.interval", "1", "--checkpoint.keep_latest_k", "2"]
+    first = train(load_config(_argv(root, 8, "--checkpoint.interval", "2"))).losses
+    rolled_back = train(load_config(_argv(root, 5, *every_step, "--checkpoint.load_step", "2"))).losses
+    (aside,) = folder.glob("abandoned-from-step-2-*")
+    left = sorted(p.name for p in folder.iterdir() if p != aside), sorted(p.name for p in aside.iterdir())
+    rerun = train(load_config(_argv(root, 6, *every_step))).losses
+    return first, rolled_back, left, rerun, str(aside), warnings
+
+
+def test_a_rollback_sets_the_abandoned_branch_aside(tmp_path):
+    """Resuming an older step moves the newer checkpoints aside before the first save, so pruning keeps this
+    branch's saves and the next rerun continues it."""
+    (first, rolled_back, (left, set_aside), rerun, aside, warnings), = run_distributed(_roll_back, 1, tmp_path,
+                                                                                        timeout_s=300)
+    assert rolled_back == first[2:5]  # resumed from step-2
+    assert left == ["step-4", "step-5"] and set_aside == ["step-4", "step-6", "step-8"]
+    assert rerun == first[5:6]  # resumed the new step-5, not the abandoned step-8
+    assert any(aside in line for line in warnings), warnings
 
 
 MODEL_ONLY = ["--checkpoint.interval", "3", "--checkpoint.last_save_model_only",

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from concurrent.futures import Future
 from dataclasses import replace
 from pathlib import Path
@@ -307,6 +308,8 @@ class CheckpointManager:
             dist.barrier()
 
     def _prune(self) -> None:
+        """Keep the newest ``keep_latest_k`` checkpoints: all of this branch, since a rollback set the newer ones
+        of the abandoned branch aside (``_set_aside_newer``) before the first save."""
         if self.cfg.keep_latest_k > 0:
             for old in _steps(self.folder)[: -self.cfg.keep_latest_k]:
                 shutil.rmtree(self.folder / f"step-{old}")
@@ -329,7 +332,9 @@ class CheckpointManager:
         """
         step = self._pick() if self.cfg.enable else None
         if step is not None:
-            return self._resume(self.folder / f"step-{step}", self._fix_own(step))
+            resumed = self._resume(self.folder / f"step-{step}", self._fix_own(step))
+            self._set_aside_newer(step)
+            return resumed
         if not self.cfg.initial_load_path:
             return 0
         initial = Path(self.cfg.initial_load_path)
@@ -350,6 +355,27 @@ class CheckpointManager:
         if differs:
             raise CheckpointError(f"{folder} holds another model than the recipe's {self.model_name} "
                                   f"({'; '.join(differs)}); pick the model.flavor and model.vocab_size it has")
+
+    def _set_aside_newer(self, step: int) -> None:
+        """After resuming ``step`` while newer checkpoints exist (a rollback), move those, the abandoned branch,
+        into ``abandoned-from-step-<step>-<time>/``: left in place, the next rerun would resume them, and pruning
+        would count them and delete this branch's saves. Rank 0 moves them; nothing is deleted."""
+        aside = self.folder / f"abandoned-from-step-{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+        def move() -> None:
+            newer = [s for s in _steps(self.folder) if s > step]
+            if newer:
+                aside.mkdir()
+                for s in newer:
+                    os.replace(self.folder / f"step-{s}", aside / f"step-{s}")
+                logger.warning(f"rolled back to step-{step}: moved the newer checkpoints "
+                               f"({', '.join(f'step-{s}' for s in newer)}) to {aside}; move them back to continue "
+                               "that branch instead")
+
+        failure = _on_rank0(move)
+        if failure is not None:
+            raise CheckpointError(f"cannot move the checkpoints newer than step-{step} into {aside} ({failure}); "
+                                  "move them out of the folder yourself, then rerun")
 
     def _fix_own(self, step: int) -> str:
         """What to do about this run's own ``step-N`` that cannot be resumed: the other complete ones are the way out."""
