@@ -12,10 +12,16 @@ only after every rank finished; a folder without ``.metadata`` or still named
 ``.partial`` is never resumed from. An async save copies the state to CPU memory
 and writes it in a background thread; its rename waits until the write is done.
 
+Resuming a step older than the newest complete one is a rollback: the newer checkpoints, another
+branch, are moved into ``abandoned-from-step-N-<time>/`` before the first save, so that pruning and
+the next rerun see only the new branch. A checkpoint that fails to load is checked file by file
+against its ``.metadata``, so that a damaged file is named rather than blamed on the model.
+
 A run whose folder holds no checkpoint yet may start from ``initial_load_path``:
 another run's checkpoint, or a Hugging Face folder read through DCP's
 ``HuggingFaceStorageReader`` under the same names (models/hf_adapter.py), so that
-every rank reads only its own slices.
+every rank reads only its own slices, once its files are checked not to mix two exports
+(training/hf_checkpoint.py).
 """
 
 import json
@@ -102,7 +108,7 @@ def _starts_items(file: Path, offsets: list[int]) -> bool:
     return True
 
 
-def damaged_files(path: Path) -> list[str]:
+def _damaged_files(path: Path) -> list[str]:
     """``name: what is wrong`` for each file of checkpoint ``path`` that is missing, shorter than its
     ``.metadata`` says, or holds something else where a saved item should start.
 
@@ -132,7 +138,7 @@ def damaged_files(path: Path) -> list[str]:
 def _load_error(path: Path, err: BaseException, what: str, fix: str) -> CheckpointError:
     """Why ``dcp.load`` of checkpoint ``path`` failed: its damaged files if it has any, else ``what`` and DCP's
     cause; ``fix`` (what the user can do) depends on where the path came from."""
-    damaged = damaged_files(path)
+    damaged = _damaged_files(path)
     if damaged:
         return CheckpointError(f"{path} is corrupt ({', '.join(damaged)}); {fix}")
     return CheckpointError(f"{path} {what} ({_last_line(err)}); {fix}")
@@ -378,7 +384,7 @@ class CheckpointManager:
                                   "move them out of the folder yourself, then rerun")
 
     def _fix_own(self, step: int) -> str:
-        """What to do about this run's own ``step-N`` that cannot be resumed: the other complete ones are the way out."""
+        """What to do about this run's own ``step-N`` that cannot be resumed: another complete one is the way out."""
         others = ", ".join(str(s) for s in _steps(self.folder) if s != step)
         resume = f"resume another complete one with --checkpoint.load_step N (N: {others}), " if others else ""
         return f"{resume}delete it, or point checkpoint.folder or job.dump_folder elsewhere to start fresh"
