@@ -9,11 +9,10 @@ import pytest
 import torch
 
 from tests.dist_utils import run_distributed
-from tests.weights import loaded_parameters, whole_parameters
+from tests.weights import loaded_parameters, refusal, whole_parameters
 from train import train
 from training.checkpoint import CheckpointError
 from training.config_loader import load_config
-from training.errors import ConfigError
 
 pytestmark = pytest.mark.multiprocess
 
@@ -79,27 +78,18 @@ def test_vocab_parallel_checkpoint_over_4_ranks_loads_into_2_and_into_no_vocab_p
     _continue_elsewhere(tmp_path, source, expected, [("dp_shard2_vp", 2, VP), ("single", 1, [])])
 
 
-def _refusal(argv) -> str:
-    """The error a run stops with before its first step."""
-    try:
-        train(load_config(argv))
-    except (CheckpointError, ConfigError) as err:
-        return str(err)
-    return "not refused"
-
-
 def _bad_resumes(rank, world_size, root):
     """The error of each resume that must be refused (step-5, then step-4 damaged in between), and what is left."""
     folder = root / "checkpoint"
     train(load_config(_argv(root, 5, "--checkpoint.interval", "2")))
-    errors = [_refusal(_argv(root, 6, *extra)) for extra in (["--training.global_batch_size", "4"],
+    errors = [refusal(_argv(root, 6, *extra)) for extra in (["--training.global_batch_size", "4"],
                                                              ["--checkpoint.load_step", "3"])]
     for data_file in (folder / "step-5").glob("*.distcp"):
         data_file.write_bytes(data_file.read_bytes()[:100])  # truncated
-    errors.append(_refusal(_argv(root, 6)))
+    errors.append(refusal(_argv(root, 6)))
     for data_file in (folder / "step-4").glob("*.distcp"):  # overwritten, same size
         data_file.write_bytes(random.Random(0).randbytes(data_file.stat().st_size))
-    errors.append(_refusal(_argv(root, 6, "--checkpoint.load_step", "4")))
+    errors.append(refusal(_argv(root, 6, "--checkpoint.load_step", "4")))
     return errors, sorted(p.name for p in folder.iterdir())
 
 
