@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from config.errors import ConfigError
+from config.errors import CheckpointError, ConfigError
 from config.job_config import JobConfig
 from data import build_dataloader, build_tokenizer
 from data.loader import check_tokenizer_fits
@@ -29,7 +29,7 @@ from parallelisms.parallel_dims import ParallelDims
 from parallelisms.parallelize import parallelize
 from parallelisms.pipeline import build_schedule, build_stage_module, plan_pipeline
 from parallelisms.tied_embeddings import TiedEmbeddingSync
-from training.checkpoint import CheckpointError, CheckpointManager
+from training.checkpoint import CheckpointManager
 from training.config_loader import load_config
 from training.dry_run import DryRun, format_report, split_dry_run_args
 from training.faults import FaultWatch, is_collective_failure

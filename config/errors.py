@@ -10,3 +10,10 @@ class ConfigError(ValueError):
     def __init__(self, key: str, message: str):
         self.key = key
         super().__init__(f"config error: {key}: {message}")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint or Hugging Face folder that cannot be loaded; the message says what differs and the fix.
+
+    ``train.py`` prints it as one line and exits non-zero.
+    """

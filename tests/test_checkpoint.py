@@ -1,14 +1,17 @@
 """Checkpoints: exact resume, loading into another layout, and refusing bad checkpoints."""
 
+import logging
+import random
+import re
 import shutil
 
 import pytest
 import torch
 
 from tests.dist_utils import run_distributed
-from tests.weights import loaded_parameters, whole_parameters
+from tests.weights import loaded_parameters, refusal, whole_parameters
 from train import train
-from training.checkpoint import CheckpointError
+from config.errors import CheckpointError
 from training.config_loader import load_config
 
 pytestmark = pytest.mark.multiprocess
@@ -75,18 +78,43 @@ def test_vocab_parallel_checkpoint_over_4_ranks_loads_into_2_and_into_no_vocab_p
     _continue_elsewhere(tmp_path, source, expected, [("dp_shard2_vp", 2, VP), ("single", 1, [])])
 
 
-def test_bad_checkpoints_are_refused_with_the_reason(tmp_path):
-    _run(1, _argv(tmp_path, 5))
-    with pytest.raises(Exception, match=r"vocab_size: checkpoint '515' vs recipe '600'"):
-        _run(1, _argv(tmp_path, 6, "--model.vocab_size", "600"))
-    with pytest.raises(Exception, match=r"data position does not fit this recipe"):
-        _run(1, _argv(tmp_path, 6, "--training.global_batch_size", "4"))
-    with pytest.raises(Exception, match=r"no complete checkpoint step-3 in .*complete ones: \[5\]"):
-        _run(1, _argv(tmp_path, 6, "--checkpoint.load_step", "3"))
-    for data_file in (tmp_path / "checkpoint" / "step-5").glob("*.distcp"):
+def _bad_resumes(rank, world_size, root):
+    """The error of each resume that must be refused (step-5, then step-4 damaged in between), and what is left."""
+    folder = root / "checkpoint"
+    train(load_config(_argv(root, 5, "--checkpoint.interval", "2")))
+    errors = [refusal(_argv(root, 6, *extra)) for extra in (["--training.global_batch_size", "4"],
+                                                             ["--checkpoint.load_step", "3"])]
+    for data_file in (folder / "step-5").glob("*.distcp"):
         data_file.write_bytes(data_file.read_bytes()[:100])  # truncated
-    with pytest.raises(Exception, match="step-5 (cannot be read|does not match)"):
-        _run(1, _argv(tmp_path, 6))
+    errors.append(refusal(_argv(root, 6)))
+    for data_file in (folder / "step-4").glob("*.distcp"):  # overwritten, same size
+        data_file.write_bytes(random.Random(0).randbytes(data_file.stat().st_size))
+    errors.append(refusal(_argv(root, 6, "--checkpoint.load_step", "4")))
+    return errors, sorted(p.name for p in folder.iterdir())
+
+
+def test_bad_checkpoints_are_refused_with_the_reason(tmp_path):
+    (errors, left), = run_distributed(_bad_resumes, 1, tmp_path, timeout_s=300)
+    # Another model's resume runs in a process of its own: that failure leaves gloo worker threads behind.
+    with pytest.raises(Exception, match=r"vocab_size: checkpoint '515' vs recipe '600'"):
+        _run(1, _argv(tmp_path, 6, "--model.vocab_size", "600", "--checkpoint.load_step", "2"))
+    expected = [r"data position does not fit this recipe",
+                r"no complete checkpoint step-3 in .*complete ones: \[2, 4, 5\]",
+                r"step-5 is corrupt \(__0_0\.distcp: truncated \(100 of \d+ bytes\)\); "
+                r"resume another complete one with --checkpoint\.load_step N \(N: 2, 4\), delete it",
+                r"step-4 is corrupt \(__0_0\.distcp: overwritten .*\); "
+                r"resume another complete one with --checkpoint\.load_step N \(N: 2, 5\), delete it"]
+    for error, pattern in zip(errors, expected, strict=True):
+        assert re.search(pattern, error) and "\n" not in error, error
+    assert left == ["step-2", "step-4", "step-5"]  # refused, not touched
+
+
+def test_a_folder_that_cannot_be_written_stops_the_run_before_the_first_step(tmp_path):
+    (tmp_path / "taken").write_text("a file where the checkpoint folder's parent should be")
+    with pytest.raises(Exception, match=r"config error: checkpoint\.folder: cannot write checkpoints to "
+                                        r"\S*taken/checkpoint \(.*Not a directory.*\); point job\.dump_folder"):
+        _run(1, _argv(tmp_path, 5, "--checkpoint.folder", "taken/checkpoint"))
+    assert not (tmp_path / "metrics.jsonl").exists()  # written from the first step on
 
 
 ASYNC = ["--checkpoint.async_mode", "async"]
@@ -103,7 +131,36 @@ def test_async_saves_resume_like_sync_ones(tmp_path):
     """The step-5 save is written while steps 6-10 run; resuming it continues bitwise, as a sync save does."""
     sync, in_background, resumed = run_distributed(_sync_and_async, 2, tmp_path, timeout_s=300)[0]
     assert in_background == sync and resumed == sync[5:]
-    assert sorted(p.name for p in (tmp_path / "async" / "checkpoint").iterdir()) == ["step-10", "step-5"]
+    folder = tmp_path / "async" / "checkpoint"
+    (aside,) = folder.glob("abandoned-from-step-5-*")  # the first step-10, set aside by the rollback to step-5
+    assert sorted(p.name for p in folder.glob("step-*")) == ["step-10", "step-5"]
+    assert [p.name for p in aside.iterdir()] == ["step-10"]
+
+
+def _roll_back(rank, world_size, root):
+    """Save steps 2, 4, 6, 8; rerun from step-2 to step 5 saving every step and keeping 2; rerun to step 6."""
+    warnings = []  # what rank 0 logs at warning level
+    handler = logging.Handler()
+    handler.emit = lambda record: warnings.append(record.getMessage())
+    logging.getLogger("train").addHandler(handler)
+    folder, every_step = root / "checkpoint", ["--checkpoint.interval", "1", "--checkpoint.keep_latest_k", "2"]
+    first = train(load_config(_argv(root, 8, "--checkpoint.interval", "2"))).losses
+    rolled_back = train(load_config(_argv(root, 5, *every_step, "--checkpoint.load_step", "2"))).losses
+    (aside,) = folder.glob("abandoned-from-step-2-*")
+    left = sorted(p.name for p in folder.iterdir() if p != aside), sorted(p.name for p in aside.iterdir())
+    rerun = train(load_config(_argv(root, 6, *every_step))).losses
+    return first, rolled_back, left, rerun, str(aside), warnings
+
+
+def test_a_rollback_sets_the_abandoned_branch_aside(tmp_path):
+    """Resuming an older step moves the newer checkpoints aside before the first save, so pruning keeps this
+    branch's saves and the next rerun continues it."""
+    (first, rolled_back, (left, set_aside), rerun, aside, warnings), = run_distributed(_roll_back, 1, tmp_path,
+                                                                                        timeout_s=300)
+    assert rolled_back == first[2:5]  # resumed from step-2
+    assert left == ["step-4", "step-5"] and set_aside == ["step-4", "step-6", "step-8"]
+    assert rerun == first[5:6]  # resumed the new step-5, not the abandoned step-8
+    assert any(aside in line for line in warnings), warnings
 
 
 MODEL_ONLY = ["--checkpoint.interval", "3", "--checkpoint.last_save_model_only",

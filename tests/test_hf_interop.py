@@ -5,6 +5,7 @@ without it the export -> import round trip still checks every layout bitwise.
 """
 
 import json
+import shutil
 from dataclasses import asdict, replace
 
 import pytest
@@ -14,13 +15,13 @@ from models import Transformer, build_model_args
 from models.args import RopeScaling
 from models.flavors import LLAMA3_FLAVORS
 from scripts.export_hf import main as export_hf
+from scripts.export_hf import read_model
 from tests.dist_utils import run_distributed
-from tests.weights import loaded_parameters, whole_parameters
+from tests.weights import loaded_parameters, refusal, whole_parameters
 from train import train
-from training.checkpoint import CheckpointError
 from training.config_loader import load_config
-from config.errors import ConfigError
-from training.hf_checkpoint import INDEX, write_hf_folder
+from config.errors import CheckpointError, ConfigError
+from training.hf_checkpoint import INDEX, check_weight_files, read_hf_config, write_hf_folder
 
 VOCAB = 515
 PP_VP = ["--parallelism.pipeline_parallel_degree", "2", "--parallelism.vocab_parallel", "--loss.name", "auto"]
@@ -99,15 +100,131 @@ def test_export_then_import_is_bitwise_in_every_layout(tmp_path):
                         f"{name} pp=2 x dp_shard=2")
 
 
-def test_sharded_bfloat16_export(tmp_path):
-    """A size limit splits the weights over several files with an index; bfloat16 halves them."""
+def _random_hf_folder(folder, dtype, max_shard_bytes):
+    """Random debug-flavor weights written as a Hugging Face folder; returns them and the safetensors files."""
     args = build_model_args("qwen3", "debug", VOCAB)
     state = {name: torch.randn(p.shape) for name, p in Transformer(args).named_parameters()}
-    files = write_hf_folder(state, "qwen3", args, tmp_path, torch.bfloat16, max_shard_bytes=100_000)
+    return state, write_hf_folder(state, "qwen3", args, folder, dtype, max_shard_bytes)
+
+
+SHARD_BYTES = 100_000  # several shards and an index for the debug flavor
+
+
+def test_sharded_bfloat16_export(tmp_path):
+    """A size limit splits the weights over several files with an index; bfloat16 halves them."""
+    state, files = _random_hf_folder(tmp_path, torch.bfloat16, SHARD_BYTES)
     index = json.loads((tmp_path / INDEX).read_text())
     assert len(files) > 1 and sorted(set(index["weight_map"].values())) == files
     assert index["metadata"]["total_size"] == 2 * sum(t.numel() for t in state.values())
     assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+# -- folders that would mix weights of two exports ----------------------------------------------------------
+def _add_stale_shard(folder):
+    """A shard of an earlier export with more shards, next to this export's index."""
+    stale = folder / "model-00001-of-00099.safetensors"
+    shutil.copy(sorted(folder.glob("model-*.safetensors"))[0], stale)
+    return [stale.name, f"not listed in {folder / INDEX}", "--replace"]
+
+
+def _delete_a_shard(folder):
+    shard = sorted(folder.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    return [shard.name, "is missing"]
+
+
+def _misplace_a_tensor_in_the_index(folder):
+    index = json.loads((folder / INDEX).read_text())
+    files = list(index["weight_map"].values())
+    name, file = next((n, f) for n, f in index["weight_map"].items() if files.count(f) > 1)  # still listed after
+    other = next(f for f in files if f != file)
+    index["weight_map"][name] = other
+    (folder / INDEX).write_text(json.dumps(index))
+    return [name, other, "does not hold it"]
+
+
+def _copy_without_index(folder):
+    shutil.copy(folder / "model.safetensors", folder / "model-old.safetensors")
+    return ["model.safetensors", "model-old.safetensors", "--replace"]
+
+
+FOLDER_DEFECTS = {  # name: (shards with an index, the defect: what the error must name)
+    "stale_shard_next_to_an_index": (True, _add_stale_shard),
+    "shard_missing": (True, _delete_a_shard),
+    "index_names_another_file": (True, _misplace_a_tensor_in_the_index),
+    "tensor_in_two_files_without_index": (False, _copy_without_index),
+}
+
+
+@pytest.mark.parametrize("defect", list(FOLDER_DEFECTS))
+def test_a_folder_whose_files_disagree_is_refused_naming_them(defect, tmp_path):
+    sharded, damage = FOLDER_DEFECTS[defect]
+    _random_hf_folder(tmp_path, torch.float32, SHARD_BYTES if sharded else 2**30)
+    assert (tmp_path / INDEX).is_file() == sharded
+    check_weight_files(tmp_path)  # the intact folder passes
+    names = damage(tmp_path)
+    with pytest.raises(CheckpointError) as err:
+        check_weight_files(tmp_path)
+    assert "\n" not in str(err.value) and all(name in str(err.value) for name in names), str(err.value)
+
+
+@pytest.mark.parametrize("text, problem", [("{\"hidden_size\": 64,", "is not valid JSON"),
+                                           ("[64, 4]", "holds an array, not a JSON object")])
+def test_a_damaged_config_json_is_named(text, problem, tmp_path):
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(CheckpointError, match=f"^{tmp_path / 'config.json'} {problem}.*; download or export"):
+        read_hf_config(tmp_path)
+
+
+def test_export_refuses_a_non_empty_folder_without_replace(tmp_path, capsys):
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"an earlier export")
+    assert export_hf(["--checkpoint", str(tmp_path / "step-1"), "--config", "configs/debug.toml",
+                      "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{out} is not empty; pass --replace" in err
+    assert sorted(tmp_path.iterdir()) == [out] and [p.name for p in out.iterdir()] == ["model.safetensors"]
+    assert (out / "model.safetensors").read_bytes() == b"an earlier export"
+
+
+def _export_twice_then_import(rank, world_size, root):
+    """Export step 1 (sharded, with an index), then step 2 over it with --replace (one file) and import that;
+    then put the first export's files back beside it, and then damage config.json: both imports must fail."""
+    run, out, first = root / "run", root / "hf", root / "first"
+
+    def export(step, *extra):
+        return export_hf(["--checkpoint", str(run / "checkpoint" / f"step-{step}"), "--config", "configs/debug.toml",
+                          "--model.vocab_size", str(VOCAB), "--output", str(out), *extra])
+
+    train(load_config(_argv(run, "qwen3", 2, "--checkpoint.enable", "--checkpoint.interval", "1")))
+    assert export(1, "--max_shard_gib", str(SHARD_BYTES / 2**30)) == 0
+    shutil.copytree(out, first)
+    assert export(2, "--replace") == 0
+    result = {"files": sorted(p.name for p in root.iterdir()), "exported": sorted(p.name for p in out.iterdir()),
+              "step1": read_model(run / "checkpoint" / "step-1", None),
+              "step2": read_model(run / "checkpoint" / "step-2", None)}
+    argv = _argv(root / "import", "qwen3", 1, "--checkpoint.initial_load_path", str(out))
+    (result["imported"],) = loaded_parameters([argv])
+    for file in first.iterdir():  # what an export into the non-empty folder used to leave
+        if file.name != "config.json":
+            shutil.copy(file, out / file.name)
+    result["mixed"] = refusal(argv)
+    (out / "config.json").write_text("[]")
+    result["config"] = refusal(argv)
+    return result
+
+
+@pytest.mark.multiprocess
+def test_an_export_with_replace_replaces_the_folder_whole(tmp_path):
+    (out,) = run_distributed(_export_twice_then_import, 1, tmp_path, timeout_s=300)
+    assert out["files"] == ["first", "hf", "run"]  # no .partial or .replaced folder left
+    assert out["exported"] == ["config.json", "model.safetensors"]
+    imported = _merged([out["imported"]], tied=True)
+    _assert_bitwise(out["step2"], imported, "import of the second export")
+    assert any(not torch.equal(out["step1"][name], imported[name]) for name in imported)  # the steps differ
+    assert f"{tmp_path / 'hf' / 'model.safetensors'} is not listed in {tmp_path / 'hf' / INDEX}" in out["mixed"]
+    assert f"{tmp_path / 'hf' / 'config.json'} holds an array, not a JSON object" in out["config"]
 
 
 def test_initial_load_path_is_checked_when_the_recipe_loads(tmp_path):

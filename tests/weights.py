@@ -1,4 +1,5 @@
-"""A run's parameters gathered whole, for bitwise comparisons across layouts (call inside ``run_distributed``)."""
+"""A run's parameters gathered whole, for bitwise comparisons across layouts, and the error a run is refused with
+(call inside ``run_distributed``)."""
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -7,6 +8,7 @@ from models.initialize import canonical_name
 from train import train
 from training.checkpoint import CheckpointManager
 from training.config_loader import load_config
+from config.errors import CheckpointError, ConfigError
 
 
 def whole_parameters(parts) -> dict[str, torch.Tensor]:
@@ -35,3 +37,12 @@ def loaded_parameters(argvs: list[list[str]]) -> list[dict[str, torch.Tensor]]:
     finally:
         CheckpointManager.load = load
     return captured
+
+
+def refusal(argv: list[str]) -> str:
+    """The one-line error a run stops with before its first step (``"not refused"`` if it runs)."""
+    try:
+        train(load_config(argv))
+    except (CheckpointError, ConfigError) as err:
+        return str(err)
+    return "not refused"

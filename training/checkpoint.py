@@ -12,20 +12,28 @@ only after every rank finished; a folder without ``.metadata`` or still named
 ``.partial`` is never resumed from. An async save copies the state to CPU memory
 and writes it in a background thread; its rename waits until the write is done.
 
+Resuming a step older than the newest complete one is a rollback: the newer checkpoints, another
+branch, are moved into ``abandoned-from-step-N-<time>/`` before the first save, so that pruning and
+the next rerun see only the new branch. A checkpoint that fails to load is checked file by file
+against its ``.metadata``, so that a damaged file is named rather than blamed on the model.
+
 A run whose folder holds no checkpoint yet may start from ``initial_load_path``:
 another run's checkpoint, or a Hugging Face folder read through DCP's
 ``HuggingFaceStorageReader`` under the same names (models/hf_adapter.py), so that
-every rank reads only its own slices.
+every rank reads only its own slices, once its files are checked not to mix two exports
+(training/hf_checkpoint.py).
 """
 
 import json
 import logging
 import os
 import shutil
+import threading
+import time
 from concurrent.futures import Future
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -43,22 +51,17 @@ from torch.distributed.checkpoint.state_dict import (
 
 from models.args import ModelArgs
 from models.hf_adapter import config_mismatches, to_hf_name
+from config.errors import CheckpointError, ConfigError
 from config.job_config import Checkpoint
-from config.errors import ConfigError
-from training.hf_checkpoint import is_hf_folder
+from training.hf_checkpoint import check_weight_files, is_hf_folder, read_hf_config
 
 logger = logging.getLogger("train")
 
 _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 _HEAD, _EMBEDDING = "output.weight", "tok_embeddings.weight"
-_FIX_OWN = ("delete it, pick another with --checkpoint.load_step, or point checkpoint.folder or job.dump_folder "
-            "elsewhere to start fresh")
 _FIX_INITIAL = "point checkpoint.initial_load_path at a checkpoint of this recipe's model"
+_ITEM_START = b"PK\x03\x04"  # every item DCP writes is a torch.save zip archive, which starts so
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint or Hugging Face folder that cannot be loaded; the message says what differs."""
 
 
 def _steps(folder: Path) -> list[int]:
@@ -78,20 +81,79 @@ def _last_line(err: BaseException) -> str:
     return lines[-1].strip() if lines else type(err).__name__
 
 
+def _on_rank0(action: Callable[[], None]) -> Optional[OSError]:
+    """Run the file operation ``action`` on rank 0 and give every rank its error (None: done), so that every
+    rank raises the same error rather than the others waiting for rank 0 in the next collective."""
+    failure = [None]
+    if dist.get_rank() == 0:
+        try:
+            action()
+        except OSError as err:
+            failure[0] = err
+    dist.broadcast_object_list(failure, src=0)
+    return failure[0]
+
+
 def model_fingerprint(args: ModelArgs) -> dict[str, str]:
     """What a checkpoint must have been written for: every ``ModelArgs`` field but the RoPE table length."""
     return {k: str(v) for k, v in vars(replace(args, max_seq_len=0)).items()}
 
 
-def read_train_state(path: Path, extra: dict, fingerprint: dict[str, str], fix: str) -> None:
-    """Fill ``extra`` from the checkpoint's ``train`` entries; refuse a checkpoint of another model.
+def _starts_items(file: Path, offsets: list[int]) -> bool:
+    """Whether a saved item starts at each of ``offsets`` in ``file``."""
+    with file.open("rb") as f:
+        for offset in offsets:
+            f.seek(offset)
+            if f.read(len(_ITEM_START)) != _ITEM_START:
+                return False
+    return True
 
-    ``fix`` ends either error: what the user can do, which depends on where the path came from.
+
+def _damaged_files(path: Path) -> list[str]:
+    """``name: what is wrong`` for each file of checkpoint ``path`` that is missing, shorter than its
+    ``.metadata`` says, or holds something else where a saved item should start.
+
+    Called once a load has failed, to tell a damaged checkpoint from one of another model. It reads a
+    few bytes per item, not the data, so every rank can afford it; the same files give every rank the
+    same answer, so no rank waits for another.
+    """
+    try:
+        storage = dcp.FileSystemReader(str(path)).read_metadata().storage_data
+    except Exception as err:
+        return [f".metadata: cannot be read ({_last_line(err)})"]
+    items: dict[str, list] = {}
+    for info in storage.values():
+        items.setdefault(info.relative_path, []).append(info)
+    damaged = []
+    for name, infos in sorted(items.items()):
+        file, end = path / name, max(info.offset + info.length for info in infos)
+        if not file.is_file():
+            damaged.append(f"{name}: missing")
+        elif file.stat().st_size < end:
+            damaged.append(f"{name}: truncated ({file.stat().st_size} of {end} bytes)")
+        elif not _starts_items(file, [info.offset for info in infos]):
+            damaged.append(f"{name}: overwritten (its items are not where .metadata says)")
+    return damaged
+
+
+def _load_error(path: Path, err: BaseException, what: str, fix: str) -> CheckpointError:
+    """Why ``dcp.load`` of checkpoint ``path`` failed: its damaged files if it has any, else ``what`` and DCP's
+    cause; ``fix`` (what the user can do) depends on where the path came from."""
+    damaged = _damaged_files(path)
+    if damaged:
+        return CheckpointError(f"{path} is corrupt ({', '.join(damaged)}); {fix}")
+    return CheckpointError(f"{path} {what} ({_last_line(err)}); {fix}")
+
+
+def read_train_state(path: Path, extra: dict, fingerprint: dict[str, str], fix: str) -> None:
+    """Fill ``extra`` from the checkpoint's ``train`` entries; refuse a damaged checkpoint or one of another model.
+
+    ``fix`` ends every error: what the user can do, which depends on where the path came from.
     """
     try:
         dcp.load({"train": extra}, checkpoint_id=str(path))
-    except (Exception, CheckpointException) as err:  # a truncated or foreign folder
-        raise CheckpointError(f"{path} cannot be read ({_last_line(err)}); {fix}") from None
+    except (Exception, CheckpointException) as err:  # a damaged or foreign folder
+        raise _load_error(path, err, "cannot be read", fix) from None
     stored = json.loads(extra["fingerprint"])
     differs = {k: (stored.get(k), v) for k, v in fingerprint.items() if stored.get(k) != v}
     if differs:
@@ -108,6 +170,14 @@ def _holds_optimizer(path: Path) -> bool:
     return any(key.startswith("optimizer.") for key in keys)
 
 
+def _join_async_save_threads() -> None:
+    """``dcp.async_save`` writes each save on an executor of its own, which it shuts down without
+    joining once the save is done: join its thread, so that none outlives the run."""
+    for thread in threading.enumerate():
+        if thread.name.startswith("AsyncCheckpointExecutor") and thread is not threading.current_thread():
+            thread.join()
+
+
 class CheckpointManager:
     """Saves every ``interval`` steps and at the end; resumes from the newest complete checkpoint."""
 
@@ -122,9 +192,26 @@ class CheckpointManager:
         self.fingerprint = model_fingerprint(model_args)
         self.tied = model_args.tie_word_embeddings
         self._pending: Optional[tuple[Future, int]] = None  # an async save in flight, and its step
+        if cfg.enable:
+            self._check_writable()
         # An async save runs its collectives in a background thread: on a gloo group of its own, since
         # NCCL has no CPU side and one gloo group cannot take collectives from two threads at once.
         self.async_group = dist.new_group(backend="gloo") if cfg.enable and cfg.async_mode == "async" else None
+
+    def _check_writable(self) -> None:
+        """Create the folder and a file in it now: a folder that cannot be written stops the run before the
+        first step, not at the first save ``interval`` steps in."""
+        probe = self.folder / ".write-probe"
+
+        def create_and_remove() -> None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            probe.touch()
+            probe.unlink()
+
+        failure = _on_rank0(create_and_remove)
+        if failure is not None:
+            raise ConfigError("checkpoint.folder", f"cannot write checkpoints to {self.folder} ({failure}); point "
+                                                   "job.dump_folder or checkpoint.folder at a writable place")
 
     # -- state ------------------------------------------------------------------------------
     def _stored_name(self, key: str, part: nn.Module) -> str:
@@ -232,54 +319,87 @@ class CheckpointManager:
             if all_ranks:
                 raise
             logger.warning(f"the checkpoint being written in the background is lost: {err}")
+        _join_async_save_threads()
         if all_ranks:
             dist.barrier()
 
     def _prune(self) -> None:
+        """Keep the newest ``keep_latest_k`` checkpoints: all of this branch, since a rollback set the newer ones
+        of the abandoned branch aside (``_set_aside_newer``) before the first save."""
         if self.cfg.keep_latest_k > 0:
             for old in _steps(self.folder)[: -self.cfg.keep_latest_k]:
                 shutil.rmtree(self.folder / f"step-{old}")
 
     # -- load -------------------------------------------------------------------------------
-    def _pick(self) -> Optional[Path]:
+    def _pick(self) -> Optional[int]:
+        """The step to resume: ``load_step``, else the newest complete checkpoint's (None: there is none)."""
         steps = _steps(self.folder)
         if self.cfg.load_step >= 0:
             if self.cfg.load_step not in steps:
                 raise ConfigError("checkpoint.load_step", f"no complete checkpoint step-{self.cfg.load_step} in "
                                   f"{self.folder} (complete ones: {steps or 'none'})")
-            return self.folder / f"step-{self.cfg.load_step}"
-        return self.folder / f"step-{steps[-1]}" if steps else None
+            return self.cfg.load_step
+        return steps[-1] if steps else None
 
     def load(self) -> int:
         """Resume this run's newest (or ``load_step``) checkpoint, else start from ``initial_load_path``.
 
         Returns the step to continue after: 0 for a fresh start or one from initial weights.
         """
-        path = self._pick() if self.cfg.enable else None
-        if path is not None:
-            return self._resume(path, _FIX_OWN)
+        step = self._pick() if self.cfg.enable else None
+        if step is not None:
+            resumed = self._resume(self.folder / f"step-{step}", self._fix_own(step))
+            self._set_aside_newer(step)
+            return resumed
         if not self.cfg.initial_load_path:
             return 0
         initial = Path(self.cfg.initial_load_path)
         if is_hf_folder(initial):
             self._check_hf_config(initial)
-            self._load_model(initial, hf=True)
+            check_weight_files(initial)
+            self._load_model(initial, _FIX_INITIAL, hf=True)
         elif self.cfg.initial_load_model_only:
             read_train_state(initial, {"fingerprint": ""}, self.fingerprint, _FIX_INITIAL)
-            self._load_model(initial, hf=False)
+            self._load_model(initial, _FIX_INITIAL, hf=False)
         else:
             return self._resume(initial, _FIX_INITIAL)
         logger.info(f"initial weights from {initial}")
         return 0
 
     def _check_hf_config(self, folder: Path) -> None:
-        differs = config_mismatches(json.loads((folder / "config.json").read_text()), self.model_name,
-                                    self.model_args)
+        differs = config_mismatches(read_hf_config(folder), self.model_name, self.model_args)
         if differs:
             raise CheckpointError(f"{folder} holds another model than the recipe's {self.model_name} "
                                   f"({'; '.join(differs)}); pick the model.flavor and model.vocab_size it has")
 
-    def _load_model(self, path: Path, hf: bool) -> None:
+    def _set_aside_newer(self, step: int) -> None:
+        """After resuming ``step`` while newer checkpoints exist (a rollback), move those, the abandoned branch,
+        into ``abandoned-from-step-<step>-<time>/``: left in place, the next rerun would resume them, and pruning
+        would count them and delete this branch's saves. Rank 0 moves them; nothing is deleted."""
+        aside = self.folder / f"abandoned-from-step-{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+        def move() -> None:
+            newer = [s for s in _steps(self.folder) if s > step]
+            if newer:
+                aside.mkdir()
+                for s in newer:
+                    os.replace(self.folder / f"step-{s}", aside / f"step-{s}")
+                logger.warning(f"rolled back to step-{step}: moved the newer checkpoints "
+                               f"({', '.join(f'step-{s}' for s in newer)}) to {aside}; move them back to continue "
+                               "that branch instead")
+
+        failure = _on_rank0(move)
+        if failure is not None:
+            raise CheckpointError(f"cannot move the checkpoints newer than step-{step} into {aside} ({failure}); "
+                                  "move them out of the folder yourself, then rerun")
+
+    def _fix_own(self, step: int) -> str:
+        """What to do about this run's own ``step-N`` that cannot be resumed: another complete one is the way out."""
+        others = ", ".join(str(s) for s in _steps(self.folder) if s != step)
+        resume = f"resume another complete one with --checkpoint.load_step N (N: {others}), " if others else ""
+        return f"{resume}delete it, or point checkpoint.folder or job.dump_folder elsewhere to start fresh"
+
+    def _load_model(self, path: Path, fix: str, hf: bool) -> None:
         """Only the weights, from a DCP checkpoint or a Hugging Face folder (tensors cast to ours on read)."""
         live = self._model_states()
         model = self._stored(live)
@@ -290,7 +410,9 @@ class CheckpointManager:
         try:
             dcp.load(state, storage_reader=reader)
         except (Exception, CheckpointException) as err:
-            raise CheckpointError(f"{path} does not match this model ({_last_line(err)})") from None
+            if hf:
+                raise CheckpointError(f"{path} does not match this model ({_last_line(err)}); {fix}") from None
+            raise _load_error(path, err, "does not match this model", fix) from None
         for part, state in zip(self.parts, live):
             set_model_state_dict(part, self._restore(model, part, state), options=_OPTIONS)
 
@@ -303,13 +425,13 @@ class CheckpointManager:
         extra = {"step": 0, "lr_scheduler": self.schedulers[0].state_dict(),
                  "dataloader": self.dataloader.state_dict(), "rng": torch.get_rng_state(), "fingerprint": ""}
         read_train_state(path, extra, self.fingerprint, fix)
-        self._load_model(path, hf=False)
+        self._load_model(path, fix, hf=False)
         live = self._optimizer_states()
         optim = self._stored(live)
         try:
             dcp.load({"optimizer": optim}, checkpoint_id=str(path))
         except (Exception, CheckpointException) as err:
-            raise CheckpointError(f"{path} does not match this model ({_last_line(err)})") from None
+            raise _load_error(path, err, "does not match this model", fix) from None
         for part, opt, state in zip(self.parts, self.optimizers, live):
             set_optimizer_state_dict(part, opt, self._restore(optim, part, state), options=_OPTIONS)
         for scheduler in self.schedulers:
