@@ -5,7 +5,8 @@ The last stage ends at the final norm and returns hidden states; the schedule's
 """
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Callable, Optional
 
 import torch
 from torch.distributed.pipelining import PipelineStage
@@ -19,6 +20,8 @@ from torch.distributed.pipelining.schedules import (
 )
 
 from models.transformer import Transformer
+from parallelisms.pipeline_cost import StageCostInputs, stage_time
+from parallelisms.pipeline_split import balanced_split
 from training.config import Parallelism
 from training.errors import ConfigError
 
@@ -74,7 +77,8 @@ def _layer_ranges(n_layers: int, p: Parallelism) -> list[tuple[int, int]]:
         if n_stages > n_layers:
             raise ConfigError("parallelism.pipeline_parallel_virtual_stages",
                               f"{n_stages} stages for {n_layers} layers leaves a stage empty; use fewer stages")
-        # Even split; the first stages take one extra layer when it does not divide.
+        # Even split; the first stages take one extra layer when it does not divide. plan_pipeline
+        # replaces it with the balanced split when it is given the stage costs.
         base, extra = divmod(n_layers, n_stages)
         bounds = [0]
         for s in range(n_stages):
@@ -82,8 +86,19 @@ def _layer_ranges(n_layers: int, p: Parallelism) -> list[tuple[int, int]]:
     return [(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
 
 
-def plan_pipeline(n_layers: int, p: Parallelism, pp_rank: int, local_batch_size: int) -> PipelinePlan:
-    """Validate the split and microbatching (a one-line ConfigError) before anything is built."""
+# fits(plan, stage, layers): whether the rank holding ``stage`` fits its GPU with ``layers`` layers there.
+StageFits = Callable[[PipelinePlan, int, int], bool]
+
+
+def plan_pipeline(n_layers: int, p: Parallelism, pp_rank: int, local_batch_size: int,
+                  cost: Optional[StageCostInputs] = None, fits: Optional[StageFits] = None) -> PipelinePlan:
+    """Validate the split and microbatching (a one-line ConfigError) before anything is built.
+
+    Without ``pipeline_parallel_stage_split_points`` or ``_layers_per_stage``, and given the
+    stage costs, the layers go where the slowest stage's predicted time is smallest (the
+    embedding on the first stage, the head and loss on the last), among the splits ``fits``
+    accepts; without the costs, the even split.
+    """
     pp = p.pipeline_parallel_degree
     ranges = _layer_ranges(n_layers, p)
     n_stages = len(ranges)
@@ -113,7 +128,22 @@ def plan_pipeline(n_layers: int, p: Parallelism, pp_rank: int, local_batch_size:
         raise ConfigError("parallelism.pipeline_parallel_microbatch_size",
                           f"{p.pipeline_parallel_schedule} needs at least {pp} microbatches (one per pipeline rank), "
                           f"got local_batch_size {local_batch_size} / microbatch_size {mbs} = {n_micro}")
-    return PipelinePlan(tuple(ranges), pp, pp_rank, schedule is ScheduleZBVZeroBubble, n_micro)
+    plan = PipelinePlan(tuple(ranges), pp, pp_rank, schedule is ScheduleZBVZeroBubble, n_micro)
+    explicit = p.pipeline_parallel_stage_split_points or p.pipeline_parallel_layers_per_stage
+    return plan if cost is None or explicit else _balanced(plan, n_layers, cost, fits)
+
+
+def _balanced(plan: PipelinePlan, n_layers: int, cost: StageCostInputs, fits: Optional[StageFits]) -> PipelinePlan:
+    if cost.model.n_layers != n_layers:
+        raise ValueError(f"the stage costs are for {cost.model.n_layers} layers, the model has {n_layers}")
+    last = plan.num_stages - 1
+    counts = balanced_split(n_layers, plan.num_stages,
+                            lambda s, k: stage_time(cost, k, s == 0, s == last).total_ms,
+                            None if fits is None else lambda s, k: fits(plan, s, k))
+    bounds = [0]
+    for k in counts:
+        bounds.append(bounds[-1] + k)
+    return replace(plan, layer_ranges=tuple(zip(bounds[:-1], bounds[1:])))
 
 
 def build_stage_module(model: Transformer, plan: PipelinePlan, stage: int) -> Transformer:
