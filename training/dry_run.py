@@ -14,7 +14,8 @@ from models import build_model_args
 from parallelisms.parallel_dims import ParallelDims
 from training.config import JobConfig
 from training.errors import ConfigError
-from training.memory_estimate import CUDA_OVERHEAD_GIB, GIB, RankMemory, loss_impl, peaks_per_rank_gib
+from training.memory_estimate import CUDA_OVERHEAD_GIB, GIB, RankMemory, peaks_per_rank_gib
+from training.pipeline_plan import loss_impl
 
 _VALUED = ("--world_size", "--gpu_memory_gib")
 
