@@ -103,6 +103,11 @@ def test_dry_run_prints_the_table_and_exits_0_without_a_process_group(no_process
     peaks = _predicted(PP4, [], 8)
     assert f"predicted peak_memory_gib_per_rank: {peaks}" in out and len(peaks) == 8
     assert not list(tmp_path.iterdir())  # nothing written: no config.toml, no metrics
+    # the same split's predicted compute, after the memory table
+    timing = out[out.index("Predicted compute per microbatch"):]
+    for row in ("stages (layers)", "forward + backward", "1F1B bubble", "predicted step compute"):
+        assert row in timing, row
+    assert "split 9/9/9/1 layers over stages 0-3, chosen to balance the head (cce, 8.2 decoder layers" in timing
 
 
 def test_dry_run_world_size_comes_from_the_environment(no_process_group, capsys, monkeypatch):
@@ -110,6 +115,7 @@ def test_dry_run_world_size_comes_from_the_environment(no_process_group, capsys,
     assert train.main(["--config", ONE_GPU, "--dry_run", "--gpu_memory_gib", "24"]) == 0
     out = capsys.readouterr().out
     assert "world 4 = pp 1 x dp_replicate 1 x dp_shard 4" in out and "fits 24 GiB" in out
+    assert "Predicted compute" not in out  # no pipeline, no per-rank compute
 
 
 @pytest.mark.parametrize("args, message", [
