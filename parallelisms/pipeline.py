@@ -10,6 +10,7 @@ from typing import Callable, Optional
 
 import torch
 from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining._schedule_visualizer import get_schedule_ops
 from torch.distributed.pipelining.schedules import (
     PipelineScheduleMulti,
     Schedule1F1B,
@@ -20,7 +21,8 @@ from torch.distributed.pipelining.schedules import (
 )
 
 from models.transformer import Transformer
-from parallelisms.pipeline_cost import StageCostInputs, stage_time
+from parallelisms.pipeline_cost import StageCostInputs, StageTime, stage_time
+from parallelisms.pipeline_simulation import simulate_schedule
 from parallelisms.pipeline_split import balanced_split
 from training.config import Parallelism
 from training.errors import ConfigError
@@ -95,9 +97,11 @@ def plan_pipeline(n_layers: int, p: Parallelism, pp_rank: int, local_batch_size:
     """Validate the split and microbatching (a one-line ConfigError) before anything is built.
 
     Without ``pipeline_parallel_stage_split_points`` or ``_layers_per_stage``, and given the
-    stage costs, the layers go where the slowest stage's predicted time is smallest (the
-    embedding on the first stage, the head and loss on the last), among the splits ``fits``
-    accepts; without the costs, the even split.
+    stage costs (the embedding on the first stage, the head and loss on the last), the split
+    whose slowest stage is fastest, among the splits ``fits`` accepts; without the costs, the
+    even split. With several stages per rank the slowest stage and the slowest rank (its
+    stages' sum) are not the same split: both are tried, and the one whose replay of the
+    schedule's action lists ends first is taken (the rank-balanced one on a tie).
     """
     pp = p.pipeline_parallel_degree
     ranges = _layer_ranges(n_layers, p)
@@ -130,16 +134,42 @@ def plan_pipeline(n_layers: int, p: Parallelism, pp_rank: int, local_batch_size:
                           f"got local_batch_size {local_batch_size} / microbatch_size {mbs} = {n_micro}")
     plan = PipelinePlan(tuple(ranges), pp, pp_rank, schedule is ScheduleZBVZeroBubble, n_micro)
     explicit = p.pipeline_parallel_stage_split_points or p.pipeline_parallel_layers_per_stage
-    return plan if cost is None or explicit else _balanced(plan, n_layers, cost, fits)
+    if cost is None or explicit:
+        return plan
+    return _balanced(plan, n_layers, cost, fits, p.pipeline_parallel_schedule)
 
 
-def _balanced(plan: PipelinePlan, n_layers: int, cost: StageCostInputs, fits: Optional[StageFits]) -> PipelinePlan:
-    if cost.model.n_layers != n_layers:
-        raise ValueError(f"the stage costs are for {cost.model.n_layers} layers, the model has {n_layers}")
+def schedule_ops(plan: PipelinePlan, schedule_name: str) -> list:
+    """torch's per-rank action lists for the plan's schedule (those its visualizer draws)."""
+    try:
+        return get_schedule_ops(PIPELINE_SCHEDULES[schedule_name], plan.pp_degree, plan.n_microbatches,
+                                plan.num_stages // plan.pp_degree)
+    except ValueError as err:  # e.g. Interleaved1F1B's microbatches-per-round rule
+        raise ConfigError("parallelism.pipeline_parallel_microbatch_size", str(err)) from None
+
+
+def _balanced(plan: PipelinePlan, n_layers: int, cost: StageCostInputs, fits: Optional[StageFits],
+              schedule_name: str) -> PipelinePlan:
     last = plan.num_stages - 1
-    counts = balanced_split(n_layers, plan.num_stages,
-                            lambda s, k: stage_time(cost, k, s == 0, s == last).total_ms,
-                            None if fits is None else lambda s, k: fits(plan, s, k))
+
+    def time(stage: int, layers: int) -> StageTime:
+        return stage_time(cost, layers, stage == 0, stage == last)
+
+    stage_fits = None if fits is None else lambda s, k: fits(plan, s, k)
+    by_rank = [sorted(plan.stages_of(r)) for r in range(plan.pp_degree)]
+    by_stage = [[s] for s in range(plan.num_stages)]
+    candidates = [balanced_split(n_layers, groups, lambda s, k: time(s, k).total_ms, stage_fits)
+                  for groups in (by_rank, by_stage)]
+    counts = candidates[0]
+    if candidates[1] != counts:
+        ops = schedule_ops(plan, schedule_name)
+
+        def makespan(split: tuple[int, ...]) -> float:  # to the ns: rounding noise is no reason to switch
+            times = [time(s, k) for s, k in enumerate(split)]
+            return round(simulate_schedule(ops, [t.forward_ms for t in times],
+                                           [t.backward_ms for t in times]).makespan_ms, 6)
+
+        counts = min(candidates, key=makespan)
     bounds = [0]
     for k in counts:
         bounds.append(bounds[-1] + k)

@@ -4,15 +4,18 @@ The stage times below are counted in this file (not with the module's helpers) a
 module's measured rates; the expected split is found by trying every split (pp 2 and 4) or
 every first/last stage size with the middle stages even (pp 8, whose middle stages cost the
 same), and picking the one whose stage times sorted slowest first are smallest, earlier
-stages taking the extra layer on a tie.
+stages taking the extra layer on a tie. With two stages per rank, the rank-balanced split
+is found by trying every number of layers per rank.
 """
 
 import itertools
 
 import pytest
+from torch.distributed.pipelining._schedule_visualizer import get_schedule_ops
 
 from models.flavors import LLAMA3_FLAVORS, QWEN3_FLAVORS
-from parallelisms.pipeline import plan_pipeline
+from parallelisms.pipeline import PIPELINE_SCHEDULES, plan_pipeline
+from parallelisms.pipeline_simulation import simulate_schedule
 from parallelisms.pipeline_cost import MEASURED as R
 from parallelisms.pipeline_cost import StageCostInputs
 from training.config import Parallelism
@@ -22,22 +25,30 @@ QWEN = ("Qwen3-1.7B", QWEN3_FLAVORS["1.7B"], 4096, "selective")  # configs/qwen3
 LLAMA = ("Llama-3-8B", LLAMA3_FLAVORS["8B"], 8192, "full")  # configs/llama3_8b.toml
 
 
-def _stage_ms(model, seq, ac, loss, layers, first, last):
-    """One microbatch (one sequence) through a stage, in ms, counted from the shapes."""
+def _stage_fwd_bwd(model, seq, ac, loss, layers, first, last):
+    """(forward, backward) ms of one microbatch (one sequence) through a stage, counted from the shapes."""
     d, v, t = model.dim, model.vocab_size, seq
     q, kv = model.n_heads * model.head_dim, model.n_kv_heads * model.head_dim
     weights = d * q * 2 + d * kv * 2 + d * model.ffn_dim * 3  # wq, wo, wk, wv, w1-w3
     scores = 4 * seq * q / 2  # QK^T and PV, causal: half
     fwd, bwd = t * (2 * weights + scores), t * (4 * weights + 2.5 * scores)
-    flops = layers * (fwd + bwd) + (layers * fwd if ac == "full" else 0)
-    ms = flops / (R.layer_tflops * 1e9)
+    layer = R.layer_tflops * 1e9  # FLOPs per ms
+    f, b = layers * fwd / layer, (layers * bwd + (layers * fwd if ac == "full" else 0)) / layer
     if first:  # token rows forward; dense [V, D] gradient + rows backward; bf16
-        ms += (v * d * 2 + 5 * t * d * 2) / (R.embedding_gbs * 1e6)
+        f += 2 * t * d * 2 / (R.embedding_gbs * 1e6)
+        b += (v * d * 2 + 3 * t * d * 2) / (R.embedding_gbs * 1e6)
     if last:
-        ms += 5 * t * d * 2 / (R.norm_gbs * 1e6)
+        f += 2 * t * d * 2 / (R.norm_gbs * 1e6)
+        b += 3 * t * d * 2 / (R.norm_gbs * 1e6)
         gemm = 2 * t * d * v
-        ms += {"chunked": 3 * gemm / (R.chunked_tflops * 1e9), "cce": 4 * gemm / (R.cce_tflops * 1e9)}[loss]
-    return ms
+        head_f, head_b = {"chunked": (3, 0), "cce": (1, 3)}[loss]  # chunked: gradients in the forward
+        rate = {"chunked": R.chunked_tflops, "cce": R.cce_tflops}[loss] * 1e9
+        f, b = f + head_f * gemm / rate, b + head_b * gemm / rate
+    return f, b
+
+
+def _stage_ms(model, seq, ac, loss, layers, first, last):
+    return sum(_stage_fwd_bwd(model, seq, ac, loss, layers, first, last))
 
 
 def _key(times, counts):
@@ -88,12 +99,61 @@ def test_the_headline_recipe_gives_the_head_stage_fewer_layers():
     assert _planned(model, seq, ac, "chunked", 4) == (8, 9, 8, 3)
 
 
-@pytest.mark.parametrize("schedule", ["Interleaved1F1B", "ZBVZeroBubble"])
-def test_virtual_stages_balance_the_stage_list(schedule):
-    """8 stages on 4 ranks: the embedding on stage 0, the head on stage 7 (rank 3, or rank 0 in ZBV)."""
+def _best_by_rank(model, seq, ac, loss, ranks):
+    """Slowest rank first, then slowest stage; earlier ranks, then earlier stages, take the extra layer."""
+    n_stages = sum(map(len, ranks))
+
+    def ms(s, k):
+        return _stage_ms(model, seq, ac, loss, k, s == 0, s == n_stages - 1)
+
+    def rank_best(stages, layers):  # (a, b) layers on the rank's two stages
+        options = [((round(ms(stages[0], a) + ms(stages[1], layers - a), 9),
+                     tuple(sorted((ms(stages[0], a), ms(stages[1], layers - a)), reverse=True)), -a), a)
+                   for a in range(1, layers)]
+        (total, times, _), a = min(options)
+        return total, times, {stages[0]: a, stages[1]: layers - a}
+
+    best = None
+    spare = model.n_layers - len(ranks)  # each rank's layers minus one, split into positive parts
+    for cuts in itertools.combinations(range(1, spare), len(ranks) - 1):
+        per_rank = [b - a + 1 for a, b in zip((0, *cuts), (*cuts, spare))]
+        results = [rank_best(stages, k) for stages, k in zip(ranks, per_rank)]
+        key = (tuple(sorted((r[0] for r in results), reverse=True)),
+               tuple(sorted((t for r in results for t in r[1]), reverse=True)), tuple(-k for k in per_rank))
+        counts = {s: k for r in results for s, k in r[2].items()}
+        best = min(best or (key, counts), (key, counts))
+    return tuple(best[1][s] for s in range(n_stages))
+
+
+INTERLEAVED = [(0, 4), (1, 5), (2, 6), (3, 7)]
+V_SHAPE = [(0, 7), (1, 6), (2, 5), (3, 4)]  # ZBV: rank 0 holds the embedding's stage and the head's
+
+
+@pytest.mark.parametrize("schedule, ranks, loss, microbatches, faster", [
+    ("Interleaved1F1B", INTERLEAVED, "cce", 16, "tie"),
+    ("ZBVZeroBubble", V_SHAPE, "cce", 16, "ranks"),
+    ("Interleaved1F1B", INTERLEAVED, "chunked", 8, "stages"),
+    ("ZBVZeroBubble", V_SHAPE, "chunked", 16, "ranks"),
+])
+def test_virtual_stages_take_the_faster_of_rank_and_stage_balance(schedule, ranks, loss, microbatches, faster):
+    """8 stages on 4 ranks: the rank-balanced and the stage-balanced splits, replayed on torch's action
+    lists with the hand-counted times; the one that ends first (the rank-balanced on a tie)."""
     _, model, seq, ac = QWEN
-    got = _planned(model, seq, ac, "cce", 4, pipeline_parallel_schedule=schedule, pipeline_parallel_virtual_stages=2)
-    assert got == _best_with_even_middles(model, seq, ac, "cce", 8) == (3, 4, 4, 4, 4, 4, 4, 1)
+    by_rank = _best_by_rank(model, seq, ac, loss, ranks)
+    by_stage = _best_with_even_middles(model, seq, ac, loss, 8)
+
+    def makespan(counts):
+        times = [_stage_fwd_bwd(model, seq, ac, loss, k, s == 0, s == 7) for s, k in enumerate(counts)]
+        ops = get_schedule_ops(PIPELINE_SCHEDULES[schedule], 4, microbatches, 2)
+        return round(simulate_schedule(ops, [f for f, _ in times], [b for _, b in times]).makespan_ms, 6)
+
+    rank_ms, stage_ms = makespan(by_rank), makespan(by_stage)
+    assert by_rank != by_stage and faster == ("tie" if rank_ms == stage_ms else "ranks" if rank_ms < stage_ms
+                                              else "stages")
+    cost = StageCostInputs(model, seq, 1, loss, ac, "op")
+    p = Parallelism(pipeline_parallel_degree=4, pipeline_parallel_schedule=schedule, pipeline_parallel_virtual_stages=2)
+    plan = plan_pipeline(model.n_layers, p, 0, microbatches, cost)
+    assert tuple(b - a for a, b in plan.layer_ranges) == (by_stage if stage_ms < rank_ms else by_rank)
 
 
 @pytest.mark.parametrize("keys, ranges", [

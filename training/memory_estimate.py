@@ -29,16 +29,14 @@ from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
-from torch.distributed.pipelining._schedule_visualizer import get_schedule_ops
 from torch.distributed.pipelining.schedules import _ComputationType
 
 from models import Transformer, build_model_args
 from losses.chunked_linear_cross_entropy import auto_chunk_size
 from models.args import ModelArgs
 from parallelisms.parallel_dims import ParallelDims
-from parallelisms.pipeline import PIPELINE_SCHEDULES, PipelinePlan, StageFits
+from parallelisms.pipeline import PipelinePlan, StageFits, schedule_ops
 from training.config import JobConfig, Parallelism
-from training.errors import ConfigError
 from training.pipeline_plan import loss_impl, recipe_plan
 
 GIB = 2**30
@@ -139,15 +137,6 @@ def loss_workspace(cfg: JobConfig, a: ModelArgs, tokens: int, dp_shard: int, hea
     else:  # cce
         inner = param_b * n * d
     return max(param_b * v * d + inner, classifier_grad)
-
-
-def schedule_ops(cfg: JobConfig, plan: PipelinePlan) -> list:
-    """torch's per-rank action lists for the recipe's schedule (those its visualizer draws)."""
-    schedule = PIPELINE_SCHEDULES[cfg.parallelism.pipeline_parallel_schedule]
-    try:
-        return get_schedule_ops(schedule, plan.pp_degree, plan.n_microbatches, plan.num_stages // plan.pp_degree)
-    except ValueError as err:  # e.g. Interleaved1F1B's microbatches-per-round rule
-        raise ConfigError("parallelism.pipeline_parallel_microbatch_size", str(err)) from None
 
 
 def _in_flight(ops: list, stage_bytes: dict[int, float]) -> tuple[float, int]:
@@ -328,7 +317,7 @@ def _stage_fits(st: _Setting, gpu_memory_gib: float, accumulation_steps: int) ->
     def fits(plan: PipelinePlan, stage: int, layers: int) -> bool:
         key = (plan.pp_degree, plan.n_microbatches, plan.num_stages)
         if key not in tables:
-            tables[key] = schedule_ops(st.cfg, plan)
+            tables[key] = schedule_ops(plan, st.cfg.parallelism.pipeline_parallel_schedule)
         rank = next(r for r in range(plan.pp_degree) if stage in plan.stages_of(r))
         local = plan.stages_of(rank)
         own = {s: _stage_activation_bytes(st, layers) if s == stage else 0.0 for s in local}
@@ -352,7 +341,7 @@ def estimate_memory(cfg: JobConfig, dims: ParallelDims, accumulation_steps: int 
     fits = None if gpu_memory_gib is None else _stage_fits(st, gpu_memory_gib, accumulation_steps)
     plan = recipe_plan(cfg, dims, 0, fits)
     stages = [_stage(st, s, end - start, plan.num_stages) for s, (start, end) in enumerate(plan.layer_ranges)]
-    ops = schedule_ops(cfg, plan)
+    ops = schedule_ops(plan, cfg.parallelism.pipeline_parallel_schedule)
     estimates = []
     for r in range(dims.pp):
         rank_plan = replace(plan, pp_rank=r)

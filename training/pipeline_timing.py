@@ -9,11 +9,10 @@ sends and receives, FSDP's collectives, the optimizer and host overhead are not 
 from dataclasses import dataclass
 
 from parallelisms.parallel_dims import ParallelDims
-from parallelisms.pipeline import PipelinePlan
+from parallelisms.pipeline import PipelinePlan, schedule_ops
 from parallelisms.pipeline_cost import StageCostInputs, StageTime, head_in_layers, stage_time
 from parallelisms.pipeline_simulation import ScheduleTiming, simulate_schedule
 from training.config import JobConfig
-from training.memory_estimate import schedule_ops
 from training.pipeline_plan import stage_cost_inputs
 
 
@@ -40,8 +39,8 @@ def predict_timing(cfg: JobConfig, dims: ParallelDims, plan: PipelinePlan) -> Pi
     cost = stage_cost_inputs(cfg, dims)
     last = plan.num_stages - 1
     stages = tuple(stage_time(cost, end - start, s == 0, s == last) for s, (start, end) in enumerate(plan.layer_ranges))
-    schedule = simulate_schedule(schedule_ops(cfg, plan), [t.forward_ms for t in stages],
-                                 [t.backward_ms for t in stages])
+    ops = schedule_ops(plan, cfg.parallelism.pipeline_parallel_schedule)
+    schedule = simulate_schedule(ops, [t.forward_ms for t in stages], [t.backward_ms for t in stages])
     return PipelineTiming(plan, cost, stages, schedule)
 
 
