@@ -3,9 +3,9 @@
 ``python train.py --config X --dry_run --world_size N`` prints it (training/dry_run.py).
 No device memory, no process group: the stages are cut by ``recipe_plan`` (the run's
 own split), their parameters counted on a meta-device model, the microbatches in flight
-read off torch's own schedule tables, and the rest is byte counting. The same terms
-give ``stage_fits``, the memory constraint of the default split. Every data-parallel rank of a pipeline rank
-holds the same, so there is one estimate per pipeline rank.
+read off torch's own schedule tables, and the rest is byte counting. Every data-parallel
+rank of a pipeline rank holds the same, so there is one estimate per pipeline rank. The
+same terms give ``stage_fits``, the memory constraint of the default split.
 
 The peak is the larger of two moments of a steady-state step (the optimizer state
 exists from step 1's update on):
