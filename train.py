@@ -27,15 +27,17 @@ from models.initialize import init_weights
 from parallelisms.distributed import close_distributed, init_distributed, resolve_device, set_pg_timeouts
 from parallelisms.parallel_dims import ParallelDims
 from parallelisms.parallelize import parallelize
-from parallelisms.pipeline import build_schedule, build_stage_module, plan_pipeline
+from parallelisms.pipeline import build_schedule, build_stage_module
 from parallelisms.tied_embeddings import TiedEmbeddingSync
 from training.checkpoint import CheckpointManager
 from training.config_loader import load_config
 from training.dry_run import DryRun, format_report, split_dry_run_args
 from training.faults import FaultWatch, is_collective_failure
-from training.memory_estimate import estimate_memory
+from training.memory_estimate import estimate_memory, stage_fits
 from training.metrics import MetricsLogger, peak_flops, peak_memory_gib, pipeline_peak_memory
 from training.optimizer import build_lr_scheduler, build_optimizer
+from training.pipeline_plan import recipe_plan
+from training.pipeline_timing import split_summary
 from training.preemption import StopRequest
 from training.profiling import start_profiler
 from training.run_log import log_run, report_memory
@@ -77,8 +79,9 @@ def train(cfg: JobConfig, faults: Optional[FaultWatch] = None) -> TrainResult:
     model_args = _model_args(cfg)
     if rank == 0:
         log_run(cfg, dims, mesh, device)
-    plan = plan_pipeline(model_args.n_layers, cfg.parallelism, mesh["pp"].get_local_rank(), t.local_batch_size) \
-        if dims.pp > 1 else None
+    plan = _plan_pipeline(cfg, dims, mesh["pp"].get_local_rank(), device, global_batch) if dims.pp > 1 else None
+    if plan is not None and rank == 0:
+        logger.info(split_summary(cfg, dims, plan))
     dataloader = _build_data(cfg, model_args.vocab_size, global_batch, dp_mesh, dims)
 
     # The model, built on the meta device: nothing is allocated until each rank holds only its shard.
@@ -174,6 +177,13 @@ def _model_args(cfg: JobConfig):
     return replace(args, max_seq_len=cfg.training.seq_len)
 
 
+def _plan_pipeline(cfg: JobConfig, dims: ParallelDims, pp_rank: int, device: torch.device, global_batch: int):
+    """This rank's stages; the default split balances predicted stage time within the GPU's memory."""
+    gpu_gib = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None
+    accumulation = global_batch // (cfg.training.local_batch_size * dims.dp)
+    return recipe_plan(cfg, dims, pp_rank, stage_fits(cfg, dims, gpu_gib, accumulation))
+
+
 def _build_data(cfg: JobConfig, vocab_size: int, global_batch: int, dp_mesh, dims: ParallelDims):
     """This rank's resumable loader of its share of every global batch."""
     t = cfg.training
@@ -214,7 +224,8 @@ def _dry_run(cfg: JobConfig, dry_run: DryRun) -> str:
     """``--dry_run``: the layout checks of a run and its predicted memory; no device, no process group."""
     dims = ParallelDims.from_config(cfg.parallelism, dry_run.world_size)
     accumulation = global_batch_size(cfg, dims) // (cfg.training.local_batch_size * dims.dp)
-    return format_report(cfg, dims, estimate_memory(cfg, dims, accumulation), accumulation, dry_run.gpu_memory_gib)
+    estimates = estimate_memory(cfg, dims, accumulation, dry_run.gpu_memory_gib)
+    return format_report(cfg, dims, estimates, accumulation, dry_run.gpu_memory_gib)
 
 
 def main(argv: list[str]) -> int:

@@ -5,10 +5,12 @@ The last stage ends at the final norm and returns hidden states; the schedule's
 """
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Callable, Optional
 
 import torch
 from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining._schedule_visualizer import get_schedule_ops
 from torch.distributed.pipelining.schedules import (
     PipelineScheduleMulti,
     Schedule1F1B,
@@ -19,8 +21,11 @@ from torch.distributed.pipelining.schedules import (
 )
 
 from models.transformer import Transformer
-from config.job_config import Parallelism
 from config.errors import ConfigError
+from config.job_config import Parallelism
+from parallelisms.pipeline_cost import StageCostInputs, StageTime, stage_time
+from parallelisms.pipeline_simulation import simulate_schedule
+from parallelisms.pipeline_split import balanced_split
 
 PIPELINE_SCHEDULES = {
     "GPipe": ScheduleGPipe,
@@ -74,7 +79,8 @@ def _layer_ranges(n_layers: int, p: Parallelism) -> list[tuple[int, int]]:
         if n_stages > n_layers:
             raise ConfigError("parallelism.pipeline_parallel_virtual_stages",
                               f"{n_stages} stages for {n_layers} layers leaves a stage empty; use fewer stages")
-        # Even split; the first stages take one extra layer when it does not divide.
+        # Even split; the first stages take one extra layer when it does not divide. plan_pipeline
+        # replaces it with the balanced split when it is given the stage costs.
         base, extra = divmod(n_layers, n_stages)
         bounds = [0]
         for s in range(n_stages):
@@ -82,8 +88,21 @@ def _layer_ranges(n_layers: int, p: Parallelism) -> list[tuple[int, int]]:
     return [(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
 
 
-def plan_pipeline(n_layers: int, p: Parallelism, pp_rank: int, local_batch_size: int) -> PipelinePlan:
-    """Validate the split and microbatching (a one-line ConfigError) before anything is built."""
+# fits(plan, stage, layers): whether the rank holding ``stage`` fits its GPU with ``layers`` layers there.
+StageFits = Callable[[PipelinePlan, int, int], bool]
+
+
+def plan_pipeline(n_layers: int, p: Parallelism, pp_rank: int, local_batch_size: int,
+                  cost: Optional[StageCostInputs] = None, fits: Optional[StageFits] = None) -> PipelinePlan:
+    """Validate the split and microbatching (a one-line ConfigError) before anything is built.
+
+    Without ``pipeline_parallel_stage_split_points`` or ``_layers_per_stage``, and given the
+    stage costs (the embedding on the first stage, the head and loss on the last), the split
+    whose slowest stage is fastest, among the splits ``fits`` accepts; without the costs, the
+    even split. With several stages per rank the slowest stage and the slowest rank (its
+    stages' sum) are not the same split: both are tried, and the one whose replay of the
+    schedule's action lists ends first is taken (the rank-balanced one on a tie).
+    """
     pp = p.pipeline_parallel_degree
     ranges = _layer_ranges(n_layers, p)
     n_stages = len(ranges)
@@ -113,7 +132,48 @@ def plan_pipeline(n_layers: int, p: Parallelism, pp_rank: int, local_batch_size:
         raise ConfigError("parallelism.pipeline_parallel_microbatch_size",
                           f"{p.pipeline_parallel_schedule} needs at least {pp} microbatches (one per pipeline rank), "
                           f"got local_batch_size {local_batch_size} / microbatch_size {mbs} = {n_micro}")
-    return PipelinePlan(tuple(ranges), pp, pp_rank, schedule is ScheduleZBVZeroBubble, n_micro)
+    plan = PipelinePlan(tuple(ranges), pp, pp_rank, schedule is ScheduleZBVZeroBubble, n_micro)
+    explicit = p.pipeline_parallel_stage_split_points or p.pipeline_parallel_layers_per_stage
+    if cost is None or explicit:
+        return plan
+    return _balanced(plan, n_layers, cost, fits, p.pipeline_parallel_schedule)
+
+
+def schedule_ops(plan: PipelinePlan, schedule_name: str) -> list:
+    """torch's per-rank action lists for the plan's schedule (those its visualizer draws)."""
+    try:
+        return get_schedule_ops(PIPELINE_SCHEDULES[schedule_name], plan.pp_degree, plan.n_microbatches,
+                                plan.num_stages // plan.pp_degree)
+    except ValueError as err:  # e.g. Interleaved1F1B's microbatches-per-round rule
+        raise ConfigError("parallelism.pipeline_parallel_microbatch_size", str(err)) from None
+
+
+def _balanced(plan: PipelinePlan, n_layers: int, cost: StageCostInputs, fits: Optional[StageFits],
+              schedule_name: str) -> PipelinePlan:
+    last = plan.num_stages - 1
+
+    def time(stage: int, layers: int) -> StageTime:
+        return stage_time(cost, layers, stage == 0, stage == last)
+
+    stage_fits = None if fits is None else lambda s, k: fits(plan, s, k)
+    by_rank = [sorted(plan.stages_of(r)) for r in range(plan.pp_degree)]
+    by_stage = [[s] for s in range(plan.num_stages)]
+    candidates = [balanced_split(n_layers, groups, lambda s, k: time(s, k).total_ms, stage_fits)
+                  for groups in (by_rank, by_stage)]
+    counts = candidates[0]
+    if candidates[1] != counts:
+        ops = schedule_ops(plan, schedule_name)
+
+        def makespan(split: tuple[int, ...]) -> float:  # to the ns: rounding noise is no reason to switch
+            times = [time(s, k) for s, k in enumerate(split)]
+            return round(simulate_schedule(ops, [t.forward_ms for t in times],
+                                           [t.backward_ms for t in times]).makespan_ms, 6)
+
+        counts = min(candidates, key=makespan)
+    bounds = [0]
+    for k in counts:
+        bounds.append(bounds[-1] + k)
+    return replace(plan, layer_ranges=tuple(zip(bounds[:-1], bounds[1:])))
 
 
 def build_stage_module(model: Transformer, plan: PipelinePlan, stage: int) -> Transformer:

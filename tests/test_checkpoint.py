@@ -71,6 +71,18 @@ def test_pipeline_checkpoint_loads_into_other_layouts(tmp_path):
                                                      ("dp_shard4_vp", 4, VP)])
 
 
+def test_checkpoint_under_one_pipeline_split_loads_under_another(tmp_path):
+    """Saved by pp=2 with 1/3 layers per stage; continued by pp=2 with 3/1 and by one process."""
+    def split(point):
+        return ["--parallelism.pipeline_parallel_degree", "2", "--parallelism.pipeline_parallel_stage_split_points",
+                f"[{point}]"]
+
+    source = tmp_path / "source"
+    _run(2, _argv(source, 5, *split(1)))
+    (expected,) = _run(2, _argv(source, 6, *split(1)))
+    _continue_elsewhere(tmp_path, source, expected, [("pp2_split_3", 2, split(3)), ("single", 1, [])])
+
+
 def test_vocab_parallel_checkpoint_over_4_ranks_loads_into_2_and_into_no_vocab_parallel(tmp_path):
     source = tmp_path / "source"
     _run(4, _argv(source, 5, *VP))

@@ -6,15 +6,17 @@ import torch.distributed as dist
 import train
 from parallelisms.parallel_dims import ParallelDims
 from training.config_loader import load_config
-from training.memory_estimate import estimate_memory, peaks_per_rank_gib
+from training.memory_estimate import CUDA_OVERHEAD_GIB, GIB, estimate_memory, peaks_per_rank_gib, stage_fits
 
 ONE_GPU = "configs/qwen3_1p7b.toml"
 PP4 = "configs/qwen3_1p7b_pp4.toml"
-PP2 = ["--parallelism.pipeline_parallel_degree", "2"]
+# The runs below used the then-default even split; the default now balances the stages' time.
+SPLIT = "--parallelism.pipeline_parallel_stage_split_points"
+EVEN4 = [SPLIT, "[7, 14, 21]"]
+PP2 = ["--parallelism.pipeline_parallel_degree", "2", SPLIT, "[14]"]
 FSDP4 = ["--parallelism.pipeline_parallel_degree", "1", "--training.local_batch_size", "2"]
 VOCAB_PARALLEL = ["--parallelism.vocab_parallel", "--loss.name", "auto"]
-INTERLEAVED = ["--parallelism.pipeline_parallel_schedule", "Interleaved1F1B",
-               "--parallelism.pipeline_parallel_virtual_stages", "2"]
+INTERLEAVED = ["--parallelism.pipeline_parallel_schedule", "Interleaved1F1B", SPLIT, "[4, 8, 12, 16, 19, 22, 25]"]
 
 # Measured torch.cuda.max_memory_allocated per rank, GiB, in rank order (memory.json's
 # peak_memory_gib_per_rank), as quoted in docs/performance.md: "Qwen3-1.7B on one H100 80GB"
@@ -24,9 +26,9 @@ MEASURED = [
     ("1 H100, cce, 2 sequences", ONE_GPU, [], 1, [30.7]),
     ("1 H100, cross_entropy, 2 sequences", ONE_GPU, ["--loss.name", "cross_entropy"], 1, [43.6]),
     ("1 H100, cce, 4 sequences", ONE_GPU, ["--training.local_batch_size", "4"], 1, [40.7]),
-    ("PP=4, cce", PP4, [], 4, [16.4, 10.1, 8.9, 13.3]),
-    ("PP=4, cross_entropy", PP4, ["--loss.name", "cross_entropy"], 4, [16.4, 10.1, 8.9, 19.6]),
-    ("PP=4, 16 sequences, cce", PP4, ["--training.local_batch_size", "16"], 4, [16.6, 10.3, 9.1, 13.5]),
+    ("PP=4, cce", PP4, EVEN4, 4, [16.4, 10.1, 8.9, 13.3]),
+    ("PP=4, cross_entropy", PP4, [*EVEN4, "--loss.name", "cross_entropy"], 4, [16.4, 10.1, 8.9, 19.6]),
+    ("PP=4, 16 sequences, cce", PP4, [*EVEN4, "--training.local_batch_size", "16"], 4, [16.6, 10.3, 9.1, 13.5]),
     ("PP=4, 16 sequences, Interleaved1F1B x2", PP4, ["--training.local_batch_size", "16", *INTERLEAVED], 4,
      [19.4, 13.3, 12.0, 16.1]),
     ("PP=2 x dp_shard=2, cce", PP4, PP2, 4, [16.6, 16.6, 14.7, 14.7]),
@@ -58,6 +60,29 @@ def test_microbatches_in_flight_follow_the_schedule(schedule, in_flight):
     assert [m.in_flight for m in estimates] == in_flight
 
 
+def test_stage_fits_is_the_ranks_predicted_peak_with_one_stage_per_rank():
+    """For each rank of a 9/9/9/1 split: fits exactly at its own peak + the CUDA overhead, not below."""
+    cfg = load_config(["--config", PP4, SPLIT, "[9, 18, 27]"])
+    dims = ParallelDims.from_config(cfg.parallelism, 4)
+    estimates = estimate_memory(cfg, dims)
+    plan = estimates[0].plan
+    for m in estimates:
+        (stage,) = m.stages
+        at_peak = m.peak / GIB + CUDA_OVERHEAD_GIB
+        assert stage_fits(cfg, dims, at_peak)(plan, stage, m.layers)
+        assert not stage_fits(cfg, dims, at_peak - 0.01)(plan, stage, m.layers)
+
+
+def test_a_gpu_budget_moves_layers_off_the_fullest_rank():
+    cfg = load_config(["--config", PP4])
+    dims = ParallelDims.from_config(cfg.parallelism, 4)
+    free = estimate_memory(cfg, dims)
+    assert [m.layers for m in free] == [9, 9, 9, 1] and free[0].peak / GIB + CUDA_OVERHEAD_GIB > 20
+    bounded = estimate_memory(cfg, dims, gpu_memory_gib=20)
+    assert [m.layers for m in bounded] == [8, 10, 9, 1]
+    assert all(m.peak / GIB + CUDA_OVERHEAD_GIB <= 20 for m in bounded)
+
+
 @pytest.fixture
 def no_process_group(monkeypatch):
     def refuse(*args, **kwargs):
@@ -78,6 +103,11 @@ def test_dry_run_prints_the_table_and_exits_0_without_a_process_group(no_process
     peaks = _predicted(PP4, [], 8)
     assert f"predicted peak_memory_gib_per_rank: {peaks}" in out and len(peaks) == 8
     assert not list(tmp_path.iterdir())  # nothing written: no config.toml, no metrics
+    # the same split's predicted compute, after the memory table
+    timing = out[out.index("Predicted compute per microbatch"):]
+    for row in ("stages (layers)", "forward + backward", "1F1B bubble", "predicted step compute"):
+        assert row in timing, row
+    assert "split 9/9/9/1 layers over stages 0-3, chosen to balance the head (cce, 8.2 decoder layers" in timing
 
 
 def test_dry_run_world_size_comes_from_the_environment(no_process_group, capsys, monkeypatch):
@@ -85,6 +115,7 @@ def test_dry_run_world_size_comes_from_the_environment(no_process_group, capsys,
     assert train.main(["--config", ONE_GPU, "--dry_run", "--gpu_memory_gib", "24"]) == 0
     out = capsys.readouterr().out
     assert "world 4 = pp 1 x dp_replicate 1 x dp_shard 4" in out and "fits 24 GiB" in out
+    assert "Predicted compute" not in out  # no pipeline, no per-rank compute
 
 
 @pytest.mark.parametrize("args, message", [

@@ -66,6 +66,9 @@ CASES = {
     "dp_shard2_accumulate2": ("qwen3", 2, ["--training.local_batch_size", "2"]),
     "dp_replicate2": ("qwen3", 2, ["--training.local_batch_size", "4", "--parallelism.data_parallel_replicate_degree", "2"]),
     "pp2_dp_shard2": ("qwen3", 4, ["--training.local_batch_size", "4", "--parallelism.pipeline_parallel_degree", "2"]),
+    # An uneven split (3 layers, then 1 with the head), as the balanced default gives.
+    "pp2_dp_shard2_split_3_1": ("qwen3", 4, ["--training.local_batch_size", "4", "--parallelism.pipeline_parallel_degree",
+                                             "2", "--parallelism.pipeline_parallel_stage_split_points", "[3]"]),
     "pp2_GPipe": ("qwen3", 2, ["--training.local_batch_size", "8", "--parallelism.pipeline_parallel_degree", "2",
                                "--parallelism.pipeline_parallel_schedule", "GPipe",
                                "--parallelism.pipeline_parallel_microbatch_size", "2"]),

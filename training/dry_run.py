@@ -1,9 +1,10 @@
-"""``train.py --dry_run``: the predicted memory of every rank, printed before a job is queued.
+"""``train.py --dry_run``: the predicted memory of every rank, printed before a job is queued,
+and under pipeline parallel each rank's predicted compute and the schedule's bubble.
 
     python train.py --config configs/qwen3_1p7b_pp4.toml --dry_run --world_size 8 [--gpu_memory_gib 80]
 
 The flags are taken out of the command line before the recipe is read; the
-estimate itself is training/memory_estimate.py.
+estimates themselves are training/memory_estimate.py and training/pipeline_timing.py.
 """
 
 import os
@@ -12,9 +13,11 @@ from typing import Callable, Optional, Sequence
 
 from models import build_model_args
 from parallelisms.parallel_dims import ParallelDims
-from config.job_config import JobConfig
 from config.errors import ConfigError
-from training.memory_estimate import CUDA_OVERHEAD_GIB, GIB, RankMemory, loss_choice, peaks_per_rank_gib
+from config.job_config import JobConfig
+from training.memory_estimate import CUDA_OVERHEAD_GIB, GIB, RankMemory, peaks_per_rank_gib
+from training.pipeline_plan import loss_choice
+from training.pipeline_timing import PipelineTiming, predict_timing, why_this_split
 
 _VALUED = ("--world_size", "--gpu_memory_gib")
 
@@ -78,9 +81,18 @@ _ROWS: list[tuple[str, Callable[[RankMemory], str]]] = [
 ]
 
 
+_WIDTH = 40
+
+
+def _table(rows: list[tuple[str, list[str]]]) -> list[str]:
+    col = max(14, *(len(v) + 2 for _, values in rows for v in values))
+    return [label.ljust(_WIDTH) + "".join(v.rjust(col) for v in values) for label, values in rows]
+
+
 def format_report(cfg: JobConfig, dims: ParallelDims, estimates: list[RankMemory], accumulation_steps: int,
                   gpu_memory_gib: float) -> str:
-    """A table with one column per pipeline rank, its notes, and the per-rank peaks as memory.json lists them."""
+    """A table with one column per pipeline rank, its notes, and the per-rank peaks as memory.json lists them;
+    under pipeline parallel, the predicted compute of the same split (``timing_lines``)."""
     t, p, ac = cfg.training, cfg.parallelism, cfg.activation_checkpoint
     a = build_model_args(cfg.model.name, cfg.model.flavor, cfg.model.vocab_size)
     pp = dims.pp > 1
@@ -97,7 +109,6 @@ def format_report(cfg: JobConfig, dims: ParallelDims, estimates: list[RankMemory
         f"loss: {loss_choice(cfg).describe(p.vocab_parallel)}",
         "",
     ]
-    width = 40
     heads = [f"pp rank {m.pp_rank}" if pp else "every rank" for m in estimates]
     ranks = [f"{m.pp_rank * dims.dp}-{(m.pp_rank + 1) * dims.dp - 1}" if dims.dp > 1 else str(m.pp_rank)
              for m in estimates]
@@ -113,8 +124,7 @@ def format_report(cfg: JobConfig, dims: ParallelDims, estimates: list[RankMemory
                                           for m in estimates]),
         ("peak during", [m.phase for m in estimates]),
     ]
-    col = max(14, *(len(v) + 2 for _, values in table for v in values))
-    lines += [label.ljust(width) + "".join(v.rjust(col) for v in values) for label, values in table]
+    lines += _table(table)
     lines += [
         "",
         "peak allocated is what memory.json records (torch.cuda.max_memory_allocated); the fixed "
@@ -123,4 +133,40 @@ def format_report(cfg: JobConfig, dims: ParallelDims, estimates: list[RankMemory
         "them) unless gradients accumulate; at the optimizer step the activations are gone.",
         f"predicted peak_memory_gib_per_rank: {peaks_per_rank_gib(estimates, dims)}",
     ]
+    if pp:
+        lines += ["", *timing_lines(cfg, predict_timing(cfg, dims, estimates[0].plan), accumulation_steps)]
     return "\n".join(lines)
+
+
+def timing_lines(cfg: JobConfig, timing: PipelineTiming, accumulation_steps: int) -> list[str]:
+    """Per pipeline rank, one microbatch's predicted forward and backward; then the split, the
+    slowest/fastest ratio, the simulated bubble and the step's compute."""
+    plan, cost, schedule = timing.plan, timing.cost, timing.schedule
+    ranks = [timing.rank(r) for r in range(plan.pp_degree)]
+    layers = [",".join(f"{s} ({plan.layer_ranges[s][1] - plan.layer_ranges[s][0]})" for s in plan.stages_of(r))
+              for r in range(plan.pp_degree)]
+    rates = cost.rates
+    name = cfg.parallelism.pipeline_parallel_schedule
+    zero_bubble = "ZeroBubble" in name
+    step = accumulation_steps * schedule.makespan_ms
+    lines = [
+        "Predicted compute per microbatch (a prediction, not a measurement: parallelisms/pipeline_cost.py; "
+        "how: docs/performance.md)",
+        "",
+        *_table([("ms", [f"pp rank {r}" for r in range(plan.pp_degree)]),
+                 ("  stages (layers)", layers),
+                 ("forward", [f"{t.forward_ms:.1f}" for t in ranks]),
+                 ("backward", [f"{t.backward_ms:.1f}" for t in ranks]),
+                 ("forward + backward", [f"{t.total_ms:.1f}" for t in ranks])]),
+        "",
+        f"split {'/'.join(str(e - s) for s, e in plan.layer_ranges)} layers over stages 0-{plan.num_stages - 1}, "
+        f"{why_this_split(cfg, timing)}",
+        f"slowest/fastest pp rank {timing.slowest_over_fastest:.2f}; {name} bubble {100 * schedule.bubble:.1f} % "
+        f"(torch's action lists for {plan.n_microbatches} microbatches replayed with these times"
+        + ("; a backward's input and weight halves take half its time each" if zero_bubble else "") + ")",
+        f"predicted step compute {step:.0f} ms ({accumulation_steps} micro-step(s) x {schedule.makespan_ms:.0f} ms); "
+        f"decoder layers at {rates.layer_tflops:g} TFLOP/s, head + {cost.loss} at "
+        f"{rates.head_tflops(cost.loss):g} TFLOP/s" + (" + its logits traffic" if cost.loss == "cross_entropy" else ""),
+        "compute only: sends and receives, FSDP's gathers and reductions, the optimizer and host overhead are not in it",
+    ]
+    return lines

@@ -1,10 +1,11 @@
 """Predicted peak GPU memory of every pipeline rank, from the recipe and the layout alone.
 
 ``python train.py --config X --dry_run --world_size N`` prints it (training/dry_run.py).
-No device memory, no process group: the stages are cut by ``plan_pipeline`` from a
-meta-device model, the microbatches in flight are read off torch's own schedule
-tables, and the rest is byte counting. Every data-parallel rank of a pipeline rank
-holds the same, so there is one estimate per pipeline rank.
+No device memory, no process group: the stages are cut by ``recipe_plan`` (the run's
+own split), their parameters counted on a meta-device model, the microbatches in flight
+read off torch's own schedule tables, and the rest is byte counting. Every data-parallel
+rank of a pipeline rank holds the same, so there is one estimate per pipeline rank. The
+same terms give ``stage_fits``, the memory constraint of the default split.
 
 The peak is the larger of two moments of a steady-state step (the optimizer state
 exists from step 1's update on):
@@ -28,18 +29,16 @@ from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
-from torch.distributed.pipelining._schedule_visualizer import get_schedule_ops
 from torch.distributed.pipelining.schedules import _ComputationType
 
-from config.errors import ConfigError
 from config.job_config import JobConfig
-from losses import LossChoice, choose_loss, recipe_options
 from losses.kernels.chunked import auto_chunk_size
 from models import Transformer, build_model_args
 from models.args import ModelArgs
 from parallelisms.fsdp import fsdp_groups, tied_in_root
 from parallelisms.parallel_dims import ParallelDims
-from parallelisms.pipeline import PIPELINE_SCHEDULES, PipelinePlan, build_stage_module, plan_pipeline
+from parallelisms.pipeline import PipelinePlan, StageFits, schedule_ops
+from training.pipeline_plan import loss_choice, recipe_plan
 
 GIB = 2**30
 # CUDA context, NCCL buffers and the caching allocator's unused reserve: not in
@@ -65,20 +64,12 @@ class RankMemory:
     activations: float
     in_flight: int  # (stage, microbatch) pairs whose activations are held at the peak
     transient: float  # the larger of the loss workspace and one block's backward
+    plan: Optional[PipelinePlan] = None  # the split these figures are for (None without PP)
 
     @property
     def peak(self) -> float:
         return (self.parameters + self.gradients + self.optimizer + self.unsharded_params + self.unsharded_grads
                 + self.pipeline_buffers + self.activations + self.transient)
-
-
-def loss_choice(cfg: JobConfig) -> LossChoice:
-    """What the run's loss computes with on a GPU machine with the requirements installed: the
-    registry's own answer (losses/resolve.py) for the recipe's parameter dtype on CUDA."""
-    compile_loss = cfg.compile.enable and "loss" in cfg.compile.components
-    return choose_loss(cfg.loss.name, recipe_options(cfg.loss, compile_loss), device_type="cuda",
-                       dtype=getattr(torch, cfg.training.mixed_precision_param),
-                       vocab_parallel=cfg.parallelism.vocab_parallel, gpu_kernels=True)
 
 
 def _chunk_tokens(cfg: JobConfig, rows: int, tokens: int, logit_bytes: int) -> int:
@@ -149,15 +140,6 @@ def loss_workspace(cfg: JobConfig, a: ModelArgs, tokens: int, dp_shard: int, hea
     return max(param_b * v * d + inner, classifier_grad)
 
 
-def _schedule_ops(cfg: JobConfig, plan: PipelinePlan) -> list:
-    """torch's per-rank action lists for the recipe's schedule (those its visualizer draws)."""
-    schedule = PIPELINE_SCHEDULES[cfg.parallelism.pipeline_parallel_schedule]
-    try:
-        return get_schedule_ops(schedule, plan.pp_degree, plan.n_microbatches, plan.num_stages // plan.pp_degree)
-    except ValueError as err:  # e.g. Interleaved1F1B's microbatches-per-round rule
-        raise ConfigError("parallelism.pipeline_parallel_microbatch_size", str(err)) from None
-
-
 def _in_flight(ops: list, stage_bytes: dict[int, float]) -> tuple[float, int]:
     """Most activation bytes a rank's actions hold at once: a forward adds one microbatch of
     its stage, the backward that finishes one (full, or weight for zero-bubble) frees it.
@@ -200,69 +182,173 @@ def _gathered_without_pp(part: Transformer, p, vp_head: bool) -> tuple[int, int]
     return held, (_numel(part.tok_embeddings) if tied else 0)
 
 
-def estimate_memory(cfg: JobConfig, dims: ParallelDims, accumulation_steps: int = 1) -> list[RankMemory]:
-    """One ``RankMemory`` per pipeline rank; ConfigError for a layout the run would refuse."""
+@dataclass(frozen=True)
+class _Stage:
+    """What a pipeline stage's terms depend on: counts, not modules, so that a split the
+    default planner is only trying can be costed."""
+
+    index: int
+    layers: int
+    params: int  # the head's included
+    first: bool
+    last: bool  # holds the final norm and the head
+
+
+@dataclass(frozen=True)
+class _Setting:
+    """What every rank's terms share."""
+
+    cfg: JobConfig
+    args: ModelArgs
+    model: Transformer  # on the meta device
+    dp_shard: int
+    tokens: int  # per microbatch (per micro-step without PP)
+    param_b: int
+    reduce_b: int
+    compiled: bool
+    block_backward: float  # the transient of one block's backward
+
+
+def _setting(cfg: JobConfig, dims: ParallelDims) -> _Setting:
     t, p = cfg.training, cfg.parallelism
     a = build_model_args(cfg.model.name, cfg.model.flavor, cfg.model.vocab_size)
     with torch.device("meta"):
         model = Transformer(replace(a, max_seq_len=t.seq_len))
     pp = dims.pp > 1
-    plans = [plan_pipeline(a.n_layers, p, r, t.local_batch_size) for r in range(dims.pp)] if pp else [None]
-    parts = {s: build_stage_module(model, plans[0], s) for s in range(plans[0].num_stages)} if pp else {0: model}
     tokens = (p.pipeline_parallel_microbatch_size if pp else t.local_batch_size) * t.seq_len
     param_b, reduce_b = _BYTES[t.mixed_precision_param], _BYTES[t.mixed_precision_reduce]
     compiled = cfg.compile.enable and "model" in cfg.compile.components
-    n = dims.dp_shard
-    stage_bytes = {s: tokens * sum(layer_activation_bytes(a, mode, compiled, param_b)
-                                   for mode in _block_modes(cfg, len(part.layers)))
-                   for s, part in parts.items()}
-    ops = _schedule_ops(cfg, plans[0]) if pp else None
     # One block's backward: its activations recomputed (as without checkpointing) and its
     # gradients, plus without PP the fp32 copy FSDP reduce-scatters right away.
     block_backward = layer_activation_bytes(a, "none", compiled, param_b) * tokens \
         + (param_b + (0 if pp else reduce_b)) * _numel(model.layers["0"])
+    return _Setting(cfg, a, model, dims.dp_shard, tokens, param_b, reduce_b, compiled, block_backward)
 
+
+def _stage(st: _Setting, index: int, layers: int, num_stages: int) -> _Stage:
+    """Stage ``index`` of ``num_stages`` holding ``layers`` blocks (as build_stage_module cuts it)."""
+    m = st.model
+    first, last = index == 0, index == num_stages - 1
+    params = layers * _numel(m.layers["0"]) + (_numel(m.tok_embeddings) if first else 0) \
+        + (_numel(m.norm) + _numel(m.output) if last else 0)
+    return _Stage(index, layers, params, first, last)
+
+
+def _stage_activation_bytes(st: _Setting, layers: int) -> float:
+    """One microbatch's activations kept by a stage of ``layers`` blocks."""
+    return st.tokens * sum(layer_activation_bytes(st.args, mode, st.compiled, st.param_b)
+                           for mode in _block_modes(st.cfg, layers))
+
+
+def _pipeline_rank(st: _Setting, plan: PipelinePlan, stages: list[_Stage], activations: float, in_flight: int,
+                   accumulation_steps: int) -> RankMemory:
+    """The larger of the backward and optimizer-step moments of pipeline rank ``plan.pp_rank`` holding ``stages``."""
+    a, n, p, param_b = st.args, st.dp_shard, st.cfg.parallelism, st.param_b
+    sharded = gathered = unreduced = buffers = vp_grad = loss = 0.0
+    for s in stages:
+        vp_head = s.last and p.vocab_parallel  # a vocab-sharded copy outside FSDP
+        fsdp = s.params - (_numel(st.model.output) if vp_head else 0)
+        vp_rows = math.ceil(a.vocab_size / n) * a.dim if vp_head else 0
+        sharded += math.ceil(fsdp / n) + vp_rows
+        vp_grad += 4 * vp_rows
+        # The schedule turns resharding after backward off for all but the last microbatch,
+        # so a stage's parameters stay gathered, and their gradients accumulate unsharded
+        # in the reduce dtype until the step's one reduce-scatter.
+        gathered += param_b * fsdp
+        unreduced += max(param_b, st.reduce_b) * fsdp
+        buffers += plan.n_microbatches * st.tokens * a.dim * param_b * ((not s.first) + (not s.last))
+        if s.last:
+            loss = loss_workspace(st.cfg, a, st.tokens, n, head_reduced_at_once=False)
+    grads = 4 * sharded
+    common = dict(pp_rank=plan.pp_rank, stages=tuple(s.index for s in stages), layers=sum(s.layers for s in stages),
+                  parameters=4 * sharded, optimizer=8 * sharded, pipeline_buffers=buffers, plan=plan)
+    backward = RankMemory(phase="backward", **common, gradients=grads if accumulation_steps > 1 else vp_grad,
+                          unsharded_params=gathered, unsharded_grads=unreduced, activations=activations,
+                          in_flight=in_flight, transient=max(loss, st.block_backward))
+    # The step starts with the accumulated gradients' reduce-scatter.
+    step = RankMemory(phase="optimizer step", **common, gradients=grads, unsharded_params=0.0,
+                      unsharded_grads=unreduced, activations=0.0, in_flight=0, transient=0.0)
+    return max(backward, step, key=lambda m: m.peak)
+
+
+def _whole_model_rank(st: _Setting, accumulation_steps: int) -> RankMemory:
+    """Every rank without PP: the whole model, FSDP groups as parallelisms/fsdp.py makes them."""
+    a, n, p, param_b, model = st.args, st.dp_shard, st.cfg.parallelism, st.param_b, st.model
+    tied = model.output.weight is model.tok_embeddings.weight
+    vp_head = p.vocab_parallel  # a vocab-sharded copy outside FSDP
+    fsdp = _numel(model) - (_numel(model.output) if vp_head and not tied else 0)
+    vp_rows = math.ceil(a.vocab_size / n) * a.dim if vp_head else 0
+    sharded = math.ceil(fsdp / n) + vp_rows
+    held, root_grad = _gathered_without_pp(model, p, vp_head)
+    # a tied root's gradient is the classifier gradient the workspace counts: not twice
+    loss = loss_workspace(st.cfg, a, st.tokens, n, head_reduced_at_once=not tied and not vp_head) \
+        - param_b * root_grad
+    grads = 4 * sharded
+    common = dict(pp_rank=0, stages=(0,), layers=a.n_layers, parameters=4 * sharded, optimizer=8 * sharded,
+                  pipeline_buffers=0.0)
+    backward = RankMemory(phase="backward", **common, gradients=grads if accumulation_steps > 1 else 4 * vp_rows,
+                          unsharded_params=param_b * held, unsharded_grads=param_b * root_grad,
+                          activations=_stage_activation_bytes(st, a.n_layers), in_flight=1,
+                          transient=max(loss, st.block_backward))
+    step = RankMemory(phase="optimizer step", **common, gradients=grads, unsharded_params=0.0,
+                      unsharded_grads=0.0, activations=0.0, in_flight=0, transient=0.0)
+    return max(backward, step, key=lambda m: m.peak)
+
+
+def stage_fits(cfg: JobConfig, dims: ParallelDims, gpu_memory_gib: Optional[float],
+               accumulation_steps: int = 1) -> Optional[StageFits]:
+    """``fits(plan, stage, layers)`` for ``plan_pipeline``: whether the pipeline rank holding
+    ``stage`` stays within ``gpu_memory_gib`` (the fixed CUDA overhead included) with ``layers``
+    blocks there. None without a size or without PP: no constraint.
+
+    Exact with one stage per rank: the rank's predicted peak, as the report counts it. With
+    several, each stage is held to an equal share of the budget, counting its own activations
+    at their most in flight and the rank's whole transient: the shares add up to at least the
+    rank's peak, so a split that passes fits by this estimate (it may refuse one that fits).
+    """
+    if gpu_memory_gib is None or dims.pp == 1:
+        return None
+    return _stage_fits(_setting(cfg, dims), gpu_memory_gib, accumulation_steps)
+
+
+def _stage_fits(st: _Setting, gpu_memory_gib: float, accumulation_steps: int) -> StageFits:
+    budget = (gpu_memory_gib - CUDA_OVERHEAD_GIB) * GIB
+    tables: dict[tuple[int, int, int], list] = {}
+
+    def fits(plan: PipelinePlan, stage: int, layers: int) -> bool:
+        key = (plan.pp_degree, plan.n_microbatches, plan.num_stages)
+        if key not in tables:
+            tables[key] = schedule_ops(plan, st.cfg.parallelism.pipeline_parallel_schedule)
+        rank = next(r for r in range(plan.pp_degree) if stage in plan.stages_of(r))
+        local = plan.stages_of(rank)
+        own = {s: _stage_activation_bytes(st, layers) if s == stage else 0.0 for s in local}
+        activations, in_flight = _in_flight(tables[key][rank], own)
+        memory = _pipeline_rank(st, replace(plan, pp_rank=rank), [_stage(st, stage, layers, plan.num_stages)],
+                                activations, in_flight, accumulation_steps)
+        return memory.peak <= budget / len(local)
+
+    return fits
+
+
+def estimate_memory(cfg: JobConfig, dims: ParallelDims, accumulation_steps: int = 1,
+                    gpu_memory_gib: Optional[float] = None) -> list[RankMemory]:
+    """One ``RankMemory`` per pipeline rank; ConfigError for a layout the run would refuse.
+
+    ``gpu_memory_gib``: the GPU the default split must fit, as the run gives it (``stage_fits``).
+    """
+    st = _setting(cfg, dims)
+    if dims.pp == 1:
+        return [_whole_model_rank(st, accumulation_steps)]
+    fits = None if gpu_memory_gib is None else _stage_fits(st, gpu_memory_gib, accumulation_steps)
+    plan = recipe_plan(cfg, dims, 0, fits)
+    stages = [_stage(st, s, end - start, plan.num_stages) for s, (start, end) in enumerate(plan.layer_ranges)]
+    ops = schedule_ops(plan, cfg.parallelism.pipeline_parallel_schedule)
     estimates = []
-    for r, plan in enumerate(plans):
-        stages = plan.stages_of(r) if pp else (0,)
-        sharded = gathered = unreduced = buffers = vp_grad = loss = 0.0
-        for s in stages:
-            part = parts[s]
-            tied = part.output is not None and part.tok_embeddings is not None \
-                and part.output.weight is part.tok_embeddings.weight
-            vp_head = part.output is not None and p.vocab_parallel  # a vocab-sharded copy outside FSDP
-            fsdp = _numel(part) - (_numel(part.output) if vp_head and not tied else 0)
-            vp_rows = math.ceil(a.vocab_size / n) * a.dim if vp_head else 0
-            sharded += math.ceil(fsdp / n) + vp_rows
-            vp_grad += 4 * vp_rows
-            root_grad = 0
-            if pp:
-                # The schedule turns resharding after backward off for all but the last microbatch,
-                # so a stage's parameters stay gathered, and their gradients accumulate unsharded
-                # in the reduce dtype until the step's one reduce-scatter.
-                gathered += param_b * fsdp
-                unreduced += max(param_b, reduce_b) * fsdp
-                first, last = s == 0, s == plan.num_stages - 1
-                buffers += plan.n_microbatches * tokens * a.dim * param_b * ((not first) + (not last))
-            else:
-                held, root_grad = _gathered_without_pp(part, p, vp_head)
-                gathered += param_b * held
-                unreduced += param_b * root_grad
-            if part.output is not None:
-                head_reduced_at_once = not pp and not tied and not vp_head
-                # a tied root's gradient is the classifier gradient the workspace counts: not twice
-                loss = loss_workspace(cfg, a, tokens, n, head_reduced_at_once) - param_b * root_grad
-        activations, in_flight = _in_flight(ops[r], stage_bytes) if pp else (stage_bytes[0], 1)
-        grads = 4 * sharded
-        common = dict(pp_rank=r, stages=stages, layers=sum(len(parts[s].layers) for s in stages),
-                      parameters=4 * sharded, optimizer=8 * sharded, pipeline_buffers=buffers)
-        backward = RankMemory(phase="backward", **common, gradients=grads if accumulation_steps > 1 else vp_grad,
-                              unsharded_params=gathered, unsharded_grads=unreduced, activations=activations,
-                              in_flight=in_flight, transient=max(loss, block_backward))
-        # Under PP the step starts with the accumulated gradients' reduce-scatter.
-        step = RankMemory(phase="optimizer step", **common, gradients=grads, unsharded_params=0.0,
-                          unsharded_grads=unreduced if pp else 0.0, activations=0.0, in_flight=0, transient=0.0)
-        estimates.append(max(backward, step, key=lambda m: m.peak))
+    for r in range(dims.pp):
+        rank_plan = replace(plan, pp_rank=r)
+        local = [stages[s] for s in rank_plan.local_stages]
+        activations, in_flight = _in_flight(ops[r], {s.index: _stage_activation_bytes(st, s.layers) for s in local})
+        estimates.append(_pipeline_rank(st, rank_plan, local, activations, in_flight, accumulation_steps))
     return estimates
 
 

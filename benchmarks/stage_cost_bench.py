@@ -1,0 +1,206 @@
+"""Time the pieces of a pipeline stage on one GPU and print the rates parallelisms/pipeline_cost.py should use.
+
+    python benchmarks/stage_cost_bench.py                                  # Qwen3-1.7B, 1 x 4096
+    python benchmarks/stage_cost_bench.py --flavor 0.6B
+    python benchmarks/stage_cost_bench.py --model llama3 --flavor 8B --seq-len 8192 --ac full
+    python benchmarks/stage_cost_bench.py --out stage_cost.json
+
+Each piece forward + backward in bf16, built from the repository's modules as a run builds
+them: one ``TransformerBlock`` with the recipe's activation checkpointing, compiled
+(``parallelisms/activation_checkpoint.py``, ``parallelisms/compile.py``); the embedding; the
+final norm (eager, as in the model); the ``OutputHead`` with each loss entry
+(``losses.build_loss``, reduction "sum" as train.py) and one plain [T, D] x [D, V] GEMM,
+which splits ``cross_entropy`` into its GEMMs and its logits traffic. Median of repeats
+(``triton.testing.do_bench``, else CUDA events) after warm-up calls (compilation is not
+timed). Prints each piece in ms and in decoder layers, the rate it achieved on the work the
+cost model assigns it, the model's current prediction, and the ``AchievedRates`` to paste
+into ``MEASURED`` (the vocab-parallel collective rate needs several GPUs: kept as it is).
+
+The head's random logits (std ``--logit-std``) are spread out, so ``cce``'s gradient filter
+skips little; ``--active-vocab 257`` makes every id past the first 257 about 30 below the
+rest, as a model trained with the byte tokenizer predicts, and draws targets among them.
+"""
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+from loss_bench import bench_ms, versions  # noqa: E402
+from losses import build_loss  # noqa: E402
+from models import build_model_args  # noqa: E402
+from models.output_head import OutputHead  # noqa: E402
+from models.rope import rope_cos_sin  # noqa: E402
+from models.transformer import TransformerBlock  # noqa: E402
+from parallelisms.activation_checkpoint import apply_activation_checkpointing  # noqa: E402
+from parallelisms.compile import apply_compile  # noqa: E402
+from parallelisms.pipeline_cost import (MEASURED, StageCostInputs, embedding_bytes, head_flops,  # noqa: E402
+                                        head_time, layer_flops, logits_bytes, norm_bytes, recomputed_blocks,
+                                        stage_time)
+from config.job_config import ActivationCheckpoint  # noqa: E402
+
+DTYPE = torch.bfloat16
+LOSSES = ("chunked", "cce", "cross_entropy", "cce_torch_compile")
+_AC = {"none": ("none", "op"), "op": ("selective", "op"), "full": ("full", "op")}
+
+
+def _time(fn, params) -> float:
+    fn()  # compile, autotune, allocate
+    torch.cuda.synchronize()
+    return bench_ms(fn, params, torch.device("cuda"))
+
+
+def time_layer(c: StageCostInputs, device) -> float:
+    a = c.model
+    holder = nn.Module()  # the two helpers walk a model's .layers, as train.py applies them
+    holder.layers = nn.ModuleDict({"0": TransformerBlock(a).to(device, DTYPE)})
+    apply_activation_checkpointing(holder, ActivationCheckpoint(c.ac_mode, c.ac_option))
+    apply_compile(holder)
+    block = holder.layers["0"]
+    cos_sin = rope_cos_sin(a.head_dim, c.seq_len, a.rope_theta, a.rope_scaling, device)
+    x = torch.randn(c.microbatch_size, c.seq_len, a.dim, device=device, dtype=DTYPE, requires_grad=True)
+    grad = torch.randn_like(x)
+    return _time(lambda: block(x, cos_sin).backward(grad), [x, *block.parameters()])
+
+
+def time_embedding(c: StageCostInputs, device) -> float:
+    a = c.model
+    embedding = nn.Embedding(a.vocab_size, a.dim).to(device, DTYPE)
+    tokens = torch.randint(0, a.vocab_size, (c.microbatch_size, c.seq_len), device=device)
+    grad = torch.randn(c.microbatch_size, c.seq_len, a.dim, device=device, dtype=DTYPE)
+    return _time(lambda: embedding(tokens).backward(grad), [embedding.weight])
+
+
+def time_norm(c: StageCostInputs, device) -> float:
+    a = c.model
+    norm = nn.RMSNorm(a.dim, eps=a.norm_eps).to(device, DTYPE)
+    x = torch.randn(c.microbatch_size, c.seq_len, a.dim, device=device, dtype=DTYPE, requires_grad=True)
+    grad = torch.randn_like(x)
+    return _time(lambda: norm(x).backward(grad), [x, norm.weight])
+
+
+def head_inputs(c: StageCostInputs, device, logit_std: float, active_vocab: int):
+    """The head (logits of std ``logit_std``), hidden states and labels; see the module doc for ``active_vocab``."""
+    a = c.model
+    head = OutputHead(a.dim, a.vocab_size).to(device, DTYPE)
+    nn.init.normal_(head.weight, std=logit_std / a.dim**0.5)
+    hidden = torch.randn(c.microbatch_size, c.seq_len, a.dim, device=device, dtype=DTYPE)
+    labels = torch.randint(0, active_vocab or a.vocab_size, (c.microbatch_size, c.seq_len), device=device)
+    if active_vocab:
+        with torch.no_grad():
+            hidden[..., 0] = 6.0
+            head.weight[:active_vocab, 0] = 0.0
+            head.weight[active_vocab:, 0] = -5.0
+    return head, hidden.requires_grad_(), labels
+
+
+def time_head(c: StageCostInputs, head, hidden, labels, device) -> float:
+    loss = build_loss(c.loss, head, {}, reduction="sum", device=device)
+    return _time(lambda: loss(hidden, labels).backward(), [hidden, head.weight])
+
+
+def time_head_gemm(c: StageCostInputs, head, hidden) -> float:
+    e = hidden.detach().flatten(0, 1)
+    with torch.no_grad():
+        return _time(lambda: torch.mm(e, head.weight.T), [])
+
+
+def measure(c: StageCostInputs, device, logit_std: float, active_vocab: int, losses) -> dict[str, float]:
+    """Median ms of every piece."""
+    ms = {"layer": time_layer(c, device), "embedding": time_embedding(c, device), "norm": time_norm(c, device)}
+    head, hidden, labels = head_inputs(c, device, logit_std, active_vocab)
+    ms["head_gemm"] = time_head_gemm(c, head, hidden)
+    for loss in losses:
+        ms[loss] = time_head(dataclasses.replace(c, loss=loss), head, hidden, labels, device)
+    return ms
+
+
+def rates(c: StageCostInputs, ms: dict[str, float]) -> dict[str, float]:
+    """What each piece achieved on the work the cost model assigns it (TFLOP/s or GB/s)."""
+    a, t = c.model, c.tokens
+    fwd, bwd = layer_flops(a, c.seq_len, t)
+    out = {"layer_tflops": (fwd + bwd + recomputed_blocks(c, 1) * fwd) / ms["layer"] / 1e9,
+           "embedding_gbs": sum(embedding_bytes(a, t)) / ms["embedding"] / 1e6,
+           "norm_gbs": sum(norm_bytes(a, t)) / ms["norm"] / 1e6,
+           "head_matmul_tflops": 2 * t * a.dim * a.vocab_size / ms["head_gemm"] / 1e9}
+    for loss in ("chunked", "cce", "cce_torch_compile"):
+        if loss in ms:
+            out[f"{loss}_tflops"] = sum(head_flops(a, loss, t)) / ms[loss] / 1e9
+    if "cross_entropy" in ms and ms["cross_entropy"] > 3 * ms["head_gemm"]:
+        out["logits_gbs"] = sum(logits_bytes(a, t)) / (ms["cross_entropy"] - 3 * ms["head_gemm"]) / 1e6
+    return out
+
+
+def predicted(c: StageCostInputs, losses) -> dict[str, float]:
+    """The current constants' prediction of each piece, ms."""
+    middle = stage_time(c, 1, False, False).total_ms
+    out = {"layer": middle, "embedding": stage_time(c, 1, True, False).total_ms - middle,
+           "norm": sum(norm_bytes(c.model, c.tokens)) / c.rates.norm_gbs / 1e6,
+           "head_gemm": 2 * c.tokens * c.model.dim * c.model.vocab_size / c.rates.head_matmul_tflops / 1e9}
+    for loss in losses:
+        out[loss] = head_time(dataclasses.replace(c, loss=loss)).total_ms
+    return out
+
+
+def report(c: StageCostInputs, ms: dict, achieved: dict, model: dict, title: str) -> list[str]:
+    unit = {"layer": "layer_tflops", "embedding": "embedding_gbs", "norm": "norm_gbs",
+            "head_gemm": "head_matmul_tflops", "chunked": "chunked_tflops", "cce": "cce_tflops",
+            "cce_torch_compile": "cce_torch_compile_tflops", "cross_entropy": "logits_gbs"}
+    lines = [title, f"{'piece (fw + bw)':<32}{'ms':>9}{'layers':>8}{'achieved':>16}{'model now':>11}"]
+    for piece, value in ms.items():
+        key = unit[piece]
+        rate = f"{achieved[key]:,.0f} {key.rsplit('_', 1)[1].replace('gbs', 'GB/s').replace('tflops', 'TFLOP/s')}" \
+            if key in achieved else "-"
+        label = {"head_gemm": "head GEMM [T,D]x[D,V] (fw)", "cross_entropy": "head + cross_entropy (traffic)"}.get(
+            piece, piece if piece in ("layer", "embedding", "norm") else f"head + {piece}")
+        lines.append(f"{label:<32}{value:>9.3f}{value / ms['layer']:>8.3f}{rate:>16}{model[piece]:>11.3f}")
+    new = dataclasses.replace(MEASURED, **achieved)
+    lines += ["", "constants for parallelisms/pipeline_cost.py (collective_gbs kept: one GPU cannot time it):",
+              "MEASURED = " + repr(dataclasses.replace(new, **{k: round(v) for k, v in dataclasses.asdict(new).items()}))]
+    for loss in [piece for piece in ms if piece in LOSSES]:
+        lines.append(f"head + {loss} = {ms[loss] / ms['layer']:.2f} decoder layers (fw + bw) measured")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="qwen3", choices=["qwen3", "llama3"])
+    parser.add_argument("--flavor", default="1.7B")
+    parser.add_argument("--microbatch", type=int, default=1, help="sequences per microbatch")
+    parser.add_argument("--seq-len", type=int, default=4096)
+    parser.add_argument("--ac", default="op", choices=list(_AC), help="the block's activation checkpointing")
+    parser.add_argument("--losses", default=",".join(LOSSES[:3]), help=f"subset of {','.join(LOSSES)}")
+    parser.add_argument("--logit-std", type=float, default=1.0)
+    parser.add_argument("--active-vocab", type=int, default=0, help="e.g. 257 (see above); 0: all ids")
+    parser.add_argument("--out", type=Path, help="also write the figures to this JSON file")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("stage_cost_bench: needs a CUDA GPU (it times bf16 compiled blocks and cce's Triton kernels)")
+    losses = [x for x in args.losses.split(",") if x]
+    if unknown := set(losses) - set(LOSSES):
+        parser.error(f"--losses: unknown {sorted(unknown)}; choose from {','.join(LOSSES)}")
+    device = torch.device("cuda")
+    mode, option = _AC[args.ac]
+    c = StageCostInputs(build_model_args(args.model, args.flavor), args.seq_len, args.microbatch, "chunked", mode, option)
+    torch.manual_seed(0)
+    env = versions(device)
+    title = (f"{args.model} {args.flavor}, {args.microbatch} x {args.seq_len} tokens, AC {args.ac}, bf16, "
+             f"logit std {args.logit_std}, active vocab {args.active_vocab or 'all'}; "
+             + ", ".join(f"{k} {v}" for k, v in env.items()))
+    ms = measure(c, device, args.logit_std, args.active_vocab, losses)
+    achieved = rates(c, ms)
+    model = predicted(c, losses)
+    print("\n".join(report(c, ms, achieved, model, title)))
+    if args.out:
+        args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "versions": env, "ms": ms,
+                                        "layers": {k: v / ms["layer"] for k, v in ms.items()},
+                                        "achieved": achieved, "model_now_ms": model}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""Predicted compute time of one pipeline stage per microbatch: what the default split balances.
+
+Each piece's work is counted (FLOPs for the matmul-bound pieces, bytes moved for the
+memory-bound ones) and divided by the rate that piece achieved alone on one GPU
+(``MEASURED``; benchmarks/stage_cost_bench.py times them and prints new values). What is
+left out, so these are compute times only: pipeline sends and receives, FSDP's gathers and
+reductions (once per step under PP), the tied-embedding sync, the optimizer, host overhead.
+The rates are bf16 rates; a float32 run is not modelled.
+"""
+
+from dataclasses import dataclass
+
+from models.args import ModelArgs
+
+_BF16 = 2  # bytes per activation, gradient and gathered weight element
+
+
+@dataclass(frozen=True)
+class AchievedRates:
+    """What each piece achieved alone, in bf16. TFLOP/s count the FLOPs this module assigns
+    (``layer_flops``, ``head_flops``), GB/s the bytes it assigns (``*_bytes``)."""
+
+    layer_tflops: float  # a compiled decoder block, fw + bw
+    chunked_tflops: float  # head + loss, fw + bw, per loss entry
+    cce_tflops: float
+    cce_torch_compile_tflops: float
+    head_matmul_tflops: float  # one [T, D] x [D, V] GEMM: cross_entropy's head runs at this rate ...
+    logits_gbs: float  # ... plus its fp32 logits traffic at this one
+    embedding_gbs: float
+    norm_gbs: float
+    collective_gbs: float  # the vocab-parallel head's all-gather and reduce-scatter
+
+    def head_tflops(self, loss: str) -> float:
+        return {"chunked": self.chunked_tflops, "cce": self.cce_tflops, "cross_entropy": self.head_matmul_tflops,
+                "cce_torch_compile": self.cce_torch_compile_tflops}[loss]
+
+
+# Where each value comes from (2026-11-23 H100 figures are docs/performance.md's loss benchmark, 8,192
+# tokens at the Qwen3-1.7B head; the two H200 ratios were timed at a 1 x 4096 microbatch of Qwen3-1.7B):
+# - chunked 564: 6·N·D·V = 15.29 TFLOP in 27.1 ms (H100).
+# - layer 556: the H200 ratio head + chunked = 5.1 compiled decoder layers (fw + bw) with chunked at 564:
+#   556 = 564 x 5.1 / 5.176, 5.176 being this module's FLOP ratio at that shape.
+# - cce 468: the H200 ratio head + cce = 8.2 layers at layer 556 (8·D·V FLOPs against 6.90 layers' FLOPs).
+# - cce_torch_compile 590: 15.29 TFLOP in 25.9 ms (H100).
+# - head_matmul 732 and logits 2,620: cross_entropy's 40.8 ms (H100) = three GEMMs of 6.96 ms each
+#   (732 TFLOP/s) + 42 bytes per logit x 8,192 x 151,936 in the remaining 19.9 ms.
+# - embedding and norm 2,570: not timed alone; the H100 profile's fused AdamW, 48 GB in 18.7 ms.
+# - collective 300: not measured (one GPU cannot time it); a guess below NVLink's 450 GB/s per direction.
+# benchmarks/stage_cost_bench.py on an H200 replaces them all with one GPU's figures.
+MEASURED = AchievedRates(layer_tflops=556.0, chunked_tflops=564.0, cce_tflops=468.0, cce_torch_compile_tflops=590.0,
+                         head_matmul_tflops=732.0, logits_gbs=2620.0, embedding_gbs=2570.0, norm_gbs=2570.0,
+                         collective_gbs=300.0)
+
+LOSS_ENTRIES = ("chunked", "cce", "cross_entropy", "cce_torch_compile")
+# [T, D] x [D, V] GEMMs (2·T·D·V FLOPs each) in the forward and the backward of each entry.
+_HEAD_GEMMS = {
+    "chunked": (3, 0),  # the gradients are computed in the forward, while each chunk's logits are at hand
+    "cce": (1, 3),  # the backward recomputes the logits before the two gradient GEMMs
+    "cross_entropy": (1, 2),
+    "cce_torch_compile": (1, 2),  # the compiled graph keeps its logits for the backward
+}
+# cross_entropy's bytes per logit beyond the GEMMs. Forward: bf16 logits written (2), read and
+# upcast to fp32 (2 + 4), log-softmax's two reads and one write (8 + 4). Backward: the dense fp32
+# gradient of the log-probabilities (4), log-softmax's backward (read 4 + 4, write 4), the
+# downcast (read 4, write 2).
+_LOGIT_BYTES = (20, 22)
+
+
+@dataclass(frozen=True)
+class StageCostInputs:
+    """What a stage's time depends on besides its layers and whether it is first or last."""
+
+    model: ModelArgs
+    seq_len: int
+    microbatch_size: int  # sequences
+    loss: str  # a resolved entry of LOSS_ENTRIES ("auto" is the caller's to resolve)
+    ac_mode: str = "none"  # "none", "full" or "selective"
+    ac_option: str = "op"  # selective: "op", or N (every N-th block of a stage fully checkpointed)
+    vocab_parallel_degree: int = 1  # ranks sharing the head by vocabulary rows; 1: no vocab-parallel head
+    rates: AchievedRates = MEASURED
+
+    def __post_init__(self):
+        if self.loss not in LOSS_ENTRIES:
+            raise ValueError(f"loss must be one of {LOSS_ENTRIES} (resolve 'auto' first), got {self.loss!r}")
+
+    @property
+    def tokens(self) -> int:
+        return self.microbatch_size * self.seq_len
+
+
+@dataclass(frozen=True)
+class StageTime:
+    forward_ms: float
+    backward_ms: float
+
+    @property
+    def total_ms(self) -> float:
+        return self.forward_ms + self.backward_ms
+
+    def __add__(self, other: "StageTime") -> "StageTime":
+        return StageTime(self.forward_ms + other.forward_ms, self.backward_ms + other.backward_ms)
+
+    def __mul__(self, k: float) -> "StageTime":
+        return StageTime(self.forward_ms * k, self.backward_ms * k)
+
+
+def layer_flops(a: ModelArgs, seq_len: int, tokens: int) -> tuple[float, float]:
+    """(forward, backward) FLOPs of one decoder block, without recomputation.
+
+    Matmuls: 2 FLOPs per weight per token forward, twice that backward. Attention: the
+    scores and their product with V are 4·seq·head_dim FLOPs per head and token without
+    a mask; causal flash attention skips the masked half. Its backward is 2.5x its
+    forward (FlashAttention-2 recomputes the scores: five matmuls against two).
+    """
+    d, q, kv = a.dim, a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+    weights = 2 * d * q + 2 * d * kv + 3 * d * a.ffn_dim
+    attention = 2 * q * seq_len
+    return tokens * (2 * weights + attention), tokens * (4 * weights + 2.5 * attention)
+
+
+def head_flops(a: ModelArgs, loss: str, tokens: int) -> tuple[float, float]:
+    """(forward, backward) FLOPs of the output head and loss entry ``loss`` on ``tokens`` tokens."""
+    forward, backward = _HEAD_GEMMS[loss]
+    gemm = 2 * tokens * a.dim * a.vocab_size
+    return forward * gemm, backward * gemm
+
+
+def logits_bytes(a: ModelArgs, tokens: int) -> tuple[float, float]:
+    """(forward, backward) bytes ``cross_entropy`` moves over its [tokens, V] logits beyond the GEMMs."""
+    return _LOGIT_BYTES[0] * tokens * a.vocab_size, _LOGIT_BYTES[1] * tokens * a.vocab_size
+
+
+def embedding_bytes(a: ModelArgs, tokens: int) -> tuple[float, float]:
+    """Forward: read and write each token's row. Backward: the dense [V, D] gradient zeroed,
+    then each token's gradient row read and added (read and write)."""
+    row = tokens * a.dim * _BF16
+    return 2 * row, a.vocab_size * a.dim * _BF16 + 3 * row
+
+
+def norm_bytes(a: ModelArgs, tokens: int) -> tuple[float, float]:
+    """RMSNorm: forward reads x and writes y; backward reads x and dy and writes dx."""
+    row = tokens * a.dim * _BF16
+    return 2 * row, 3 * row
+
+
+def vocab_parallel_bytes(a: ModelArgs, tokens: int, degree: int) -> tuple[float, float]:
+    """Bytes each rank receives: the all-gather of the group's hidden states (forward) and the
+    reduce-scatter of their gradient (backward). The labels' all-gather is left out (8 bytes a token)."""
+    moved = (degree - 1) * tokens * a.dim * _BF16
+    return moved, moved
+
+
+def _ms(forward_backward: tuple[float, float], per_second: float) -> StageTime:
+    forward, backward = forward_backward
+    return StageTime(1e3 * forward / per_second, 1e3 * backward / per_second)
+
+
+def layer_time(c: StageCostInputs) -> StageTime:
+    """One decoder block without recomputation. Op-level selective AC recomputes only
+    pointwise ops: no FLOPs here; its cost is in the measured rate (the recipe's blocks use it)."""
+    return _ms(layer_flops(c.model, c.seq_len, c.tokens), c.rates.layer_tflops * 1e12)
+
+
+def head_time(c: StageCostInputs) -> StageTime:
+    """The output head and the loss, fw + bw, on one microbatch.
+
+    Vocab-parallel (degree n): each rank computes the loss of the group's n x tokens gathered
+    hidden states against its V/n classifier rows, so its FLOPs equal the unsharded head's;
+    what it adds is the all-gather of the hidden states and the reduce-scatter of their
+    gradient. (What it saves, never gathering the classifier, is FSDP traffic: not modelled.)
+    """
+    a, r = c.model, c.rates
+    time = _ms(head_flops(a, c.loss, c.tokens), r.head_tflops(c.loss) * 1e12)
+    if c.loss == "cross_entropy":
+        time += _ms(logits_bytes(a, c.tokens), r.logits_gbs * 1e9)
+    if c.vocab_parallel_degree > 1:
+        time += _ms(vocab_parallel_bytes(a, c.tokens, c.vocab_parallel_degree), r.collective_gbs * 1e9)
+    return time
+
+
+def recomputed_blocks(c: StageCostInputs, layers: int) -> int:
+    """Blocks of a stage whose forward runs again in the backward, as
+    parallelisms/activation_checkpoint.py wraps them (every N-th counted within the stage)."""
+    if c.ac_mode == "full":
+        return layers
+    if c.ac_mode == "selective" and c.ac_option != "op":
+        return layers // int(c.ac_option)
+    return 0
+
+
+def stage_time(c: StageCostInputs, layers: int, first: bool, last: bool) -> StageTime:
+    """One microbatch through a stage of ``layers`` blocks: the first adds the embedding,
+    the last the final norm, the head and the loss."""
+    block = layer_time(c)
+    time = block * layers + StageTime(0.0, block.forward_ms * recomputed_blocks(c, layers))
+    if first:
+        time += _ms(embedding_bytes(c.model, c.tokens), c.rates.embedding_gbs * 1e9)
+    if last:
+        time += _ms(norm_bytes(c.model, c.tokens), c.rates.norm_gbs * 1e9) + head_time(c)
+    return time
+
+
+def head_in_layers(c: StageCostInputs) -> float:
+    """The head and loss's fw + bw time in decoder blocks of fw + bw (no recomputation)."""
+    return head_time(c).total_ms / layer_time(c).total_ms
