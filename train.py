@@ -40,7 +40,7 @@ from training.pipeline_plan import recipe_plan
 from training.pipeline_timing import split_summary
 from training.preemption import StopRequest
 from training.profiling import start_profiler
-from training.run_log import log_run, report_memory
+from training.run_log import check_output_folders, log_run, report_memory
 from training.step import NonFiniteLossError, TrainStep, global_batch_size
 from training.token_normalization import GlobalTokenMeanLoss
 
@@ -77,6 +77,7 @@ def train(cfg: JobConfig, faults: Optional[FaultWatch] = None) -> TrainResult:
     mesh, dp_mesh = dims.build_mesh(device.type)
     torch.manual_seed(t.seed)
     model_args = _model_args(cfg)
+    check_output_folders(cfg)
     if rank == 0:
         log_run(cfg, dims, mesh, device)
     plan = _plan_pipeline(cfg, dims, mesh["pp"].get_local_rank(), device, global_batch) if dims.pp > 1 else None
@@ -146,7 +147,8 @@ def train(cfg: JobConfig, faults: Optional[FaultWatch] = None) -> TrainResult:
                     "tokens_per_second": tps, "mfu_percent": 100 * flops_per_token * tps / peak if peak else None,
                     "peak_memory_gib": peak_memory_gib(device),
                     **(pipeline_peak_memory(device, mesh["pp"].get_group()) if plan else {}),
-                }, eta_seconds=(time.perf_counter() - run_start) / (step - start_step) * (t.steps - step))
+                }, eta_seconds=(time.perf_counter() - run_start) / (step - start_step) * (t.steps - step),
+                    note="" if outcome.updated else "update skipped (training.nonfinite_policy = 'skip')")
                 window_start, window_tokens = time.perf_counter(), 0
             if step == start_step + 1:  # start-up is over: from now on a rank that stops answering is caught sooner
                 set_pg_timeouts(cfg.comm.train_timeout_seconds, device, exclude=(checkpoint.async_group,))

@@ -1,12 +1,15 @@
 """Parallel degrees from the recipe, checked against the world size, and the device mesh."""
 
+import logging
 from dataclasses import dataclass
 
 from torch.distributed.device_mesh import DeviceMesh
 
-from parallelisms.distributed import init_mesh
-from config.job_config import Parallelism
 from config.errors import ConfigError
+from config.job_config import Parallelism
+from parallelisms.distributed import init_mesh
+
+logger = logging.getLogger("train")
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,9 @@ class ParallelDims:
                 f"pp {p.pipeline_parallel_degree} x dp_replicate {p.data_parallel_replicate_degree} x dp_shard {shard} "
                 f"= {fixed * shard} ranks, but the world size is {world_size}; "
                 "set data_parallel_shard_degree = -1 to fill the remaining ranks")
+        if p.vocab_parallel and shard == 1:
+            logger.warning("parallelism.vocab_parallel: data_parallel_shard_degree is 1, so the classifier has no "
+                           "ranks to be sharded over; this run trains as without it (it needs dp_shard > 1)")
         return cls(p.pipeline_parallel_degree, p.data_parallel_replicate_degree, shard, world_size)
 
     @property

@@ -11,7 +11,7 @@ import torch
 from tests.dist_utils import run_distributed
 from tests.weights import loaded_parameters, refusal, whole_parameters
 from train import train
-from config.errors import CheckpointError
+from config.errors import CheckpointError, ConfigError
 from training.config_loader import load_config
 
 pytestmark = pytest.mark.multiprocess
@@ -121,12 +121,23 @@ def test_bad_checkpoints_are_refused_with_the_reason(tmp_path):
     assert left == ["step-2", "step-4", "step-5"]  # refused, not touched
 
 
-def test_a_folder_that_cannot_be_written_stops_the_run_before_the_first_step(tmp_path):
-    (tmp_path / "taken").write_text("a file where the checkpoint folder's parent should be")
-    with pytest.raises(Exception, match=r"config error: checkpoint\.folder: cannot write checkpoints to "
-                                        r"\S*taken/checkpoint \(.*Not a directory.*\); point job\.dump_folder"):
-        _run(1, _argv(tmp_path, 5, "--checkpoint.folder", "taken/checkpoint"))
-    assert not (tmp_path / "metrics.jsonl").exists()  # written from the first step on
+def _refused_folder(rank, world_size, argv):
+    try:
+        train(load_config(argv))
+    except ConfigError as err:
+        return str(err)
+    return "not refused"
+
+
+def test_a_folder_that_cannot_be_written_stops_the_run_before_anything_is_built(tmp_path):
+    (tmp_path / "taken").write_text("a file where a folder's parent should be")
+    checkpoint = _argv(tmp_path, 5, "--checkpoint.folder", "taken/checkpoint")
+    dump = _argv(tmp_path, 5) + ["--job.dump_folder", str(tmp_path / "taken" / "run")]
+    for argv, key in ((checkpoint, "checkpoint.folder"), (dump, "job.dump_folder")):
+        (error,) = set(run_distributed(_refused_folder, 2, argv, timeout_s=300))  # every rank, the same line
+        assert re.fullmatch(rf"config error: {key}: cannot write to \S*taken/\S+ \(.*Not a directory.*\); "
+                            rf"point {key} at a writable place", error), error
+    assert not (tmp_path / "metrics.jsonl").exists()
 
 
 ASYNC = ["--checkpoint.async_mode", "async"]

@@ -43,6 +43,8 @@ def test_cli_overrides_in_both_forms():
     (["--training.device", "tpu"], "training.device", "'auto'"),
     (["--checkpoint.async_mode", "on"], "checkpoint.async_mode", "'async'"),
     (["--checkpoint.export_dtype", "bf16"], "checkpoint.export_dtype", "'bfloat16'"),
+    (["--training.seq_len", "1"], "training.seq_len", "no next token to predict"),
+    (["--config", "configs/debug_pp.toml"], "--config", "debug.toml, configs/debug_pp.toml); pass one recipe"),
 ])
 def test_bad_values_name_the_key(argv, key, words):
     with pytest.raises(ConfigError) as err:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -81,8 +82,18 @@ def test_nonfinite_skip_mode_counts_then_stops(tmp_path):
     result = _train(tmp_path, "--training.steps", "8", "--optimizer.lr", "1e30", "--training.max_norm", "0",
                     "--training.nonfinite_policy", "skip", "--training.nonfinite_max_skips", "2")
     assert result.returncode == 1
-    assert result.stdout.count("update skipped") == 2
+    assert len(re.findall(r"update skipped \([12]/2\)", result.stdout)) == 2
     assert "after 2 skipped steps" in result.stderr
+    # metrics.jsonl stays strict JSON: the skipped steps' non-finite figures are null, and their
+    # console lines say which and why
+    rows = [json.loads(line, parse_constant=_no_nan) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    skipped = [r for r in rows if r["grad_norm"] is None]
+    assert len(skipped) == 2 and all(r["lr"] is not None for r in skipped)
+    assert len(re.findall(r"\(non-finite [a-z_, ]*grad_norm[a-z_, ]*: update skipped", result.stdout)) == 2
+
+
+def _no_nan(constant: str):
+    raise AssertionError(f"metrics.jsonl holds a bare {constant}")
 
 
 def test_out_of_memory_names_the_knobs_that_reduce_memory(tmp_path):
@@ -153,3 +164,10 @@ def test_pipeline_plan_splits():
     v_shape = plan_pipeline(8, Parallelism(pipeline_parallel_degree=2, pipeline_parallel_virtual_stages=2,
                                            pipeline_parallel_schedule="ZBVZeroBubble"), 0, 4)
     assert v_shape.local_stages == (0, 3)
+
+
+def test_vocab_parallel_without_ranks_to_shard_over_says_so(caplog):
+    with caplog.at_level("WARNING", logger="train"):
+        dims = ParallelDims.from_config(Parallelism(vocab_parallel=True), 1)
+    assert dims.dp_shard == 1
+    assert "parallelism.vocab_parallel: data_parallel_shard_degree is 1" in caplog.text

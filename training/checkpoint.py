@@ -94,6 +94,22 @@ def _on_rank0(action: Callable[[], None]) -> Optional[OSError]:
     return failure[0]
 
 
+def check_writable(folder: Path, key: str) -> None:
+    """Create ``folder`` and a file in it now (rank 0; every rank raises the same error): a folder that
+    cannot be written stops the run with one line naming ``key`` before anything is built, not at the
+    first save ``interval`` steps in."""
+    probe = folder / ".write-probe"
+
+    def create_and_remove() -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.touch()
+        probe.unlink()
+
+    failure = _on_rank0(create_and_remove)
+    if failure is not None:
+        raise ConfigError(key, f"cannot write to {folder} ({failure}); point {key} at a writable place")
+
+
 def model_fingerprint(args: ModelArgs) -> dict[str, str]:
     """What a checkpoint must have been written for: every ``ModelArgs`` field but the RoPE table length."""
     return {k: str(v) for k, v in vars(replace(args, max_seq_len=0)).items()}
@@ -192,26 +208,9 @@ class CheckpointManager:
         self.fingerprint = model_fingerprint(model_args)
         self.tied = model_args.tie_word_embeddings
         self._pending: Optional[tuple[Future, int]] = None  # an async save in flight, and its step
-        if cfg.enable:
-            self._check_writable()
         # An async save runs its collectives in a background thread: on a gloo group of its own, since
         # NCCL has no CPU side and one gloo group cannot take collectives from two threads at once.
         self.async_group = dist.new_group(backend="gloo") if cfg.enable and cfg.async_mode == "async" else None
-
-    def _check_writable(self) -> None:
-        """Create the folder and a file in it now: a folder that cannot be written stops the run before the
-        first step, not at the first save ``interval`` steps in."""
-        probe = self.folder / ".write-probe"
-
-        def create_and_remove() -> None:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            probe.touch()
-            probe.unlink()
-
-        failure = _on_rank0(create_and_remove)
-        if failure is not None:
-            raise ConfigError("checkpoint.folder", f"cannot write checkpoints to {self.folder} ({failure}); point "
-                                                   "job.dump_folder or checkpoint.folder at a writable place")
 
     # -- state ------------------------------------------------------------------------------
     def _stored_name(self, key: str, part: nn.Module) -> str:

@@ -131,14 +131,22 @@ def _parse_overrides(args: Sequence[str]) -> list[tuple[str, str]]:
 def load_config(argv: Sequence[str]) -> JobConfig:
     """``argv`` is ``[--config PATH] [--section.key value ...]`` in any order."""
     argv = list(argv)
-    path = None
-    for i, arg in enumerate(argv):
+    paths, rest, i = [], [], 0
+    while i < len(argv):
+        arg = argv[i]
         if arg == "--config" or arg.startswith("--config="):
             path = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else None)
-            if path is None:
+            if not path or path.startswith("--"):
                 raise ConfigError("--config", "needs a path to a TOML recipe, e.g. --config configs/debug.toml")
-            del argv[i : i + (1 if "=" in arg else 2)]
-            break
+            paths.append(path)
+            i += 1 if "=" in arg else 2
+        else:
+            rest.append(arg)
+            i += 1
+    if len(paths) > 1:
+        raise ConfigError("--config", f"given {len(paths)} times ({', '.join(paths)}); pass one recipe and "
+                                      "change its keys with --section.key value")
+    path, argv = (paths[0] if paths else None), rest
     cfg = JobConfig()
     if path is not None:
         if not Path(path).is_file():
@@ -177,6 +185,8 @@ def validate_config(cfg: JobConfig) -> None:
     t = cfg.training
     for key in ("steps", "local_batch_size", "seq_len"):
         _require(getattr(t, key) > 0, f"training.{key}", "must be a positive integer")
+    _require(t.seq_len >= 2, "training.seq_len",
+             "must be >= 2: a window of one token has no next token to predict, so nothing would be learned")
     _require(t.global_batch_size == -1 or t.global_batch_size > 0, "training.global_batch_size",
              "must be positive, or -1 for local_batch_size x data-parallel degree")
     _require(t.max_norm >= 0, "training.max_norm", "must be >= 0 (0 turns clipping off)")

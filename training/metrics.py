@@ -2,6 +2,7 @@
 
 import json
 import logging
+import math
 import resource
 from pathlib import Path
 from typing import Optional
@@ -66,21 +67,26 @@ class MetricsLogger:
 
             self.writer = SummaryWriter(str(folder / "tensorboard"))
 
-    def log(self, step: int, total_steps: int, figures: dict, eta_seconds: float) -> None:
+    def log(self, step: int, total_steps: int, figures: dict, eta_seconds: float, note: str = "") -> None:
+        """One console line and one JSON line. A non-finite figure is written as JSON ``null`` (strict
+        parsers reject a bare NaN), and the console line says which and why (``note``)."""
         if not self.active:
             return
-        record = {"step": step, **figures}
-        self.jsonl.write(json.dumps(record) + "\n")
+        finite = {k: v if v is None or math.isfinite(v) else None for k, v in figures.items()}
+        self.jsonl.write(json.dumps({"step": step, **finite}, allow_nan=False) + "\n")
         self.jsonl.flush()
         if self.writer is not None:
-            for key, value in figures.items():
+            for key, value in finite.items():
                 if value is not None:
                     self.writer.add_scalar(key, value, step)
+        bad = [k for k, v in figures.items() if finite[k] is None and v is not None]
+        if bad:
+            note = f"non-finite {', '.join(bad)}" + (f": {note}" if note else "")
         mfu = f"  mfu {figures['mfu_percent']:5.1f}%" if figures.get("mfu_percent") is not None else ""
         logger.info(
             f"step {step:>{len(str(total_steps))}}/{total_steps}  loss {figures['loss']:.4f}  lr {figures['lr']:.2e}"
             f"  grad_norm {figures['grad_norm']:.3f}  tok/s {figures['tokens_per_second']:,.0f}{mfu}"
-            f"  mem {figures['peak_memory_gib']:.2f}GiB  eta {_duration(eta_seconds)}")
+            f"  mem {figures['peak_memory_gib']:.2f}GiB  eta {_duration(eta_seconds)}" + (f"  ({note})" if note else ""))
 
     def close(self) -> None:
         if self.active:

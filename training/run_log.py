@@ -5,6 +5,7 @@ import importlib.metadata
 import json
 import logging
 import os
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -13,10 +14,19 @@ import torch.distributed as dist
 from config.job_config import JobConfig
 from parallelisms.parallel_dims import ParallelDims
 from parallelisms.pipeline import PipelinePlan
+from training.checkpoint import check_writable
 from training.config_loader import dump_config
 from training.metrics import gather_peak_memory_gib
 
 logger = logging.getLogger("train")
+
+
+def check_output_folders(cfg: JobConfig) -> None:
+    """The folders the run will write to, checked before anything is built: ``job.dump_folder``
+    (metrics, config.toml, memory.json) and, with checkpoints on, ``checkpoint.folder``."""
+    check_writable(Path(cfg.job.dump_folder), "job.dump_folder")
+    if cfg.checkpoint.enable:
+        check_writable(Path(cfg.job.dump_folder) / cfg.checkpoint.folder, "checkpoint.folder")
 
 
 def log_run(cfg: JobConfig, dims: ParallelDims, mesh, device: torch.device) -> None:
