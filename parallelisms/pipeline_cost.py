@@ -35,20 +35,23 @@ class AchievedRates:
                 "cce_torch_compile": self.cce_torch_compile_tflops}[loss]
 
 
-# Where each value comes from (2026-11-23 H100 figures are docs/performance.md's loss benchmark, 8,192
-# tokens at the Qwen3-1.7B head; the two H200 ratios were timed at a 1 x 4096 microbatch of Qwen3-1.7B):
-# - chunked 564: 6·N·D·V = 15.29 TFLOP in 27.1 ms (H100).
-# - layer 556: the H200 ratio head + chunked = 5.1 compiled decoder layers (fw + bw) with chunked at 564:
-#   556 = 564 x 5.1 / 5.176, 5.176 being this module's FLOP ratio at that shape.
-# - cce 468: the H200 ratio head + cce = 8.2 layers at layer 556 (8·D·V FLOPs against 6.90 layers' FLOPs).
-# - cce_torch_compile 590: 15.29 TFLOP in 25.9 ms (H100).
-# - head_matmul 732 and logits 2,620: cross_entropy's 40.8 ms (H100) = three GEMMs of 6.96 ms each
-#   (732 TFLOP/s) + 42 bytes per logit x 8,192 x 151,936 in the remaining 19.9 ms.
-# - embedding and norm 2,570: not timed alone; the H100 profile's fused AdamW, 48 GB in 18.7 ms.
-# - collective 300: not measured (one GPU cannot time it); a guess below NVLink's 450 GB/s per direction.
-# benchmarks/stage_cost_bench.py on an H200 replaces them all with one GPU's figures.
-MEASURED = AchievedRates(layer_tflops=556.0, chunked_tflops=564.0, cce_tflops=468.0, cce_torch_compile_tflops=590.0,
-                         head_matmul_tflops=732.0, logits_gbs=2620.0, embedding_gbs=2570.0, norm_gbs=2570.0,
+# Measured on one H200 (torch 2.11.0+cu130, triton 3.6.0, cut-cross-entropy 25.1.1), 2026-12-02, Qwen3-1.7B at a
+# 1 x 4,096 microbatch, bf16, compiled blocks with op-level selective AC, median of repeats, by
+#   python benchmarks/stage_cost_bench.py --losses chunked,cce,cross_entropy
+#   python benchmarks/stage_cost_bench.py --active-vocab 257 --losses chunked,cce
+# (docs/performance.md has both tables):
+# - layer 500: 483 and 518 TFLOP/s (3.06 and 2.85 ms) in the two runs; their mean.
+# - chunked 556: both runs (13.76 ms = 4.5 layers).
+# - cce 813: with the byte tokenizer's 257 ids far above the rest (--active-vocab 257), as a trained model's
+#   peaked predictions make CCE's gradient filter skip most of its backward (12.54 ms = 4.4 layers); on
+#   uniform random logits it ran at 451 (22.6 ms = 7.4 layers), the cost of a run's first steps.
+# - head_matmul 668 (664, 672) and logits 4,011 GB/s: cross_entropy's 18.0 ms = its three GEMMs at the
+#   GEMM rate plus its fp32 logits traffic.
+# - embedding 1,700 GB/s (1,705, 1,697); norm 600 (747, 489): sub-millisecond pieces.
+# - cce_torch_compile 590: not in those runs; the H100 loss benchmark's 25.9 ms for 15.29 TFLOP.
+# - collective 300 GB/s: not measured (one GPU cannot time it); a guess below NVLink's 450 GB/s per direction.
+MEASURED = AchievedRates(layer_tflops=500.0, chunked_tflops=556.0, cce_tflops=813.0, cce_torch_compile_tflops=590.0,
+                         head_matmul_tflops=668.0, logits_gbs=4011.0, embedding_gbs=1700.0, norm_gbs=600.0,
                          collective_gbs=300.0)
 
 LOSS_ENTRIES = ("chunked", "cce", "cross_entropy", "cce_torch_compile")

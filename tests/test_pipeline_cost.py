@@ -84,14 +84,6 @@ def test_vocab_parallel_head_keeps_the_flops_and_adds_the_gather_and_reduce_scat
     assert sharded.backward_ms - whole.backward_ms == pytest.approx(moved)
 
 
-@pytest.mark.parametrize("loss, layers", [("chunked", 5.1), ("cce", 8.2)])
-def test_measured_rates_reproduce_the_timed_head_in_layers(loss, layers):
-    """Timed on one H200, 1 x 4096, compiled blocks with op-level selective AC (the recipe's)."""
-    c = StageCostInputs(QWEN, 4096, 1, loss, "selective", "op")
-    assert c.rates is MEASURED
-    assert head_in_layers(c) == pytest.approx(layers, abs=0.01)
-
-
 def test_unresolved_loss_is_refused():
     with pytest.raises(ValueError, match="resolve 'auto' first"):
         _inputs(loss="auto")
