@@ -15,9 +15,13 @@ run prints a table with, per loss:
   of the hidden/weight gradient over the reference's max abs. ``ok`` is FAIL when rel_err >
   1e-3 or a grad error > 2e-2, OOM when the row ran out of memory (the run goes on).
 
-Besides the ``losses`` registry entries that can run on the device, two baselines:
+Besides the ``losses`` registry entries that can run on the device, two baselines,
 "materialized (eager)" = ``F.cross_entropy(F.linear(h, w).float(), targets)`` and the same
-function under ``torch.compile``. Inputs are random: hidden ~ N(0, 1), weight scaled so the
+function under ``torch.compile``, and three peers, each skipped with the reason where it cannot
+run: Liger-Kernel's fused linear cross-entropy (``liger-kernel``, a benchmark-only package),
+a TorchTitan-style loop over 8 token chunks (logits materialized per chunk, kept for the
+backward), and PyTorch's own ``F.linear_cross_entropy`` with ``LinearCrossEntropyOptions()``
+(its chunked path; torch 2.13 has it, 2.11 does not). Inputs are random: hidden ~ N(0, 1), weight scaled so the
 logits have std ``--logit-std``; cce's backward skips blocks whose softmax is below its
 ``filter_eps``, so its time depends on how peaked the softmax is.
 
@@ -64,7 +68,15 @@ SHAPES = {  # key: (name, dim, vocab)
 }
 SMOKE_SHAPE, SMOKE_TOKENS = ("tiny", 64, 1000), 256
 BASELINES = {"materialized_eager": "materialized (eager)",
-             "materialized_compile": "materialized (torch.compile)"}
+             "materialized_compile": "materialized (torch.compile)",
+             "liger": "Liger-Kernel FLCE",
+             "torchtitan_chunks": "TorchTitan-style 8 chunks",
+             "torch_linear_ce": "F.linear_cross_entropy"}
+PEER_CHUNKS = 8
+
+
+class Unavailable(Exception):
+    """A peer that cannot run here; the message says why."""
 
 
 def materialized(hidden, weight, labels):
@@ -74,6 +86,38 @@ def materialized(hidden, weight, labels):
 
 
 materialized_compiled = torch.compile(materialized, dynamic=False)
+
+
+def shifted_targets(labels):
+    """[N] targets of a [1, N] batch: position t predicts labels[t + 1]; the last predicts nothing."""
+    return F.pad(labels[0, 1:], (0, 1), value=IGNORE_INDEX)
+
+
+def torchtitan_chunks(hidden, weight, labels):
+    """Logits and cross-entropy chunk by chunk, summed; autograd keeps every chunk's logits."""
+    targets, total = shifted_targets(labels), 0.0
+    for h, t in zip(hidden[0].chunk(PEER_CHUNKS), targets.chunk(PEER_CHUNKS)):
+        total = total + F.cross_entropy(F.linear(h, weight).float(), t, ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (targets != IGNORE_INDEX).sum()
+
+
+def liger(weight):
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except ImportError as err:
+        raise Unavailable(f"liger-kernel is not importable ({err}); pip install liger-kernel") from None
+    if not weight.is_cuda:
+        raise Unavailable("Liger-Kernel's Triton kernels need CUDA")
+    fn = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX)
+    return lambda hidden, labels: fn(weight, hidden[0], shifted_targets(labels))
+
+
+def torch_linear_ce(weight):
+    if not hasattr(F, "linear_cross_entropy"):
+        raise Unavailable(f"torch {torch.__version__} has no F.linear_cross_entropy (2.13 has)")
+    options = torch.nn.LinearCrossEntropyOptions()
+    return lambda hidden, labels: F.linear_cross_entropy(hidden[0], weight, shifted_targets(labels),
+                                                         ignore_index=IGNORE_INDEX, options=options)
 
 
 @dataclasses.dataclass
@@ -88,6 +132,12 @@ class Entry:
             return lambda hidden, labels: materialized(hidden, head.weight, labels)
         if self.key == "materialized_compile":
             return lambda hidden, labels: materialized_compiled(hidden, head.weight, labels)
+        if self.key == "torchtitan_chunks":
+            return lambda hidden, labels: torchtitan_chunks(hidden, head.weight, labels)
+        if self.key == "liger":
+            return liger(head.weight)
+        if self.key == "torch_linear_ce":
+            return torch_linear_ce(head.weight)
         return build_loss(self.key, head, self.options, device=device)
 
 
@@ -205,11 +255,11 @@ def bench_case(name, head, n, args, device, skipped):
                 continue
             try:
                 loss_fn = entry.build(head, device)
-            except ConfigError as e:  # e.g. cce without CUDA
+            except (ConfigError, Unavailable) as e:  # e.g. cce without CUDA, a peer not installed
                 print(f"skip {entry.label}: {e}")
                 skipped.add(entry.label)
                 continue
-            label = f"auto -> {loss_fn.name}" if entry.key == "auto" else entry.label
+            label = f"auto -> {loss_fn.choice.entry}" if entry.key == "auto" else entry.label
             row = {"shape": name, "tokens": n, "mode": mode, "loss": label}
             t0 = time.perf_counter()
             try:
@@ -258,7 +308,7 @@ def versions(device):
 
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "none (CPU smoke)"
     return {"torch": torch.__version__, "cuda": torch.version.cuda, "triton": dist("triton"),
-            "cut_cross_entropy": dist("cut-cross-entropy"), "gpu": gpu}
+            "cut_cross_entropy": dist("cut-cross-entropy"), "liger_kernel": dist("liger-kernel"), "gpu": gpu}
 
 
 def parse_args():
