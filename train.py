@@ -43,6 +43,7 @@ from training.profiling import start_profiler
 from training.run_log import log_run, report_memory
 from training.step import NonFiniteLossError, TrainStep, global_batch_size
 from training.token_normalization import GlobalTokenMeanLoss
+from training.validation import Validator, build_validation_set
 
 logger = logging.getLogger("train")
 # torchdata 0.11 calls an API that torch >= 2.12 deprecates; nothing for a user to act on.
@@ -60,6 +61,7 @@ class TrainResult:
     grad_norms: list[float]  # per step, of the whole model before clipping
     stopped_at: Optional[int]  # the step after which a signal stopped the run
     model_parts: list[torch.nn.Module]  # this rank's (sharded) stages
+    validation: dict[int, dict[str, float]]  # step -> validation_loss and _perplexity, the same on every rank
 
 
 def train(cfg: JobConfig, faults: Optional[FaultWatch] = None) -> TrainResult:
@@ -79,6 +81,8 @@ def train(cfg: JobConfig, faults: Optional[FaultWatch] = None) -> TrainResult:
     model_args = _model_args(cfg)
     if rank == 0:
         log_run(cfg, dims, mesh, device)
+    validation_set = build_validation_set(cfg, model_args.vocab_size, global_batch, dp_mesh.get_local_rank(),
+                                          dims.dp) if cfg.validation.enable else None
     plan = _plan_pipeline(cfg, dims, mesh["pp"].get_local_rank(), device, global_batch) if dims.pp > 1 else None
     if plan is not None and rank == 0:
         logger.info(split_summary(cfg, dims, plan))
@@ -105,6 +109,8 @@ def train(cfg: JobConfig, faults: Optional[FaultWatch] = None) -> TrainResult:
     optimizers = [build_optimizer(list(part.parameters()), cfg.optimizer, device) for part in parts]
     schedulers = [build_lr_scheduler(opt, t.steps, cfg.lr_scheduler) for opt in optimizers]
     train_step = TrainStep(cfg, dims, parts, schedule, loss, optimizers, schedulers, tied, mesh, dp_mesh.get_group())
+    validator = Validator(cfg, parts, plan, loss.loss_sum, validation_set, mesh, dp_mesh.get_group(),
+                          compute_dtype) if validation_set is not None else None
 
     checkpoint = CheckpointManager(cfg.checkpoint, cfg.job.dump_folder, parts, optimizers, schedulers, dataloader,
                                    cfg.model.name, model_args)
@@ -122,7 +128,7 @@ def train(cfg: JobConfig, faults: Optional[FaultWatch] = None) -> TrainResult:
         logger.info(f"loss: {choice.describe(cfg.parallelism.vocab_parallel)}")
 
     flops_per_token, peak = model_args.flops_per_token(t.seq_len), peak_flops(device)
-    losses, grad_norms, data_iter = [], [], checkpoint.data_iterator()
+    losses, grad_norms, validation, data_iter = [], [], {}, checkpoint.data_iterator()
     stop_request, stopped_at = StopRequest(), None
     # Groups made since init_process_group had the backend's default; an async save's keeps it.
     set_pg_timeouts(cfg.comm.init_timeout_seconds, device, exclude=(checkpoint.async_group,))
@@ -148,6 +154,11 @@ def train(cfg: JobConfig, faults: Optional[FaultWatch] = None) -> TrainResult:
                     **(pipeline_peak_memory(device, mesh["pp"].get_group()) if plan else {}),
                 }, eta_seconds=(time.perf_counter() - run_start) / (step - start_step) * (t.steps - step))
                 window_start, window_tokens = time.perf_counter(), 0
+            if validator is not None and validator.due(step):
+                validation_start = time.perf_counter()
+                validation[step] = validator.run()
+                metrics.log_validation(step, t.steps, validation[step])
+                window_start += time.perf_counter() - validation_start  # not training: kept out of tokens/s
             if step == start_step + 1:  # start-up is over: from now on a rank that stops answering is caught sooner
                 set_pg_timeouts(cfg.comm.train_timeout_seconds, device, exclude=(checkpoint.async_group,))
             if profiler is not None:
@@ -166,7 +177,7 @@ def train(cfg: JobConfig, faults: Optional[FaultWatch] = None) -> TrainResult:
         metrics.close()
         checkpoint.close(all_ranks=finished)
     report_memory(cfg.job.dump_folder, device, plan, rank)
-    return TrainResult(losses, grad_norms, stopped_at, parts)
+    return TrainResult(losses, grad_norms, stopped_at, parts, validation)
 
 
 def _model_args(cfg: JobConfig):

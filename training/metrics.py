@@ -69,18 +69,28 @@ class MetricsLogger:
     def log(self, step: int, total_steps: int, figures: dict, eta_seconds: float) -> None:
         if not self.active:
             return
-        record = {"step": step, **figures}
-        self.jsonl.write(json.dumps(record) + "\n")
-        self.jsonl.flush()
-        if self.writer is not None:
-            for key, value in figures.items():
-                if value is not None:
-                    self.writer.add_scalar(key, value, step)
+        self._write(step, figures)
         mfu = f"  mfu {figures['mfu_percent']:5.1f}%" if figures.get("mfu_percent") is not None else ""
         logger.info(
             f"step {step:>{len(str(total_steps))}}/{total_steps}  loss {figures['loss']:.4f}  lr {figures['lr']:.2e}"
             f"  grad_norm {figures['grad_norm']:.3f}  tok/s {figures['tokens_per_second']:,.0f}{mfu}"
             f"  mem {figures['peak_memory_gib']:.2f}GiB  eta {_duration(eta_seconds)}")
+
+    def log_validation(self, step: int, total_steps: int, figures: dict) -> None:
+        """``validation_loss`` and ``validation_perplexity``: a record and a console line of their own."""
+        if not self.active:
+            return
+        self._write(step, figures)
+        logger.info(f"step {step:>{len(str(total_steps))}}/{total_steps}  validation_loss "
+                    f"{figures['validation_loss']:.4f}  validation_perplexity {figures['validation_perplexity']:.2f}")
+
+    def _write(self, step: int, figures: dict) -> None:
+        self.jsonl.write(json.dumps({"step": step, **figures}) + "\n")
+        self.jsonl.flush()
+        if self.writer is not None:
+            for key, value in figures.items():
+                if value is not None:
+                    self.writer.add_scalar(key, value, step)
 
     def close(self) -> None:
         if self.active:
