@@ -33,8 +33,8 @@ def pipeline_forward(parts: list[nn.Module], plan: PipelinePlan, pp_group: dist.
     on the rank holding the last stage, once per microbatch, in order.
 
     ``parts`` are this rank's stages (``plan.local_stages``); every rank passes the same
-    microbatches. ``hidden_dim`` and ``dtype``: of the hidden states between stages. Call it
-    under ``torch.no_grad()``.
+    microbatches. Hidden states travel between ranks as ``[*microbatch.shape, hidden_dim]`` in
+    ``dtype``, the shape and dtype the receiver allocates. Call it under ``torch.no_grad()``.
     """
     owner = {stage: rank for rank in range(plan.pp_degree) for stage in plan.stages_of(rank)}
     here = dict(zip(plan.local_stages, parts))
@@ -50,7 +50,8 @@ def pipeline_forward(parts: list[nn.Module], plan: PipelinePlan, pp_group: dist.
             elif stage + 1 in here:
                 inputs[(stage + 1, m)] = hidden
             else:
-                dist.send(hidden.contiguous(), dist.get_global_rank(pp_group, owner[stage + 1]), group=pp_group)
+                peer = dist.get_global_rank(pp_group, owner[stage + 1])
+                dist.send(hidden.to(dtype).contiguous(), peer, group=pp_group)
         elif stage + 1 in here:
             received = torch.empty(*tokens.shape, hidden_dim, dtype=dtype, device=tokens.device)
             dist.recv(received, dist.get_global_rank(pp_group, owner[stage]), group=pp_group)

@@ -34,7 +34,8 @@ VALIDATION_BATCHES = 2  # of GLOBAL_BATCH windows: the corpus's first 16 windows
 def _base(tmp, model):
     return ["--config", "configs/debug.toml", "--model.name", model, "--model.vocab_size", "515",
             "--training.steps", "3", "--training.seq_len", str(SEQ_LEN), "--training.global_batch_size",
-            str(GLOBAL_BATCH), "--training.max_norm", "0.5", "--optimizer.lr", "0.003", "--lr_scheduler.warmup_steps", "0",
+            str(GLOBAL_BATCH), "--training.max_norm", "0.5", "--optimizer.lr", "0.003",
+            "--lr_scheduler.warmup_steps", "0",
             # Adam's eps bounds how much it amplifies float noise in near-zero gradient entries.
             "--optimizer.eps", "1e-6",
             "--loss.name", "chunked", "--loss.chunk_size", "40", "--job.dump_folder", str(tmp),

@@ -60,8 +60,9 @@ def build_validation_set(cfg: JobConfig, vocab_size: int, global_batch: int, dp_
     needed = v.steps * global_batch
     if len(windows.windows) < needed:
         raise ConfigError("validation.steps",
-                          f"{v.dataset_path} holds {len(windows.windows)} windows of seq_len {seq_len}, but {v.steps} "
-                          f"batches of the global batch {global_batch} need {needed}; lower validation.steps or add data")
+                          f"{v.dataset_path} holds {len(windows.windows)} windows of seq_len {seq_len}, but "
+                          f"{v.steps} batches of the global batch {global_batch} need {needed}; lower "
+                          "validation.steps or add data")
     logger.info(f"validation: {v.steps} batches of {global_batch} x {seq_len} tokens from {v.dataset_path}, "
                 f"every {v.freq} steps and after the last")
     return windows
