@@ -81,12 +81,13 @@ def train(cfg: JobConfig, faults: Optional[FaultWatch] = None) -> TrainResult:
     model_args = _model_args(cfg)
     if rank == 0:
         log_run(cfg, dims, mesh, device)
-    validation_set = build_validation_set(cfg, model_args.vocab_size, global_batch, dp_mesh.get_local_rank(),
-                                          dims.dp) if cfg.validation.enable else None
     plan = _plan_pipeline(cfg, dims, mesh["pp"].get_local_rank(), device, global_batch) if dims.pp > 1 else None
     if plan is not None and rank == 0:
         logger.info(split_summary(cfg, dims, plan))
     dataloader = _build_data(cfg, model_args.vocab_size, global_batch, dp_mesh, dims)
+
+    validation_set = build_validation_set(cfg, model_args.vocab_size, global_batch, dp_mesh.get_local_rank(),
+                                          dims.dp) if cfg.validation.enable else None
 
     # The model, built on the meta device: nothing is allocated until each rank holds only its shard.
     with torch.device("meta"):
