@@ -43,6 +43,7 @@ from training.profiling import start_profiler
 from training.run_log import check_output_folders, log_run, report_memory
 from training.step import NonFiniteLossError, TrainStep, global_batch_size
 from training.token_normalization import GlobalTokenMeanLoss
+from training.validation import Validator, build_validation_set
 
 logger = logging.getLogger("train")
 # torchdata 0.11 calls an API that torch >= 2.12 deprecates; nothing for a user to act on.
@@ -60,6 +61,7 @@ class TrainResult:
     grad_norms: list[float]  # per step, of the whole model before clipping
     stopped_at: Optional[int]  # the step after which a signal stopped the run
     model_parts: list[torch.nn.Module]  # this rank's (sharded) stages
+    validation: dict[int, dict[str, float]]  # step -> validation_loss and _perplexity, the same on every rank
 
 
 def train(cfg: JobConfig, faults: Optional[FaultWatch] = None) -> TrainResult:
@@ -85,6 +87,9 @@ def train(cfg: JobConfig, faults: Optional[FaultWatch] = None) -> TrainResult:
         logger.info(split_summary(cfg, dims, plan))
     dataloader = _build_data(cfg, model_args.vocab_size, global_batch, dp_mesh, dims)
 
+    validation_set = build_validation_set(cfg, model_args.vocab_size, global_batch, dp_mesh.get_local_rank(),
+                                          dims.dp) if cfg.validation.enable else None
+
     # The model, built on the meta device: nothing is allocated until each rank holds only its shard.
     with torch.device("meta"):
         model = Transformer(model_args)
@@ -106,6 +111,8 @@ def train(cfg: JobConfig, faults: Optional[FaultWatch] = None) -> TrainResult:
     optimizers = [build_optimizer(list(part.parameters()), cfg.optimizer, device) for part in parts]
     schedulers = [build_lr_scheduler(opt, t.steps, cfg.lr_scheduler) for opt in optimizers]
     train_step = TrainStep(cfg, dims, parts, schedule, loss, optimizers, schedulers, tied, mesh, dp_mesh.get_group())
+    validator = Validator(cfg, parts, plan, loss.loss_sum, validation_set, mesh, dp_mesh.get_group(),
+                          compute_dtype) if validation_set is not None else None
 
     checkpoint = CheckpointManager(cfg.checkpoint, cfg.job.dump_folder, parts, optimizers, schedulers, dataloader,
                                    cfg.model.name, model_args)
@@ -123,7 +130,7 @@ def train(cfg: JobConfig, faults: Optional[FaultWatch] = None) -> TrainResult:
         logger.info(f"loss: {choice.describe(cfg.parallelism.vocab_parallel)}")
 
     flops_per_token, peak = model_args.flops_per_token(t.seq_len), peak_flops(device)
-    losses, grad_norms, data_iter = [], [], checkpoint.data_iterator()
+    losses, grad_norms, validation, data_iter = [], [], {}, checkpoint.data_iterator()
     stop_request, stopped_at = StopRequest(), None
     # Groups made since init_process_group had the backend's default; an async save's keeps it.
     set_pg_timeouts(cfg.comm.init_timeout_seconds, device, exclude=(checkpoint.async_group,))
@@ -150,6 +157,11 @@ def train(cfg: JobConfig, faults: Optional[FaultWatch] = None) -> TrainResult:
                 }, eta_seconds=(time.perf_counter() - run_start) / (step - start_step) * (t.steps - step),
                     note="" if outcome.updated else "update skipped (training.nonfinite_policy = 'skip')")
                 window_start, window_tokens = time.perf_counter(), 0
+            if validator is not None and validator.due(step):
+                validation_start = time.perf_counter()
+                validation[step] = validator.run()
+                metrics.log_validation(step, t.steps, validation[step])
+                window_start += time.perf_counter() - validation_start  # not training: kept out of tokens/s
             if step == start_step + 1:  # start-up is over: from now on a rank that stops answering is caught sooner
                 set_pg_timeouts(cfg.comm.train_timeout_seconds, device, exclude=(checkpoint.async_group,))
             if profiler is not None:
@@ -168,7 +180,7 @@ def train(cfg: JobConfig, faults: Optional[FaultWatch] = None) -> TrainResult:
         metrics.close()
         checkpoint.close(all_ranks=finished)
     report_memory(cfg.job.dump_folder, device, plan, rank)
-    return TrainResult(losses, grad_norms, stopped_at, parts)
+    return TrainResult(losses, grad_norms, stopped_at, parts, validation)
 
 
 def _model_args(cfg: JobConfig):

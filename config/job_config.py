@@ -9,6 +9,7 @@ TOML + CLI overrides into a validated ``JobConfig``.
 from dataclasses import dataclass, field
 from typing import Literal, Union
 
+DatasetFormat = Literal["text", "jsonl", "parquet", "tokens"]
 Dtype = Literal["bfloat16", "float32"]
 LossName = Literal["auto", "chunked", "cce", "cce_torch_compile", "cross_entropy"]
 PipelineSchedule = Literal["GPipe", "1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble"]
@@ -37,7 +38,7 @@ class Training:
     seq_len: int = 256
     max_norm: float = 1.0
     seed: int = 0
-    dataset: Literal["text", "jsonl", "parquet", "tokens"] = "text"
+    dataset: DatasetFormat = "text"
     dataset_path: str = "data/corpus"
     dataset_text_column: str = "text"  # the JSONL field or Parquet column holding the text
     mixed_precision_param: Dtype = "bfloat16"
@@ -139,6 +140,20 @@ class Checkpoint:
 
 
 @dataclass
+class Validation:
+    """The loss on held-out data every ``freq`` steps and after the last: the first ``steps`` global batches
+    (training's global batch size) of ``dataset_path`` in file order, the same windows every time."""
+
+    enable: bool = False
+    dataset: DatasetFormat = "text"
+    dataset_path: str = ""  # held-out data, in training.dataset_text_column for jsonl/parquet; required when enabled
+    freq: int = 500  # evaluate every N steps (and after the last step)
+    steps: int = 10  # global batches evaluated each time
+    local_batch_size: int = 0  # sequences per forward on each data-parallel rank; 0: training.local_batch_size
+    seq_len: int = 0  # 0: training.seq_len, which it may not exceed
+
+
+@dataclass
 class JobConfig:
     job: Job = field(default_factory=Job)
     model: Model = field(default_factory=Model)
@@ -153,3 +168,4 @@ class JobConfig:
     profiling: Profiling = field(default_factory=Profiling)
     comm: Comm = field(default_factory=Comm)
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    validation: Validation = field(default_factory=Validation)

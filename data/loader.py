@@ -21,13 +21,15 @@ def build_dataloader(
     seed: int,
     vocab_size: int,
     text_column: str = "text",
+    shuffle: bool = True,
 ) -> StatefulDataLoader:
     """A resumable loader whose every item is this rank's local batch for one step.
 
     Each item is ``{"input_ids": LongTensor[global_batch_size // dp_degree, seq_len]}``;
     labels are the inputs (the loss shifts). It never ends: after the last window it
     starts the next epoch in a new seeded order. See PackedWindowDataset for the order.
-    ``text_column`` names the JSONL field or Parquet column holding the text.
+    ``text_column`` names the JSONL field or Parquet column holding the text; ``shuffle=False``
+    reads the windows in file order (validation).
     """
     check_batch_split(global_batch_size, dp_rank, dp_degree, seq_len)
     check_tokenizer_fits(tokenizer, vocab_size)
@@ -56,6 +58,7 @@ def build_dataloader(
         dp_degree=dp_degree,
         seed=seed,
         fingerprint=fingerprint,
+        shuffle=shuffle,
     )
     return StatefulDataLoader(windows, batch_size=None, num_workers=0)
 

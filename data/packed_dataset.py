@@ -18,6 +18,9 @@ class PackedWindowDataset(IterableDataset):
     same global batch whatever dp_degree is. The state is the step counter plus a
     fingerprint of the data config, which leaves dp_rank and dp_degree out on purpose:
     a run may resume on a different number of ranks.
+
+    ``shuffle=False`` (validation) reads global sequence k from window k mod W: the windows
+    in file order, so the same sequences come first whatever the seed.
     """
 
     def __init__(
@@ -30,6 +33,7 @@ class PackedWindowDataset(IterableDataset):
         dp_degree: int,
         seed: int,
         fingerprint: dict[str, Any],
+        shuffle: bool = True,
     ):
         num_windows = len(tokens) // seq_len
         self.windows = tokens[: num_windows * seq_len].reshape(num_windows, seq_len)
@@ -37,13 +41,15 @@ class PackedWindowDataset(IterableDataset):
         self.local_batch_size = global_batch_size // dp_degree
         self.dp_rank = dp_rank
         self.seed = seed
+        self.shuffle = shuffle
         self.fingerprint = fingerprint
         self.step = 0
 
     def local_batch(self, step: int) -> dict[str, torch.Tensor]:
         first = step * self.global_batch_size + self.dp_rank * self.local_batch_size
         sequence_indices = np.arange(first, first + self.local_batch_size, dtype=np.int64)
-        rows = windows_for(sequence_indices, len(self.windows), self.seed)
+        rows = windows_for(sequence_indices, len(self.windows), self.seed) if self.shuffle \
+            else sequence_indices % len(self.windows)
         return {"input_ids": torch.from_numpy(np.asarray(self.windows[rows], dtype=np.int64))}
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:

@@ -4,8 +4,8 @@
     python scripts/plot_metrics.py outputs/debug/metrics.jsonl --labels baseline
 
 Each run is a dump folder (its metrics.jsonl is read) or a .jsonl path. Panels: loss, tokens/s,
-and grad norm and peak memory where the runs logged them; runs are overlaid, labelled by folder
-name unless --labels says otherwise. Needs matplotlib (pip install matplotlib).
+and validation loss, grad norm and peak memory where the runs logged them; runs are overlaid,
+labelled by folder name unless --labels says otherwise. Needs matplotlib (pip install matplotlib).
 """
 
 import argparse
@@ -16,6 +16,7 @@ from pathlib import Path
 # (key in metrics.jsonl, y-axis label); loss and tokens/s always, the others when logged.
 PANELS = [
     ("loss", "loss"),
+    ("validation_loss", "validation loss (held-out data)"),
     ("tokens_per_second", "tokens/s per rank"),
     ("grad_norm", "grad norm (before clipping)"),
     ("peak_memory_gib", "peak memory, rank 0 (GiB)"),
@@ -55,11 +56,16 @@ def default_label(path: Path) -> str:
     return path.resolve().parent.name if path.name == "metrics.jsonl" else path.stem
 
 
+def drawn_panels(runs: dict[str, list[dict]]) -> list[tuple[str, str]]:
+    """The (key, y-axis label) of every panel drawn for these runs, in order."""
+    logged = {key for rows in runs.values() for row in rows for key, value in row.items() if value is not None}
+    return [(key, label) for key, label in PANELS if key in ALWAYS or key in logged]
+
+
 def plot(runs: dict[str, list[dict]], output: Path) -> None:
     import matplotlib.pyplot as plt
 
-    logged = {key for rows in runs.values() for row in rows for key, value in row.items() if value is not None}
-    panels = [(key, label) for key, label in PANELS if key in ALWAYS or key in logged]
+    panels = drawn_panels(runs)
     ncols = 2
     nrows = -(-len(panels) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(6 * ncols, 3.8 * nrows), squeeze=False)

@@ -41,13 +41,34 @@ LAYOUTS = {
 }
 
 
+def _validate_every(freq):
+    return ["--validation.enable", "--validation.dataset_path", "data/corpus", "--validation.steps", "2",
+            "--validation.freq", str(freq)]
+
+
+def _losses_and_validation(rank, world_size, argv):
+    result = train(load_config(argv))
+    return result.losses, {step: figures["validation_loss"] for step, figures in result.validation.items()}
+
+
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_resume_is_bitwise_identical(layout, tmp_path):
+    """With validation on, at other steps in the two runs (every 2 steps; every 3 and at the end of each part):
+    the training losses stay bitwise equal, and at the steps both validate (the same weights) so do the
+    validation losses."""
     world, extra = LAYOUTS[layout]
-    straight = _run(world, _argv(tmp_path / "straight", 10, *extra))
-    first = _run(world, _argv(tmp_path / "resumed", 5, *extra))
-    second = _run(world, _argv(tmp_path / "resumed", 10, *extra))
+
+    def run(folder, steps, freq):
+        argv = _argv(tmp_path / folder, steps, *extra, *_validate_every(freq))
+        return run_distributed(_losses_and_validation, world, argv, timeout_s=300)[0]
+
+    straight, straight_validation = run("straight", 10, 2)
+    first, first_validation = run("resumed", 5, 3)
+    second, second_validation = run("resumed", 10, 3)
     assert first + second == straight
+    assert list(straight_validation) == [2, 4, 6, 8, 10]
+    assert list(first_validation) == [3, 5] and list(second_validation) == [6, 9, 10]
+    assert [second_validation[s] for s in (6, 10)] == [straight_validation[s] for s in (6, 10)]
 
 
 def _continue_elsewhere(tmp_path, source, expected, targets):

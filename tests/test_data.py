@@ -294,6 +294,20 @@ def test_the_global_batch_is_the_same_whatever_dp_degree(numbered_tokens, dp_deg
     assert all(torch.equal(x, y) for x, y in zip(one_rank, global_batches(dp_degree), strict=True))
 
 
+def test_unshuffled_windows_are_in_file_order_and_sliced_like_training(numbered_tokens):
+    """shuffle=False (validation): global sequence k is window k (of 11), epoch after epoch, whatever the seed;
+    rank r of 2 takes the second half of each global batch of 4."""
+    def items(dp_rank=0, dp_degree=1, seed=0):
+        loader = make_loader(numbered_tokens, dataset="tokens", dp_rank=dp_rank, dp_degree=dp_degree, seed=seed,
+                             shuffle=False)
+        return torch.cat(take(loader, 3))
+
+    window_starts = items()[:, 0].tolist()
+    assert window_starts == [4 * (k % 11) for k in range(12)]
+    assert torch.equal(items(seed=5), items())
+    assert items(dp_rank=1, dp_degree=2)[:, 0].tolist() == [8, 12, 24, 28, 40, 0]
+
+
 # --- resume --------------------------------------------------------------------------------
 
 

@@ -55,3 +55,24 @@ def test_a_pipeline_run_logs_every_stage_s_peak_memory(tmp_path):
     events.Reload()
     assert set(keys) <= set(events.Tags()["scalars"])
     assert [e.step for e in events.Scalars(keys[1])] == [1, 2, 3]
+
+
+def test_validation_is_a_record_and_a_console_line_of_its_own(tmp_path, caplog):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from training.metrics import MetricsLogger
+
+    metrics = MetricsLogger(str(tmp_path), enable_tensorboard=True, active=True, append=False)
+    step_figures = {"loss": 2.5, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_second": 10.0, "mfu_percent": None,
+                    "peak_memory_gib": 0.5}
+    with caplog.at_level("INFO", logger="train"):
+        metrics.log(4, 10, step_figures, eta_seconds=0.0)
+        metrics.log_validation(4, 10, {"validation_loss": 2.25, "validation_perplexity": 9.4877})
+    metrics.close()
+
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [{"step": 4, **step_figures}, {"step": 4, "validation_loss": 2.25, "validation_perplexity": 9.4877}]
+    assert caplog.messages[-1] == "step  4/10  validation_loss 2.2500  validation_perplexity 9.49"
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("validation_loss")] == [(4, 2.25)]

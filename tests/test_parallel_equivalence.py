@@ -1,16 +1,25 @@
-"""Every parallel layout trains exactly like one process on the same global batch.
+"""Every parallel layout trains and validates exactly like one process on the same global batch.
 
 Each case runs 3 steps on CPU with gloo and compares with a single-process run:
 the per-step losses and gradient norms (before clipping, which is on) within
-1e-5 relative, and the full (gathered) parameters within 1e-5, in fp32. The
-vocabulary (515) splits unevenly over 2 ranks.
+1e-5 relative, the validation loss after steps 2 and 3 within 1e-5, and the full
+(gathered) parameters within 1e-5, in fp32. The vocabulary (515) splits unevenly
+over 2 ranks. The single-process validation loss itself is checked against a
+float64 materialized-logits reference of the final weights.
 """
+
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 from torch.distributed.tensor import DTensor
 
+from data import ByteTokenizer
+from data.token_stream import load_token_stream
+from models import Transformer, build_model_args
 from tests.dist_utils import run_distributed
+from tests.reference import reference
 from models.initialize import canonical_name
 from train import train
 from training.config_loader import load_config
@@ -18,15 +27,20 @@ from training.config_loader import load_config
 pytestmark = pytest.mark.multiprocess
 
 GLOBAL_BATCH = 8
+SEQ_LEN = 32
+VALIDATION_BATCHES = 2  # of GLOBAL_BATCH windows: the corpus's first 16 windows, in file order
 
 
 def _base(tmp, model):
     return ["--config", "configs/debug.toml", "--model.name", model, "--model.vocab_size", "515",
-            "--training.steps", "3", "--training.seq_len", "32", "--training.global_batch_size", str(GLOBAL_BATCH),
-            "--training.max_norm", "0.5", "--optimizer.lr", "0.003", "--lr_scheduler.warmup_steps", "0",
+            "--training.steps", "3", "--training.seq_len", str(SEQ_LEN), "--training.global_batch_size",
+            str(GLOBAL_BATCH), "--training.max_norm", "0.5", "--optimizer.lr", "0.003",
+            "--lr_scheduler.warmup_steps", "0",
             # Adam's eps bounds how much it amplifies float noise in near-zero gradient entries.
             "--optimizer.eps", "1e-6",
-            "--loss.name", "chunked", "--loss.chunk_size", "40", "--job.dump_folder", str(tmp)]
+            "--loss.name", "chunked", "--loss.chunk_size", "40", "--job.dump_folder", str(tmp),
+            "--validation.enable", "--validation.dataset_path", "data/corpus", "--validation.freq", "2",
+            "--validation.steps", str(VALIDATION_BATCHES)]
 
 
 def _train_and_gather(rank, world_size, argv):
@@ -35,7 +49,8 @@ def _train_and_gather(rank, world_size, argv):
     for part in result.model_parts:
         for fqn, p in part.named_parameters():
             params[canonical_name(fqn)] = (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
-    return (result.losses, result.grad_norms), params
+    validation = {step: figures["validation_loss"] for step, figures in result.validation.items()}
+    return (result.losses, result.grad_norms, validation), params
 
 
 def _run(world_size, argv):
@@ -100,14 +115,37 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_layout_matches_single_process(case, tmp_path, tmp_path_factory):
     model, world_size, overrides = CASES[case]
-    ref_losses, ref_params = _reference(tmp_path_factory, model)
-    losses, params = _run(world_size, _base(tmp_path, model) + overrides)
+    (*ref_losses, ref_validation), ref_params = _reference(tmp_path_factory, model)
+    (*losses, validation), params = _run(world_size, _base(tmp_path, model) + overrides)
 
     # Adam is blind to a wrong gradient scale, so the gradient norms are compared too.
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=0)
     assert losses[0][-1] < losses[0][0]
+    assert list(validation) == list(ref_validation) == [2, 3]
+    torch.testing.assert_close(torch.tensor(list(validation.values())), torch.tensor(list(ref_validation.values())),
+                               rtol=1e-5, atol=0)
     tied_copy = "output.weight" not in ref_params
     assert set(params) == set(ref_params) | ({"output.weight"} if tied_copy and "output.weight" in params else set())
     for name, value in params.items():
         expected = ref_params["tok_embeddings.weight" if name == "output.weight" and tied_copy else name]
         torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("model", ["qwen3", "llama3"])  # tied and untied head
+def test_validation_loss_is_the_float64_token_mean_of_the_final_weights(model, tmp_path_factory):
+    """The single-process run's last validation (after step 3) recomputed from its final weights: a float64
+    model, materialized logits (tests/reference.py), the corpus's first windows in file order."""
+    (*_, validation), params = _reference(tmp_path_factory, model)
+    args = replace(build_model_args(model, "debug", 515), max_seq_len=SEQ_LEN)
+    net = Transformer(args).double()
+    weights = {name: p.double() for name, p in params.items()}
+    weights.setdefault("output.weight", weights["tok_embeddings.weight"])  # tied: one parameter
+    net.load_state_dict(weights)
+    n_windows = VALIDATION_BATCHES * GLOBAL_BATCH
+    tokens = load_token_stream("text", Path("data/corpus"), ByteTokenizer(), 515)[: n_windows * SEQ_LEN]
+    windows = torch.from_numpy(tokens.astype("int64")).view(n_windows, SEQ_LEN)
+    with torch.no_grad():
+        total = reference(net(windows), weights["output.weight"], windows, shift=1, reduction="sum")
+    expected = total.item() / (n_windows * (SEQ_LEN - 1))
+    assert validation[3] == pytest.approx(expected, rel=1e-5)
+    assert validation[3] < validation[2]  # the model learns the corpus it is validated on

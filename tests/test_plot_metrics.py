@@ -7,18 +7,24 @@ from pathlib import Path
 
 import pytest
 
+from scripts.plot_metrics import drawn_panels, load_run
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "plot_metrics.py"
 
 
-def _write_run(folder: Path, steps: int, start_loss: float) -> Path:
-    """A metrics.jsonl as train.py writes it on the CPU (mfu_percent null)."""
+def _write_run(folder: Path, steps: int, start_loss: float, validation_freq: int = 0) -> Path:
+    """A metrics.jsonl as train.py writes it on the CPU (mfu_percent null), with a validation record of
+    its own every ``validation_freq`` steps."""
     folder.mkdir(parents=True)
     with open(folder / "metrics.jsonl", "w") as f:
         for step in range(1, steps + 1):
             f.write(json.dumps({"step": step, "loss": start_loss / step, "lr": 1e-3, "grad_norm": 2.0 / step,
                                 "tokens_per_second": 100.0 * step, "mfu_percent": None,
                                 "peak_memory_gib": 0.4}) + "\n")
+            if validation_freq and step % validation_freq == 0:
+                f.write(json.dumps({"step": step, "validation_loss": start_loss / step + 0.5,
+                                    "validation_perplexity": 2.0 ** (start_loss / step)}) + "\n")
     return folder
 
 
@@ -42,6 +48,19 @@ def test_two_runs_make_a_png(tmp_path):
 
     result = _plot(run_a, run_b, "--labels", "baseline,chunked", "-o", out)
     assert result.returncode == 0 and "baseline, chunked" in result.stdout, result.stderr
+
+
+def test_a_validation_panel_when_a_run_validated(tmp_path):
+    plain = load_run(_write_run(tmp_path / "plain", 4, 8.0))
+    validated = load_run(_write_run(tmp_path / "validated", 4, 8.0, validation_freq=2))
+    assert "validation_loss" not in [key for key, _ in drawn_panels({"plain": plain})]
+    assert [key for key, _ in drawn_panels({"plain": plain, "validated": validated})][:2] == ["loss", "validation_loss"]
+
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "curves.png"
+    result = _plot(tmp_path / "plain", tmp_path / "validated", "-o", out)
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def _error(result) -> str:

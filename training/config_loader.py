@@ -239,6 +239,7 @@ def validate_config(cfg: JobConfig) -> None:
     _require(cfg.checkpoint.keep_latest_k >= 0, "checkpoint.keep_latest_k", "must be >= 0 (0 keeps all)")
     _require(cfg.checkpoint.load_step >= -1, "checkpoint.load_step", "must be a saved step, or -1 for the newest")
     _check_initial_load(cfg.checkpoint)
+    _check_validation(cfg)
 
 
 def _check_initial_load(ck: Checkpoint) -> None:
@@ -252,6 +253,25 @@ def _check_initial_load(ck: Checkpoint) -> None:
              "(config.json and *.safetensors)")
     _require(ck.initial_load_model_only or not hf, "checkpoint.initial_load_model_only",
              f"'{folder}' is a Hugging Face folder, which holds only weights; set it to true")
+
+
+def _check_validation(cfg: JobConfig) -> None:
+    """``[validation]``, when enabled; the data itself is checked when it is loaded (training/validation.py)."""
+    v = cfg.validation
+    if not v.enable:
+        return
+    _require(bool(v.dataset_path), "validation.dataset_path",
+             "is empty; set it to the held-out data (a file, or a folder of validation.dataset files)")
+    for key in ("freq", "steps"):
+        _require(getattr(v, key) >= 1, f"validation.{key}", "must be >= 1")
+    for key in ("local_batch_size", "seq_len"):
+        _require(getattr(v, key) >= 0, f"validation.{key}", f"must be >= 0 (0: training.{key})")
+    _require(v.seq_len <= cfg.training.seq_len, "validation.seq_len",
+             f"{v.seq_len} exceeds training.seq_len {cfg.training.seq_len}, the positions the model is built for")
+    mbs = cfg.parallelism.pipeline_parallel_microbatch_size
+    local = v.local_batch_size or cfg.training.local_batch_size
+    _require(cfg.parallelism.pipeline_parallel_degree == 1 or local % mbs == 0, "validation.local_batch_size",
+             f"{local} is not a multiple of parallelism.pipeline_parallel_microbatch_size {mbs}")
 
 
 def _toml_value(value: Any) -> str:

@@ -68,10 +68,29 @@ class MetricsLogger:
             self.writer = SummaryWriter(str(folder / "tensorboard"))
 
     def log(self, step: int, total_steps: int, figures: dict, eta_seconds: float, note: str = "") -> None:
-        """One console line and one JSON line. A non-finite figure is written as JSON ``null`` (strict
-        parsers reject a bare NaN), and the console line says which and why (``note``)."""
+        """One console line and one JSON line; the console line says which figures were non-finite and
+        why (``note``)."""
         if not self.active:
             return
+        note = self._write(step, figures, note)
+        mfu = f"  mfu {figures['mfu_percent']:5.1f}%" if figures.get("mfu_percent") is not None else ""
+        logger.info(
+            f"step {step:>{len(str(total_steps))}}/{total_steps}  loss {figures['loss']:.4f}  lr {figures['lr']:.2e}"
+            f"  grad_norm {figures['grad_norm']:.3f}  tok/s {figures['tokens_per_second']:,.0f}{mfu}"
+            f"  mem {figures['peak_memory_gib']:.2f}GiB  eta {_duration(eta_seconds)}" + (f"  ({note})" if note else ""))
+
+    def log_validation(self, step: int, total_steps: int, figures: dict) -> None:
+        """``validation_loss`` and ``validation_perplexity``: a record and a console line of their own."""
+        if not self.active:
+            return
+        note = self._write(step, figures, "")
+        logger.info(f"step {step:>{len(str(total_steps))}}/{total_steps}  validation_loss "
+                    f"{figures['validation_loss']:.4f}  validation_perplexity {figures['validation_perplexity']:.2f}"
+                    + (f"  ({note})" if note else ""))
+
+    def _write(self, step: int, figures: dict, note: str) -> str:
+        """One JSON line and the TensorBoard scalars. A non-finite figure is written as JSON ``null``
+        (strict parsers reject a bare NaN); returns ``note`` prefixed with the figures that were."""
         finite = {k: v if v is None or math.isfinite(v) else None for k, v in figures.items()}
         self.jsonl.write(json.dumps({"step": step, **finite}, allow_nan=False) + "\n")
         self.jsonl.flush()
@@ -80,13 +99,7 @@ class MetricsLogger:
                 if value is not None:
                     self.writer.add_scalar(key, value, step)
         bad = [k for k, v in figures.items() if finite[k] is None and v is not None]
-        if bad:
-            note = f"non-finite {', '.join(bad)}" + (f": {note}" if note else "")
-        mfu = f"  mfu {figures['mfu_percent']:5.1f}%" if figures.get("mfu_percent") is not None else ""
-        logger.info(
-            f"step {step:>{len(str(total_steps))}}/{total_steps}  loss {figures['loss']:.4f}  lr {figures['lr']:.2e}"
-            f"  grad_norm {figures['grad_norm']:.3f}  tok/s {figures['tokens_per_second']:,.0f}{mfu}"
-            f"  mem {figures['peak_memory_gib']:.2f}GiB  eta {_duration(eta_seconds)}" + (f"  ({note})" if note else ""))
+        return f"non-finite {', '.join(bad)}" + (f": {note}" if note else "") if bad else note
 
     def close(self) -> None:
         if self.active:
