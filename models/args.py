@@ -5,6 +5,7 @@ from typing import Optional
 
 from config.job_config import AttnMaskType
 
+
 @dataclass(frozen=True)
 class RopeScaling:
     """Llama 3.1-style frequency-dependent RoPE scaling."""

@@ -60,17 +60,29 @@ def test_flex_attention_matches_the_dense_mask():
             {name: _relative_error(f, d) for name, f, d in zip(("out", "dq", "dk", "dv"), *results)})
 
 
-def test_compiled_checkpointed_block_with_flex_matches_the_eager_dense_block():
-    """The recipe's block (op-level selective AC, torch.compile fullgraph) with the block mask, against the
-    plain block with the dense mask; a second microbatch's documents must not recompile it."""
+_OP_AC = ActivationCheckpoint(mode="selective", selective_ac_option="op")
+WRAPPINGS = {  # name: (activation checkpointing, torch.compile)
+    "op AC, compiled": (_OP_AC, True),  # configs/qwen3_1p7b.toml
+    "op AC, eager": (_OP_AC, False),
+    "full AC, eager": (ActivationCheckpoint(mode="full"), False),
+}
+
+
+@pytest.mark.parametrize("wrapping", list(WRAPPINGS))
+def test_wrapped_block_with_flex_matches_the_plain_block_with_the_dense_mask(wrapping):
+    """A block as parallelize wraps it (Qwen3-1.7B's recipe: op-level selective AC and torch.compile
+    fullgraph) with the block mask, against the plain block with the dense mask; compiled, a second
+    microbatch's documents must not recompile it."""
     device = torch.device("cuda")
     args = dataclasses.replace(build_model_args("qwen3", "1.7B"), n_layers=1, dim=1024, ffn_dim=3072, vocab_size=1000,
                                max_seq_len=SEQ, attn_mask_type="block_causal", eos_id=EOS)
     torch.manual_seed(2)
     model = Transformer(args).to(device, torch.bfloat16)
     recipe = copy.deepcopy(model)
-    apply_activation_checkpointing(recipe, ActivationCheckpoint(mode="selective", selective_ac_option="op"))
-    apply_compile(recipe)
+    ac, compiled = WRAPPINGS[wrapping]
+    apply_activation_checkpointing(recipe, ac)
+    if compiled:
+        apply_compile(recipe)
     tokens = _tokens(device)
     x = torch.randn(*tokens.shape, args.dim, device=device, dtype=torch.bfloat16)
     rope = rope_cos_sin(args.head_dim, SEQ, args.rope_theta, None, device)
@@ -82,7 +94,7 @@ def test_compiled_checkpointed_block_with_flex_matches_the_eager_dense_block():
         out.float().square().mean().backward()
         results.append({"out": out, "dx": h.grad, **{canonical_name(n): p.grad for n, p in part.named_parameters()}})
     flex, dense = results
-    _report("compiled, checkpointed block (flex) vs eager block (dense)",
+    _report(f"block, {wrapping} (flex) vs plain block (dense)",
             {name: _relative_error(flex[name], dense[name]) for name in ("out", "dx", "layers.0.attention.wq.weight",
                                                                           "layers.0.attention.wk.weight",
                                                                           "layers.0.feed_forward.w1.weight")})
