@@ -21,6 +21,7 @@ from config.errors import CheckpointError, ConfigError
 from config.job_config import JobConfig
 from data import build_dataloader, build_tokenizer
 from data.loader import check_tokenizer_fits
+from data.tokenizer import Tokenizer
 from losses import build_loss, choose_loss, recipe_options
 from models import Transformer, build_model_args
 from models.initialize import init_weights
@@ -85,7 +86,10 @@ def train(cfg: JobConfig, faults: Optional[FaultWatch] = None) -> TrainResult:
     plan = _plan_pipeline(cfg, dims, mesh["pp"].get_local_rank(), device, global_batch) if dims.pp > 1 else None
     if plan is not None and rank == 0:
         logger.info(split_summary(cfg, dims, plan))
-    dataloader = _build_data(cfg, model_args.vocab_size, global_batch, dp_mesh, dims)
+    tokenizer = _build_tokenizer(cfg, model_args.vocab_size)
+    dataloader = _build_data(cfg, tokenizer, model_args.vocab_size, global_batch, dp_mesh, dims)
+    # block_causal masks at the data's EOS: the tokenizer's, known only now.
+    model_args = replace(model_args, attn_mask_type=cfg.model.attn_mask_type, eos_id=tokenizer.eos_id)
 
     validation_set = build_validation_set(cfg, model_args.vocab_size, global_batch, dp_mesh.get_local_rank(),
                                           dims.dp) if cfg.validation.enable else None
@@ -198,14 +202,20 @@ def _plan_pipeline(cfg: JobConfig, dims: ParallelDims, pp_rank: int, device: tor
     return recipe_plan(cfg, dims, pp_rank, stage_fits(cfg, dims, gpu_gib, accumulation))
 
 
-def _build_data(cfg: JobConfig, vocab_size: int, global_batch: int, dp_mesh, dims: ParallelDims):
-    """This rank's resumable loader of its share of every global batch."""
-    t = cfg.training
+def _build_tokenizer(cfg: JobConfig, vocab_size: int) -> Tokenizer:
+    """The recipe's tokenizer: its EOS joins the packed documents and is where block_causal masks."""
     try:
         tokenizer = build_tokenizer(cfg.model.tokenizer, eos_token=cfg.model.eos_token)
         check_tokenizer_fits(tokenizer, vocab_size)
     except ValueError as err:
         raise ConfigError("model.tokenizer", str(err)) from None
+    return tokenizer
+
+
+def _build_data(cfg: JobConfig, tokenizer: Tokenizer, vocab_size: int, global_batch: int, dp_mesh,
+                dims: ParallelDims):
+    """This rank's resumable loader of its share of every global batch."""
+    t = cfg.training
     try:
         return build_dataloader(dataset=t.dataset, dataset_path=t.dataset_path, tokenizer=tokenizer,
                                 seq_len=t.seq_len, global_batch_size=global_batch,

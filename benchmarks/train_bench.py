@@ -2,6 +2,8 @@
 
     python benchmarks/train_bench.py --nproc 1 --config configs/qwen3_1p7b.toml --steps 30 --warmup 10 \
         -- --loss.name cce
+    python benchmarks/train_bench.py --nproc 1 --config configs/qwen3_1p7b.toml --steps 20 --warmup 8 \
+        --variants "causal=--model.attn_mask_type causal;block_causal=--model.attn_mask_type block_causal"
 
 Runs ``train.py`` under torchrun with ``--metrics.log_freq 1``, drops the first
 ``--warmup`` steps (compilation, allocator growth), and reports the median of the

@@ -13,6 +13,7 @@ DatasetFormat = Literal["text", "jsonl", "parquet", "tokens"]
 Dtype = Literal["bfloat16", "float32"]
 LossName = Literal["auto", "chunked", "cce", "cce_torch_compile", "cross_entropy"]
 PipelineSchedule = Literal["GPipe", "1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble"]
+AttnMaskType = Literal["causal", "block_causal"]
 
 
 @dataclass
@@ -28,6 +29,7 @@ class Model:
     tokenizer: str = "bytes"
     eos_token: str = ""  # a tokenizer.json's end-of-sequence token; "" looks for the common ones
     vocab_size: int = 0  # 0 keeps the flavor's vocabulary
+    attn_mask_type: AttnMaskType = "causal"  # "block_causal": no attention across an EOS inside a packed window
 
 
 @dataclass

@@ -3,6 +3,8 @@
 from dataclasses import dataclass
 from typing import Optional
 
+from config.job_config import AttnMaskType
+
 
 @dataclass(frozen=True)
 class RopeScaling:
@@ -16,6 +18,15 @@ class RopeScaling:
 
 @dataclass(frozen=True)
 class ModelArgs:
+    """A flavor's numbers, plus how attention is masked.
+
+    ``attn_mask_type`` and ``eos_id`` live here, as in TorchTitan, rather than being passed
+    with every call: every copy of the model (pipeline stages are deep copies) then masks
+    alike, and a caller that hands the first stage tokens (training, evaluation,
+    ``forward_logits``) gets the same attention without knowing about masks. They change
+    no weight, so checkpoints leave them out (``training/checkpoint.py``).
+    """
+
     dim: int
     n_layers: int
     n_heads: int
@@ -30,6 +41,8 @@ class ModelArgs:
     max_seq_len: int
     rope_scaling: Optional[RopeScaling] = None
     init_std: float = 0.02
+    attn_mask_type: AttnMaskType = "causal"
+    eos_id: Optional[int] = None  # block_causal: the token that ends a document (the tokenizer's EOS)
 
     def num_params(self) -> int:
         """Parameters as published: a tied embedding counts once."""

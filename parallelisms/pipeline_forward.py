@@ -44,7 +44,8 @@ def pipeline_forward(parts: list[nn.Module], plan: PipelinePlan, pp_group: dist.
     for stage, m in entries:
         tokens = microbatches[m]
         if stage in here:
-            hidden = here[stage](tokens if stage == 0 else inputs.pop((stage, m)))
+            part = here[stage]
+            hidden = part(tokens if stage == 0 else inputs.pop((stage, m)), **part.stage_kwargs(tokens))
             if stage == last:
                 last_stage(hidden, tokens)
             elif stage + 1 in here:

@@ -33,6 +33,7 @@ def test_cli_overrides_in_both_forms():
     (["--training.steps", "0"], "training.steps", "positive"),
     (["--model.flavor", "70B"], "model.flavor", "choose one of"),
     (["--model.name", "qwen"], "model.name", "did you mean 'qwen3'"),
+    (["--model.attn_mask_type", "document"], "model.attn_mask_type", "'block_causal'"),
     (["--parallelism.pipeline_parallel_schedule", "1f1b"], "parallelism.pipeline_parallel_schedule", "1F1B"),
     (["--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option", "x"],
      "activation_checkpoint.selective_ac_option", "positive integer"),

@@ -111,8 +111,10 @@ def check_writable(folder: Path, key: str) -> None:
 
 
 def model_fingerprint(args: ModelArgs) -> dict[str, str]:
-    """What a checkpoint must have been written for: every ``ModelArgs`` field but the RoPE table length."""
-    return {k: str(v) for k, v in vars(replace(args, max_seq_len=0)).items()}
+    """What a checkpoint must have been written for: every ``ModelArgs`` field but the RoPE table length
+    and the attention mask, which are no property of the weights (and leaving the mask out keeps the
+    fingerprint of checkpoints written before it existed)."""
+    return {k: str(v) for k, v in vars(replace(args, max_seq_len=0)).items() if k not in ("attn_mask_type", "eos_id")}
 
 
 def _starts_items(file: Path, offsets: list[int]) -> bool:

@@ -88,8 +88,10 @@ class TrainStep:
             loss.backward()
             return loss.detach().double()
         losses: list[torch.Tensor] = []
+        # Every stage gets its microbatch's share of stage_kwargs (block_causal: document ids).
         self.schedule.step(*((micro,) if self.has_first_stage else ()),
-                           target=micro if self.head is not None else None, losses=losses)
+                           target=micro if self.head is not None else None, losses=losses,
+                           **self.parts[0].stage_kwargs(micro))
         return sum(loss.detach().double() for loss in losses) if losses else torch.zeros((), dtype=torch.float64,
                                                                                          device=micro.device)
 
