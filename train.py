@@ -50,10 +50,12 @@ logger = logging.getLogger("train")
 # torchdata 0.11 calls an API that torch >= 2.12 deprecates; nothing for a user to act on.
 warnings.filterwarnings("ignore", message=".*set_vital.*")
 
-_OOM_ADVICE = ("out of GPU memory; to use less: a smaller training.local_batch_size (with global_batch_size kept, "
-               "gradient accumulation makes up the rest) or parallelism.pipeline_parallel_microbatch_size, "
-               "activation_checkpoint.mode = 'full', loss.name = 'cce' (no logits), "
-               "parallelism.vocab_parallel = true (classifier never gathered), or more ranks in the layout")
+_OOM_ADVICE = (
+    "out of GPU memory; to use less: a smaller training.local_batch_size (with global_batch_size kept, "
+    "gradient accumulation makes up the rest) or parallelism.pipeline_parallel_microbatch_size, "
+    "activation_checkpoint.mode = 'full', loss.name = 'cce' (no logits), "
+    "parallelism.vocab_parallel = true (classifier never gathered), or more ranks in the layout"
+)
 
 
 @dataclass
@@ -91,8 +93,11 @@ def train(cfg: JobConfig, faults: Optional[FaultWatch] = None) -> TrainResult:
     # block_causal masks at the data's EOS: the tokenizer's, known only now.
     model_args = replace(model_args, attn_mask_type=cfg.model.attn_mask_type, eos_id=tokenizer.eos_id)
 
-    validation_set = build_validation_set(cfg, model_args.vocab_size, global_batch, dp_mesh.get_local_rank(),
-                                          dims.dp) if cfg.validation.enable else None
+    validation_set = (
+        build_validation_set(cfg, model_args.vocab_size, global_batch, dp_mesh.get_local_rank(), dims.dp)
+        if cfg.validation.enable
+        else None
+    )
 
     # The model, built on the meta device: nothing is allocated until each rank holds only its shard.
     with torch.device("meta"):
@@ -107,30 +112,50 @@ def train(cfg: JobConfig, faults: Optional[FaultWatch] = None) -> TrainResult:
         part.train()
 
     loss = _build_training_loss(cfg, parts, mesh, dp_mesh, device, compute_dtype)
-    tied = TiedEmbeddingSync(parts, plan, mesh) \
-        if (plan or cfg.parallelism.vocab_parallel) and model_args.tie_word_embeddings else None
-    schedule = build_schedule(parts, plan, cfg.parallelism.pipeline_parallel_schedule, mesh["pp"].get_group(),
-                              device, loss) if plan else None
+    tied = (
+        TiedEmbeddingSync(parts, plan, mesh)
+        if (plan or cfg.parallelism.vocab_parallel) and model_args.tie_word_embeddings
+        else None
+    )
+    schedule = (
+        build_schedule(parts, plan, cfg.parallelism.pipeline_parallel_schedule, mesh["pp"].get_group(), device, loss)
+        if plan
+        else None
+    )
     # One optimizer and LR schedule per stage (TorchTitan's layout): checkpoints key their state by parameter name.
     optimizers = [build_optimizer(list(part.parameters()), cfg.optimizer, device) for part in parts]
     schedulers = [build_lr_scheduler(opt, t.steps, cfg.lr_scheduler) for opt in optimizers]
     train_step = TrainStep(cfg, dims, parts, schedule, loss, optimizers, schedulers, tied, mesh, dp_mesh.get_group())
-    validator = Validator(cfg, parts, plan, loss.loss_sum, validation_set, mesh, dp_mesh.get_group(),
-                          compute_dtype) if validation_set is not None else None
+    validator = (
+        Validator(cfg, parts, plan, loss.loss_sum, validation_set, mesh, dp_mesh.get_group(), compute_dtype)
+        if validation_set is not None
+        else None
+    )
 
-    checkpoint = CheckpointManager(cfg.checkpoint, cfg.job.dump_folder, parts, optimizers, schedulers, dataloader,
-                                   cfg.model.name, model_args)
+    checkpoint = CheckpointManager(
+        cfg.checkpoint, cfg.job.dump_folder, parts, optimizers, schedulers, dataloader, cfg.model.name, model_args
+    )
     start_step = checkpoint.load()
-    metrics = MetricsLogger(cfg.job.dump_folder, cfg.metrics.enable_tensorboard, active=rank == 0,
-                            append=start_step > 0)
+    metrics = MetricsLogger(
+        cfg.job.dump_folder, cfg.metrics.enable_tensorboard, active=rank == 0, append=start_step > 0
+    )
     if rank == 0:
-        logger.info(f"{cfg.model.name} {cfg.model.flavor}: {model_args.num_params() / 1e6:,.1f}M parameters, vocab "
-                    f"{model_args.vocab_size:,}; world {world_size} = pp {dims.pp} x dp_replicate {dims.dp_replicate}"
-                    f" x dp_shard {dims.dp_shard}; device {device}; params {param_dtype}")
-        logger.info(f"global batch {global_batch} x {t.seq_len} tokens, "
-                    f"{global_batch // (t.local_batch_size * dims.dp)} accumulation step(s)")
-        choice = choose_loss(cfg.loss.name, _loss_options(cfg), device_type=device.type,
-                             dtype=compute_dtype, vocab_parallel=cfg.parallelism.vocab_parallel)
+        logger.info(
+            f"{cfg.model.name} {cfg.model.flavor}: {model_args.num_params() / 1e6:,.1f}M parameters, vocab "
+            f"{model_args.vocab_size:,}; world {world_size} = pp {dims.pp} x dp_replicate {dims.dp_replicate}"
+            f" x dp_shard {dims.dp_shard}; device {device}; params {param_dtype}"
+        )
+        logger.info(
+            f"global batch {global_batch} x {t.seq_len} tokens, "
+            f"{global_batch // (t.local_batch_size * dims.dp)} accumulation step(s)"
+        )
+        choice = choose_loss(
+            cfg.loss.name,
+            _loss_options(cfg),
+            device_type=device.type,
+            dtype=compute_dtype,
+            vocab_parallel=cfg.parallelism.vocab_parallel,
+        )
         logger.info(f"loss: {choice.describe(cfg.parallelism.vocab_parallel)}")
 
     flops_per_token, peak = model_args.flops_per_token(t.seq_len), peak_flops(device)
@@ -153,13 +178,21 @@ def train(cfg: JobConfig, faults: Optional[FaultWatch] = None) -> TrainResult:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 tps = window_tokens / (time.perf_counter() - window_start) / world_size
-                metrics.log(step, t.steps, {
-                    "loss": outcome.loss, "lr": outcome.lr, "grad_norm": outcome.grad_norm,
-                    "tokens_per_second": tps, "mfu_percent": 100 * flops_per_token * tps / peak if peak else None,
-                    "peak_memory_gib": peak_memory_gib(device),
-                    **(pipeline_peak_memory(device, mesh["pp"].get_group()) if plan else {}),
-                }, eta_seconds=(time.perf_counter() - run_start) / (step - start_step) * (t.steps - step),
-                    note="" if outcome.updated else "update skipped (training.nonfinite_policy = 'skip')")
+                metrics.log(
+                    step,
+                    t.steps,
+                    {
+                        "loss": outcome.loss,
+                        "lr": outcome.lr,
+                        "grad_norm": outcome.grad_norm,
+                        "tokens_per_second": tps,
+                        "mfu_percent": 100 * flops_per_token * tps / peak if peak else None,
+                        "peak_memory_gib": peak_memory_gib(device),
+                        **(pipeline_peak_memory(device, mesh["pp"].get_group()) if plan else {}),
+                    },
+                    eta_seconds=(time.perf_counter() - run_start) / (step - start_step) * (t.steps - step),
+                    note="" if outcome.updated else "update skipped (training.nonfinite_policy = 'skip')",
+                )
                 window_start, window_tokens = time.perf_counter(), 0
             if validator is not None and validator.due(step):
                 validation_start = time.perf_counter()
@@ -191,7 +224,9 @@ def _model_args(cfg: JobConfig):
     """The flavor's hyperparameters with the recipe's vocabulary and RoPE table length."""
     args = build_model_args(cfg.model.name, cfg.model.flavor, cfg.model.vocab_size)
     if cfg.training.seq_len > args.max_seq_len:
-        raise ConfigError("training.seq_len", f"{cfg.training.seq_len} exceeds the flavor's {args.max_seq_len} positions")
+        raise ConfigError(
+            "training.seq_len", f"{cfg.training.seq_len} exceeds the flavor's {args.max_seq_len} positions"
+        )
     return replace(args, max_seq_len=cfg.training.seq_len)
 
 
@@ -212,21 +247,29 @@ def _build_tokenizer(cfg: JobConfig, vocab_size: int) -> Tokenizer:
     return tokenizer
 
 
-def _build_data(cfg: JobConfig, tokenizer: Tokenizer, vocab_size: int, global_batch: int, dp_mesh,
-                dims: ParallelDims):
+def _build_data(cfg: JobConfig, tokenizer: Tokenizer, vocab_size: int, global_batch: int, dp_mesh, dims: ParallelDims):
     """This rank's resumable loader of its share of every global batch."""
     t = cfg.training
     try:
-        return build_dataloader(dataset=t.dataset, dataset_path=t.dataset_path, tokenizer=tokenizer,
-                                seq_len=t.seq_len, global_batch_size=global_batch,
-                                dp_rank=dp_mesh.get_local_rank(), dp_degree=dims.dp, seed=t.seed,
-                                vocab_size=vocab_size, text_column=t.dataset_text_column)
+        return build_dataloader(
+            dataset=t.dataset,
+            dataset_path=t.dataset_path,
+            tokenizer=tokenizer,
+            seq_len=t.seq_len,
+            global_batch_size=global_batch,
+            dp_rank=dp_mesh.get_local_rank(),
+            dp_degree=dims.dp,
+            seed=t.seed,
+            vocab_size=vocab_size,
+            text_column=t.dataset_text_column,
+        )
     except ValueError as err:
         raise ConfigError("training.dataset_path", str(err)) from None
 
 
-def _build_training_loss(cfg: JobConfig, parts, mesh, dp_mesh, device: torch.device,
-                         dtype: torch.dtype) -> GlobalTokenMeanLoss:
+def _build_training_loss(
+    cfg: JobConfig, parts, mesh, dp_mesh, device: torch.device, dtype: torch.dtype
+) -> GlobalTokenMeanLoss:
     """The recipe's loss on the last stage's hidden states, normalized by the global batch's tokens.
 
     Pipeline ranks without the last stage get one too (the schedule needs a loss on every rank).
@@ -235,8 +278,15 @@ def _build_training_loss(cfg: JobConfig, parts, mesh, dp_mesh, device: torch.dev
     loss_sum = None
     if head is not None:
         vp = cfg.parallelism.vocab_parallel
-        loss_sum = build_loss(cfg.loss.name, head, _loss_options(cfg), reduction="sum", device=device, dtype=dtype,
-                              vocab_group=mesh[cfg.parallelism.vocab_parallel_mesh_dim].get_group() if vp else None)
+        loss_sum = build_loss(
+            cfg.loss.name,
+            head,
+            _loss_options(cfg),
+            reduction="sum",
+            device=device,
+            dtype=dtype,
+            vocab_group=mesh[cfg.parallelism.vocab_parallel_mesh_dim].get_group() if vp else None,
+        )
     return GlobalTokenMeanLoss(loss_sum, dp_mesh.get_group())
 
 

@@ -48,9 +48,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from losses import LOSS_NAMES, build_loss  # noqa: E402
-from models.output_head import OutputHead  # noqa: E402
-from config.errors import ConfigError  # noqa: E402
+from config.errors import ConfigError
+from losses import LOSS_NAMES, build_loss
+from models.output_head import OutputHead
 
 try:
     import triton.testing
@@ -67,11 +67,13 @@ SHAPES = {  # key: (name, dim, vocab)
     "gemma2_2b": ("Gemma-2-2B", 2304, 256000),
 }
 SMOKE_SHAPE, SMOKE_TOKENS = ("tiny", 64, 1000), 256
-BASELINES = {"materialized_eager": "materialized (eager)",
-             "materialized_compile": "materialized (torch.compile)",
-             "liger": "Liger-Kernel FLCE",
-             "torchtitan_chunks": "TorchTitan-style 8 chunks",
-             "torch_linear_ce": "F.linear_cross_entropy"}
+BASELINES = {
+    "materialized_eager": "materialized (eager)",
+    "materialized_compile": "materialized (torch.compile)",
+    "liger": "Liger-Kernel FLCE",
+    "torchtitan_chunks": "TorchTitan-style 8 chunks",
+    "torch_linear_ce": "F.linear_cross_entropy",
+}
 PEER_CHUNKS = 8
 
 
@@ -116,8 +118,9 @@ def torch_linear_ce(weight):
     if not hasattr(F, "linear_cross_entropy"):
         raise Unavailable(f"torch {torch.__version__} has no F.linear_cross_entropy (2.13 has)")
     options = torch.nn.LinearCrossEntropyOptions()
-    return lambda hidden, labels: F.linear_cross_entropy(hidden[0], weight, shifted_targets(labels),
-                                                         ignore_index=IGNORE_INDEX, options=options)
+    return lambda hidden, labels: F.linear_cross_entropy(
+        hidden[0], weight, shifted_targets(labels), ignore_index=IGNORE_INDEX, options=options
+    )
 
 
 @dataclasses.dataclass
@@ -182,7 +185,7 @@ def reference(hidden, weight, labels, with_grads):
     gh = torch.zeros_like(h) if with_grads else None
     gw = torch.zeros_like(w) if with_grads else None
     for s in range(0, n, REF_CHUNK):
-        e, t = min(s + REF_CHUNK, n), targets[s:s + REF_CHUNK]
+        e, t = min(s + REF_CHUNK, n), targets[s : s + REF_CHUNK]
         logits = h[s:e] @ w.T
         lse = logits.logsumexp(-1)
         total += (lse - logits.gather(1, t[:, None])[:, 0]).sum(dtype=torch.float64)
@@ -243,9 +246,11 @@ def bench_case(name, head, n, args, device, skipped):
         loss, gh, gw = reference(hidden, head.weight, labels, check_grads)
     ref = {"loss": loss, "grad_hidden": gh, "grad_weight": gw}
     grads_mib = (hidden.numel() + head.weight.numel()) * hidden.element_size() / 2**20
-    print(f"\n== {name} D={dim} V={vocab} N={n}: mm {mm_ms:.3f} ms "
-          f"({2 * n * dim * vocab / mm_ms / 1e9:.0f} TFLOP/s); floor fwd {mm_ms:.3f} ms, "
-          f"fwd_bwd {3 * mm_ms:.3f} ms; grads {grads_mib:.0f} MiB; ref loss {loss:.6f}")
+    print(
+        f"\n== {name} D={dim} V={vocab} N={n}: mm {mm_ms:.3f} ms "
+        f"({2 * n * dim * vocab / mm_ms / 1e9:.0f} TFLOP/s); floor fwd {mm_ms:.3f} ms, "
+        f"fwd_bwd {3 * mm_ms:.3f} ms; grads {grads_mib:.0f} MiB; ref loss {loss:.6f}"
+    )
     print(fmt_header())
     for mode in args.modes:
         for p in (hidden, head.weight):
@@ -281,18 +286,24 @@ def bench_case(name, head, n, args, device, skipped):
 
 
 COLUMNS = [  # (key, header, width, format)
-    ("shape", "shape", 11, "s"), ("tokens", "tokens", 6, "d"), ("mode", "mode", 7, "s"),
-    ("loss", "loss", 28, "s"), ("ms", "ms", 9, ".3f"), ("x_floor", "xfloor", 6, ".2f"),
-    ("mib", "MiB", 9, ".1f"), ("rel_err", "rel_err", 8, ".1e"), ("gh_err", "gh_err", 8, ".1e"),
-    ("gw_err", "gw_err", 8, ".1e"), ("ok", "ok", 5, "s"),
+    ("shape", "shape", 11, "s"),
+    ("tokens", "tokens", 6, "d"),
+    ("mode", "mode", 7, "s"),
+    ("loss", "loss", 28, "s"),
+    ("ms", "ms", 9, ".3f"),
+    ("x_floor", "xfloor", 6, ".2f"),
+    ("mib", "MiB", 9, ".1f"),
+    ("rel_err", "rel_err", 8, ".1e"),
+    ("gh_err", "gh_err", 8, ".1e"),
+    ("gw_err", "gw_err", 8, ".1e"),
+    ("ok", "ok", 5, "s"),
 ]
 LEFT = ("shape", "mode", "loss")
 
 
 def fmt_row(row):
     cells = [format(row[k], f) if row.get(k) is not None else "-" for k, _, _, f in COLUMNS]
-    return " ".join(c.ljust(w) if k in LEFT else c.rjust(w)
-                    for c, (k, _, w, _) in zip(cells, COLUMNS))
+    return " ".join(c.ljust(w) if k in LEFT else c.rjust(w) for c, (k, _, w, _) in zip(cells, COLUMNS))
 
 
 def fmt_header():
@@ -307,16 +318,21 @@ def versions(device):
             return "absent"
 
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "none (CPU smoke)"
-    return {"torch": torch.__version__, "cuda": torch.version.cuda, "triton": dist("triton"),
-            "cut_cross_entropy": dist("cut-cross-entropy"), "liger_kernel": dist("liger-kernel"), "gpu": gpu}
+    return {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": dist("triton"),
+        "cut_cross_entropy": dist("cut-cross-entropy"),
+        "liger_kernel": dist("liger-kernel"),
+        "gpu": gpu,
+    }
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     names = lambda s: [x for x in s.split(",") if x]  # noqa: E731
     ints = lambda s: [int(x) for x in names(s)]  # noqa: E731
-    choices = {"--shapes": list(SHAPES), "--losses": [*BASELINES, *LOSS_NAMES],
-               "--modes": ["fwd", "fwd_bwd"]}
+    choices = {"--shapes": list(SHAPES), "--losses": [*BASELINES, *LOSS_NAMES], "--modes": ["fwd", "fwd_bwd"]}
     for flag, known in choices.items():
         p.add_argument(flag, type=names, default=known, help=f"subset of {','.join(known)}")
     p.add_argument("--tokens", type=ints, default=[8192, 32768], help="token counts N")
@@ -334,14 +350,15 @@ def parse_args():
 def print_header(env, args, dtype):
     print("versions: " + ", ".join(f"{k} {v}" for k, v in env.items()))
     print(f"command: python {' '.join(sys.argv)}")
-    print(f"dtype {dtype}, batch 1 x N tokens (the loss shifts the labels), "
-          f"logits std {args.logit_std}")
+    print(f"dtype {dtype}, batch 1 x N tokens (the loss shifts the labels), logits std {args.logit_std}")
     print("ms: median of repeated calls after warm-up; xfloor: ms / floor, where floor = one mm")
     print("  [N,D]x[D,V] (2NDV flops) for fwd and three (6NDV) for fwd_bwd")
     print("MiB: peak allocated by one call beyond the inputs, INCLUDING the new .grad of hidden")
     print("  and weight in fwd_bwd (their size is the 'grads' figure of each shape)")
-    print(f"FAIL: loss rel_err > {LOSS_TOL:g} vs an fp32 chunked reference, or gh_err/gw_err > "
-          f"{GRAD_TOL:g} (grads checked in fwd_bwd for N <= {GRAD_CHECK_MAX_TOKENS})")
+    print(
+        f"FAIL: loss rel_err > {LOSS_TOL:g} vs an fp32 chunked reference, or gh_err/gw_err > "
+        f"{GRAD_TOL:g} (grads checked in fwd_bwd for N <= {GRAD_CHECK_MAX_TOKENS})"
+    )
 
 
 def main():

@@ -31,18 +31,28 @@ import torch
 from torch import nn
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
-from loss_bench import bench_ms, versions  # noqa: E402
-from losses import build_loss  # noqa: E402
-from models import build_model_args  # noqa: E402
-from models.output_head import OutputHead  # noqa: E402
-from models.rope import rope_cos_sin  # noqa: E402
-from models.transformer import TransformerBlock  # noqa: E402
-from parallelisms.activation_checkpoint import apply_activation_checkpointing  # noqa: E402
-from parallelisms.compile import apply_compile  # noqa: E402
-from parallelisms.pipeline_cost import (MEASURED, StageCostInputs, embedding_bytes, head_flops,  # noqa: E402
-                                        head_time, layer_flops, logits_bytes, norm_bytes, recomputed_blocks,
-                                        stage_time)
-from config.job_config import ActivationCheckpoint  # noqa: E402
+from loss_bench import bench_ms, versions
+
+from config.job_config import ActivationCheckpoint
+from losses import build_loss
+from models import build_model_args
+from models.output_head import OutputHead
+from models.rope import rope_cos_sin
+from models.transformer import TransformerBlock
+from parallelisms.activation_checkpoint import apply_activation_checkpointing
+from parallelisms.compile import apply_compile
+from parallelisms.pipeline_cost import (
+    MEASURED,
+    StageCostInputs,
+    embedding_bytes,
+    head_flops,
+    head_time,
+    layer_flops,
+    logits_bytes,
+    norm_bytes,
+    recomputed_blocks,
+    stage_time,
+)
 
 DTYPE = torch.bfloat16
 LOSSES = ("chunked", "cce", "cross_entropy", "cce_torch_compile")
@@ -124,10 +134,12 @@ def rates(c: StageCostInputs, ms: dict[str, float]) -> dict[str, float]:
     """What each piece achieved on the work the cost model assigns it (TFLOP/s or GB/s)."""
     a, t = c.model, c.tokens
     fwd, bwd = layer_flops(a, c.seq_len, t)
-    out = {"layer_tflops": (fwd + bwd + recomputed_blocks(c, 1) * fwd) / ms["layer"] / 1e9,
-           "embedding_gbs": sum(embedding_bytes(a, t)) / ms["embedding"] / 1e6,
-           "norm_gbs": sum(norm_bytes(a, t)) / ms["norm"] / 1e6,
-           "head_matmul_tflops": 2 * t * a.dim * a.vocab_size / ms["head_gemm"] / 1e9}
+    out = {
+        "layer_tflops": (fwd + bwd + recomputed_blocks(c, 1) * fwd) / ms["layer"] / 1e9,
+        "embedding_gbs": sum(embedding_bytes(a, t)) / ms["embedding"] / 1e6,
+        "norm_gbs": sum(norm_bytes(a, t)) / ms["norm"] / 1e6,
+        "head_matmul_tflops": 2 * t * a.dim * a.vocab_size / ms["head_gemm"] / 1e9,
+    }
     for loss in ("chunked", "cce", "cce_torch_compile"):
         if loss in ms:
             out[f"{loss}_tflops"] = sum(head_flops(a, loss, t)) / ms[loss] / 1e9
@@ -139,29 +151,46 @@ def rates(c: StageCostInputs, ms: dict[str, float]) -> dict[str, float]:
 def predicted(c: StageCostInputs, losses) -> dict[str, float]:
     """The current constants' prediction of each piece, ms."""
     middle = stage_time(c, 1, False, False).total_ms
-    out = {"layer": middle, "embedding": stage_time(c, 1, True, False).total_ms - middle,
-           "norm": sum(norm_bytes(c.model, c.tokens)) / c.rates.norm_gbs / 1e6,
-           "head_gemm": 2 * c.tokens * c.model.dim * c.model.vocab_size / c.rates.head_matmul_tflops / 1e9}
+    out = {
+        "layer": middle,
+        "embedding": stage_time(c, 1, True, False).total_ms - middle,
+        "norm": sum(norm_bytes(c.model, c.tokens)) / c.rates.norm_gbs / 1e6,
+        "head_gemm": 2 * c.tokens * c.model.dim * c.model.vocab_size / c.rates.head_matmul_tflops / 1e9,
+    }
     for loss in losses:
         out[loss] = head_time(dataclasses.replace(c, loss=loss)).total_ms
     return out
 
 
 def report(c: StageCostInputs, ms: dict, achieved: dict, model: dict, title: str) -> list[str]:
-    unit = {"layer": "layer_tflops", "embedding": "embedding_gbs", "norm": "norm_gbs",
-            "head_gemm": "head_matmul_tflops", "chunked": "chunked_tflops", "cce": "cce_tflops",
-            "cce_torch_compile": "cce_torch_compile_tflops", "cross_entropy": "logits_gbs"}
+    unit = {
+        "layer": "layer_tflops",
+        "embedding": "embedding_gbs",
+        "norm": "norm_gbs",
+        "head_gemm": "head_matmul_tflops",
+        "chunked": "chunked_tflops",
+        "cce": "cce_tflops",
+        "cce_torch_compile": "cce_torch_compile_tflops",
+        "cross_entropy": "logits_gbs",
+    }
     lines = [title, f"{'piece (fw + bw)':<32}{'ms':>9}{'layers':>8}{'achieved':>16}{'model now':>11}"]
     for piece, value in ms.items():
         key = unit[piece]
-        rate = f"{achieved[key]:,.0f} {key.rsplit('_', 1)[1].replace('gbs', 'GB/s').replace('tflops', 'TFLOP/s')}" \
-            if key in achieved else "-"
+        rate = (
+            f"{achieved[key]:,.0f} {key.rsplit('_', 1)[1].replace('gbs', 'GB/s').replace('tflops', 'TFLOP/s')}"
+            if key in achieved
+            else "-"
+        )
         label = {"head_gemm": "head GEMM [T,D]x[D,V] (fw)", "cross_entropy": "head + cross_entropy (traffic)"}.get(
-            piece, piece if piece in ("layer", "embedding", "norm") else f"head + {piece}")
+            piece, piece if piece in ("layer", "embedding", "norm") else f"head + {piece}"
+        )
         lines.append(f"{label:<32}{value:>9.3f}{value / ms['layer']:>8.3f}{rate:>16}{model[piece]:>11.3f}")
     new = dataclasses.replace(MEASURED, **achieved)
-    lines += ["", "constants for parallelisms/pipeline_cost.py (collective_gbs kept: one GPU cannot time it):",
-              "MEASURED = " + repr(dataclasses.replace(new, **{k: round(v) for k, v in dataclasses.asdict(new).items()}))]
+    lines += [
+        "",
+        "constants for parallelisms/pipeline_cost.py (collective_gbs kept: one GPU cannot time it):",
+        "MEASURED = " + repr(dataclasses.replace(new, **{k: round(v) for k, v in dataclasses.asdict(new).items()})),
+    ]
     for loss in [piece for piece in ms if piece in LOSSES]:
         lines.append(f"head + {loss} = {ms[loss] / ms['layer']:.2f} decoder layers (fw + bw) measured")
     return lines
@@ -186,20 +215,34 @@ def main() -> None:
         parser.error(f"--losses: unknown {sorted(unknown)}; choose from {','.join(LOSSES)}")
     device = torch.device("cuda")
     mode, option = _AC[args.ac]
-    c = StageCostInputs(build_model_args(args.model, args.flavor), args.seq_len, args.microbatch, "chunked", mode, option)
+    c = StageCostInputs(
+        build_model_args(args.model, args.flavor), args.seq_len, args.microbatch, "chunked", mode, option
+    )
     torch.manual_seed(0)
     env = versions(device)
-    title = (f"{args.model} {args.flavor}, {args.microbatch} x {args.seq_len} tokens, AC {args.ac}, bf16, "
-             f"logit std {args.logit_std}, active vocab {args.active_vocab or 'all'}; "
-             + ", ".join(f"{k} {v}" for k, v in env.items()))
+    title = (
+        f"{args.model} {args.flavor}, {args.microbatch} x {args.seq_len} tokens, AC {args.ac}, bf16, "
+        f"logit std {args.logit_std}, active vocab {args.active_vocab or 'all'}; "
+        + ", ".join(f"{k} {v}" for k, v in env.items())
+    )
     ms = measure(c, device, args.logit_std, args.active_vocab, losses)
     achieved = rates(c, ms)
     model = predicted(c, losses)
     print("\n".join(report(c, ms, achieved, model, title)))
     if args.out:
-        args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, "versions": env, "ms": ms,
-                                        "layers": {k: v / ms["layer"] for k, v in ms.items()},
-                                        "achieved": achieved, "model_now_ms": model}, indent=1))
+        args.out.write_text(
+            json.dumps(
+                {
+                    "args": vars(args) | {"out": str(args.out)},
+                    "versions": env,
+                    "ms": ms,
+                    "layers": {k: v / ms["layer"] for k, v in ms.items()},
+                    "achieved": achieved,
+                    "model_now_ms": model,
+                },
+                indent=1,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -26,9 +26,26 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run(config: str, nproc: int, steps: int, warmup: int, extra: list[str], label: str, log_dir: Path) -> dict:
     dump = Path(tempfile.mkdtemp(prefix="train_bench_"))
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--rdzv_backend", "c10d",
-           "--rdzv_endpoint", "localhost:0", "train.py", "--config", config, "--training.steps", str(steps),
-           "--metrics.log_freq", "1", "--job.dump_folder", str(dump), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--rdzv_backend",
+        "c10d",
+        "--rdzv_endpoint",
+        "localhost:0",
+        "train.py",
+        "--config",
+        config,
+        "--training.steps",
+        str(steps),
+        "--metrics.log_freq",
+        "1",
+        "--job.dump_folder",
+        str(dump),
+        *extra,
+    ]
     print("+", " ".join(cmd), flush=True)
     log_path = log_dir / f"{label}.log"
     with open(log_path, "w") as log:
@@ -56,16 +73,20 @@ def main() -> None:
     parser.add_argument("--nproc", type=int, default=1)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--variants", default="",
-                        help="';'-separated label=overrides, e.g. 'cce=--loss.name cce;ce=--loss.name cross_entropy'")
+    parser.add_argument(
+        "--variants",
+        default="",
+        help="';'-separated label=overrides, e.g. 'cce=--loss.name cce;ce=--loss.name cross_entropy'",
+    )
     parser.add_argument("--log-dir", default=os.environ.get("OUT", "."))
     parser.add_argument("extra", nargs="*", help="overrides applied to every variant (after --)")
     args = parser.parse_args()
     variants = [v.split("=", 1) for v in args.variants.split(";") if v] or [["run", ""]]
     results = []
     for label, overrides in variants:
-        result = run(args.config, args.nproc, args.steps, args.warmup, args.extra + overrides.split(), label,
-                     Path(args.log_dir))
+        result = run(
+            args.config, args.nproc, args.steps, args.warmup, args.extra + overrides.split(), label, Path(args.log_dir)
+        )
         results.append(result)
         print(json.dumps(result), flush=True)
     print(f"\n{args.config}, {args.nproc} process(es), median of steps {args.warmup + 1}..{args.steps}")
@@ -74,8 +95,9 @@ def main() -> None:
         if "error" in r:
             print(f"{r['label']:<24}  FAILED {r['error'][:300]}")
             continue
-        mem = ", ".join(f"{m:.1f}" + (f" {s}" if s else "")
-                        for m, s in zip(r["peak_memory_gib_per_rank"], r["stages_per_rank"]))
+        mem = ", ".join(
+            f"{m:.1f}" + (f" {s}" if s else "") for m, s in zip(r["peak_memory_gib_per_rank"], r["stages_per_rank"])
+        )
         mfu = f"{r['mfu_percent']:.1f}" if r["mfu_percent"] is not None else "-"
         print(f"{r['label']:<24}{r['tokens_per_second_per_gpu']:>12,.0f}{mfu:>8}  {mem}")
 

@@ -47,8 +47,9 @@ def vocab_parallel(e, shard, targets, group):
     options = VocabParallelOptions(rank * rows, (rank + 1) * rows, group, reduce_e_grad=False)
     e_all = gather_rows(e, group)
     t_all = gather_rows(targets, group)
-    loss = vocab_parallel_linear_cross_entropy(e_all, shard.to(torch.bfloat16), t_all, options, reduction="sum",
-                                               impl="cce")
+    loss = vocab_parallel_linear_cross_entropy(
+        e_all, shard.to(torch.bfloat16), t_all, options, reduction="sum", impl="cce"
+    )
     loss.backward()
     return loss
 
@@ -99,14 +100,18 @@ def main() -> None:
         e.grad = shard.grad = None
 
     rows = []
-    for label, fn in [("gathered classifier + cce", lambda: gathered("cce", e, shard, targets, group)),
-                      ("gathered classifier + cross_entropy", lambda: gathered("ce", e, shard, targets, group)),
-                      ("vocab-parallel head (cce kernels)", lambda: vocab_parallel(e, shard, targets, group))]:
+    for label, fn in [
+        ("gathered classifier + cce", lambda: gathered("cce", e, shard, targets, group)),
+        ("gathered classifier + cross_entropy", lambda: gathered("ce", e, shard, targets, group)),
+        ("vocab-parallel head (cce kernels)", lambda: vocab_parallel(e, shard, targets, group)),
+    ]:
         ms, mib = measure(fn, reset)
         rows.append((label, ms, mib))
     if rank == 0:
-        print(f"{n} ranks x {args.tokens} tokens, dim {args.dim}, vocab {args.vocab}, bf16; "
-              f"torch {torch.__version__}, {torch.cuda.get_device_name()}")
+        print(
+            f"{n} ranks x {args.tokens} tokens, dim {args.dim}, vocab {args.vocab}, bf16; "
+            f"torch {torch.__version__}, {torch.cuda.get_device_name()}"
+        )
         print(f"{'loss':<38}{'ms':>9}{'peak extra MiB':>16}")
         for label, ms, mib in rows:
             print(f"{label:<38}{ms:>9.2f}{mib:>16,.0f}")

@@ -46,7 +46,9 @@ class Training:
     mixed_precision_param: Dtype = "bfloat16"
     mixed_precision_reduce: Dtype = "float32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    nonfinite_policy: Literal["stop", "skip"] = "stop"  # a non-finite loss or gradient norm: "stop", or "skip" the update
+    nonfinite_policy: Literal["stop", "skip"] = (
+        "stop"  # a non-finite loss or gradient norm: "stop", or "skip" the update
+    )
     nonfinite_max_skips: int = 10  # with "skip": stop after this many skipped steps
 
 
@@ -134,11 +136,15 @@ class Checkpoint:
     interval: int = 500  # steps between saves; the last step is always saved
     keep_latest_k: int = 0  # 0 keeps every checkpoint
     load_step: int = -1  # -1: resume from the newest complete checkpoint, if any
-    async_mode: Literal["disabled", "async"] = "disabled"  # "async": write in a background thread after a copy to CPU memory
+    async_mode: Literal["disabled", "async"] = (
+        "disabled"  # "async": write in a background thread after a copy to CPU memory
+    )
     initial_load_path: str = ""  # a DCP checkpoint or Hugging Face folder to start from when `folder` has none
     initial_load_model_only: bool = True  # from initial_load_path take only the weights
     last_save_model_only: bool = False  # the final save holds only the weights (for export, not resume)
-    export_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # dtype of the weights in a model-only final save
+    export_dtype: Literal["float32", "bfloat16", "float16"] = (
+        "float32"  # dtype of the weights in a model-only final save
+    )
 
 
 @dataclass

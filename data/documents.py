@@ -28,9 +28,13 @@ def input_files(path: Path, suffix: str) -> list[Path]:
     if path.is_dir():
         files = sorted(p for p in path.glob(f"*{suffix}") if p.is_file())
         if not files:
-            raise ValueError(f"{path}: folder holds no *{suffix} files; put the data there or point dataset_path at a file")
+            raise ValueError(
+                f"{path}: folder holds no *{suffix} files; put the data there or point dataset_path at a file"
+            )
         return files
-    raise ValueError(f"{path}: no such file or folder; set dataset_path to an existing file or folder (relative to {Path.cwd()})")
+    raise ValueError(
+        f"{path}: no such file or folder; set dataset_path to an existing file or folder (relative to {Path.cwd()})"
+    )
 
 
 def utf8_lines(path: Path) -> Iterator[tuple[int, str, int]]:
@@ -88,8 +92,8 @@ def jsonl_file_documents(path: Path, text_column: str) -> Documents:
         text = record.get(text_column) if isinstance(record, dict) else None
         if not isinstance(text, str):
             raise ValueError(
-                f"{path}: line {line_no} has no string \"{text_column}\" field; each line must look like "
-                f"{{\"{text_column}\": \"...\"}} (dataset_text_column names the field)"
+                f'{path}: line {line_no} has no string "{text_column}" field; each line must look like '
+                f'{{"{text_column}": "..."}} (dataset_text_column names the field)'
             )
         yield text, offset
 

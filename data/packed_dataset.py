@@ -48,8 +48,11 @@ class PackedWindowDataset(IterableDataset):
     def local_batch(self, step: int) -> dict[str, torch.Tensor]:
         first = step * self.global_batch_size + self.dp_rank * self.local_batch_size
         sequence_indices = np.arange(first, first + self.local_batch_size, dtype=np.int64)
-        rows = windows_for(sequence_indices, len(self.windows), self.seed) if self.shuffle \
+        rows = (
+            windows_for(sequence_indices, len(self.windows), self.seed)
+            if self.shuffle
             else sequence_indices % len(self.windows)
+        )
         return {"input_ids": torch.from_numpy(np.asarray(self.windows[rows], dtype=np.int64))}
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -65,7 +68,9 @@ class PackedWindowDataset(IterableDataset):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         saved = state["fingerprint"]
         changed = [
-            f"{key}: saved {saved.get(key)!r}, now {value!r}" for key, value in self.fingerprint.items() if saved.get(key) != value
+            f"{key}: saved {saved.get(key)!r}, now {value!r}"
+            for key, value in self.fingerprint.items()
+            if saved.get(key) != value
         ]
         if changed:
             raise ValueError(

@@ -30,8 +30,11 @@ def check_parquet_files(files: list[Path], text_column: str) -> None:
                 "set dataset_text_column (--text_column for scripts.pretokenize) to the column holding the text"
             )
         column_type = schema.field(text_column).type
-        if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)
-                or pa.types.is_string_view(column_type)):
+        if not (
+            pa.types.is_string(column_type)
+            or pa.types.is_large_string(column_type)
+            or pa.types.is_string_view(column_type)
+        ):
             raise ValueError(
                 f"{file}: column {text_column!r} holds {column_type}, not strings; "
                 "set dataset_text_column (--text_column for scripts.pretokenize) to the column holding the text"

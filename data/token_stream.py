@@ -6,8 +6,14 @@ from typing import Iterator
 
 import numpy as np
 
-from data.documents import (DocumentBatch, across_files, in_batches, input_files, jsonl_file_documents,
-                            text_file_documents)
+from data.documents import (
+    DocumentBatch,
+    across_files,
+    in_batches,
+    input_files,
+    jsonl_file_documents,
+    text_file_documents,
+)
 from data.parquet_documents import check_parquet_files, parquet_file_documents
 from data.tokenizer import Tokenizer
 
@@ -30,8 +36,13 @@ def load_token_stream(
     tokenize the corpus once.
     """
     files = [token_file(path)] if dataset == "tokens" else input_files(path, DOCUMENT_SUFFIXES[dataset])
-    key = (dataset, tokenizer.name, vocab_size, text_column,
-           *((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+    key = (
+        dataset,
+        tokenizer.name,
+        vocab_size,
+        text_column,
+        *((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files),
+    )
     if key not in _streams:
         if dataset == "tokens":
             _streams[key] = map_token_file(path, vocab_size)
@@ -73,7 +84,7 @@ def token_file(path: Path) -> Path:
     """``path``, which must be one file: a token dataset is never a folder."""
     if not path.is_file():
         raise ValueError(
-            f"{path}: no such file; dataset = \"tokens\" needs dataset_path to be one flat uint32 token file "
+            f'{path}: no such file; dataset = "tokens" needs dataset_path to be one flat uint32 token file '
             f"(relative to {Path.cwd()})"
         )
     return path
@@ -85,7 +96,9 @@ def map_token_file(path: Path, vocab_size: int) -> np.ndarray:
     if size == 0:
         raise ValueError(f"{path}: empty file (no tokens); write the token ids as little-endian uint32")
     if size % 4:
-        raise ValueError(f"{path}: size {size} bytes is not a multiple of 4; a tokens file holds little-endian uint32 token ids")
+        raise ValueError(
+            f"{path}: size {size} bytes is not a multiple of 4; a tokens file holds little-endian uint32 token ids"
+        )
     tokens = np.memmap(path, dtype="<u4", mode="r")
     for start in range(0, len(tokens), TOKEN_CHECK_CHUNK):
         chunk = tokens[start : start + TOKEN_CHECK_CHUNK]

@@ -47,7 +47,7 @@ class HFTokenizer:
         except ImportError as e:
             raise ImportError(
                 f"loading {path} needs the 'tokenizers' library: pip install tokenizers "
-                "(or use tokenizer = \"bytes\", which needs nothing)"
+                '(or use tokenizer = "bytes", which needs nothing)'
             ) from e
         self.path = Path(path)
         try:
@@ -97,6 +97,6 @@ def build_tokenizer(spec: str, eos_token: str = "") -> Tokenizer:
     if path.is_file() and path.name.endswith(".json"):
         return HFTokenizer(path, eos_token)
     raise ValueError(
-        f"tokenizer {spec!r}: expected \"bytes\", a path to a Hugging Face tokenizer.json, "
+        f'tokenizer {spec!r}: expected "bytes", a path to a Hugging Face tokenizer.json, '
         "or a folder containing tokenizer.json"
     )

@@ -21,8 +21,14 @@ The classifier is ``c`` ``[V, D]`` (or a shard of its rows) everywhere in this l
 
 from losses.base import OutputLoss
 from losses.kernels.chunked import chunked_linear_cross_entropy
-from losses.registry import (LOSS_NAMES, build_loss, choose_loss, loss_option_names, recipe_options,
-                             validate_loss_options)
+from losses.registry import (
+    LOSS_NAMES,
+    build_loss,
+    choose_loss,
+    loss_option_names,
+    recipe_options,
+    validate_loss_options,
+)
 from losses.resolve import LossChoice, resolve_loss
 from losses.vocab_parallel import VocabParallelOptions, vocab_parallel_linear_cross_entropy
 

@@ -25,9 +25,7 @@ def shift_targets(labels: Tensor, shift: int, ignore_index: int) -> Tensor:
     return torch.cat([labels[..., shift:], pad], dim=-1)
 
 
-def linear_logits(
-    hidden: Tensor, weight: Tensor, bias: Optional[Tensor] = None, softcap: float = 0.0
-) -> Tensor:
+def linear_logits(hidden: Tensor, weight: Tensor, bias: Optional[Tensor] = None, softcap: float = 0.0) -> Tensor:
     """``hidden @ weight.T (+ bias)`` in at least fp32, then softcapped when ``softcap > 0``.
 
     The GEMM runs in the input dtype (it accumulates in fp32 on GPUs); its output is

@@ -63,8 +63,16 @@ def recipe_options(loss: Loss, compile_loss: bool) -> dict:
     return options
 
 
-def build_loss(name: str, head: nn.Module, options: dict, *, reduction: str = "mean", device: torch.device,
-               dtype: Optional[torch.dtype] = None, vocab_group: Optional[dist.ProcessGroup] = None) -> OutputLoss:
+def build_loss(
+    name: str,
+    head: nn.Module,
+    options: dict,
+    *,
+    reduction: str = "mean",
+    device: torch.device,
+    dtype: Optional[torch.dtype] = None,
+    vocab_group: Optional[dist.ProcessGroup] = None,
+) -> OutputLoss:
     """Check ``options``, choose how to compute ``name`` (``losses/resolve.py``) and build the loss
     around ``head``. ``dtype``: of the hidden states it will see (default: the head's weight's).
     ``vocab_group``: ``head``'s classifier is sharded by vocabulary over this group (the
@@ -72,13 +80,24 @@ def build_loss(name: str, head: nn.Module, options: dict, *, reduction: str = "m
     validate_loss_options(name, options)
     device = torch.device(device)
     dtype = dtype or head.weight.dtype
-    choice = choose_loss(name, options, device_type=device.type, dtype=dtype, vocab_parallel=vocab_group is not None,
-                         bias=getattr(head, "bias", None) is not None)
+    choice = choose_loss(
+        name,
+        options,
+        device_type=device.type,
+        dtype=dtype,
+        vocab_parallel=vocab_group is not None,
+        bias=getattr(head, "bias", None) is not None,
+    )
     if vocab_group is not None:
         if name == "cce":
-            why = why_not_cce(device.type, dtype, needs_grad=True, bias=getattr(head, "bias", None) is not None,
-                              z_loss_weight=options.get("z_loss_weight", 0.0),
-                              label_smoothing=options.get("label_smoothing", 0.0))
+            why = why_not_cce(
+                device.type,
+                dtype,
+                needs_grad=True,
+                bias=getattr(head, "bias", None) is not None,
+                z_loss_weight=options.get("z_loss_weight", 0.0),
+                label_smoothing=options.get("label_smoothing", 0.0),
+            )
             if why is not None:
                 raise ConfigError("loss.name", f"'cce' cannot compute this loss: {why}; use 'chunked' or 'auto'")
         common = {k: v for k, v in options.items() if k in COMMON_OPTIONS}
@@ -95,16 +114,32 @@ def build_loss(name: str, head: nn.Module, options: dict, *, reduction: str = "m
     return loss
 
 
-def choose_loss(name: str, options: dict, *, device_type: str, dtype: torch.dtype, vocab_parallel: bool,
-                bias: bool = False, gpu_kernels: Optional[bool] = None) -> LossChoice:
+def choose_loss(
+    name: str,
+    options: dict,
+    *,
+    device_type: str,
+    dtype: torch.dtype,
+    vocab_parallel: bool,
+    bias: bool = False,
+    gpu_kernels: Optional[bool] = None,
+) -> LossChoice:
     """``resolve_loss`` for a recipe's ``[loss]`` section; the memory estimate asks it too."""
     if vocab_parallel and name not in VOCAB_PARALLEL_NAMES:
-        raise ConfigError("loss.name", f"the vocab-parallel head runs {_either(list(VOCAB_PARALLEL_NAMES))}, "
-                                       f"not {name!r}")
-    return resolve_loss(name, device_type=device_type, dtype=dtype, vocab_parallel=vocab_parallel,
-                        bias=bias, z_loss_weight=options.get("z_loss_weight", 0.0),
-                        label_smoothing=options.get("label_smoothing", 0.0),
-                        compile=bool(options.get("compile", False)), gpu_kernels=gpu_kernels)
+        raise ConfigError(
+            "loss.name", f"the vocab-parallel head runs {_either(list(VOCAB_PARALLEL_NAMES))}, not {name!r}"
+        )
+    return resolve_loss(
+        name,
+        device_type=device_type,
+        dtype=dtype,
+        vocab_parallel=vocab_parallel,
+        bias=bias,
+        z_loss_weight=options.get("z_loss_weight", 0.0),
+        label_smoothing=options.get("label_smoothing", 0.0),
+        compile=bool(options.get("compile", False)),
+        gpu_kernels=gpu_kernels,
+    )
 
 
 def _check_name(name: str) -> None:

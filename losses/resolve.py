@@ -53,8 +53,16 @@ def cce_problem() -> Optional[str]:
     return None
 
 
-def why_not_cce(device_type: str, dtype: torch.dtype, *, needs_grad: bool, bias: bool, z_loss_weight: float,
-                label_smoothing: float, gpu_kernels: Optional[bool] = None) -> Optional[str]:
+def why_not_cce(
+    device_type: str,
+    dtype: torch.dtype,
+    *,
+    needs_grad: bool,
+    bias: bool,
+    z_loss_weight: float,
+    label_smoothing: float,
+    gpu_kernels: Optional[bool] = None,
+) -> Optional[str]:
     """Why cut-cross-entropy 25.1.1's kernels cannot compute this loss, or None when they can."""
     if bias:
         return "CCE 25.1.1's kernels take no bias"
@@ -71,8 +79,9 @@ def why_not_cce(device_type: str, dtype: torch.dtype, *, needs_grad: bool, bias:
     return None if gpu_kernels else "triton and cut-cross-entropy are not installed"
 
 
-def chunked_kernels(device_type: str, dtype: torch.dtype, compile: bool = False,
-                    gpu_kernels: Optional[bool] = None) -> tuple[str, str]:
+def chunked_kernels(
+    device_type: str, dtype: torch.dtype, compile: bool = False, gpu_kernels: Optional[bool] = None
+) -> tuple[str, str]:
     """(kernels, reason) for the chunked loss: its Triton kernels on CUDA, else PyTorch ops
     (through ``torch.compile`` when asked)."""
     triton = triton_available() if gpu_kernels is None else gpu_kernels
@@ -82,10 +91,19 @@ def chunked_kernels(device_type: str, dtype: torch.dtype, compile: bool = False,
     return kernels, f"PyTorch ops{' through torch.compile' if compile else ''} on {device_type}"
 
 
-def resolve_loss(name: str, *, device_type: str, dtype: torch.dtype, vocab_parallel: bool = False,
-                 needs_grad: bool = True, bias: bool = False, z_loss_weight: float = 0.0,
-                 label_smoothing: float = 0.0, compile: bool = False,
-                 gpu_kernels: Optional[bool] = None) -> LossChoice:
+def resolve_loss(
+    name: str,
+    *,
+    device_type: str,
+    dtype: torch.dtype,
+    vocab_parallel: bool = False,
+    needs_grad: bool = True,
+    bias: bool = False,
+    z_loss_weight: float = 0.0,
+    label_smoothing: float = 0.0,
+    compile: bool = False,
+    gpu_kernels: Optional[bool] = None,
+) -> LossChoice:
     """How loss ``name`` (an entry or ``auto``) computes on ``device_type`` with ``dtype`` hidden states.
 
     ``auto`` is ``chunked``, whose Triton kernels were the fastest exact entry measured
@@ -96,8 +114,15 @@ def resolve_loss(name: str, *, device_type: str, dtype: torch.dtype, vocab_paral
     """
     if name == AUTO:
         if vocab_parallel:
-            why = why_not_cce(device_type, dtype, needs_grad=needs_grad, bias=bias, z_loss_weight=z_loss_weight,
-                              label_smoothing=label_smoothing, gpu_kernels=gpu_kernels)
+            why = why_not_cce(
+                device_type,
+                dtype,
+                needs_grad=needs_grad,
+                bias=bias,
+                z_loss_weight=z_loss_weight,
+                label_smoothing=label_smoothing,
+                gpu_kernels=gpu_kernels,
+            )
             if why is None:
                 return LossChoice("cce", "cce", "auto: the vocab-parallel head's kernels write no logits")
             kernels, reason = chunked_kernels(device_type, dtype, compile, gpu_kernels)

@@ -10,10 +10,9 @@ off) and the gradient of its own shard only.
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
-
-import torch
 
 from losses.functional import IGNORE_INDEX, shift_targets
 from losses.kernels.cce_vocab_parallel import vocab_parallel_cce
@@ -56,27 +55,42 @@ class VocabParallelOptions:
 
 def _chunked_backend(e, c, targets, bias, options, group, *, filter_eps, kernels, **loss_options) -> Tensor:
     del filter_eps  # exact: nothing to filter
-    return chunked_linear_cross_entropy(e, c, targets, bias, vocab_start=options.start, group=group,
-                                        reduce_e_grad=options.reduce_e_grad, kernels=kernels, **loss_options)
+    return chunked_linear_cross_entropy(
+        e,
+        c,
+        targets,
+        bias,
+        vocab_start=options.start,
+        group=group,
+        reduce_e_grad=options.reduce_e_grad,
+        kernels=kernels,
+        **loss_options,
+    )
 
 
 def _cce_backend(e, c, targets, bias, options, group, *, z_loss_weight, label_smoothing, kernels, **loss_options):
     del bias, z_loss_weight, label_smoothing, kernels  # none of them: refused by the resolver (why_not_cce)
-    return vocab_parallel_cce(e, c, targets, vocab_start=options.start, group=group,
-                              reduce_e_grad=options.reduce_e_grad, **loss_options)
+    return vocab_parallel_cce(
+        e, c, targets, vocab_start=options.start, group=group, reduce_e_grad=options.reduce_e_grad, **loss_options
+    )
 
 
 # entry name -> the function that computes it on a vocab shard
 VOCAB_PARALLEL_BACKENDS: dict[str, Callable[..., Tensor]] = {"chunked": _chunked_backend, "cce": _cce_backend}
 
 
-def _backend(impl: str, e: Tensor, c: Tensor, bias: Optional[Tensor], z_loss_weight: float,
-             label_smoothing: float) -> tuple[Callable[..., Tensor], str]:
+def _backend(
+    impl: str, e: Tensor, c: Tensor, bias: Optional[Tensor], z_loss_weight: float, label_smoothing: float
+) -> tuple[Callable[..., Tensor], str]:
     """The backend and its kernels for ``impl`` on these tensors, as ``losses/resolve.py`` picks them."""
     if impl != AUTO and impl not in VOCAB_PARALLEL_BACKENDS:
         raise ValueError(f"impl must be 'auto' or one of {sorted(VOCAB_PARALLEL_BACKENDS)}, got {impl!r}")
-    facts = dict(needs_grad=torch.is_grad_enabled() and (e.requires_grad or c.requires_grad), bias=bias is not None,
-                 z_loss_weight=z_loss_weight, label_smoothing=label_smoothing)
+    facts = dict(
+        needs_grad=torch.is_grad_enabled() and (e.requires_grad or c.requires_grad),
+        bias=bias is not None,
+        z_loss_weight=z_loss_weight,
+        label_smoothing=label_smoothing,
+    )
     if impl == "cce":
         why = why_not_cce(e.device.type, e.dtype, **facts)
         if why is not None:
@@ -154,9 +168,7 @@ def _as_options(options: object) -> VocabParallelOptions:
         return options
     upstream = _upstream_options_type()
     if upstream is not None and isinstance(options, upstream):
-        return VocabParallelOptions(
-            options.start, options.stop, options.group, getattr(options, "reduce_e_grad", True)
-        )
+        return VocabParallelOptions(options.start, options.stop, options.group, getattr(options, "reduce_e_grad", True))
     raise TypeError(f"options must be a VocabParallelOptions, got {type(options).__name__}")
 
 

@@ -53,14 +53,26 @@ def hf_config(name: str, args: ModelArgs, dtype: str) -> dict[str, Any]:
     """A ``config.json`` in the published models' layout (``rope_theta`` and ``rope_scaling`` at the top)."""
     model_type, architecture = HF_MODELS[name]
     config = {
-        "architectures": [architecture], "model_type": model_type, "hidden_act": "silu",
-        "hidden_size": args.dim, "intermediate_size": args.ffn_dim, "num_hidden_layers": args.n_layers,
-        "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim,
-        "vocab_size": args.vocab_size, "max_position_embeddings": args.max_seq_len, "rms_norm_eps": args.norm_eps,
+        "architectures": [architecture],
+        "model_type": model_type,
+        "hidden_act": "silu",
+        "hidden_size": args.dim,
+        "intermediate_size": args.ffn_dim,
+        "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads,
+        "head_dim": args.head_dim,
+        "vocab_size": args.vocab_size,
+        "max_position_embeddings": args.max_seq_len,
+        "rms_norm_eps": args.norm_eps,
         "rope_theta": args.rope_theta,
         "rope_scaling": _rope_scaling(args.rope_scaling) if args.rope_scaling else None,
-        "tie_word_embeddings": args.tie_word_embeddings, "attention_bias": False, "attention_dropout": 0.0,
-        "initializer_range": args.init_std, "torch_dtype": dtype, "use_cache": True,
+        "tie_word_embeddings": args.tie_word_embeddings,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "initializer_range": args.init_std,
+        "torch_dtype": dtype,
+        "use_cache": True,
     }
     if name == "qwen3":
         config.update(use_sliding_window=False, sliding_window=None, max_window_layers=args.n_layers)
@@ -79,9 +91,20 @@ def _comparable(config: dict[str, Any]) -> dict[str, Any]:
     scaling = config.get("rope_scaling") or rope
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     scaling = None if kind == "default" else {"rope_type": kind, **{k: scaling.get(k) for k in _SCALING_KEYS}}
-    out = {key: config.get(key) for key in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
-                                           "num_attention_heads", "num_key_value_heads", "vocab_size",
-                                           "rms_norm_eps", "hidden_act")}
+    out = {
+        key: config.get(key)
+        for key in (
+            "model_type",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "vocab_size",
+            "rms_norm_eps",
+            "hidden_act",
+        )
+    }
     out.update(
         head_dim=config.get("head_dim") or (config.get("hidden_size") or 0) // (config.get("num_attention_heads") or 1),
         rope_theta=config.get("rope_theta", rope.get("rope_theta")),

@@ -18,15 +18,18 @@ def _scale_llama3(inv_freq: Tensor, s: RopeScaling) -> Tensor:
     low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
     high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
     wavelen = 2 * math.pi / inv_freq
-    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
     blended = (1 - smooth) * inv_freq / s.factor + smooth * inv_freq
     out = torch.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
     middle = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
     return torch.where(middle, blended, out)
 
 
-def rope_cos_sin(head_dim: int, seq_len: int, theta: float, scaling: Optional[RopeScaling],
-                 device: Optional[torch.device] = None) -> Tensor:
+def rope_cos_sin(
+    head_dim: int, seq_len: int, theta: float, scaling: Optional[RopeScaling], device: Optional[torch.device] = None
+) -> Tensor:
     """``[seq_len, 2, head_dim]`` fp32 table of cos and sin."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim)
     if scaling is not None:

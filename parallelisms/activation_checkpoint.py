@@ -6,8 +6,8 @@ import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-from models.transformer import Transformer
 from config.job_config import ActivationCheckpoint
+from models.transformer import Transformer
 
 # Saved by op-level selective AC: the expensive results; everything else is recomputed.
 _SAVE_OPS = {

@@ -41,11 +41,15 @@ def init_distributed(device: torch.device, timeout_seconds: int) -> tuple[int, i
     """
     if not dist.is_initialized():
         if "WORLD_SIZE" not in os.environ:
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(_free_port()))
+            os.environ.update(
+                RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
+            )
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_seconds),
-                                device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(
+            backend,
+            timeout=datetime.timedelta(seconds=timeout_seconds),
+            device_id=device if device.type == "cuda" else None,
+        )
     return dist.get_rank(), dist.get_world_size()
 
 

@@ -16,6 +16,7 @@ from torch.distributed.tensor import DTensor
 
 from models.transformer import Transformer
 
+
 @dataclass(frozen=True)
 class FSDPGroup:
     """One ``fully_shard`` call: the module (``""``: the model itself, which takes every parameter
@@ -29,12 +30,17 @@ class FSDPGroup:
 def tied_in_root(model: Transformer, vocab_parallel_head: bool) -> bool:
     """A tied embedding and head in one module: no pipeline split between them, and no
     vocab-parallel head (which is a separate, vocab-sharded copy)."""
-    return not vocab_parallel_head and model.output is not None and model.tok_embeddings is not None \
+    return (
+        not vocab_parallel_head
+        and model.output is not None
+        and model.tok_embeddings is not None
         and model.output.weight is model.tok_embeddings.weight
+    )
 
 
-def fsdp_groups(model: Transformer, reshard_after_forward: str, pp_enabled: bool,
-                vocab_parallel_head: bool) -> list[FSDPGroup]:
+def fsdp_groups(
+    model: Transformer, reshard_after_forward: str, pp_enabled: bool, vocab_parallel_head: bool
+) -> list[FSDPGroup]:
     """The groups in the order they are sharded (children before the root).
 
     ``reshard_after_forward="default"`` follows TorchTitan: reshard every block but the last
@@ -53,21 +59,33 @@ def fsdp_groups(model: Transformer, reshard_after_forward: str, pp_enabled: bool
     names = list(model.layers.keys())
     for i, name in enumerate(names):
         last = i == len(names) - 1
-        groups.append(FSDPGroup(f"layers.{name}", "block",
-                                policy and not (last and reshard_after_forward == "default")))
+        groups.append(
+            FSDPGroup(f"layers.{name}", "block", policy and not (last and reshard_after_forward == "default"))
+        )
     if model.output is not None and not tied and not vocab_parallel_head:
         groups.append(FSDPGroup("output", "head", reshard_after_forward == "always"))
     groups.append(FSDPGroup("", "root", policy and not tied))
     return groups
 
 
-def apply_fsdp(model: Transformer, mesh: DeviceMesh, param_dtype: str, reduce_dtype: str,
-               reshard_after_forward: str, pp_enabled: bool) -> None:
+def apply_fsdp(
+    model: Transformer,
+    mesh: DeviceMesh,
+    param_dtype: str,
+    reduce_dtype: str,
+    reshard_after_forward: str,
+    pp_enabled: bool,
+) -> None:
     """Shard ``model`` group by group as ``fsdp_groups`` describes."""
     mp = MixedPrecisionPolicy(param_dtype=getattr(torch, param_dtype), reduce_dtype=getattr(torch, reduce_dtype))
     vp_head = model.output is not None and isinstance(model.output.weight, DTensor)  # parallelisms/vocab_parallel.py
     ignored = {model.output.weight} if vp_head else None
     for group in fsdp_groups(model, reshard_after_forward, pp_enabled, vp_head):
         module: nn.Module = model.get_submodule(group.name)
-        fully_shard(module, mesh=mesh, mp_policy=mp, reshard_after_forward=group.reshard_after_forward,
-                    ignored_params=ignored if group.kind == "root" else None)
+        fully_shard(
+            module,
+            mesh=mesh,
+            mp_policy=mp,
+            reshard_after_forward=group.reshard_after_forward,
+            ignored_params=ignored if group.kind == "root" else None,
+        )

@@ -8,8 +8,12 @@ from torch.distributed.tensor import DTensor
 
 
 @torch.no_grad()
-def clip_grad_norm_(params: list[torch.Tensor], max_norm: float, pp_group: Optional[dist.ProcessGroup],
-                    skip: Iterable[torch.Tensor] = ()) -> torch.Tensor:
+def clip_grad_norm_(
+    params: list[torch.Tensor],
+    max_norm: float,
+    pp_group: Optional[dist.ProcessGroup],
+    skip: Iterable[torch.Tensor] = (),
+) -> torch.Tensor:
     """Clip ``params`` to the norm of the whole model's gradient; returns that norm.
 
     Each rank's sharded (DTensor) norm is completed over its shard group, then

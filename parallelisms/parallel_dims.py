@@ -30,17 +30,21 @@ class ParallelDims:
                     "parallelism.pipeline_parallel_degree",
                     f"pipeline_parallel_degree ({p.pipeline_parallel_degree}) x data_parallel_replicate_degree "
                     f"({p.data_parallel_replicate_degree}) = {fixed} does not divide the world size {world_size}; "
-                    "launch a multiple of it (torchrun --nproc_per_node) or change the degrees")
+                    "launch a multiple of it (torchrun --nproc_per_node) or change the degrees",
+                )
             shard = world_size // fixed
         if fixed * shard != world_size:
             raise ConfigError(
                 "parallelism.data_parallel_shard_degree",
                 f"pp {p.pipeline_parallel_degree} x dp_replicate {p.data_parallel_replicate_degree} x dp_shard {shard} "
                 f"= {fixed * shard} ranks, but the world size is {world_size}; "
-                "set data_parallel_shard_degree = -1 to fill the remaining ranks")
+                "set data_parallel_shard_degree = -1 to fill the remaining ranks",
+            )
         if p.vocab_parallel and shard == 1:
-            logger.warning("parallelism.vocab_parallel: data_parallel_shard_degree is 1, so the classifier has no "
-                           "ranks to be sharded over; this run trains as without it (it needs dp_shard > 1)")
+            logger.warning(
+                "parallelism.vocab_parallel: data_parallel_shard_degree is 1, so the classifier has no "
+                "ranks to be sharded over; this run trains as without it (it needs dp_shard > 1)"
+            )
         return cls(p.pipeline_parallel_degree, p.data_parallel_replicate_degree, shard, world_size)
 
     @property

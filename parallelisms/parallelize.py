@@ -20,5 +20,11 @@ def parallelize(part: Transformer, cfg: JobConfig, fsdp_mesh, param_dtype: str, 
         apply_compile(part)
     if cfg.parallelism.vocab_parallel and part.output is not None:
         shard_head_over_vocab(part, fsdp_mesh)  # the classifier is never gathered
-    apply_fsdp(part, fsdp_mesh, param_dtype, cfg.training.mixed_precision_reduce,
-               cfg.parallelism.fsdp_reshard_after_forward, pp_enabled)
+    apply_fsdp(
+        part,
+        fsdp_mesh,
+        param_dtype,
+        cfg.training.mixed_precision_reduce,
+        cfg.parallelism.fsdp_reshard_after_forward,
+        pp_enabled,
+    )

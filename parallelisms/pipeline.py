@@ -20,9 +20,9 @@ from torch.distributed.pipelining.schedules import (
     ScheduleZBVZeroBubble,
 )
 
-from models.transformer import Transformer
 from config.errors import ConfigError
 from config.job_config import Parallelism
+from models.transformer import Transformer
 from parallelisms.pipeline_cost import StageCostInputs, StageTime, stage_time
 from parallelisms.pipeline_simulation import simulate_schedule
 from parallelisms.pipeline_split import balanced_split
@@ -64,21 +64,27 @@ def _layer_ranges(n_layers: int, p: Parallelism) -> list[tuple[int, int]]:
     if p.pipeline_parallel_stage_split_points:
         points = list(p.pipeline_parallel_stage_split_points)
         if points != sorted(set(points)) or points[0] <= 0 or points[-1] >= n_layers:
-            raise ConfigError("parallelism.pipeline_parallel_stage_split_points",
-                              f"need strictly increasing layer indices in 1..{n_layers - 1}, got {points}")
+            raise ConfigError(
+                "parallelism.pipeline_parallel_stage_split_points",
+                f"need strictly increasing layer indices in 1..{n_layers - 1}, got {points}",
+            )
         bounds = [0, *points, n_layers]
     else:
         if p.pipeline_parallel_layers_per_stage:
             per = p.pipeline_parallel_layers_per_stage
             if n_layers % per:
-                raise ConfigError("parallelism.pipeline_parallel_layers_per_stage",
-                                  f"{per} does not divide the model's {n_layers} layers")
+                raise ConfigError(
+                    "parallelism.pipeline_parallel_layers_per_stage",
+                    f"{per} does not divide the model's {n_layers} layers",
+                )
             n_stages = n_layers // per
         else:
             n_stages = p.pipeline_parallel_degree * p.pipeline_parallel_virtual_stages
         if n_stages > n_layers:
-            raise ConfigError("parallelism.pipeline_parallel_virtual_stages",
-                              f"{n_stages} stages for {n_layers} layers leaves a stage empty; use fewer stages")
+            raise ConfigError(
+                "parallelism.pipeline_parallel_virtual_stages",
+                f"{n_stages} stages for {n_layers} layers leaves a stage empty; use fewer stages",
+            )
         # Even split; the first stages take one extra layer when it does not divide. plan_pipeline
         # replaces it with the balanced split when it is given the stage costs.
         base, extra = divmod(n_layers, n_stages)
@@ -92,8 +98,14 @@ def _layer_ranges(n_layers: int, p: Parallelism) -> list[tuple[int, int]]:
 StageFits = Callable[[PipelinePlan, int, int], bool]
 
 
-def plan_pipeline(n_layers: int, p: Parallelism, pp_rank: int, local_batch_size: int,
-                  cost: Optional[StageCostInputs] = None, fits: Optional[StageFits] = None) -> PipelinePlan:
+def plan_pipeline(
+    n_layers: int,
+    p: Parallelism,
+    pp_rank: int,
+    local_batch_size: int,
+    cost: Optional[StageCostInputs] = None,
+    fits: Optional[StageFits] = None,
+) -> PipelinePlan:
     """Validate the split and microbatching (a one-line ConfigError) before anything is built.
 
     Without ``pipeline_parallel_stage_split_points`` or ``_layers_per_stage``, and given the
@@ -109,29 +121,41 @@ def plan_pipeline(n_layers: int, p: Parallelism, pp_rank: int, local_batch_size:
     schedule = PIPELINE_SCHEDULES[p.pipeline_parallel_schedule]
     multi = issubclass(schedule, PipelineScheduleMulti)
     if n_stages % pp:
-        raise ConfigError("parallelism.pipeline_parallel_degree",
-                          f"{n_stages} stages cannot be spread evenly over {pp} pipeline ranks")
+        raise ConfigError(
+            "parallelism.pipeline_parallel_degree",
+            f"{n_stages} stages cannot be spread evenly over {pp} pipeline ranks",
+        )
     per_rank = n_stages // pp
     if not multi and per_rank != 1:
-        raise ConfigError("parallelism.pipeline_parallel_schedule",
-                          f"{p.pipeline_parallel_schedule} runs one stage per rank but the split gives {per_rank}; "
-                          "use Interleaved1F1B, or one stage per rank")
+        raise ConfigError(
+            "parallelism.pipeline_parallel_schedule",
+            f"{p.pipeline_parallel_schedule} runs one stage per rank but the split gives {per_rank}; "
+            "use Interleaved1F1B, or one stage per rank",
+        )
     if multi and per_rank < 2:
-        raise ConfigError("parallelism.pipeline_parallel_virtual_stages",
-                          f"{p.pipeline_parallel_schedule} needs at least 2 stages per rank, the split gives "
-                          f"{per_rank}; set pipeline_parallel_virtual_stages = 2 (or split points / "
-                          "layers_per_stage giving 2 x pipeline_parallel_degree stages)")
+        raise ConfigError(
+            "parallelism.pipeline_parallel_virtual_stages",
+            f"{p.pipeline_parallel_schedule} needs at least 2 stages per rank, the split gives "
+            f"{per_rank}; set pipeline_parallel_virtual_stages = 2 (or split points / "
+            "layers_per_stage giving 2 x pipeline_parallel_degree stages)",
+        )
     if schedule is ScheduleZBVZeroBubble and per_rank != 2:
-        raise ConfigError("parallelism.pipeline_parallel_virtual_stages", "ZBVZeroBubble needs exactly 2 stages per rank")
+        raise ConfigError(
+            "parallelism.pipeline_parallel_virtual_stages", "ZBVZeroBubble needs exactly 2 stages per rank"
+        )
     mbs = p.pipeline_parallel_microbatch_size
     if local_batch_size % mbs:
-        raise ConfigError("parallelism.pipeline_parallel_microbatch_size",
-                          f"{mbs} does not divide training.local_batch_size {local_batch_size}")
+        raise ConfigError(
+            "parallelism.pipeline_parallel_microbatch_size",
+            f"{mbs} does not divide training.local_batch_size {local_batch_size}",
+        )
     n_micro = local_batch_size // mbs
     if n_micro < pp and schedule is not ScheduleGPipe:
-        raise ConfigError("parallelism.pipeline_parallel_microbatch_size",
-                          f"{p.pipeline_parallel_schedule} needs at least {pp} microbatches (one per pipeline rank), "
-                          f"got local_batch_size {local_batch_size} / microbatch_size {mbs} = {n_micro}")
+        raise ConfigError(
+            "parallelism.pipeline_parallel_microbatch_size",
+            f"{p.pipeline_parallel_schedule} needs at least {pp} microbatches (one per pipeline rank), "
+            f"got local_batch_size {local_batch_size} / microbatch_size {mbs} = {n_micro}",
+        )
     plan = PipelinePlan(tuple(ranges), pp, pp_rank, schedule is ScheduleZBVZeroBubble, n_micro)
     explicit = p.pipeline_parallel_stage_split_points or p.pipeline_parallel_layers_per_stage
     if cost is None or explicit:
@@ -142,14 +166,16 @@ def plan_pipeline(n_layers: int, p: Parallelism, pp_rank: int, local_batch_size:
 def schedule_ops(plan: PipelinePlan, schedule_name: str) -> list:
     """torch's per-rank action lists for the plan's schedule (those its visualizer draws)."""
     try:
-        return get_schedule_ops(PIPELINE_SCHEDULES[schedule_name], plan.pp_degree, plan.n_microbatches,
-                                plan.num_stages // plan.pp_degree)
+        return get_schedule_ops(
+            PIPELINE_SCHEDULES[schedule_name], plan.pp_degree, plan.n_microbatches, plan.num_stages // plan.pp_degree
+        )
     except ValueError as err:  # e.g. Interleaved1F1B's microbatches-per-round rule
         raise ConfigError("parallelism.pipeline_parallel_microbatch_size", str(err)) from None
 
 
-def _balanced(plan: PipelinePlan, n_layers: int, cost: StageCostInputs, fits: Optional[StageFits],
-              schedule_name: str) -> PipelinePlan:
+def _balanced(
+    plan: PipelinePlan, n_layers: int, cost: StageCostInputs, fits: Optional[StageFits], schedule_name: str
+) -> PipelinePlan:
     last = plan.num_stages - 1
 
     def time(stage: int, layers: int) -> StageTime:
@@ -158,16 +184,18 @@ def _balanced(plan: PipelinePlan, n_layers: int, cost: StageCostInputs, fits: Op
     stage_fits = None if fits is None else lambda s, k: fits(plan, s, k)
     by_rank = [sorted(plan.stages_of(r)) for r in range(plan.pp_degree)]
     by_stage = [[s] for s in range(plan.num_stages)]
-    candidates = [balanced_split(n_layers, groups, lambda s, k: time(s, k).total_ms, stage_fits)
-                  for groups in (by_rank, by_stage)]
+    candidates = [
+        balanced_split(n_layers, groups, lambda s, k: time(s, k).total_ms, stage_fits) for groups in (by_rank, by_stage)
+    ]
     counts = candidates[0]
     if candidates[1] != counts:
         ops = schedule_ops(plan, schedule_name)
 
         def makespan(split: tuple[int, ...]) -> float:  # to the ns: rounding noise is no reason to switch
             times = [time(s, k) for s, k in enumerate(split)]
-            return round(simulate_schedule(ops, [t.forward_ms for t in times],
-                                           [t.backward_ms for t in times]).makespan_ms, 6)
+            return round(
+                simulate_schedule(ops, [t.forward_ms for t in times], [t.backward_ms for t in times]).makespan_ms, 6
+            )
 
         counts = min(candidates, key=makespan)
     bounds = [0]
@@ -191,11 +219,11 @@ def build_stage_module(model: Transformer, plan: PipelinePlan, stage: int) -> Tr
     return part
 
 
-def build_schedule(modules: list[torch.nn.Module], plan: PipelinePlan, schedule_name: str, pp_group,
-                   device: torch.device, loss_fn):
+def build_schedule(
+    modules: list[torch.nn.Module], plan: PipelinePlan, schedule_name: str, pp_group, device: torch.device, loss_fn
+):
     """``loss_fn(hidden, labels)`` already carries the global normalization, so grads are not rescaled."""
-    stages = [PipelineStage(m, s, plan.num_stages, device, group=pp_group)
-              for m, s in zip(modules, plan.local_stages)]
+    stages = [PipelineStage(m, s, plan.num_stages, device, group=pp_group) for m, s in zip(modules, plan.local_stages)]
     schedule = PIPELINE_SCHEDULES[schedule_name]
     if issubclass(schedule, PipelineScheduleMulti):
         return schedule(stages, n_microbatches=plan.n_microbatches, loss_fn=loss_fn, scale_grads=False)

@@ -31,8 +31,12 @@ class AchievedRates:
     collective_gbs: float  # the vocab-parallel head's all-gather and reduce-scatter
 
     def head_tflops(self, loss: str) -> float:
-        return {"chunked": self.chunked_tflops, "cce": self.cce_tflops, "cross_entropy": self.head_matmul_tflops,
-                "cce_torch_compile": self.cce_torch_compile_tflops}[loss]
+        return {
+            "chunked": self.chunked_tflops,
+            "cce": self.cce_tflops,
+            "cross_entropy": self.head_matmul_tflops,
+            "cce_torch_compile": self.cce_torch_compile_tflops,
+        }[loss]
 
 
 # Measured on one H200 (torch 2.11.0+cu130, triton 3.6.0, cut-cross-entropy 25.1.1), 2026-12-02, Qwen3-1.7B at a
@@ -50,9 +54,17 @@ class AchievedRates:
 # - embedding 1,700 GB/s (1,705, 1,697); norm 600 (747, 489): sub-millisecond pieces.
 # - cce_torch_compile 590: not in those runs; the H100 loss benchmark's 25.9 ms for 15.29 TFLOP.
 # - collective 300 GB/s: not measured (one GPU cannot time it); a guess below NVLink's 450 GB/s per direction.
-MEASURED = AchievedRates(layer_tflops=500.0, chunked_tflops=556.0, cce_tflops=813.0, cce_torch_compile_tflops=590.0,
-                         head_matmul_tflops=668.0, logits_gbs=4011.0, embedding_gbs=1700.0, norm_gbs=600.0,
-                         collective_gbs=300.0)
+MEASURED = AchievedRates(
+    layer_tflops=500.0,
+    chunked_tflops=556.0,
+    cce_tflops=813.0,
+    cce_torch_compile_tflops=590.0,
+    head_matmul_tflops=668.0,
+    logits_gbs=4011.0,
+    embedding_gbs=1700.0,
+    norm_gbs=600.0,
+    collective_gbs=300.0,
+)
 
 LOSS_ENTRIES = ("chunked", "cce", "cross_entropy", "cce_torch_compile")
 # [T, D] x [D, V] GEMMs (2·T·D·V FLOPs each) in the forward and the backward of each entry.

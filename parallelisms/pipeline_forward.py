@@ -26,9 +26,15 @@ from torch import Tensor, nn
 from parallelisms.pipeline import PipelinePlan
 
 
-def pipeline_forward(parts: list[nn.Module], plan: PipelinePlan, pp_group: dist.ProcessGroup,
-                     microbatches: list[Tensor], hidden_dim: int, dtype: torch.dtype,
-                     last_stage: Callable[[Tensor, Tensor], None]) -> None:
+def pipeline_forward(
+    parts: list[nn.Module],
+    plan: PipelinePlan,
+    pp_group: dist.ProcessGroup,
+    microbatches: list[Tensor],
+    hidden_dim: int,
+    dtype: torch.dtype,
+    last_stage: Callable[[Tensor, Tensor], None],
+) -> None:
     """Run the token ``microbatches`` through every stage; ``last_stage(hidden, tokens)`` is called
     on the rank holding the last stage, once per microbatch, in order.
 

@@ -28,8 +28,9 @@ class ScheduleTiming:
         return 1 - sum(self.busy_ms) / (len(self.busy_ms) * self.makespan_ms)
 
 
-def simulate_schedule(ops: Sequence[Sequence[Optional[_Action]]], forward_ms: Sequence[float],
-                      backward_ms: Sequence[float]) -> ScheduleTiming:
+def simulate_schedule(
+    ops: Sequence[Sequence[Optional[_Action]]], forward_ms: Sequence[float], backward_ms: Sequence[float]
+) -> ScheduleTiming:
     """``ops[rank]``: that rank's actions; ``forward_ms[s]``, ``backward_ms[s]``: one microbatch
     through stage s. Zero-bubble schedules split a backward into input (I) and weight (W)
     actions; each takes half of the stage's backward time (the two are about equal: the

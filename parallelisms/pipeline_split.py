@@ -15,16 +15,23 @@ class _Split(NamedTuple):
     counts: tuple[tuple[int, int], ...]  # (stage, layers)
 
     def __add__(self, other: "_Split") -> "_Split":
-        return _Split(_slowest_first(self.totals + other.totals), _slowest_first(self.times + other.times),
-                      self.counts + other.counts)
+        return _Split(
+            _slowest_first(self.totals + other.totals),
+            _slowest_first(self.times + other.times),
+            self.counts + other.counts,
+        )
 
 
 def _slowest_first(values: tuple[float, ...]) -> tuple[float, ...]:
     return tuple(sorted(values, reverse=True))
 
 
-def balanced_split(n_layers: int, ranks: Sequence[Sequence[int]], stage_ms: Callable[[int, int], float],
-                   fits: Optional[Callable[[int, int], bool]] = None) -> tuple[int, ...]:
+def balanced_split(
+    n_layers: int,
+    ranks: Sequence[Sequence[int]],
+    stage_ms: Callable[[int, int], float],
+    fits: Optional[Callable[[int, int], bool]] = None,
+) -> tuple[int, ...]:
     """Layers per stage (each at least one); ``ranks[r]``: the stages rank r runs, in stage order.
 
     Among the splits whose every stage ``fits(stage, layers)``, the one whose rank totals
@@ -58,10 +65,17 @@ def _over_ranks(n_layers, ranks, times, allowed) -> Optional[_Split]:
         best = _best(layers, stages, lambda s: 1, one_stage, key=lambda x: (round(sum(x.totals), 9), x.times))
         return None if best is None else best._replace(totals=(round(sum(best.totals), 9),))
 
-    per_rank = {r: {k: one_rank(stages, k) for k in range(len(stages), n_layers - n_stages + len(stages) + 1)}
-                for r, stages in enumerate(ranks)}
-    return _best(n_layers, range(len(ranks)), lambda r: len(ranks[r]), lambda r, k: per_rank[r][k],
-                 key=lambda x: (x.totals, x.times))
+    per_rank = {
+        r: {k: one_rank(stages, k) for k in range(len(stages), n_layers - n_stages + len(stages) + 1)}
+        for r, stages in enumerate(ranks)
+    }
+    return _best(
+        n_layers,
+        range(len(ranks)),
+        lambda r: len(ranks[r]),
+        lambda r, k: per_rank[r][k],
+        key=lambda x: (x.totals, x.times),
+    )
 
 
 def _best(n: int, parts: Sequence, minimum: Callable, value: Callable, key: Callable) -> Optional[_Split]:
@@ -71,7 +85,7 @@ def _best(n: int, parts: Sequence, minimum: Callable, value: Callable, key: Call
     parts = list(parts)
     suffix: dict[int, _Split] = {n: _Split((), (), ())}  # first layer of the later parts -> their best split
     for i in reversed(range(len(parts))):
-        before, after = sum(map(minimum, parts[:i])), sum(map(minimum, parts[i + 1:]))
+        before, after = sum(map(minimum, parts[:i])), sum(map(minimum, parts[i + 1 :]))
         current: dict[int, _Split] = {}
         for start in range(before, n - after - minimum(parts[i]) + 1):
             for k in range(n - start - after, minimum(parts[i]) - 1, -1):  # the largest share first: ties keep it

@@ -32,8 +32,9 @@ class TiedEmbeddingSync:
     def __init__(self, parts: list[nn.Module], plan: Optional[PipelinePlan], mesh: DeviceMesh):
         self.embedding = next((p.tok_embeddings.weight for p in parts if p.tok_embeddings is not None), None)
         self.head = next((p.output.weight for p in parts if p.output is not None), None)
-        last_rank = 0 if plan is None else \
-            next(r for r in range(plan.pp_degree) if plan.num_stages - 1 in plan.stages_of(r))
+        last_rank = (
+            0 if plan is None else next(r for r in range(plan.pp_degree) if plan.num_stages - 1 in plan.stages_of(r))
+        )
         self.group = None
         if last_rank != 0:  # stage 0 always sits on pipeline rank 0
             me = dist.get_rank()

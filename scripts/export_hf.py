@@ -25,18 +25,21 @@ from typing import Callable, Optional
 import torch
 import torch.distributed.checkpoint as dcp
 
+from config.errors import CheckpointError, ConfigError
 from models import build_model_args
 from training.checkpoint import EXPORT_DTYPES, model_fingerprint, read_train_state
 from training.config_loader import load_config
-from config.errors import CheckpointError, ConfigError
 from training.hf_checkpoint import write_hf_folder
 
 
 def read_model(path: Path, dtype: Optional[torch.dtype]) -> dict[str, torch.Tensor]:
     """The checkpoint's weights as full tensors under our names, read in ``dtype`` (None: as stored)."""
     metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    model = {key.removeprefix("model."): torch.empty(md.size, dtype=dtype or md.properties.dtype)
-             for key, md in metadata.items() if key.startswith("model.")}
+    model = {
+        key.removeprefix("model."): torch.empty(md.size, dtype=dtype or md.properties.dtype)
+        for key, md in metadata.items()
+        if key.startswith("model.")
+    }
     dcp.load({"model": model}, checkpoint_id=str(path))
     return model
 
@@ -46,8 +49,9 @@ def check_output(output: Path, replace: bool) -> None:
     if output.exists() and not output.is_dir():
         raise ConfigError("--output", f"{output} is a file, not a folder; pick a folder to write")
     if output.is_dir() and any(output.iterdir()) and not replace:
-        raise ConfigError("--output", f"{output} is not empty; pass --replace to replace it whole, or pick an "
-                                      "empty or new folder")
+        raise ConfigError(
+            "--output", f"{output} is not empty; pass --replace to replace it whole, or pick an empty or new folder"
+        )
 
 
 def write_in_place(output: Path, write: Callable[[Path], list[str]]) -> list[str]:
@@ -90,15 +94,23 @@ def main(argv: list[str]) -> int:
         cfg = load_config(["--config", args.config, *overrides])
         model_args = build_model_args(cfg.model.name, cfg.model.flavor, cfg.model.vocab_size)
         checkpoint = Path(args.checkpoint)
-        read_train_state(checkpoint, {"fingerprint": ""}, model_fingerprint(model_args),
-                         "pass the recipe (and overrides) the checkpoint was trained with")
+        read_train_state(
+            checkpoint,
+            {"fingerprint": ""},
+            model_fingerprint(model_args),
+            "pass the recipe (and overrides) the checkpoint was trained with",
+        )
         state = read_model(checkpoint, EXPORT_DTYPES.get(args.dtype))
     except (ConfigError, CheckpointError) as err:
         print(f"export_hf: {err}", file=sys.stderr)
         return 2
     dtype = next(iter(state.values())).dtype
-    files = write_in_place(output, lambda folder: write_hf_folder(state, cfg.model.name, model_args, folder, dtype,
-                                                                 int(args.max_shard_gib * 2**30)))
+    files = write_in_place(
+        output,
+        lambda folder: write_hf_folder(
+            state, cfg.model.name, model_args, folder, dtype, int(args.max_shard_gib * 2**30)
+        ),
+    )
     print(f"export_hf: wrote config.json and {', '.join(files)} to {output}")
     return 0
 

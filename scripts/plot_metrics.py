@@ -72,12 +72,14 @@ def plot(runs: dict[str, list[dict]], output: Path) -> None:
     for ax, (key, ylabel) in zip(axes.flat, panels):
         for name, rows in runs.items():
             points = [(row["step"], row[key]) for row in rows if row.get(key) is not None]
-            ax.plot([s for s, _ in points], [v for _, v in points], label=name, marker="." if len(points) < 50 else None)
+            ax.plot(
+                [s for s, _ in points], [v for _, v in points], label=name, marker="." if len(points) < 50 else None
+            )
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
     axes.flat[0].legend()
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.set_visible(False)
     fig.tight_layout()
     fig.savefig(output, dpi=100)
@@ -87,7 +89,9 @@ def plot(runs: dict[str, list[dict]], output: Path) -> None:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="dump folders or metrics .jsonl files")
-    parser.add_argument("-o", "--output", type=Path, default=Path("metrics.png"), help="PNG to write (default metrics.png)")
+    parser.add_argument(
+        "-o", "--output", type=Path, default=Path("metrics.png"), help="PNG to write (default metrics.png)"
+    )
     parser.add_argument("--labels", help="comma-separated legend labels, one per run (default: folder names)")
     args = parser.parse_args(argv)
 

@@ -91,8 +91,10 @@ class Progress:
     def _line(self, now: float, eta: bool) -> str:
         elapsed = max(now - self.start, 1e-9)
         share = self.bytes_read / self.total_bytes
-        line = (f"pretokenize: {self.documents:,} documents, {self.tokens:,} tokens, "
-                f"{self.tokens / elapsed:,.0f} tokens/s, {share:.0%} of the input")
+        line = (
+            f"pretokenize: {self.documents:,} documents, {self.tokens:,} tokens, "
+            f"{self.tokens / elapsed:,.0f} tokens/s, {share:.0%} of the input"
+        )
         if eta:
             return line + f", ETA {_clock(elapsed * (1 - share) / share) if share else '?'}"
         return line + f", {_clock(elapsed)}"
@@ -131,13 +133,17 @@ def abandon(partial: Path, reason: str, exit_code: int) -> int:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     default_workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    parser = argparse.ArgumentParser(description="Tokenize a corpus once into a dataset = \"tokens\" file.")
+    parser = argparse.ArgumentParser(description='Tokenize a corpus once into a dataset = "tokens" file.')
     parser.add_argument("--tokenizer", required=True, help='"bytes", a tokenizer.json, or a folder holding one')
     parser.add_argument("--input", required=True, help="a file, or a folder of *.txt/*.jsonl/*.parquet files (sorted)")
     parser.add_argument("--format", required=True, choices=list(DOCUMENT_SUFFIXES))
     parser.add_argument("--output", required=True, help="the tokens file to write")
-    parser.add_argument("--workers", type=int, default=default_workers,
-                        help=f"tokenizing processes (default {default_workers}, the CPUs this process may use)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=default_workers,
+        help=f"tokenizing processes (default {default_workers}, the CPUs this process may use)",
+    )
     parser.add_argument("--text_column", default="text", help="the JSONL field or Parquet column holding the text")
     parser.add_argument("--eos_token", default="", help="a tokenizer.json's end-of-sequence token, if not a common one")
     parser.add_argument("--force", action="store_true", help="overwrite an existing --output")
@@ -173,8 +179,10 @@ def main(argv: list[str]) -> int:
     except Exception as err:
         return abandon(partial, f"{type(err).__name__}: {err}", 1)
     seconds = time.monotonic() - progress.start
-    print(f"pretokenize: wrote {progress.tokens:,} tokens ({progress.documents:,} documents, max id {max_id}) to "
-          f"{output} in {seconds:.1f} s; train on it with dataset = \"tokens\" and a model vocab_size >= {max_id + 1}")
+    print(
+        f"pretokenize: wrote {progress.tokens:,} tokens ({progress.documents:,} documents, max id {max_id}) to "
+        f'{output} in {seconds:.1f} s; train on it with dataset = "tokens" and a model vocab_size >= {max_id + 1}'
+    )
     return 0
 
 

@@ -64,8 +64,10 @@ def main() -> None:
     args = parser.parse_args()
     s = summarize(_load(args.trace))
     wall, busy = s["wall_us"], s["busy_us"]
-    print(f"step wall {wall / 1e3:.1f} ms; GPU busy {busy / 1e3:.1f} ms"
-          + (f" ({100 * busy / wall:.0f} %), idle {(wall - busy) / 1e3:.1f} ms" if wall else ""))
+    print(
+        f"step wall {wall / 1e3:.1f} ms; GPU busy {busy / 1e3:.1f} ms"
+        + (f" ({100 * busy / wall:.0f} %), idle {(wall - busy) / 1e3:.1f} ms" if wall else "")
+    )
     print(f"\n{'kind':<14} {'ms':>9} {'% of busy':>9}")
     for kind, us in sorted(s["by_kind"].items(), key=lambda kv: -kv[1]):
         print(f"{kind:<14} {us / 1e3:>9.1f} {100 * us / busy if busy else 0:>8.1f}%")

@@ -8,10 +8,10 @@ import shutil
 import pytest
 import torch
 
+from config.errors import CheckpointError, ConfigError
 from tests.dist_utils import run_distributed
 from tests.weights import loaded_parameters, refusal, whole_parameters
 from train import train
-from config.errors import CheckpointError, ConfigError
 from training.config_loader import load_config
 
 pytestmark = pytest.mark.multiprocess
@@ -20,10 +20,30 @@ pytestmark = pytest.mark.multiprocess
 def _argv(folder, steps, *extra):
     # Constant LR after an 8-step warm-up: the schedule does not depend on training.steps, so a
     # 5-step run is the first half of a 10-step one (and the restored warm-up position matters).
-    return ["--config", "configs/debug.toml", "--model.vocab_size", "515", "--training.seq_len", "32",
-            "--training.global_batch_size", "8", "--training.local_batch_size", "2", "--training.steps", str(steps),
-            "--lr_scheduler.decay_type", "constant", "--lr_scheduler.warmup_steps", "8",
-            "--job.dump_folder", str(folder), "--checkpoint.enable", "--checkpoint.interval", "5", *extra]
+    return [
+        "--config",
+        "configs/debug.toml",
+        "--model.vocab_size",
+        "515",
+        "--training.seq_len",
+        "32",
+        "--training.global_batch_size",
+        "8",
+        "--training.local_batch_size",
+        "2",
+        "--training.steps",
+        str(steps),
+        "--lr_scheduler.decay_type",
+        "constant",
+        "--lr_scheduler.warmup_steps",
+        "8",
+        "--job.dump_folder",
+        str(folder),
+        "--checkpoint.enable",
+        "--checkpoint.interval",
+        "5",
+        *extra,
+    ]
 
 
 def _losses(rank, world_size, argv):
@@ -42,8 +62,15 @@ LAYOUTS = {
 
 
 def _validate_every(freq):
-    return ["--validation.enable", "--validation.dataset_path", "data/corpus", "--validation.steps", "2",
-            "--validation.freq", str(freq)]
+    return [
+        "--validation.enable",
+        "--validation.dataset_path",
+        "data/corpus",
+        "--validation.steps",
+        "2",
+        "--validation.freq",
+        str(freq),
+    ]
 
 
 def _losses_and_validation(rank, world_size, argv):
@@ -88,15 +115,19 @@ def test_pipeline_checkpoint_loads_into_other_layouts(tmp_path):
     pp = ["--parallelism.pipeline_parallel_degree", "2"]
     _run(4, _argv(source, 5, *pp, *VP))
     (expected,) = _run(4, _argv(source, 6, *pp, *VP))
-    _continue_elsewhere(tmp_path, source, expected, [("single", 1, []), ("dp_shard4", 4, []),
-                                                     ("dp_shard4_vp", 4, VP)])
+    _continue_elsewhere(tmp_path, source, expected, [("single", 1, []), ("dp_shard4", 4, []), ("dp_shard4_vp", 4, VP)])
 
 
 def test_checkpoint_under_one_pipeline_split_loads_under_another(tmp_path):
     """Saved by pp=2 with 1/3 layers per stage; continued by pp=2 with 3/1 and by one process."""
+
     def split(point):
-        return ["--parallelism.pipeline_parallel_degree", "2", "--parallelism.pipeline_parallel_stage_split_points",
-                f"[{point}]"]
+        return [
+            "--parallelism.pipeline_parallel_degree",
+            "2",
+            "--parallelism.pipeline_parallel_stage_split_points",
+            f"[{point}]",
+        ]
 
     source = tmp_path / "source"
     _run(2, _argv(source, 5, *split(1)))
@@ -115,8 +146,10 @@ def _bad_resumes(rank, world_size, root):
     """The error of each resume that must be refused (step-5, then step-4 damaged in between), and what is left."""
     folder = root / "checkpoint"
     train(load_config(_argv(root, 5, "--checkpoint.interval", "2")))
-    errors = [refusal(_argv(root, 6, *extra)) for extra in (["--training.global_batch_size", "4"],
-                                                             ["--checkpoint.load_step", "3"])]
+    errors = [
+        refusal(_argv(root, 6, *extra))
+        for extra in (["--training.global_batch_size", "4"], ["--checkpoint.load_step", "3"])
+    ]
     for data_file in (folder / "step-5").glob("*.distcp"):
         data_file.write_bytes(data_file.read_bytes()[:100])  # truncated
     errors.append(refusal(_argv(root, 6)))
@@ -127,16 +160,18 @@ def _bad_resumes(rank, world_size, root):
 
 
 def test_bad_checkpoints_are_refused_with_the_reason(tmp_path):
-    (errors, left), = run_distributed(_bad_resumes, 1, tmp_path, timeout_s=300)
+    ((errors, left),) = run_distributed(_bad_resumes, 1, tmp_path, timeout_s=300)
     # Another model's resume runs in a process of its own: that failure leaves gloo worker threads behind.
     with pytest.raises(Exception, match=r"vocab_size: checkpoint '515' vs recipe '600'"):
         _run(1, _argv(tmp_path, 6, "--model.vocab_size", "600", "--checkpoint.load_step", "2"))
-    expected = [r"data position does not fit this recipe",
-                r"no complete checkpoint step-3 in .*complete ones: \[2, 4, 5\]",
-                r"step-5 is corrupt \(__0_0\.distcp: truncated \(100 of \d+ bytes\)\); "
-                r"resume another complete one with --checkpoint\.load_step N \(N: 2, 4\), delete it",
-                r"step-4 is corrupt \(__0_0\.distcp: overwritten .*\); "
-                r"resume another complete one with --checkpoint\.load_step N \(N: 2, 5\), delete it"]
+    expected = [
+        r"data position does not fit this recipe",
+        r"no complete checkpoint step-3 in .*complete ones: \[2, 4, 5\]",
+        r"step-5 is corrupt \(__0_0\.distcp: truncated \(100 of \d+ bytes\)\); "
+        r"resume another complete one with --checkpoint\.load_step N \(N: 2, 4\), delete it",
+        r"step-4 is corrupt \(__0_0\.distcp: overwritten .*\); "
+        r"resume another complete one with --checkpoint\.load_step N \(N: 2, 5\), delete it",
+    ]
     for error, pattern in zip(errors, expected, strict=True):
         assert re.search(pattern, error) and "\n" not in error, error
     assert left == ["step-2", "step-4", "step-5"]  # refused, not touched
@@ -156,8 +191,11 @@ def test_a_folder_that_cannot_be_written_stops_the_run_before_anything_is_built(
     dump = _argv(tmp_path, 5) + ["--job.dump_folder", str(tmp_path / "taken" / "run")]
     for argv, key in ((checkpoint, "checkpoint.folder"), (dump, "job.dump_folder")):
         (error,) = set(run_distributed(_refused_folder, 2, argv, timeout_s=300))  # every rank, the same line
-        assert re.fullmatch(rf"config error: {key}: cannot write to \S*taken/\S+ \(.*Not a directory.*\); "
-                            rf"point {key} at a writable place", error), error
+        assert re.fullmatch(
+            rf"config error: {key}: cannot write to \S*taken/\S+ \(.*Not a directory.*\); "
+            rf"point {key} at a writable place",
+            error,
+        ), error
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
@@ -199,16 +237,22 @@ def _roll_back(rank, world_size, root):
 def test_a_rollback_sets_the_abandoned_branch_aside(tmp_path):
     """Resuming an older step moves the newer checkpoints aside before the first save, so pruning keeps this
     branch's saves and the next rerun continues it."""
-    (first, rolled_back, (left, set_aside), rerun, aside, warnings), = run_distributed(_roll_back, 1, tmp_path,
-                                                                                        timeout_s=300)
+    ((first, rolled_back, (left, set_aside), rerun, aside, warnings),) = run_distributed(
+        _roll_back, 1, tmp_path, timeout_s=300
+    )
     assert rolled_back == first[2:5]  # resumed from step-2
     assert left == ["step-4", "step-5"] and set_aside == ["step-4", "step-6", "step-8"]
     assert rerun == first[5:6]  # resumed the new step-5, not the abandoned step-8
     assert any(aside in line for line in warnings), warnings
 
 
-MODEL_ONLY = ["--checkpoint.interval", "3", "--checkpoint.last_save_model_only",
-              "--checkpoint.export_dtype", "bfloat16"]
+MODEL_ONLY = [
+    "--checkpoint.interval",
+    "3",
+    "--checkpoint.last_save_model_only",
+    "--checkpoint.export_dtype",
+    "bfloat16",
+]
 
 
 def _model_only_and_initial_loads(rank, world_size, root):
@@ -219,10 +263,15 @@ def _model_only_and_initial_loads(rank, world_size, root):
         train(load_config(_argv(root / "a", 6, *MODEL_ONLY)))
     except CheckpointError as err:
         out["resume_error"] = str(err)
-    (out["initial"],) = loaded_parameters([_argv(root / "b", 1, "--checkpoint.initial_load_path",
-                                                 str(root / "a" / "checkpoint" / "step-5"))])
-    complete = ["--checkpoint.initial_load_path", str(root / "a" / "checkpoint" / "step-3"),
-                "--checkpoint.initial_load_model_only", "false"]
+    (out["initial"],) = loaded_parameters(
+        [_argv(root / "b", 1, "--checkpoint.initial_load_path", str(root / "a" / "checkpoint" / "step-5"))]
+    )
+    complete = [
+        "--checkpoint.initial_load_path",
+        str(root / "a" / "checkpoint" / "step-3"),
+        "--checkpoint.initial_load_model_only",
+        "false",
+    ]
     out["continued"] = train(load_config(_argv(root / "c", 5, *complete))).losses
     out["rerun"] = train(load_config(_argv(root / "c", 6, *complete))).losses  # its own step-5 wins
     return out

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from training.config_loader import load_config
 from config.errors import ConfigError
+from training.config_loader import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,34 +19,51 @@ def test_every_shipped_recipe_loads(recipe):
 
 
 def test_cli_overrides_in_both_forms():
-    cfg = load_config(["--config", str(ROOT / "configs/debug.toml"), "--training.steps", "7",
-                       "--optimizer.lr=0.01", "--loss.name", "chunked", "--optimizer.betas", "[0.8, 0.9]",
-                       "--compile.enable"])
+    cfg = load_config(
+        [
+            "--config",
+            str(ROOT / "configs/debug.toml"),
+            "--training.steps",
+            "7",
+            "--optimizer.lr=0.01",
+            "--loss.name",
+            "chunked",
+            "--optimizer.betas",
+            "[0.8, 0.9]",
+            "--compile.enable",
+        ]
+    )
     assert cfg.training.steps == 7 and cfg.optimizer.lr == 0.01 and cfg.loss.name == "chunked"
     assert cfg.optimizer.betas == [0.8, 0.9] and cfg.compile.enable is True
 
 
-@pytest.mark.parametrize("argv, key, words", [
-    (["--training.stpes", "3"], "training.stpes", "did you mean 'steps'"),
-    (["--trainig.steps", "3"], "trainig", "did you mean 'training'"),
-    (["--training.steps", "three"], "training.steps", "expected an integer"),
-    (["--training.steps", "0"], "training.steps", "positive"),
-    (["--model.flavor", "70B"], "model.flavor", "choose one of"),
-    (["--model.name", "qwen"], "model.name", "did you mean 'qwen3'"),
-    (["--model.attn_mask_type", "document"], "model.attn_mask_type", "'block_causal'"),
-    (["--parallelism.pipeline_parallel_schedule", "1f1b"], "parallelism.pipeline_parallel_schedule", "1F1B"),
-    (["--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option", "x"],
-     "activation_checkpoint.selective_ac_option", "positive integer"),
-    (["--loss.name", "chunkd"], "loss.name", "did you mean 'chunked'"),
-    (["--optimizer.betas", "[0.9]"], "optimizer.betas", "two numbers"),
-    (["steps=3"], "steps=3", "--section.key"),
-    (["--job.description"], "job.description", "needs a value"),
-    (["--training.device", "tpu"], "training.device", "'auto'"),
-    (["--checkpoint.async_mode", "on"], "checkpoint.async_mode", "'async'"),
-    (["--checkpoint.export_dtype", "bf16"], "checkpoint.export_dtype", "'bfloat16'"),
-    (["--training.seq_len", "1"], "training.seq_len", "no next token to predict"),
-    (["--config", "configs/debug_pp.toml"], "--config", "debug.toml, configs/debug_pp.toml); pass one recipe"),
-])
+@pytest.mark.parametrize(
+    "argv, key, words",
+    [
+        (["--training.stpes", "3"], "training.stpes", "did you mean 'steps'"),
+        (["--trainig.steps", "3"], "trainig", "did you mean 'training'"),
+        (["--training.steps", "three"], "training.steps", "expected an integer"),
+        (["--training.steps", "0"], "training.steps", "positive"),
+        (["--model.flavor", "70B"], "model.flavor", "choose one of"),
+        (["--model.name", "qwen"], "model.name", "did you mean 'qwen3'"),
+        (["--model.attn_mask_type", "document"], "model.attn_mask_type", "'block_causal'"),
+        (["--parallelism.pipeline_parallel_schedule", "1f1b"], "parallelism.pipeline_parallel_schedule", "1F1B"),
+        (
+            ["--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option", "x"],
+            "activation_checkpoint.selective_ac_option",
+            "positive integer",
+        ),
+        (["--loss.name", "chunkd"], "loss.name", "did you mean 'chunked'"),
+        (["--optimizer.betas", "[0.9]"], "optimizer.betas", "two numbers"),
+        (["steps=3"], "steps=3", "--section.key"),
+        (["--job.description"], "job.description", "needs a value"),
+        (["--training.device", "tpu"], "training.device", "'auto'"),
+        (["--checkpoint.async_mode", "on"], "checkpoint.async_mode", "'async'"),
+        (["--checkpoint.export_dtype", "bf16"], "checkpoint.export_dtype", "'bfloat16'"),
+        (["--training.seq_len", "1"], "training.seq_len", "no next token to predict"),
+        (["--config", "configs/debug_pp.toml"], "--config", "debug.toml, configs/debug_pp.toml); pass one recipe"),
+    ],
+)
 def test_bad_values_name_the_key(argv, key, words):
     with pytest.raises(ConfigError) as err:
         load_config(["--config", str(ROOT / "configs/debug.toml"), *argv])
@@ -78,8 +95,13 @@ def test_missing_recipe_file():
 
 
 def test_train_py_prints_one_line_and_exits_nonzero_before_building_anything():
-    result = subprocess.run([sys.executable, "train.py", "--config", "configs/debug.toml", "--training.seq_len", "-4"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "train.py", "--config", "configs/debug.toml", "--training.seq_len", "-4"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert result.stderr.strip() == "config error: training.seq_len: must be a positive integer"
     assert "Traceback" not in result.stdout + result.stderr
@@ -88,8 +110,18 @@ def test_train_py_prints_one_line_and_exits_nonzero_before_building_anything():
 def test_dumped_config_reads_back_unchanged(tmp_path):
     from training.config_loader import dump_config
 
-    cfg = load_config(["--config", str(ROOT / "configs/qwen3_1p7b_pp4.toml"), "--job.description", 'a "quoted" run',
-                       "--parallelism.pipeline_parallel_stage_split_points", "7,14,21", "--loss.filter_eps", "0.5"])
+    cfg = load_config(
+        [
+            "--config",
+            str(ROOT / "configs/qwen3_1p7b_pp4.toml"),
+            "--job.description",
+            'a "quoted" run',
+            "--parallelism.pipeline_parallel_stage_split_points",
+            "7,14,21",
+            "--loss.filter_eps",
+            "0.5",
+        ]
+    )
     path = tmp_path / "config.toml"
     path.write_text(dump_config(cfg))
     assert load_config(["--config", str(path)]) == cfg

@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import tomli
 
+from config.job_config import JobConfig, LossName, PipelineSchedule
 from losses.options import OPTIONS
 from losses.registry import LOSS_NAMES, loss_option_names
 from models.flavors import MODEL_FLAVORS
 from parallelisms.pipeline import PIPELINE_SCHEDULES
-from config.job_config import JobConfig, LossName, PipelineSchedule
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "config.md"
 
@@ -160,4 +160,6 @@ def test_loss_support_matrix_matches_registry():
     for option, marks in rows.items():
         documented = {entry for entry, mark in zip(header[1:], marks) if mark == "✓"}
         actual = {entry for entry in LOSS_NAMES if option in loss_option_names(entry)}
-        assert documented == actual, f"support matrix row {option!r}: doc {sorted(documented)}, registry {sorted(actual)}"
+        assert documented == actual, (
+            f"support matrix row {option!r}: doc {sorted(documented)}, registry {sorted(actual)}"
+        )

@@ -70,7 +70,7 @@ def test_byte_tokenizer_round_trips_any_text():
 def test_build_tokenizer_picks_bytes_and_rejects_anything_else(tmp_path):
     assert isinstance(build_tokenizer("bytes"), ByteTokenizer)
     for spec in (str(tmp_path / "nothing-here"), str(tmp_path), "gpt2"):
-        with pytest.raises(ValueError, match="expected \"bytes\", a path to a Hugging Face tokenizer.json"):
+        with pytest.raises(ValueError, match='expected "bytes", a path to a Hugging Face tokenizer.json'):
             build_tokenizer(spec)
 
 
@@ -162,7 +162,9 @@ def test_jsonl_documents_are_the_text_fields(tmp_path):
     path = tmp_path / "docs.jsonl"
     line_separator = "\u2028"  # legal inside a JSON string; must not split the line
     records = [{"text": "hi", "id": 1}, {"text": "yo" + line_separator}]
-    path.write_text(json.dumps(records[0]) + "\n\n" + json.dumps(records[1], ensure_ascii=False) + "\n", encoding="utf-8")
+    path.write_text(
+        json.dumps(records[0]) + "\n\n" + json.dumps(records[1], ensure_ascii=False) + "\n", encoding="utf-8"
+    )
     expected = [*b"hi", EOS, *b"yo", *line_separator.encode("utf-8"), EOS]
     assert load_token_stream("jsonl", path, ByteTokenizer(), 300).tolist() == expected
 
@@ -196,17 +198,25 @@ def test_parquet_folder_is_its_text_column_in_file_order(tmp_path, monkeypatch):
     assert len(batches) == 8 and batches[-1].bytes_read == sum(f.stat().st_size for f in tmp_path.glob("*.parquet"))
     stream = load_token_stream("parquet", tmp_path, tok, 300, text_column="body")
     assert stream.dtype == np.uint32 and stream.tolist() == expected
-    loader = make_loader(tmp_path, dataset="parquet", text_column="body", tokenizer=tok, seq_len=len(expected),
-                         global_batch_size=1)
+    loader = make_loader(
+        tmp_path, dataset="parquet", text_column="body", tokenizer=tok, seq_len=len(expected), global_batch_size=1
+    )
     assert take(loader, 1)[0].tolist() == [expected]
 
 
-@pytest.mark.parametrize("problem, columns, message", [
-    ("no column", {"id": [1], "body": ["x"]}, r"bad.parquet: no column 'text' \(it has id, body\); "),
-    ("not strings", {"text": [1, 2]}, r"bad.parquet: column 'text' holds int64, not strings; set dataset_text_column"),
-    ("no rows", {"text": pa.array([], pa.string())}, r"bad.parquet: empty file \(no rows\); remove it or fill it"),
-    ("a null", {"text": ["x", None]}, r"bad.parquet: row 1 of column 'text' is null; drop or fill"),
-])
+@pytest.mark.parametrize(
+    "problem, columns, message",
+    [
+        ("no column", {"id": [1], "body": ["x"]}, r"bad.parquet: no column 'text' \(it has id, body\); "),
+        (
+            "not strings",
+            {"text": [1, 2]},
+            r"bad.parquet: column 'text' holds int64, not strings; set dataset_text_column",
+        ),
+        ("no rows", {"text": pa.array([], pa.string())}, r"bad.parquet: empty file \(no rows\); remove it or fill it"),
+        ("a null", {"text": ["x", None]}, r"bad.parquet: row 1 of column 'text' is null; drop or fill"),
+    ],
+)
 def test_parquet_column_problems_name_the_file(tmp_path, problem, columns, message):
     write_parquet(tmp_path / "a.parquet", {"text": ["fine"]})
     write_parquet(tmp_path / "bad.parquet", columns)
@@ -297,9 +307,11 @@ def test_the_global_batch_is_the_same_whatever_dp_degree(numbered_tokens, dp_deg
 def test_unshuffled_windows_are_in_file_order_and_sliced_like_training(numbered_tokens):
     """shuffle=False (validation): global sequence k is window k (of 11), epoch after epoch, whatever the seed;
     rank r of 2 takes the second half of each global batch of 4."""
+
     def items(dp_rank=0, dp_degree=1, seed=0):
-        loader = make_loader(numbered_tokens, dataset="tokens", dp_rank=dp_rank, dp_degree=dp_degree, seed=seed,
-                             shuffle=False)
+        loader = make_loader(
+            numbered_tokens, dataset="tokens", dp_rank=dp_rank, dp_degree=dp_degree, seed=seed, shuffle=False
+        )
         return torch.cat(take(loader, 3))
 
     window_starts = items()[:, 0].tolist()
@@ -407,7 +419,9 @@ def test_tokens_file_size_not_a_multiple_of_four(tmp_path):
 
 def test_tokens_file_with_an_id_beyond_the_vocab(tmp_path):
     path = write_token_file(tmp_path / "big.bin", [1, 2, 3, 299, 300, 5, 7000])
-    with pytest.raises(ValueError, match="big.bin: token id 300 at offset 4 \\(in tokens\\) is >= the model's vocab_size 300"):
+    with pytest.raises(
+        ValueError, match="big.bin: token id 300 at offset 4 \\(in tokens\\) is >= the model's vocab_size 300"
+    ):
         make_loader(path, dataset="tokens")
 
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from config.job_config import ActivationCheckpoint
 from models import Transformer, build_model_args
 from models.attention import dense_block_causal_mask, document_ids
 from models.initialize import init_weights
@@ -22,7 +23,6 @@ from models.rope import apply_rope
 from parallelisms.activation_checkpoint import apply_activation_checkpointing
 from parallelisms.compile import apply_compile
 from parallelisms.pipeline import PipelinePlan, build_stage_module
-from config.job_config import ActivationCheckpoint
 from tests.word_tokenizer import write_word_tokenizer
 from training.checkpoint import model_fingerprint
 
@@ -31,8 +31,14 @@ EOS, VOCAB = 0, 97
 
 
 def _model(mask_type="block_causal", n_layers=4):
-    args = dataclasses.replace(build_model_args("qwen3", "debug"), vocab_size=VOCAB, max_seq_len=64,
-                               n_layers=n_layers, attn_mask_type=mask_type, eos_id=EOS)
+    args = dataclasses.replace(
+        build_model_args("qwen3", "debug"),
+        vocab_size=VOCAB,
+        max_seq_len=64,
+        n_layers=n_layers,
+        attn_mask_type=mask_type,
+        eos_id=EOS,
+    )
     model = Transformer(args)
     init_weights(model, seed=3, device=torch.device("cpu"))
     return model
@@ -45,10 +51,8 @@ def _documents(lengths, generator):
 
 
 def test_document_ids_count_the_eos_before_each_position():
-    tokens = torch.tensor([[5, EOS, 7, 8, EOS, EOS, 9],
-                           [EOS, 1, 2, 3, 4, 5, EOS]])
-    expected = torch.tensor([[0, 0, 1, 1, 1, 2, 3],
-                             [0, 1, 1, 1, 1, 1, 1]])
+    tokens = torch.tensor([[5, EOS, 7, 8, EOS, EOS, 9], [EOS, 1, 2, 3, 4, 5, EOS]])
+    expected = torch.tensor([[0, 0, 1, 1, 1, 2, 3], [0, 1, 1, 1, 1, 1, 1]])
     assert torch.equal(document_ids(tokens, EOS), expected.int())
 
 
@@ -69,7 +73,8 @@ def _token_losses(model, tokens):
     """Per-position next-token cross-entropy, ``[batch, seq - 1]``."""
     logits = model.forward_logits(tokens)
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten(), reduction="none").view(
-        tokens.shape[0], -1)
+        tokens.shape[0], -1
+    )
 
 
 def test_packed_window_loss_equals_each_document_alone():
@@ -92,11 +97,12 @@ def test_packed_window_loss_equals_each_document_alone():
                 same_document = len(doc) - 1  # its last position's target is the next document's, or none
                 if same_document > 0:
                     alone = _token_losses(block_causal, doc[None])[0, :same_document]
-                    got = packed[row, start:start + same_document]
+                    got = packed[row, start : start + same_document]
                     torch.testing.assert_close(got, alone, rtol=1e-5, atol=1e-5)
                     if n > 0:  # the same window without the mask: earlier documents leak in
-                        assert not torch.allclose(packed_causal[row, start:start + same_document], alone,
-                                                  rtol=1e-3, atol=1e-3)
+                        assert not torch.allclose(
+                            packed_causal[row, start : start + same_document], alone, rtol=1e-3, atol=1e-3
+                        )
                 start += len(doc)
 
 
@@ -153,7 +159,7 @@ def test_activation_checkpointing_and_compiled_blocks_take_the_mask():
     for model in (eager, wrapped):
         _token_losses(model, tokens).sum().backward()
     for (name, p), q in zip(eager.named_parameters(), wrapped.parameters()):
-        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_the_mask_is_no_part_of_a_checkpoints_model():
@@ -166,9 +172,24 @@ def test_the_mask_is_no_part_of_a_checkpoints_model():
 
 def test_block_causal_without_an_eos_token_stops_before_the_model_is_built(tmp_path):
     tokenizer = write_word_tokenizer(tmp_path, eos_token="<END>")  # none of the common EOS names
-    result = subprocess.run([sys.executable, "train.py", "--config", "configs/debug.toml", "--job.dump_folder",
-                             str(tmp_path), "--model.tokenizer", str(tokenizer), "--model.attn_mask_type",
-                             "block_causal"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "--config",
+            "configs/debug.toml",
+            "--job.dump_folder",
+            str(tmp_path),
+            "--model.tokenizer",
+            str(tokenizer),
+            "--model.attn_mask_type",
+            "block_causal",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2
     assert result.stderr.startswith("config error: model.tokenizer: ") and result.stderr.count("\n") == 1
     assert "set model.eos_token" in result.stderr

@@ -56,8 +56,10 @@ def test_flex_attention_matches_the_dense_mask():
         out = masked_attention(*inputs, mask)
         out.backward(grad_out)
         results.append([out, *(t.grad for t in inputs)])
-    _report("flex_attention vs SDPA with the dense mask",
-            {name: _relative_error(f, d) for name, f, d in zip(("out", "dq", "dk", "dv"), *results)})
+    _report(
+        "flex_attention vs SDPA with the dense mask",
+        {name: _relative_error(f, d) for name, f, d in zip(("out", "dq", "dk", "dv"), *results)},
+    )
 
 
 _OP_AC = ActivationCheckpoint(mode="selective", selective_ac_option="op")
@@ -74,8 +76,16 @@ def test_wrapped_block_with_flex_matches_the_plain_block_with_the_dense_mask(wra
     fullgraph) with the block mask, against the plain block with the dense mask; compiled, a second
     microbatch's documents must not recompile it."""
     device = torch.device("cuda")
-    args = dataclasses.replace(build_model_args("qwen3", "1.7B"), n_layers=1, dim=1024, ffn_dim=3072, vocab_size=1000,
-                               max_seq_len=SEQ, attn_mask_type="block_causal", eos_id=EOS)
+    args = dataclasses.replace(
+        build_model_args("qwen3", "1.7B"),
+        n_layers=1,
+        dim=1024,
+        ffn_dim=3072,
+        vocab_size=1000,
+        max_seq_len=SEQ,
+        attn_mask_type="block_causal",
+        eos_id=EOS,
+    )
     torch.manual_seed(2)
     model = Transformer(args).to(device, torch.bfloat16)
     recipe = copy.deepcopy(model)
@@ -94,10 +104,19 @@ def test_wrapped_block_with_flex_matches_the_plain_block_with_the_dense_mask(wra
         out.float().square().mean().backward()
         results.append({"out": out, "dx": h.grad, **{canonical_name(n): p.grad for n, p in part.named_parameters()}})
     flex, dense = results
-    _report(f"block, {wrapping} (flex) vs plain block (dense)",
-            {name: _relative_error(flex[name], dense[name]) for name in ("out", "dx", "layers.0.attention.wq.weight",
-                                                                          "layers.0.attention.wk.weight",
-                                                                          "layers.0.feed_forward.w1.weight")})
+    _report(
+        f"block, {wrapping} (flex) vs plain block (dense)",
+        {
+            name: _relative_error(flex[name], dense[name])
+            for name in (
+                "out",
+                "dx",
+                "layers.0.attention.wq.weight",
+                "layers.0.attention.wk.weight",
+                "layers.0.feed_forward.w1.weight",
+            )
+        },
+    )
     with torch.compiler.set_stance("fail_on_recompile"):
         other = flex_block_causal_mask(document_ids(tokens.roll(100, dims=1), EOS))
         recipe.layers["0"](x.detach().requires_grad_(), rope, other).float().square().mean().backward()

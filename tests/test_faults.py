@@ -14,10 +14,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from config.errors import ConfigError
 from parallelisms.distributed import set_pg_timeouts
 from tests.dist_utils import run_distributed
 from training.config_loader import dump_config, load_config
-from config.errors import ConfigError
 from training.faults import CHECK_IN_SECONDS, is_collective_failure
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,8 +27,11 @@ TRAIN_TIMEOUT = 5
 def test_comm_timeouts_are_positive_integers_and_round_trip(tmp_path):
     cfg = load_config(["--comm.init_timeout_seconds", "60", "--comm.train_timeout_seconds", "7"])
     assert (cfg.comm.init_timeout_seconds, cfg.comm.train_timeout_seconds) == (60, 7)
-    for value, message in [("0", "must be a positive number of seconds"), ("-5", "must be a positive number"),
-                           ("1.5", "expected an integer")]:
+    for value, message in [
+        ("0", "must be a positive number of seconds"),
+        ("-5", "must be a positive number"),
+        ("1.5", "expected an integer"),
+    ]:
         with pytest.raises(ConfigError) as err:
             load_config(["--comm.train_timeout_seconds", value])
         assert str(err.value).startswith(f"config error: comm.train_timeout_seconds: {message}")
@@ -38,8 +41,10 @@ def test_comm_timeouts_are_positive_integers_and_round_trip(tmp_path):
 
 
 def test_a_failed_collective_is_told_from_this_ranks_own_errors():
-    gloo_reset = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error "
-                              "[127.0.0.1]:46299: Connection reset by peer")
+    gloo_reset = RuntimeError(
+        "[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error "
+        "[127.0.0.1]:46299: Connection reset by peer"
+    )
     assert is_collective_failure(gloo_reset)
     assert is_collective_failure(dist.DistBackendError("NCCL communicator was aborted on rank 3"))
     try:
@@ -77,10 +82,29 @@ def test_set_pg_timeouts_bounds_every_group():
 
 def _start_run(folder: Path, log: Path, nproc: int = 2) -> subprocess.Popen:
     """A long run under torchrun; the log goes to a file (a pipe would fill up and block rank 0)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--rdzv_backend", "c10d",
-           "--rdzv_endpoint", "localhost:0", "train.py", "--config", "configs/debug.toml",
-           "--training.steps", "100000", "--training.seq_len", "32", "--training.local_batch_size", "2",
-           "--comm.train_timeout_seconds", str(TRAIN_TIMEOUT), "--job.dump_folder", str(folder)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--rdzv_backend",
+        "c10d",
+        "--rdzv_endpoint",
+        "localhost:0",
+        "train.py",
+        "--config",
+        "configs/debug.toml",
+        "--training.steps",
+        "100000",
+        "--training.seq_len",
+        "32",
+        "--training.local_batch_size",
+        "2",
+        "--comm.train_timeout_seconds",
+        str(TRAIN_TIMEOUT),
+        "--job.dump_folder",
+        str(folder),
+    ]
     with open(log, "w") as out:
         return subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -118,8 +142,12 @@ def _wait_until_ended(pids: list[int], limit: float) -> float:
 def _named(log: Path, rank: int) -> int:
     """The step at which the survivors' one line names ``rank``; no stack trace from train.py."""
     text = log.read_text()
-    match = re.search(rf"^rank {rank} stopped answering \(died or hung\) at step (\d+); the other ranks exit\. "
-                      rf"Check the log of rank {rank}; raise comm\.train_timeout_seconds", text, re.MULTILINE)
+    match = re.search(
+        rf"^rank {rank} stopped answering \(died or hung\) at step (\d+); the other ranks exit\. "
+        rf"Check the log of rank {rank}; raise comm\.train_timeout_seconds",
+        text,
+        re.MULTILINE,
+    )
     assert match, text[-4000:]
     assert 'train.py", line' not in text, text[-4000:]
     return int(match.group(1))

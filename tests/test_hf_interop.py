@@ -11,6 +11,7 @@ from dataclasses import asdict, replace
 import pytest
 import torch
 
+from config.errors import CheckpointError, ConfigError
 from models import Transformer, build_model_args
 from models.args import RopeScaling
 from models.flavors import LLAMA3_FLAVORS
@@ -20,7 +21,6 @@ from tests.dist_utils import run_distributed
 from tests.weights import loaded_parameters, refusal, whole_parameters
 from train import train
 from training.config_loader import load_config
-from config.errors import CheckpointError, ConfigError
 from training.hf_checkpoint import INDEX, check_weight_files, read_hf_config, write_hf_folder
 
 VOCAB = 515
@@ -31,9 +31,25 @@ SCALED_LLAMA = replace(LLAMA3_FLAVORS["debug"], rope_scaling=RopeScaling(8.0, 1.
 
 
 def _argv(folder, name, steps, *extra):
-    return ["--config", "configs/debug.toml", "--model.name", name, "--model.vocab_size", str(VOCAB),
-            "--training.seq_len", "32", "--training.global_batch_size", "8", "--training.local_batch_size", "2",
-            "--training.steps", str(steps), "--job.dump_folder", str(folder), *extra]
+    return [
+        "--config",
+        "configs/debug.toml",
+        "--model.name",
+        name,
+        "--model.vocab_size",
+        str(VOCAB),
+        "--training.seq_len",
+        "32",
+        "--training.global_batch_size",
+        "8",
+        "--training.local_batch_size",
+        "2",
+        "--training.steps",
+        str(steps),
+        "--job.dump_folder",
+        str(folder),
+        *extra,
+    ]
 
 
 def _merged(per_rank: list[dict], tied: bool) -> dict[str, torch.Tensor]:
@@ -57,20 +73,37 @@ def _train_export_import(rank, world_size, root):
     for name in ("qwen3", "llama3"):
         source = train(load_config(_argv(root / f"{name}_source", name, 2, "--checkpoint.enable")))
         hf = root / f"{name}_hf"
-        assert export_hf(["--checkpoint", str(root / f"{name}_source" / "checkpoint" / "step-2"),
-                          "--config", "configs/debug.toml", "--model.name", name, "--model.vocab_size", str(VOCAB),
-                          "--output", str(hf)]) == 0
-        (imported,) = loaded_parameters([_argv(root / f"{name}_single", name, 1,
-                                               "--checkpoint.initial_load_path", str(hf))])
+        assert (
+            export_hf(
+                [
+                    "--checkpoint",
+                    str(root / f"{name}_source" / "checkpoint" / "step-2"),
+                    "--config",
+                    "configs/debug.toml",
+                    "--model.name",
+                    name,
+                    "--model.vocab_size",
+                    str(VOCAB),
+                    "--output",
+                    str(hf),
+                ]
+            )
+            == 0
+        )
+        (imported,) = loaded_parameters(
+            [_argv(root / f"{name}_single", name, 1, "--checkpoint.initial_load_path", str(hf))]
+        )
         out[name] = (whole_parameters(source.model_parts), imported, sorted(p.name for p in hf.iterdir()))
     config_file = root / "qwen3_hf" / "config.json"
     config = json.loads(config_file.read_text())
-    config_file.write_text(json.dumps({**config, "num_hidden_layers": 3, "rms_norm_eps": 1e-5,
-                                       "tie_word_embeddings": False}))
+    config_file.write_text(
+        json.dumps({**config, "num_hidden_layers": 3, "rms_norm_eps": 1e-5, "tie_word_embeddings": False})
+    )
     out["mismatch"] = None
     try:
-        train(load_config(_argv(root / "mismatch", "qwen3", 1, "--checkpoint.initial_load_path",
-                                str(root / "qwen3_hf"))))
+        train(
+            load_config(_argv(root / "mismatch", "qwen3", 1, "--checkpoint.initial_load_path", str(root / "qwen3_hf")))
+        )
     except CheckpointError as err:
         out["mismatch"] = str(err)
     config_file.write_text(json.dumps(config))
@@ -78,8 +111,12 @@ def _train_export_import(rank, world_size, root):
 
 
 def _import_pipeline(rank, world_size, root):
-    return loaded_parameters([_argv(root / f"{name}_pp", name, 1, "--checkpoint.initial_load_path",
-                                    str(root / f"{name}_hf"), *PP_VP) for name in ("qwen3", "llama3")])
+    return loaded_parameters(
+        [
+            _argv(root / f"{name}_pp", name, 1, "--checkpoint.initial_load_path", str(root / f"{name}_hf"), *PP_VP)
+            for name in ("qwen3", "llama3")
+        ]
+    )
 
 
 @pytest.mark.multiprocess
@@ -89,15 +126,19 @@ def test_export_then_import_is_bitwise_in_every_layout(tmp_path):
         trained, imported, files = out[name]
         assert files == ["config.json", "model.safetensors"]
         _assert_bitwise(_merged([trained], tied), _merged([imported], tied), f"{name} single process")
-    for field in ("num_hidden_layers: folder 3 vs recipe 4", "rms_norm_eps: folder 1e-05 vs recipe 1e-06",
-                  "tie_word_embeddings: folder False vs recipe True"):
+    for field in (
+        "num_hidden_layers: folder 3 vs recipe 4",
+        "rms_norm_eps: folder 1e-05 vs recipe 1e-06",
+        "tie_word_embeddings: folder False vs recipe True",
+    ):
         assert field in (out["mismatch"] or "no CheckpointError"), field
 
     # 2 pipeline stages x 2 FSDP shards, the vocab-parallel head a DTensor over the shards (a tied one a copy).
     per_rank = run_distributed(_import_pipeline, 4, tmp_path, timeout_s=300)
     for i, (name, tied) in enumerate((("qwen3", True), ("llama3", False))):
-        _assert_bitwise(_merged([out[name][1]], tied), _merged([rank[i] for rank in per_rank], tied),
-                        f"{name} pp=2 x dp_shard=2")
+        _assert_bitwise(
+            _merged([out[name][1]], tied), _merged([rank[i] for rank in per_rank], tied), f"{name} pp=2 x dp_shard=2"
+        )
 
 
 def _random_hf_folder(folder, dtype, max_shard_bytes):
@@ -168,8 +209,9 @@ def test_a_folder_whose_files_disagree_is_refused_naming_them(defect, tmp_path):
     assert "\n" not in str(err.value) and all(name in str(err.value) for name in names), str(err.value)
 
 
-@pytest.mark.parametrize("text, problem", [("{\"hidden_size\": 64,", "is not valid JSON"),
-                                           ("[64, 4]", "holds an array, not a JSON object")])
+@pytest.mark.parametrize(
+    "text, problem", [('{"hidden_size": 64,', "is not valid JSON"), ("[64, 4]", "holds an array, not a JSON object")]
+)
 def test_a_damaged_config_json_is_named(text, problem, tmp_path):
     (tmp_path / "config.json").write_text(text)
     with pytest.raises(CheckpointError, match=f"^{tmp_path / 'config.json'} {problem}.*; download or export"):
@@ -180,8 +222,10 @@ def test_export_refuses_a_non_empty_folder_without_replace(tmp_path, capsys):
     out = tmp_path / "hf"
     out.mkdir()
     (out / "model.safetensors").write_bytes(b"an earlier export")
-    assert export_hf(["--checkpoint", str(tmp_path / "step-1"), "--config", "configs/debug.toml",
-                      "--output", str(out)]) == 2
+    assert (
+        export_hf(["--checkpoint", str(tmp_path / "step-1"), "--config", "configs/debug.toml", "--output", str(out)])
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{out} is not empty; pass --replace" in err
     assert sorted(tmp_path.iterdir()) == [out] and [p.name for p in out.iterdir()] == ["model.safetensors"]
@@ -194,16 +238,30 @@ def _export_twice_then_import(rank, world_size, root):
     run, out, first = root / "run", root / "hf", root / "first"
 
     def export(step, *extra):
-        return export_hf(["--checkpoint", str(run / "checkpoint" / f"step-{step}"), "--config", "configs/debug.toml",
-                          "--model.vocab_size", str(VOCAB), "--output", str(out), *extra])
+        return export_hf(
+            [
+                "--checkpoint",
+                str(run / "checkpoint" / f"step-{step}"),
+                "--config",
+                "configs/debug.toml",
+                "--model.vocab_size",
+                str(VOCAB),
+                "--output",
+                str(out),
+                *extra,
+            ]
+        )
 
     train(load_config(_argv(run, "qwen3", 2, "--checkpoint.enable", "--checkpoint.interval", "1")))
     assert export(1, "--max_shard_gib", str(SHARD_BYTES / 2**30)) == 0
     shutil.copytree(out, first)
     assert export(2, "--replace") == 0
-    result = {"files": sorted(p.name for p in root.iterdir()), "exported": sorted(p.name for p in out.iterdir()),
-              "step1": read_model(run / "checkpoint" / "step-1", None),
-              "step2": read_model(run / "checkpoint" / "step-2", None)}
+    result = {
+        "files": sorted(p.name for p in root.iterdir()),
+        "exported": sorted(p.name for p in out.iterdir()),
+        "step1": read_model(run / "checkpoint" / "step-1", None),
+        "step2": read_model(run / "checkpoint" / "step-2", None),
+    }
     argv = _argv(root / "import", "qwen3", 1, "--checkpoint.initial_load_path", str(out))
     (result["imported"],) = loaded_parameters([argv])
     for file in first.iterdir():  # what an export into the non-empty folder used to leave
@@ -233,22 +291,40 @@ def test_initial_load_path_is_checked_when_the_recipe_loads(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(ConfigError, match="checkpoint.initial_load_model_only: .* Hugging Face folder"):
-        load_config(_argv(tmp_path, "qwen3", 1, "--checkpoint.initial_load_path", str(tmp_path),
-                          "--checkpoint.initial_load_model_only", "false"))
+        load_config(
+            _argv(
+                tmp_path,
+                "qwen3",
+                1,
+                "--checkpoint.initial_load_path",
+                str(tmp_path),
+                "--checkpoint.initial_load_model_only",
+                "false",
+            )
+        )
 
 
 # -- transformers as the reference ------------------------------------------------------------------
 def _hf_reference(transformers, name: str, folder):
     """A tiny random transformers model with our debug flavor's sizes, saved as safetensors."""
-    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=192, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096)
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=192,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=4096,
+    )
     if name == "qwen3":
         config = transformers.Qwen3Config(**common, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True)
         model = transformers.Qwen3ForCausalLM(config)
     else:
         scaling = {"rope_type": "llama3", **asdict(SCALED_LLAMA.rope_scaling)}  # the same four field names
-        config = transformers.LlamaConfig(**common, rope_theta=5e5, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                                          rope_scaling=scaling)
+        config = transformers.LlamaConfig(
+            **common, rope_theta=5e5, rms_norm_eps=1e-5, tie_word_embeddings=False, rope_scaling=scaling
+        )
         model = transformers.LlamaForCausalLM(config)
     torch.manual_seed(0)
     with torch.no_grad():  # every weight random, norms included, so a swapped name cannot go unnoticed
@@ -261,8 +337,12 @@ def _hf_reference(transformers, name: str, folder):
 def _import_references(rank, world_size, root):
     """Both references through initial_load_path; the Llama one has RoPE scaling, so its flavor must too."""
     LLAMA3_FLAVORS["debug"] = SCALED_LLAMA
-    return loaded_parameters([_argv(root / f"{name}_run", name, 1, "--checkpoint.initial_load_path",
-                                    str(root / name)) for name in ("qwen3", "llama3")])
+    return loaded_parameters(
+        [
+            _argv(root / f"{name}_run", name, 1, "--checkpoint.initial_load_path", str(root / name))
+            for name in ("qwen3", "llama3")
+        ]
+    )
 
 
 @pytest.mark.multiprocess
@@ -281,8 +361,14 @@ def test_logits_match_transformers_and_the_export_loads_in_it(tmp_path, monkeypa
             expected = reference(tokens).logits
             torch.testing.assert_close(ours.forward_logits(tokens), expected, rtol=0, atol=1e-5, msg=name)
             # What the export writes (config.json, several shards and their index) is what transformers reads.
-            write_hf_folder(dict(ours.named_parameters()), name, args, tmp_path / f"{name}_out", torch.float32,
-                            max_shard_bytes=200_000)
+            write_hf_folder(
+                dict(ours.named_parameters()),
+                name,
+                args,
+                tmp_path / f"{name}_out",
+                torch.float32,
+                max_shard_bytes=200_000,
+            )
             exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / f"{name}_out")
             assert type(exported) is type(reference)
             torch.testing.assert_close(exported(tokens).logits, expected, rtol=0, atol=1e-5, msg=name)

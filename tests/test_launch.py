@@ -23,9 +23,16 @@ def _slurm_env(tmp_path, **overrides):
     """What srun gives each task, for a 2-node job on 127.0.0.1 (no scontrol here, so the launcher
     reads the node list itself), plus the launcher's own knobs."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC_"))}
-    env.update(SLURM_NNODES="2", SLURM_NODEID="0", SLURM_JOB_ID=str(os.getpid()), SLURM_JOB_NODELIST="127.0.0.1",
-               GPUS_PER_NODE="2", CONFIG_FILE="configs/debug.toml", PYTHON=sys.executable,
-               LOG_DIR=str(tmp_path / "logs"))
+    env.update(
+        SLURM_NNODES="2",
+        SLURM_NODEID="0",
+        SLURM_JOB_ID=str(os.getpid()),
+        SLURM_JOB_NODELIST="127.0.0.1",
+        GPUS_PER_NODE="2",
+        CONFIG_FILE="configs/debug.toml",
+        PYTHON=sys.executable,
+        LOG_DIR=str(tmp_path / "logs"),
+    )
     env.update(overrides)
     return env
 
@@ -35,9 +42,18 @@ def test_two_fake_nodes_of_two_processes_train_as_one_world_of_four(tmp_path):
     env = _slurm_env(tmp_path, MASTER_PORT=str(free_port()))
     args = [*TRAIN_ARGS, "--parallelism.data_parallel_shard_degree", "-1", "--job.dump_folder", str(tmp_path / "run")]
     # Each launcher in its own session, so that a hang can be cleaned up with its torchrun workers.
-    nodes = [subprocess.Popen(["bash", str(LAUNCH), *args], cwd=ROOT, env={**env, "SLURM_NODEID": str(node)},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-             for node in (0, 1)]
+    nodes = [
+        subprocess.Popen(
+            ["bash", str(LAUNCH), *args],
+            cwd=ROOT,
+            env={**env, "SLURM_NODEID": str(node)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        for node in (0, 1)
+    ]
     deadline = time.monotonic() + 150
     outputs = []
     try:
@@ -64,23 +80,41 @@ def test_two_fake_nodes_of_two_processes_train_as_one_world_of_four(tmp_path):
 @pytest.mark.parametrize("script", [LAUNCH, SBATCH], ids=["slurm_launch.sh", "multinode.slurm"])
 def test_a_missing_recipe_is_refused_before_anything_starts(tmp_path, script):
     # No srun on PATH: the sbatch script has to refuse before it would call it.
-    result = subprocess.run(["bash", str(script)], cwd=ROOT, env=_slurm_env(tmp_path, CONFIG_FILE="configs/nope.toml"),
-                            capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        ["bash", str(script)],
+        cwd=ROOT,
+        env=_slurm_env(tmp_path, CONFIG_FILE="configs/nope.toml"),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert result.returncode == 2
     assert "slurm_launch.sh: no recipe at CONFIG_FILE=configs/nope.toml" in result.stderr
     assert "srun" not in result.stderr
 
 
 def _dry_run(tmp_path, **env):
-    result = subprocess.run(["bash", str(LAUNCH), "--training.steps", "4"], cwd=ROOT,
-                            env=_slurm_env(tmp_path, DRY_RUN="1", **env), capture_output=True, text=True, timeout=30)
+    result = subprocess.run(
+        ["bash", str(LAUNCH), "--training.steps", "4"],
+        cwd=ROOT,
+        env=_slurm_env(tmp_path, DRY_RUN="1", **env),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout
 
 
 def test_the_head_node_is_the_first_host_of_the_allocation(tmp_path):
-    out = _dry_run(tmp_path, SLURM_JOB_NODELIST="gpu[07-09,12],cpu1", SLURM_NODEID="1", SLURM_JOB_ID="4242",
-                   SLURM_CPUS_PER_TASK="16", LOG_RANK="1")
+    out = _dry_run(
+        tmp_path,
+        SLURM_JOB_NODELIST="gpu[07-09,12],cpu1",
+        SLURM_NODEID="1",
+        SLURM_JOB_ID="4242",
+        SLURM_CPUS_PER_TASK="16",
+        LOG_RANK="1",
+    )
     assert "--rdzv_endpoint gpu07:24242 --rdzv_id 4242 --rdzv_conf is_host=0" in out
     assert "--nnodes 2 --nproc_per_node 2" in out and "--local-ranks-filter 1" in out
     assert "train.py --config configs/debug.toml --training.steps 4" in out
@@ -98,15 +132,21 @@ def test_the_batch_script_starts_one_launcher_per_node_through_srun_and_outlives
     # A fake srun that records its arguments, then runs until released and fails with status 3.
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "srun").write_text(f'''#!/bin/sh
+    (bin_dir / "srun").write_text(f"""#!/bin/sh
 echo "srun $*" >> {tmp_path}/srun_args
 while [ ! -e {tmp_path}/release ]; do sleep 0.05; done
 exit 3
-''')
+""")
     (bin_dir / "srun").chmod(0o755)
     env = _slurm_env(tmp_path, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_CPUS_PER_TASK="32")
-    batch = subprocess.Popen(["bash", str(SBATCH), "--training.steps", "4"], cwd=ROOT, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    batch = subprocess.Popen(
+        ["bash", str(SBATCH), "--training.steps", "4"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while not (tmp_path / "srun_args").exists():  # the trap is set before srun starts
@@ -120,8 +160,9 @@ exit 3
         if batch.poll() is None:
             batch.kill()
     assert batch.returncode == 3, err  # srun's status, not the signal's
-    assert ("srun --ntasks-per-node=1 --cpus-per-task=32 --kill-on-bad-exit=1 scripts/slurm_launch.sh "
-            "--training.steps 4") in (tmp_path / "srun_args").read_text()
+    assert (
+        "srun --ntasks-per-node=1 --cpus-per-task=32 --kill-on-bad-exit=1 scripts/slurm_launch.sh --training.steps 4"
+    ) in (tmp_path / "srun_args").read_text()
     assert out.count("--rdzv_backend c10d") == 1  # the resolved command, printed once before srun
     assert "SIGUSR1" in out and "checkpoint and stop" in out
     assert "srun --overlap --ntasks-per-node=1 pkill -USR1 -f train.py" in (tmp_path / "srun_args").read_text()

@@ -4,14 +4,15 @@ import pytest
 import torch
 from torch import nn
 
+from config.errors import ConfigError
 from losses import LOSS_NAMES, OutputLoss, build_loss, loss_option_names, resolve_loss, validate_loss_options
+from losses.entries.cce import CCELoss
 from losses.entries.chunked import ChunkedCrossEntropy
 from losses.kernels.chunked import DEFAULT_CHUNK_SIZE, auto_chunk_size
-from losses.entries.cce import CCELoss
 from models.output_head import OutputHead
 from tests.reference import IGNORE
 from tests.reference import reference as shared_reference
-from config.errors import ConfigError
+
 B, S, D, V = 2, 37, 32, 101  # 74 tokens: not a multiple of the chunk size below, V prime
 CHUNK = 16
 CPU = torch.device("cpu")
@@ -26,8 +27,9 @@ TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
 
 def reference(hidden, weight, bias, labels, *, reduction="mean", logit_softcap=0.0, **options):
     """The float64 spec with the causal shift: position t predicts labels[:, t+1]; the last has no target."""
-    loss = shared_reference(hidden, weight, labels, bias, shift=1, softcap=logit_softcap, reduction=reduction,
-                            **options)
+    loss = shared_reference(
+        hidden, weight, labels, bias, shift=1, softcap=logit_softcap, reduction=reduction, **options
+    )
     return torch.cat([loss, loss.new_zeros(B, 1)], dim=1) if reduction == "none" else loss
 
 
@@ -343,8 +345,9 @@ RESOLUTIONS = [
 @pytest.mark.parametrize("case, expected", RESOLUTIONS)
 def test_the_one_resolver(case, expected):
     name, device_type, dtype, vocab_parallel, facts = case
-    choice = resolve_loss(name, device_type=device_type, dtype=dtype, vocab_parallel=vocab_parallel,
-                          gpu_kernels=True, **facts)
+    choice = resolve_loss(
+        name, device_type=device_type, dtype=dtype, vocab_parallel=vocab_parallel, gpu_kernels=True, **facts
+    )
     assert (choice.entry, choice.kernels) == expected
     assert choice.reason
 
@@ -357,8 +360,9 @@ def test_cce_kernels_of_another_release_are_refused_in_one_line(monkeypatch):
     from losses.kernels import cce_vocab_parallel
 
     real_version = importlib.metadata.version
-    monkeypatch.setattr(importlib.metadata, "version",
-                        lambda name: "25.9.0" if name == "cut-cross-entropy" else real_version(name))
+    monkeypatch.setattr(
+        importlib.metadata, "version", lambda name: "25.9.0" if name == "cut-cross-entropy" else real_version(name)
+    )
     monkeypatch.setitem(cce_vocab_parallel._SIGNATURES, ("utils", "_handle_eps"), ("eps", "dtype"))
     cce_vocab_parallel.cce_kernels.cache_clear()
     try:

@@ -29,8 +29,13 @@ MEASURED = [
     ("PP=4, cce", PP4, EVEN4, 4, [16.4, 10.1, 8.9, 13.3]),
     ("PP=4, cross_entropy", PP4, [*EVEN4, "--loss.name", "cross_entropy"], 4, [16.4, 10.1, 8.9, 19.6]),
     ("PP=4, 16 sequences, cce", PP4, [*EVEN4, "--training.local_batch_size", "16"], 4, [16.6, 10.3, 9.1, 13.5]),
-    ("PP=4, 16 sequences, Interleaved1F1B x2", PP4, ["--training.local_batch_size", "16", *INTERLEAVED], 4,
-     [19.4, 13.3, 12.0, 16.1]),
+    (
+        "PP=4, 16 sequences, Interleaved1F1B x2",
+        PP4,
+        ["--training.local_batch_size", "16", *INTERLEAVED],
+        4,
+        [19.4, 13.3, 12.0, 16.1],
+    ),
     ("PP=2 x dp_shard=2, cce", PP4, PP2, 4, [16.6, 16.6, 14.7, 14.7]),
     ("PP=2 x dp_shard=2, vocab-parallel head", PP4, [*PP2, *VOCAB_PARALLEL], 4, [16.6, 16.6, 13.9, 13.9]),
     ("PP=2 x dp_shard=2, cross_entropy", PP4, [*PP2, "--loss.name", "cross_entropy"], 4, [16.6, 16.6, 21.1, 21.1]),
@@ -98,14 +103,23 @@ def test_dry_run_prints_the_table_and_exits_0_without_a_process_group(no_process
     code = train.main(["--config", PP4, "--dry_run", "--world_size", "8", "--job.dump_folder", str(tmp_path)])
     out = capsys.readouterr().out
     assert code == 0
-    for row in ("parameters (fp32 shards)", "gradients (fp32 shards)", "optimizer state", "activations",
-                "loss workspace", "CUDA context", "total on the GPU", "fits 80 GiB", "pp rank 3"):
+    for row in (
+        "parameters (fp32 shards)",
+        "gradients (fp32 shards)",
+        "optimizer state",
+        "activations",
+        "loss workspace",
+        "CUDA context",
+        "total on the GPU",
+        "fits 80 GiB",
+        "pp rank 3",
+    ):
         assert row in out, row
     peaks = _predicted(PP4, [], 8)
     assert f"predicted peak_memory_gib_per_rank: {peaks}" in out and len(peaks) == 8
     assert not list(tmp_path.iterdir())  # nothing written: no config.toml, no metrics
     # the same split's predicted compute, after the memory table
-    timing = out[out.index("Predicted compute per microbatch"):]
+    timing = out[out.index("Predicted compute per microbatch") :]
     for row in ("stages (layers)", "forward + backward", "1F1B bubble", "predicted step compute"):
         assert row in timing, row
     cfg = load_config(["--config", PP4])
@@ -121,12 +135,18 @@ def test_dry_run_world_size_comes_from_the_environment(no_process_group, capsys,
     assert "Predicted compute" not in out  # no pipeline, no per-rank compute
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--dry_run", "--world_size", "6"], "config error: parallelism.pipeline_parallel_degree: pipeline_parallel_degree "
-                                         "(4) x data_parallel_replicate_degree (1) = 4 does not divide the world size 6"),
-    (["--dry_run", "--world_size", "two"], "config error: --world_size: expected a positive integer, got 'two'"),
-    (["--world_size", "8"], "config error: --world_size: only goes with --dry_run"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["--dry_run", "--world_size", "6"],
+            "config error: parallelism.pipeline_parallel_degree: pipeline_parallel_degree "
+            "(4) x data_parallel_replicate_degree (1) = 4 does not divide the world size 6",
+        ),
+        (["--dry_run", "--world_size", "two"], "config error: --world_size: expected a positive integer, got 'two'"),
+        (["--world_size", "8"], "config error: --world_size: only goes with --dry_run"),
+    ],
+)
 def test_dry_run_config_errors_are_one_line(no_process_group, capsys, args, message):
     assert train.main(["--config", PP4, *args]) == 2
     err = capsys.readouterr().err

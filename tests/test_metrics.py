@@ -34,10 +34,30 @@ def test_each_pipeline_rank_reports_its_own_peak_in_pipeline_order():
 def test_a_pipeline_run_logs_every_stage_s_peak_memory(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv_backend", "c10d",
-           "--rdzv_endpoint", "localhost:0", "train.py", "--config", "configs/debug.toml", "--training.steps", "3",
-           "--training.seq_len", "32", "--training.local_batch_size", "2", "--parallelism.pipeline_parallel_degree",
-           "2", "--metrics.enable_tensorboard", "--job.dump_folder", str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--rdzv_backend",
+        "c10d",
+        "--rdzv_endpoint",
+        "localhost:0",
+        "train.py",
+        "--config",
+        "configs/debug.toml",
+        "--training.steps",
+        "3",
+        "--training.seq_len",
+        "32",
+        "--training.local_batch_size",
+        "2",
+        "--parallelism.pipeline_parallel_degree",
+        "2",
+        "--metrics.enable_tensorboard",
+        "--job.dump_folder",
+        str(tmp_path),
+    ]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
@@ -63,8 +83,14 @@ def test_validation_is_a_record_and_a_console_line_of_its_own(tmp_path, caplog):
     from training.metrics import MetricsLogger
 
     metrics = MetricsLogger(str(tmp_path), enable_tensorboard=True, active=True, append=False)
-    step_figures = {"loss": 2.5, "lr": 1e-3, "grad_norm": 1.0, "tokens_per_second": 10.0, "mfu_percent": None,
-                    "peak_memory_gib": 0.5}
+    step_figures = {
+        "loss": 2.5,
+        "lr": 1e-3,
+        "grad_norm": 1.0,
+        "tokens_per_second": 10.0,
+        "mfu_percent": None,
+        "peak_memory_gib": 0.5,
+    }
     with caplog.at_level("INFO", logger="train"):
         metrics.log(4, 10, step_figures, eta_seconds=0.0)
         metrics.log_validation(4, 10, {"validation_loss": 2.25, "validation_perplexity": 9.4877})

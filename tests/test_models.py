@@ -5,7 +5,6 @@ import dataclasses
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from models import MODEL_FLAVORS, Transformer, build_model_args
 from models.initialize import init_weights

@@ -22,9 +22,9 @@ from torch.distributed.tensor import DTensor
 from data import ByteTokenizer
 from data.token_stream import load_token_stream
 from models import Transformer, build_model_args
+from models.initialize import canonical_name
 from tests.dist_utils import run_distributed
 from tests.reference import reference
-from models.initialize import canonical_name
 from train import train
 from training.config_loader import load_config
 
@@ -36,15 +36,42 @@ VALIDATION_BATCHES = 2  # of GLOBAL_BATCH windows: the corpus's first 16 windows
 
 
 def _base(tmp, model):
-    return ["--config", "configs/debug.toml", "--model.name", model, "--model.vocab_size", "515",
-            "--training.steps", "3", "--training.seq_len", str(SEQ_LEN), "--training.global_batch_size",
-            str(GLOBAL_BATCH), "--training.max_norm", "0.5", "--optimizer.lr", "0.003",
-            "--lr_scheduler.warmup_steps", "0",
-            # Adam's eps bounds how much it amplifies float noise in near-zero gradient entries.
-            "--optimizer.eps", "1e-6",
-            "--loss.name", "chunked", "--loss.chunk_size", "40", "--job.dump_folder", str(tmp),
-            "--validation.enable", "--validation.dataset_path", "data/corpus", "--validation.freq", "2",
-            "--validation.steps", str(VALIDATION_BATCHES)]
+    return [
+        "--config",
+        "configs/debug.toml",
+        "--model.name",
+        model,
+        "--model.vocab_size",
+        "515",
+        "--training.steps",
+        "3",
+        "--training.seq_len",
+        str(SEQ_LEN),
+        "--training.global_batch_size",
+        str(GLOBAL_BATCH),
+        "--training.max_norm",
+        "0.5",
+        "--optimizer.lr",
+        "0.003",
+        "--lr_scheduler.warmup_steps",
+        "0",
+        # Adam's eps bounds how much it amplifies float noise in near-zero gradient entries.
+        "--optimizer.eps",
+        "1e-6",
+        "--loss.name",
+        "chunked",
+        "--loss.chunk_size",
+        "40",
+        "--job.dump_folder",
+        str(tmp),
+        "--validation.enable",
+        "--validation.dataset_path",
+        "data/corpus",
+        "--validation.freq",
+        "2",
+        "--validation.steps",
+        str(VALIDATION_BATCHES),
+    ]
 
 
 def _train_and_gather(rank, world_size, argv):
@@ -75,7 +102,11 @@ def _reference(tmp_path_factory, model, recipe=()):
     """The single-process run; ``recipe``: overrides that the layouts compared with it share."""
     key = (model, *recipe)
     if key not in _REFERENCE:
-        argv = _base(tmp_path_factory.mktemp("ref"), model) + [*recipe, "--training.local_batch_size", str(GLOBAL_BATCH)]
+        argv = _base(tmp_path_factory.mktemp("ref"), model) + [
+            *recipe,
+            "--training.local_batch_size",
+            str(GLOBAL_BATCH),
+        ]
         _REFERENCE[key] = _run(1, argv)
     return _REFERENCE[key]
 
@@ -85,36 +116,112 @@ _VP = ["--parallelism.vocab_parallel", "--loss.chunk_size", "0"]  # back to the 
 CASES = {
     # name: (model, world size, overrides)
     "dp_shard2_accumulate2": ("qwen3", 2, ["--training.local_batch_size", "2"]),
-    "dp_replicate2": ("qwen3", 2, ["--training.local_batch_size", "4", "--parallelism.data_parallel_replicate_degree", "2"]),
+    "dp_replicate2": (
+        "qwen3",
+        2,
+        ["--training.local_batch_size", "4", "--parallelism.data_parallel_replicate_degree", "2"],
+    ),
     "pp2_dp_shard2": ("qwen3", 4, ["--training.local_batch_size", "4", "--parallelism.pipeline_parallel_degree", "2"]),
     # An uneven split (3 layers, then 1 with the head), as the balanced default gives.
-    "pp2_dp_shard2_split_3_1": ("qwen3", 4, ["--training.local_batch_size", "4", "--parallelism.pipeline_parallel_degree",
-                                             "2", "--parallelism.pipeline_parallel_stage_split_points", "[3]"]),
-    "pp2_GPipe": ("qwen3", 2, ["--training.local_batch_size", "8", "--parallelism.pipeline_parallel_degree", "2",
-                               "--parallelism.pipeline_parallel_schedule", "GPipe",
-                               "--parallelism.pipeline_parallel_microbatch_size", "2"]),
-    "pp2_1F1B_untied": ("llama3", 2, ["--training.local_batch_size", "8", "--parallelism.pipeline_parallel_degree", "2",
-                                      "--parallelism.pipeline_parallel_microbatch_size", "2"]),
-    "pp2_Interleaved1F1B": ("qwen3", 2, ["--training.local_batch_size", "8", "--parallelism.pipeline_parallel_degree", "2",
-                                         "--parallelism.pipeline_parallel_schedule", "Interleaved1F1B",
-                                         "--parallelism.pipeline_parallel_virtual_stages", "2",
-                                         "--parallelism.pipeline_parallel_microbatch_size", "2"]),
-    "pp2_InterleavedZeroBubble": ("qwen3", 2, ["--training.local_batch_size", "8",
-                                               "--parallelism.pipeline_parallel_degree", "2",
-                                               "--parallelism.pipeline_parallel_schedule", "InterleavedZeroBubble",
-                                               "--parallelism.pipeline_parallel_virtual_stages", "2",
-                                               "--parallelism.pipeline_parallel_microbatch_size", "2"]),
-    "pp2_ZBVZeroBubble": ("qwen3", 2, ["--training.local_batch_size", "8", "--parallelism.pipeline_parallel_degree", "2",
-                                       "--parallelism.pipeline_parallel_schedule", "ZBVZeroBubble",
-                                       "--parallelism.pipeline_parallel_virtual_stages", "2",
-                                       "--parallelism.pipeline_parallel_microbatch_size", "2"]),
+    "pp2_dp_shard2_split_3_1": (
+        "qwen3",
+        4,
+        [
+            "--training.local_batch_size",
+            "4",
+            "--parallelism.pipeline_parallel_degree",
+            "2",
+            "--parallelism.pipeline_parallel_stage_split_points",
+            "[3]",
+        ],
+    ),
+    "pp2_GPipe": (
+        "qwen3",
+        2,
+        [
+            "--training.local_batch_size",
+            "8",
+            "--parallelism.pipeline_parallel_degree",
+            "2",
+            "--parallelism.pipeline_parallel_schedule",
+            "GPipe",
+            "--parallelism.pipeline_parallel_microbatch_size",
+            "2",
+        ],
+    ),
+    "pp2_1F1B_untied": (
+        "llama3",
+        2,
+        [
+            "--training.local_batch_size",
+            "8",
+            "--parallelism.pipeline_parallel_degree",
+            "2",
+            "--parallelism.pipeline_parallel_microbatch_size",
+            "2",
+        ],
+    ),
+    "pp2_Interleaved1F1B": (
+        "qwen3",
+        2,
+        [
+            "--training.local_batch_size",
+            "8",
+            "--parallelism.pipeline_parallel_degree",
+            "2",
+            "--parallelism.pipeline_parallel_schedule",
+            "Interleaved1F1B",
+            "--parallelism.pipeline_parallel_virtual_stages",
+            "2",
+            "--parallelism.pipeline_parallel_microbatch_size",
+            "2",
+        ],
+    ),
+    "pp2_InterleavedZeroBubble": (
+        "qwen3",
+        2,
+        [
+            "--training.local_batch_size",
+            "8",
+            "--parallelism.pipeline_parallel_degree",
+            "2",
+            "--parallelism.pipeline_parallel_schedule",
+            "InterleavedZeroBubble",
+            "--parallelism.pipeline_parallel_virtual_stages",
+            "2",
+            "--parallelism.pipeline_parallel_microbatch_size",
+            "2",
+        ],
+    ),
+    "pp2_ZBVZeroBubble": (
+        "qwen3",
+        2,
+        [
+            "--training.local_batch_size",
+            "8",
+            "--parallelism.pipeline_parallel_degree",
+            "2",
+            "--parallelism.pipeline_parallel_schedule",
+            "ZBVZeroBubble",
+            "--parallelism.pipeline_parallel_virtual_stages",
+            "2",
+            "--parallelism.pipeline_parallel_microbatch_size",
+            "2",
+        ],
+    ),
     # The vocab-parallel head (classifier sharded over dp_shard, hidden states gathered).
     "vocab_parallel_dp_shard2": ("qwen3", 2, [*_VP, "--training.local_batch_size", "4"]),
     "vocab_parallel_dp_shard2_untied": ("llama3", 2, [*_VP, "--training.local_batch_size", "2"]),
-    "vocab_parallel_pp2_dp_shard2": ("qwen3", 4, [*_VP, "--training.local_batch_size", "4",
-                                                  "--parallelism.pipeline_parallel_degree", "2"]),
-    "vocab_parallel_hsdp": ("qwen3", 4, [*_VP, "--training.local_batch_size", "2",
-                                         "--parallelism.data_parallel_replicate_degree", "2"]),
+    "vocab_parallel_pp2_dp_shard2": (
+        "qwen3",
+        4,
+        [*_VP, "--training.local_batch_size", "4", "--parallelism.pipeline_parallel_degree", "2"],
+    ),
+    "vocab_parallel_hsdp": (
+        "qwen3",
+        4,
+        [*_VP, "--training.local_batch_size", "2", "--parallelism.data_parallel_replicate_degree", "2"],
+    ),
 }
 
 
@@ -146,8 +253,10 @@ BLOCK_CAUSAL_CASES = {
 @pytest.mark.parametrize("case", list(BLOCK_CAUSAL_CASES))
 def test_block_causal_layout_matches_single_process(case, block_causal, tmp_path, tmp_path_factory):
     world_size, overrides = BLOCK_CAUSAL_CASES[case]
-    _assert_same_training(_run(world_size, _base(tmp_path, "qwen3") + block_causal + overrides),
-                          _reference(tmp_path_factory, "qwen3", block_causal))
+    _assert_same_training(
+        _run(world_size, _base(tmp_path, "qwen3") + block_causal + overrides),
+        _reference(tmp_path_factory, "qwen3", block_causal),
+    )
 
 
 def _assert_same_training(run, reference):
@@ -157,13 +266,14 @@ def _assert_same_training(run, reference):
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=0)
     assert losses[0][-1] < losses[0][0]
     assert list(validation) == list(ref_validation) == [2, 3]
-    torch.testing.assert_close(torch.tensor(list(validation.values())), torch.tensor(list(ref_validation.values())),
-                               rtol=1e-5, atol=0)
+    torch.testing.assert_close(
+        torch.tensor(list(validation.values())), torch.tensor(list(ref_validation.values())), rtol=1e-5, atol=0
+    )
     tied_copy = "output.weight" not in ref_params
     assert set(params) == set(ref_params) | ({"output.weight"} if tied_copy and "output.weight" in params else set())
     for name, value in params.items():
         expected = ref_params["tok_embeddings.weight" if name == "output.weight" and tied_copy else name]
-        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("model", ["qwen3", "llama3"])  # tied and untied head

@@ -13,12 +13,12 @@ import itertools
 import pytest
 from torch.distributed.pipelining._schedule_visualizer import get_schedule_ops
 
+from config.job_config import Parallelism
 from models.flavors import LLAMA3_FLAVORS, QWEN3_FLAVORS
 from parallelisms.pipeline import PIPELINE_SCHEDULES, plan_pipeline
-from parallelisms.pipeline_simulation import simulate_schedule
 from parallelisms.pipeline_cost import MEASURED as R
 from parallelisms.pipeline_cost import StageCostInputs
-from config.job_config import Parallelism
+from parallelisms.pipeline_simulation import simulate_schedule
 
 # (name, model, seq_len, AC mode, what the recipe trains with)
 QWEN = ("Qwen3-1.7B", QWEN3_FLAVORS["1.7B"], 4096, "selective")  # configs/qwen3_1p7b_pp4.toml
@@ -108,9 +108,17 @@ def _best_by_rank(model, seq, ac, loss, ranks):
         return _stage_ms(model, seq, ac, loss, k, s == 0, s == n_stages - 1)
 
     def rank_best(stages, layers):  # (a, b) layers on the rank's two stages
-        options = [((round(ms(stages[0], a) + ms(stages[1], layers - a), 9),
-                     tuple(sorted((ms(stages[0], a), ms(stages[1], layers - a)), reverse=True)), -a), a)
-                   for a in range(1, layers)]
+        options = [
+            (
+                (
+                    round(ms(stages[0], a) + ms(stages[1], layers - a), 9),
+                    tuple(sorted((ms(stages[0], a), ms(stages[1], layers - a)), reverse=True)),
+                    -a,
+                ),
+                a,
+            )
+            for a in range(1, layers)
+        ]
         (total, times, _), a = min(options)
         return total, times, {stages[0]: a, stages[1]: layers - a}
 
@@ -119,8 +127,11 @@ def _best_by_rank(model, seq, ac, loss, ranks):
     for cuts in itertools.combinations(range(1, spare), len(ranks) - 1):
         per_rank = [b - a + 1 for a, b in zip((0, *cuts), (*cuts, spare))]
         results = [rank_best(stages, k) for stages, k in zip(ranks, per_rank)]
-        key = (tuple(sorted((r[0] for r in results), reverse=True)),
-               tuple(sorted((t for r in results for t in r[1]), reverse=True)), tuple(-k for k in per_rank))
+        key = (
+            tuple(sorted((r[0] for r in results), reverse=True)),
+            tuple(sorted((t for r in results for t in r[1]), reverse=True)),
+            tuple(-k for k in per_rank),
+        )
         counts = {s: k for r in results for s, k in r[2].items()}
         best = min(best or (key, counts), (key, counts))
     return tuple(best[1][s] for s in range(n_stages))
@@ -151,10 +162,13 @@ def test_virtual_stages_take_the_faster_of_rank_and_stage_balance(schedule, rank
     assert tuple(b - a for a, b in plan.layer_ranges) == (by_stage if stage_ms < rank_ms else by_rank)
 
 
-@pytest.mark.parametrize("keys, ranges", [
-    (dict(pipeline_parallel_stage_split_points=[7, 14, 21]), ((0, 7), (7, 14), (14, 21), (21, 28))),
-    (dict(pipeline_parallel_layers_per_stage=7), ((0, 7), (7, 14), (14, 21), (21, 28))),
-])
+@pytest.mark.parametrize(
+    "keys, ranges",
+    [
+        (dict(pipeline_parallel_stage_split_points=[7, 14, 21]), ((0, 7), (7, 14), (14, 21), (21, 28))),
+        (dict(pipeline_parallel_layers_per_stage=7), ((0, 7), (7, 14), (14, 21), (21, 28))),
+    ],
+)
 def test_explicit_keys_win(keys, ranges):
     _, model, seq, ac = QWEN
     cost = StageCostInputs(model, seq, 1, "cce", ac, "op")
@@ -176,9 +190,15 @@ def test_memory_predicate_bounds_the_split():
     assert [b - a for a, b in plan.layer_ranges] == [8, 8, 8, 4]
     assert seen == {(4, s) for s in range(4)}
     # nothing fits: the unconstrained split (the memory estimate then reports the rank that is over)
-    assert plan_pipeline(28, p, 0, 8, cost, lambda *_: False).layer_ranges == plan_pipeline(28, p, 0, 8, cost).layer_ranges
+    assert (
+        plan_pipeline(28, p, 0, 8, cost, lambda *_: False).layer_ranges == plan_pipeline(28, p, 0, 8, cost).layer_ranges
+    )
 
 
 def test_without_costs_the_split_stays_even():
-    assert plan_pipeline(28, Parallelism(pipeline_parallel_degree=4), 0, 8).layer_ranges == \
-        ((0, 7), (7, 14), (14, 21), (21, 28))
+    assert plan_pipeline(28, Parallelism(pipeline_parallel_degree=4), 0, 8).layer_ranges == (
+        (0, 7),
+        (7, 14),
+        (14, 21),
+        (21, 28),
+    )

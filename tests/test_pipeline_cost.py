@@ -5,13 +5,22 @@ import dataclasses
 import pytest
 
 from models.flavors import QWEN3_FLAVORS
-from parallelisms.pipeline_cost import MEASURED, AchievedRates, StageCostInputs, head_in_layers, stage_time
+from parallelisms.pipeline_cost import AchievedRates, StageCostInputs, stage_time
 
 QWEN = QWEN3_FLAVORS["1.7B"]  # dim 2048, 16 heads of 128, 8 kv heads, ffn 6144, vocab 151,936
 T = 4096  # one sequence of 4,096 tokens
 # Rates of 1 TFLOP/s and 1 GB/s make milliseconds = FLOPs / 1e9 = bytes / 1e6.
-UNIT = AchievedRates(layer_tflops=1, chunked_tflops=1, cce_tflops=1, cce_torch_compile_tflops=1, head_matmul_tflops=1,
-                     logits_gbs=1, embedding_gbs=1, norm_gbs=1, collective_gbs=1)
+UNIT = AchievedRates(
+    layer_tflops=1,
+    chunked_tflops=1,
+    cce_tflops=1,
+    cce_torch_compile_tflops=1,
+    head_matmul_tflops=1,
+    logits_gbs=1,
+    embedding_gbs=1,
+    norm_gbs=1,
+    collective_gbs=1,
+)
 
 # By hand: weights of one block: wq, wo 2048 x 2048; wk, wv 2048 x 1024; w1, w2, w3 2048 x 6144.
 WEIGHTS = 2 * 2048 * 2048 + 2 * 2048 * 1024 + 3 * 2048 * 6144  # 50,331,648
@@ -22,8 +31,9 @@ GEMM = 2 * T * 2048 * 151936  # one [T, D] x [D, V] matmul: 2,549,099,216,896 FL
 
 
 def _inputs(**kw) -> StageCostInputs:
-    return StageCostInputs(**{"model": QWEN, "seq_len": 4096, "microbatch_size": 1, "loss": "chunked",
-                              "rates": UNIT, **kw})
+    return StageCostInputs(
+        **{"model": QWEN, "seq_len": 4096, "microbatch_size": 1, "loss": "chunked", "rates": UNIT, **kw}
+    )
 
 
 def _ms(flops_or_bytes: float) -> float:
@@ -37,10 +47,17 @@ def test_hand_counted_layer_flops():
     assert t.backward_ms == pytest.approx(3 * _ms(LAYER_BWD))
 
 
-@pytest.mark.parametrize("mode, option, layers, recomputed", [
-    ("none", "op", 5, 0), ("selective", "op", 5, 0), ("full", "op", 5, 5),
-    ("selective", "2", 5, 2), ("selective", "3", 7, 2), ("selective", "1", 4, 4),
-])
+@pytest.mark.parametrize(
+    "mode, option, layers, recomputed",
+    [
+        ("none", "op", 5, 0),
+        ("selective", "op", 5, 0),
+        ("full", "op", 5, 5),
+        ("selective", "2", 5, 2),
+        ("selective", "3", 7, 2),
+        ("selective", "1", 4, 4),
+    ],
+)
 def test_activation_checkpointing_adds_one_forward_per_recomputed_block(mode, option, layers, recomputed):
     t = stage_time(_inputs(ac_mode=mode, ac_option=option), layers, first=False, last=False)
     assert t.forward_ms == pytest.approx(layers * _ms(LAYER_FWD))
@@ -52,12 +69,15 @@ def test_activation_checkpointing_adds_one_forward_per_recomputed_block(mode, op
 LOGITS = T * 151936
 
 
-@pytest.mark.parametrize("loss, fwd, bwd", [
-    ("chunked", 3 * GEMM / 1e9, 0),  # gradients in the forward
-    ("cce", GEMM / 1e9, 3 * GEMM / 1e9),  # logits recomputed in the backward: 8·T·D·V in all
-    ("cce_torch_compile", GEMM / 1e9, 2 * GEMM / 1e9),
-    ("cross_entropy", GEMM / 1e9 + 20 * LOGITS / 1e6, 2 * GEMM / 1e9 + 22 * LOGITS / 1e6),
-])
+@pytest.mark.parametrize(
+    "loss, fwd, bwd",
+    [
+        ("chunked", 3 * GEMM / 1e9, 0),  # gradients in the forward
+        ("cce", GEMM / 1e9, 3 * GEMM / 1e9),  # logits recomputed in the backward: 8·T·D·V in all
+        ("cce_torch_compile", GEMM / 1e9, 2 * GEMM / 1e9),
+        ("cross_entropy", GEMM / 1e9 + 20 * LOGITS / 1e6, 2 * GEMM / 1e9 + 22 * LOGITS / 1e6),
+    ],
+)
 def test_head_and_loss_by_entry(loss, fwd, bwd):
     norm = 2 * T * 2048 * 2, 3 * T * 2048 * 2  # RMSNorm: read x + write y; read x, dy + write dx
     with_head = stage_time(_inputs(loss=loss), 2, first=False, last=True)

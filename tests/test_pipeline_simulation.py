@@ -25,12 +25,15 @@ def test_1f1b_two_ranks_unequal_stages(microbatches, makespan):
     assert timing.bubble == pytest.approx(1 - 9 * microbatches / (2 * makespan))
 
 
-@pytest.mark.parametrize("schedule, pp, microbatches, per_rank, bubble", [
-    ("1F1B", 4, 8, 1, 3 / 11),  # (p - 1) / (m + p - 1) with equal stages
-    ("1F1B", 4, 16, 1, 3 / 19),
-    ("GPipe", 4, 8, 1, 3 / 11),
-    ("Interleaved1F1B", 4, 8, 2, 3 / 19),  # (p - 1) / (v·m + p - 1)
-])
+@pytest.mark.parametrize(
+    "schedule, pp, microbatches, per_rank, bubble",
+    [
+        ("1F1B", 4, 8, 1, 3 / 11),  # (p - 1) / (m + p - 1) with equal stages
+        ("1F1B", 4, 16, 1, 3 / 19),
+        ("GPipe", 4, 8, 1, 3 / 11),
+        ("Interleaved1F1B", 4, 8, 2, 3 / 19),  # (p - 1) / (v·m + p - 1)
+    ],
+)
 def test_equal_stages_give_the_textbook_bubble(schedule, pp, microbatches, per_rank, bubble):
     stages = pp * per_rank
     timing = simulate_schedule(_ops(schedule, pp, microbatches, per_rank), [1.0] * stages, [2.0] * stages)

@@ -27,19 +27,28 @@ def test_split_summary_names_the_split_and_why():
     cfg, dims, plan = _plan("--parallelism.pipeline_parallel_stage_split_points", "[7, 14, 21]")
     line = split_summary(cfg, dims, plan)
     assert "split 7/7/7/7 layers" in line and line.endswith("set by parallelism.pipeline_parallel_stage_split_points")
-    cfg, dims, plan = _plan("--parallelism.pipeline_parallel_schedule", "ZBVZeroBubble",
-                            "--parallelism.pipeline_parallel_virtual_stages", "2")
+    cfg, dims, plan = _plan(
+        "--parallelism.pipeline_parallel_schedule",
+        "ZBVZeroBubble",
+        "--parallelism.pipeline_parallel_virtual_stages",
+        "2",
+    )
     assert split_summary(cfg, dims, plan).endswith("on stage 7 (pp rank 0)")
 
 
 def test_ranks_add_their_stages_and_the_even_split_is_slower():
-    cfg, dims, plan = _plan("--parallelism.pipeline_parallel_schedule", "Interleaved1F1B",
-                            "--parallelism.pipeline_parallel_virtual_stages", "2")
+    cfg, dims, plan = _plan(
+        "--parallelism.pipeline_parallel_schedule",
+        "Interleaved1F1B",
+        "--parallelism.pipeline_parallel_virtual_stages",
+        "2",
+    )
     timing = predict_timing(cfg, dims, plan)
     cost = stage_cost_inputs(cfg, dims)
     (a, b), (c, d) = plan.layer_ranges[3], plan.layer_ranges[7]  # rank 3 holds stages 3 and 7 (the last)
-    assert timing.rank(3).total_ms == pytest.approx(stage_time(cost, b - a, False, False).total_ms
-                                                    + stage_time(cost, d - c, False, True).total_ms)
+    assert timing.rank(3).total_ms == pytest.approx(
+        stage_time(cost, b - a, False, False).total_ms + stage_time(cost, d - c, False, True).total_ms
+    )
     balanced = predict_timing(*_plan())
     even = predict_timing(*_plan("--parallelism.pipeline_parallel_stage_split_points", "[7, 14, 21]"))
     assert balanced.slowest_over_fastest < 1.1 and even.slowest_over_fastest > 1.5

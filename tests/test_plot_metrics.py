@@ -19,18 +19,38 @@ def _write_run(folder: Path, steps: int, start_loss: float, validation_freq: int
     folder.mkdir(parents=True)
     with open(folder / "metrics.jsonl", "w") as f:
         for step in range(1, steps + 1):
-            f.write(json.dumps({"step": step, "loss": start_loss / step, "lr": 1e-3, "grad_norm": 2.0 / step,
-                                "tokens_per_second": 100.0 * step, "mfu_percent": None,
-                                "peak_memory_gib": 0.4}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "step": step,
+                        "loss": start_loss / step,
+                        "lr": 1e-3,
+                        "grad_norm": 2.0 / step,
+                        "tokens_per_second": 100.0 * step,
+                        "mfu_percent": None,
+                        "peak_memory_gib": 0.4,
+                    }
+                )
+                + "\n"
+            )
             if validation_freq and step % validation_freq == 0:
-                f.write(json.dumps({"step": step, "validation_loss": start_loss / step + 0.5,
-                                    "validation_perplexity": 2.0 ** (start_loss / step)}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "step": step,
+                            "validation_loss": start_loss / step + 0.5,
+                            "validation_perplexity": 2.0 ** (start_loss / step),
+                        }
+                    )
+                    + "\n"
+                )
     return folder
 
 
 def _plot(*args):
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_two_runs_make_a_png(tmp_path):
@@ -84,7 +104,9 @@ def test_bad_input_is_one_line_that_names_the_file_and_line(tmp_path):
 def test_without_matplotlib_it_says_what_to_install(tmp_path):
     run = _write_run(tmp_path / "run", 2, 8.0)
     # sys.modules[name] = None makes `import name` fail as if it were not installed.
-    code = ("import runpy, sys; sys.modules['matplotlib'] = None; "
-            f"sys.argv = ['plot_metrics.py', {str(run)!r}]; runpy.run_path({str(SCRIPT)!r}, run_name='__main__')")
+    code = (
+        "import runpy, sys; sys.modules['matplotlib'] = None; "
+        f"sys.argv = ['plot_metrics.py', {str(run)!r}]; runpy.run_path({str(SCRIPT)!r}, run_name='__main__')"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert _error(result) == "plot_metrics.py: needs matplotlib: pip install matplotlib"

@@ -15,11 +15,34 @@ STEPS = 60
 
 
 def _command(folder, nproc):
-    launcher = [sys.executable, "train.py"] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--rdzv_backend", "c10d",
-         "--rdzv_endpoint", "localhost:0", "train.py"]
-    return launcher + ["--config", "configs/debug.toml", "--training.steps", str(STEPS), "--training.seq_len", "32",
-                       "--job.dump_folder", str(folder), "--checkpoint.enable", "--checkpoint.interval", "1000"]
+    launcher = (
+        [sys.executable, "train.py"]
+        if nproc == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            "--rdzv_backend",
+            "c10d",
+            "--rdzv_endpoint",
+            "localhost:0",
+            "train.py",
+        ]
+    )
+    return launcher + [
+        "--config",
+        "configs/debug.toml",
+        "--training.steps",
+        str(STEPS),
+        "--training.seq_len",
+        "32",
+        "--job.dump_folder",
+        str(folder),
+        "--checkpoint.enable",
+        "--checkpoint.interval",
+        "1000",
+    ]
 
 
 def _losses(folder):
@@ -47,13 +70,15 @@ def _signal_after_step_2(proc, folder, signum, nproc):
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("nproc, signum", [(1, signal.SIGTERM), (2, signal.SIGUSR1)])
 def test_signal_checkpoints_and_the_rerun_continues_exactly(tmp_path, nproc, signum):
-    straight = subprocess.run(_command(tmp_path / "straight", nproc), cwd=ROOT, capture_output=True, text=True,
-                              timeout=600)
+    straight = subprocess.run(
+        _command(tmp_path / "straight", nproc), cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
     assert straight.returncode == 0, straight.stderr[-2000:]
 
     folder = tmp_path / "preempted"
-    proc = subprocess.Popen(_command(folder, nproc), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        _command(folder, nproc), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     _signal_after_step_2(proc, folder, signum, nproc)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-2000:]

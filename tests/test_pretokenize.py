@@ -42,9 +42,25 @@ def run(tmp_path, *extra, fmt="text", workers=2):
     """pretokenize in this process (so the tests can patch it); returns the exit code."""
     tokenizer = write_word_tokenizer(tmp_path, eos_token="<END>")
     corpus = tmp_path / "corpus" if (tmp_path / "corpus").exists() else write_corpus(tmp_path / "corpus", fmt)
-    return pretokenize.main(["--tokenizer", str(tokenizer), "--input", str(corpus), "--format", fmt,
-                             "--output", str(tmp_path / "corpus.tokens"), "--workers", str(workers),
-                             "--text_column", "body", "--eos_token", "<END>", *extra])
+    return pretokenize.main(
+        [
+            "--tokenizer",
+            str(tokenizer),
+            "--input",
+            str(corpus),
+            "--format",
+            fmt,
+            "--output",
+            str(tmp_path / "corpus.tokens"),
+            "--workers",
+            str(workers),
+            "--text_column",
+            "body",
+            "--eos_token",
+            "<END>",
+            *extra,
+        ]
+    )
 
 
 @pytest.mark.parametrize("fmt", ["text", "jsonl", "parquet"])
@@ -54,8 +70,9 @@ def test_file_is_the_stream_the_trainer_builds(tmp_path, monkeypatch, fmt):
     assert run(tmp_path, fmt=fmt) == 0
     written = np.fromfile(tmp_path / "corpus.tokens", dtype="<u4").tolist()
     tokenizer_json = str(tmp_path / "tokenizer.json")
-    trainer = load_token_stream(fmt, tmp_path / "corpus", build_tokenizer(tokenizer_json, eos_token="<END>"), 4,
-                                text_column="body")
+    trainer = load_token_stream(
+        fmt, tmp_path / "corpus", build_tokenizer(tokenizer_json, eos_token="<END>"), 4, text_column="body"
+    )
     assert written == trainer.tolist()
     direct = RustTokenizer.from_file(tokenizer_json)
     assert written == [i for docs in FILES for doc in docs for i in (*direct.encode(doc).ids, 0)]
@@ -66,8 +83,10 @@ def test_an_existing_output_is_kept_without_force(tmp_path, capsys):
     (tmp_path / "corpus.tokens").write_bytes(b"keep")
     assert run(tmp_path) == 2
     assert (tmp_path / "corpus.tokens").read_bytes() == b"keep"
-    assert capsys.readouterr().err == f"pretokenize: {tmp_path / 'corpus.tokens'}: already exists; pass --force to " \
-                                      "overwrite it, or choose another --output\n"
+    assert (
+        capsys.readouterr().err == f"pretokenize: {tmp_path / 'corpus.tokens'}: already exists; pass --force to "
+        "overwrite it, or choose another --output\n"
+    )
     assert run(tmp_path, "--force") == 0
     assert (tmp_path / "corpus.tokens").stat().st_size == 4 * 20  # 14 words, 6 EOS
 
@@ -97,8 +116,11 @@ def test_bad_document_in_a_later_file_stops_the_workers_and_leaves_no_file(tmp_p
     (corpus / "part2.jsonl").write_text('{"body": "hello"}\n{"text": "hello"}\n')
     assert run(tmp_path, fmt="jsonl") == 1
     assert not (tmp_path / "corpus.tokens.partial").exists() and not (tmp_path / "corpus.tokens").exists()
-    assert capsys.readouterr().err.splitlines()[-1].startswith(
-        f"pretokenize: {corpus / 'part2.jsonl'}: line 2 has no string \"body\" field")
+    assert (
+        capsys.readouterr()
+        .err.splitlines()[-1]
+        .startswith(f'pretokenize: {corpus / "part2.jsonl"}: line 2 has no string "body" field')
+    )
 
 
 class Terminal(io.StringIO):
@@ -137,9 +159,24 @@ def test_shipped_corpus_pretokenized_trains_with_dataset_tokens(tmp_path, capsys
     assert out.startswith(f"pretokenize: wrote 465,725 tokens (1,035 documents, max id 256) to {tokens} in ")
     assert tokens.stat().st_size == 4 * 465_725
 
-    train = [sys.executable, "train.py", "--config", "configs/debug.toml", "--training.steps", "2",
-             "--training.seq_len", "32", "--training.local_batch_size", "2", "--training.dataset", "tokens",
-             "--training.dataset_path", str(tokens), "--job.dump_folder", str(tmp_path / "run")]
+    train = [
+        sys.executable,
+        "train.py",
+        "--config",
+        "configs/debug.toml",
+        "--training.steps",
+        "2",
+        "--training.seq_len",
+        "32",
+        "--training.local_batch_size",
+        "2",
+        "--training.dataset",
+        "tokens",
+        "--training.dataset_path",
+        str(tokens),
+        "--job.dump_folder",
+        str(tmp_path / "run"),
+    ]
     result = subprocess.run(train, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2

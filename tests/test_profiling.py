@@ -15,9 +15,21 @@ def _train(rank, world_size, argv):
 def test_every_nth_step_is_traced_and_summarized(tmp_path):
     # In a process of its own, as every in-process run here: the process group it starts must not
     # leak its environment (MASTER_PORT, WORLD_SIZE) into later tests' subprocesses.
-    argv = ["--config", "configs/debug.toml", "--training.steps", "5", "--training.seq_len", "32",
-            "--training.local_batch_size", "2", "--job.dump_folder", str(tmp_path),
-            "--profiling.enable_profiling", "--profiling.profile_freq", "2"]
+    argv = [
+        "--config",
+        "configs/debug.toml",
+        "--training.steps",
+        "5",
+        "--training.seq_len",
+        "32",
+        "--training.local_batch_size",
+        "2",
+        "--job.dump_folder",
+        str(tmp_path),
+        "--profiling.enable_profiling",
+        "--profiling.profile_freq",
+        "2",
+    ]
     run_distributed(_train, 1, argv, timeout_s=300)
     traces = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.glob("profile_traces/*/*.json"))
     assert traces == ["profile_traces/iteration_2/rank0_trace.json", "profile_traces/iteration_4/rank0_trace.json"]
@@ -29,8 +41,13 @@ def test_every_nth_step_is_traced_and_summarized(tmp_path):
 
 
 def test_summary_merges_overlapping_kernels_and_sorts_them_by_kind():
-    kernels = [("sm90_xmma_gemm_bf16bf16", 0, 10), ("ncclDevKernel_AllGather_RING_LL", 5, 20),
-               ("flash_fwd_kernel", 30, 5), ("triton_poi_fused_add_0", 40, 2), ("vectorized_elementwise", 50, 1)]
+    kernels = [
+        ("sm90_xmma_gemm_bf16bf16", 0, 10),
+        ("ncclDevKernel_AllGather_RING_LL", 5, 20),
+        ("flash_fwd_kernel", 30, 5),
+        ("triton_poi_fused_add_0", 40, 2),
+        ("vectorized_elementwise", 50, 1),
+    ]
     events = [{"cat": "kernel", "name": n, "ts": ts, "dur": dur} for n, ts, dur in kernels]
     events.append({"cat": "cpu_op", "name": "ProfilerStep#7", "ts": 0, "dur": 100})
     s = summarize(events)

@@ -20,17 +20,46 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _torchrun(folder: Path, *overrides: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--rdzv_backend", "c10d",
-           "--rdzv_endpoint", "localhost:0", "train.py", "--config", "configs/debug.toml", "--training.seq_len", "32",
-           "--training.local_batch_size", "2", "--job.dump_folder", str(folder), *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--rdzv_backend",
+        "c10d",
+        "--rdzv_endpoint",
+        "localhost:0",
+        "train.py",
+        "--config",
+        "configs/debug.toml",
+        "--training.seq_len",
+        "32",
+        "--training.local_batch_size",
+        "2",
+        "--job.dump_folder",
+        str(folder),
+        *overrides,
+    ]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
 def test_a_non_finite_stop_publishes_the_save_in_flight_and_exits_1_cleanly(tmp_path):
     """Step 1's async save is still being written when step 2 stops the run: it is published, and
     the ranks exit 1 with the one-line reason, no traceback and no abort."""
-    result = _torchrun(tmp_path, "--training.steps", "5", "--optimizer.lr", "1e30", "--training.max_norm", "0",
-                       "--checkpoint.enable", "--checkpoint.interval", "1", "--checkpoint.async_mode", "async")
+    result = _torchrun(
+        tmp_path,
+        "--training.steps",
+        "5",
+        "--optimizer.lr",
+        "1e30",
+        "--training.max_norm",
+        "0",
+        "--checkpoint.enable",
+        "--checkpoint.interval",
+        "1",
+        "--checkpoint.async_mode",
+        "async",
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 1, output[-3000:]
     assert "stopped: loss" in output and "optimizer.lr" in output
@@ -40,9 +69,26 @@ def test_a_non_finite_stop_publishes_the_save_in_flight_and_exits_1_cleanly(tmp_
 
 
 def _threads_after_train(rank, world_size, folder):
-    train(load_config(["--config", "configs/debug.toml", "--training.steps", "2", "--training.seq_len", "32",
-                       "--training.local_batch_size", "2", "--job.dump_folder", str(folder / str(rank)),
-                       "--checkpoint.enable", "--checkpoint.async_mode", "async", "--metrics.enable_tensorboard"]))
+    train(
+        load_config(
+            [
+                "--config",
+                "configs/debug.toml",
+                "--training.steps",
+                "2",
+                "--training.seq_len",
+                "32",
+                "--training.local_batch_size",
+                "2",
+                "--job.dump_folder",
+                str(folder / str(rank)),
+                "--checkpoint.enable",
+                "--checkpoint.async_mode",
+                "async",
+                "--metrics.enable_tensorboard",
+            ]
+        )
+    )
     return sorted(t.name for t in threading.enumerate()), gloo_worker_threads()
 
 

@@ -9,17 +9,16 @@ from pathlib import Path
 
 import pytest
 
+from config.errors import ConfigError
+from config.job_config import Parallelism
 from parallelisms.parallel_dims import ParallelDims
 from parallelisms.pipeline import plan_pipeline
-from config.job_config import Parallelism
-from config.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _train(tmp_path, *overrides, timeout=600):
-    cmd = [sys.executable, "train.py", "--config", "configs/debug.toml", "--job.dump_folder", str(tmp_path),
-           *overrides]
+    cmd = [sys.executable, "train.py", "--config", "configs/debug.toml", "--job.dump_folder", str(tmp_path), *overrides]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
 
 
@@ -29,9 +28,21 @@ def _losses(folder):
 
 def test_run_train_sh_trains_the_default_recipe_and_the_loss_falls(tmp_path):
     env = {**os.environ, "NGPU": "1"}
-    result = subprocess.run(["./run_train.sh", "--training.steps", "12", "--job.dump_folder", str(tmp_path),
-                             "--metrics.enable_tensorboard"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    result = subprocess.run(
+        [
+            "./run_train.sh",
+            "--training.steps",
+            "12",
+            "--job.dump_folder",
+            str(tmp_path),
+            "--metrics.enable_tensorboard",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 13))
@@ -61,8 +72,16 @@ def test_activation_checkpointing_and_compile_do_not_change_the_numbers(tmp_path
     reference = _losses(tmp_path / "base")
     for label, overrides, rtol in [
         ("full_ac", ["--activation_checkpoint.mode", "full"], 1e-6),
-        ("selective_op", ["--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option", "op"], 1e-6),
-        ("every_2nd", ["--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option", "2"], 1e-6),
+        (
+            "selective_op",
+            ["--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option", "op"],
+            1e-6,
+        ),
+        (
+            "every_2nd",
+            ["--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option", "2"],
+            1e-6,
+        ),
         ("compiled", ["--compile.enable", "--activation_checkpoint.mode", "full"], 1e-4),
     ]:
         result = _train(tmp_path / label, "--training.steps", "3", *overrides)
@@ -79,8 +98,19 @@ def test_non_finite_loss_stops_with_the_step_and_what_to_try(tmp_path):
 
 
 def test_nonfinite_skip_mode_counts_then_stops(tmp_path):
-    result = _train(tmp_path, "--training.steps", "8", "--optimizer.lr", "1e30", "--training.max_norm", "0",
-                    "--training.nonfinite_policy", "skip", "--training.nonfinite_max_skips", "2")
+    result = _train(
+        tmp_path,
+        "--training.steps",
+        "8",
+        "--optimizer.lr",
+        "1e30",
+        "--training.max_norm",
+        "0",
+        "--training.nonfinite_policy",
+        "skip",
+        "--training.nonfinite_max_skips",
+        "2",
+    )
     assert result.returncode == 1
     assert len(re.findall(r"update skipped \([12]/2\)", result.stdout)) == 2
     assert "after 2 skipped steps" in result.stderr
@@ -120,10 +150,13 @@ def test_a_world_size_that_does_not_factor_fails_before_training(tmp_path):
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
-@pytest.mark.parametrize("degrees, world, message", [
-    (dict(pipeline_parallel_degree=2, data_parallel_shard_degree=3), 8, "= 6 ranks, but the world size is 8"),
-    (dict(pipeline_parallel_degree=3), 8, "does not divide the world size 8"),
-])
+@pytest.mark.parametrize(
+    "degrees, world, message",
+    [
+        (dict(pipeline_parallel_degree=2, data_parallel_shard_degree=3), 8, "= 6 ranks, but the world size is 8"),
+        (dict(pipeline_parallel_degree=3), 8, "does not divide the world size 8"),
+    ],
+)
 def test_parallel_dims_validation(degrees, world, message):
     with pytest.raises(ConfigError, match=message):
         ParallelDims.from_config(Parallelism(**degrees), world)
@@ -134,16 +167,23 @@ def test_parallel_dims_fill_the_shard_degree():
     assert (dims.pp, dims.dp_replicate, dims.dp_shard, dims.dp) == (4, 1, 2, 2)
 
 
-@pytest.mark.parametrize("overrides, local_batch, key, message", [
-    (dict(pipeline_parallel_microbatch_size=3), 8, "microbatch_size", "does not divide"),
-    (dict(pipeline_parallel_microbatch_size=4), 4, "microbatch_size", "needs at least 2 microbatches"),
-    (dict(pipeline_parallel_schedule="Interleaved1F1B"), 8, "virtual_stages", "at least 2 stages per rank"),
-    (dict(pipeline_parallel_virtual_stages=2), 8, "pipeline_parallel_schedule", "one stage per rank"),
-    (dict(pipeline_parallel_layers_per_stage=3), 8, "layers_per_stage", "does not divide"),
-    (dict(pipeline_parallel_stage_split_points=[3, 2]), 8, "split_points", "strictly increasing"),
-    (dict(pipeline_parallel_schedule="ZBVZeroBubble", pipeline_parallel_virtual_stages=4), 8, "virtual_stages",
-     "exactly 2 stages per rank"),
-])
+@pytest.mark.parametrize(
+    "overrides, local_batch, key, message",
+    [
+        (dict(pipeline_parallel_microbatch_size=3), 8, "microbatch_size", "does not divide"),
+        (dict(pipeline_parallel_microbatch_size=4), 4, "microbatch_size", "needs at least 2 microbatches"),
+        (dict(pipeline_parallel_schedule="Interleaved1F1B"), 8, "virtual_stages", "at least 2 stages per rank"),
+        (dict(pipeline_parallel_virtual_stages=2), 8, "pipeline_parallel_schedule", "one stage per rank"),
+        (dict(pipeline_parallel_layers_per_stage=3), 8, "layers_per_stage", "does not divide"),
+        (dict(pipeline_parallel_stage_split_points=[3, 2]), 8, "split_points", "strictly increasing"),
+        (
+            dict(pipeline_parallel_schedule="ZBVZeroBubble", pipeline_parallel_virtual_stages=4),
+            8,
+            "virtual_stages",
+            "exactly 2 stages per rank",
+        ),
+    ],
+)
 def test_pipeline_plan_errors(overrides, local_batch, key, message):
     p = Parallelism(pipeline_parallel_degree=2, **overrides)
     with pytest.raises(ConfigError, match=message) as err:
@@ -158,11 +198,23 @@ def test_pipeline_plan_splits():
     assert uneven.layer_ranges == ((0, 4), (4, 7))
     points = plan_pipeline(8, Parallelism(pipeline_parallel_degree=2, pipeline_parallel_stage_split_points=[3]), 1, 2)
     assert points.layer_ranges == ((0, 3), (3, 8))
-    looped = plan_pipeline(8, Parallelism(pipeline_parallel_degree=2, pipeline_parallel_virtual_stages=2,
-                                          pipeline_parallel_schedule="Interleaved1F1B"), 1, 4)
+    looped = plan_pipeline(
+        8,
+        Parallelism(
+            pipeline_parallel_degree=2, pipeline_parallel_virtual_stages=2, pipeline_parallel_schedule="Interleaved1F1B"
+        ),
+        1,
+        4,
+    )
     assert looped.local_stages == (1, 3)
-    v_shape = plan_pipeline(8, Parallelism(pipeline_parallel_degree=2, pipeline_parallel_virtual_stages=2,
-                                           pipeline_parallel_schedule="ZBVZeroBubble"), 0, 4)
+    v_shape = plan_pipeline(
+        8,
+        Parallelism(
+            pipeline_parallel_degree=2, pipeline_parallel_virtual_stages=2, pipeline_parallel_schedule="ZBVZeroBubble"
+        ),
+        0,
+        4,
+    )
     assert v_shape.local_stages == (0, 3)
 
 

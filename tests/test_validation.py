@@ -28,9 +28,22 @@ pytestmark = pytest.mark.filterwarnings("ignore:'set_vital' is deprecated")
 
 
 def _cfg(*overrides):
-    return load_config(["--config", str(ROOT / "configs/debug.toml"), "--training.seq_len", "32",
-                        "--training.local_batch_size", "2", "--validation.enable", "--validation.dataset_path",
-                        str(ROOT / "data/corpus"), "--validation.steps", "3", *overrides])
+    return load_config(
+        [
+            "--config",
+            str(ROOT / "configs/debug.toml"),
+            "--training.seq_len",
+            "32",
+            "--training.local_batch_size",
+            "2",
+            "--validation.enable",
+            "--validation.dataset_path",
+            str(ROOT / "data/corpus"),
+            "--validation.steps",
+            "3",
+            *overrides,
+        ]
+    )
 
 
 def _global_batches(cfg, dp_degree):
@@ -80,17 +93,29 @@ def test_a_local_batch_that_does_not_divide_a_rank_s_share_names_the_share():
     assert "3 does not divide each data-parallel rank's share of a batch, global batch 8 / dp 2 = 4" in str(err)
 
 
-@pytest.mark.parametrize("overrides, key, words", [
-    (["--validation.dataset_path", ""], "validation.dataset_path", "is empty; set it to the held-out data"),
-    (["--validation.freq", "0"], "validation.freq", "must be >= 1"),
-    (["--validation.steps", "0"], "validation.steps", "must be >= 1"),
-    (["--validation.local_batch_size", "-1"], "validation.local_batch_size", "must be >= 0"),
-    (["--validation.seq_len", "64"], "validation.seq_len", "64 exceeds training.seq_len 32"),
-    (["--validation.dataset", "csv"], "validation.dataset", "'text', 'jsonl', 'parquet', 'tokens'"),
-    (["--parallelism.pipeline_parallel_degree", "2", "--parallelism.pipeline_parallel_microbatch_size", "2",
-      "--validation.local_batch_size", "3"], "validation.local_batch_size",
-     "3 is not a multiple of parallelism.pipeline_parallel_microbatch_size 2"),
-])
+@pytest.mark.parametrize(
+    "overrides, key, words",
+    [
+        (["--validation.dataset_path", ""], "validation.dataset_path", "is empty; set it to the held-out data"),
+        (["--validation.freq", "0"], "validation.freq", "must be >= 1"),
+        (["--validation.steps", "0"], "validation.steps", "must be >= 1"),
+        (["--validation.local_batch_size", "-1"], "validation.local_batch_size", "must be >= 0"),
+        (["--validation.seq_len", "64"], "validation.seq_len", "64 exceeds training.seq_len 32"),
+        (["--validation.dataset", "csv"], "validation.dataset", "'text', 'jsonl', 'parquet', 'tokens'"),
+        (
+            [
+                "--parallelism.pipeline_parallel_degree",
+                "2",
+                "--parallelism.pipeline_parallel_microbatch_size",
+                "2",
+                "--validation.local_batch_size",
+                "3",
+            ],
+            "validation.local_batch_size",
+            "3 is not a multiple of parallelism.pipeline_parallel_microbatch_size 2",
+        ),
+    ],
+)
 def test_bad_keys_are_refused_when_the_recipe_loads(overrides, key, words):
     with pytest.raises(ConfigError) as err:
         _cfg(*overrides)
@@ -98,9 +123,23 @@ def test_bad_keys_are_refused_when_the_recipe_loads(overrides, key, words):
 
 
 def test_train_py_stops_with_one_line_before_the_first_step():
-    result = subprocess.run([sys.executable, "train.py", "--config", "configs/debug.toml", "--training.steps", "2",
-                             "--validation.enable", "--validation.dataset_path", "nowhere.txt"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "--config",
+            "configs/debug.toml",
+            "--training.steps",
+            "2",
+            "--validation.enable",
+            "--validation.dataset_path",
+            "nowhere.txt",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert result.stderr.strip().startswith("config error: validation.dataset_path: nowhere.txt: no such file")
     assert len(result.stderr.strip().splitlines()) == 1

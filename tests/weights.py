@@ -4,11 +4,11 @@
 import torch
 from torch.distributed.tensor import DTensor
 
+from config.errors import CheckpointError, ConfigError
 from models.initialize import canonical_name
 from train import train
 from training.checkpoint import CheckpointManager
 from training.config_loader import load_config
-from config.errors import CheckpointError, ConfigError
 
 
 def whole_parameters(parts) -> dict[str, torch.Tensor]:

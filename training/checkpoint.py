@@ -49,10 +49,10 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from models.args import ModelArgs
-from models.hf_adapter import config_mismatches, to_hf_name
 from config.errors import CheckpointError, ConfigError
 from config.job_config import Checkpoint
+from models.args import ModelArgs
+from models.hf_adapter import config_mismatches, to_hf_name
 from training.hf_checkpoint import check_weight_files, is_hf_folder, read_hf_config
 
 logger = logging.getLogger("train")
@@ -199,9 +199,17 @@ def _join_async_save_threads() -> None:
 class CheckpointManager:
     """Saves every ``interval`` steps and at the end; resumes from the newest complete checkpoint."""
 
-    def __init__(self, cfg: Checkpoint, dump_folder: str, parts: list[nn.Module],
-                 optimizers: list[torch.optim.Optimizer], schedulers: list, dataloader, model_name: str,
-                 model_args: ModelArgs):
+    def __init__(
+        self,
+        cfg: Checkpoint,
+        dump_folder: str,
+        parts: list[nn.Module],
+        optimizers: list[torch.optim.Optimizer],
+        schedulers: list,
+        dataloader,
+        model_name: str,
+        model_args: ModelArgs,
+    ):
         self.cfg = cfg
         self.folder = Path(dump_folder) / cfg.folder
         self.parts, self.optimizers, self.schedulers = parts, optimizers, schedulers
@@ -253,8 +261,11 @@ class CheckpointManager:
         if model_only:
             dtype = EXPORT_DTYPES[self.cfg.export_dtype]
             return {"model": {k: v.to(dtype) for k, v in model.items()}, "train": train}
-        train.update(lr_scheduler=self.schedulers[0].state_dict(), dataloader=self.dataloader.state_dict(),
-                     rng=torch.get_rng_state())
+        train.update(
+            lr_scheduler=self.schedulers[0].state_dict(),
+            dataloader=self.dataloader.state_dict(),
+            rng=torch.get_rng_state(),
+        )
         return {"model": model, "optimizer": self._stored(self._optimizer_states()), "train": train}
 
     # -- save -------------------------------------------------------------------------------
@@ -337,8 +348,11 @@ class CheckpointManager:
         steps = _steps(self.folder)
         if self.cfg.load_step >= 0:
             if self.cfg.load_step not in steps:
-                raise ConfigError("checkpoint.load_step", f"no complete checkpoint step-{self.cfg.load_step} in "
-                                  f"{self.folder} (complete ones: {steps or 'none'})")
+                raise ConfigError(
+                    "checkpoint.load_step",
+                    f"no complete checkpoint step-{self.cfg.load_step} in "
+                    f"{self.folder} (complete ones: {steps or 'none'})",
+                )
             return self.cfg.load_step
         return steps[-1] if steps else None
 
@@ -370,8 +384,10 @@ class CheckpointManager:
     def _check_hf_config(self, folder: Path) -> None:
         differs = config_mismatches(read_hf_config(folder), self.model_name, self.model_args)
         if differs:
-            raise CheckpointError(f"{folder} holds another model than the recipe's {self.model_name} "
-                                  f"({'; '.join(differs)}); pick the model.flavor and model.vocab_size it has")
+            raise CheckpointError(
+                f"{folder} holds another model than the recipe's {self.model_name} "
+                f"({'; '.join(differs)}); pick the model.flavor and model.vocab_size it has"
+            )
 
     def _set_aside_newer(self, step: int) -> None:
         """After resuming ``step`` while newer checkpoints exist (a rollback), move those, the abandoned branch,
@@ -385,14 +401,18 @@ class CheckpointManager:
                 aside.mkdir()
                 for s in newer:
                     os.replace(self.folder / f"step-{s}", aside / f"step-{s}")
-                logger.warning(f"rolled back to step-{step}: moved the newer checkpoints "
-                               f"({', '.join(f'step-{s}' for s in newer)}) to {aside}; move them back to continue "
-                               "that branch instead")
+                logger.warning(
+                    f"rolled back to step-{step}: moved the newer checkpoints "
+                    f"({', '.join(f'step-{s}' for s in newer)}) to {aside}; move them back to continue "
+                    "that branch instead"
+                )
 
         failure = _on_rank0(move)
         if failure is not None:
-            raise CheckpointError(f"cannot move the checkpoints newer than step-{step} into {aside} ({failure}); "
-                                  "move them out of the folder yourself, then rerun")
+            raise CheckpointError(
+                f"cannot move the checkpoints newer than step-{step} into {aside} ({failure}); "
+                "move them out of the folder yourself, then rerun"
+            )
 
     def _fix_own(self, step: int) -> str:
         """What to do about this run's own ``step-N`` that cannot be resumed: another complete one is the way out."""
@@ -420,11 +440,18 @@ class CheckpointManager:
     def _resume(self, path: Path, fix: str) -> int:
         """Model, optimizer, LR schedule, data position, RNG state and step; returns the step."""
         if not _holds_optimizer(path):
-            raise CheckpointError(f"{path} holds only model weights (checkpoint.last_save_model_only) and cannot be "
-                                  "resumed as a training run; start a run from it with checkpoint.initial_load_path "
-                                  "(and initial_load_model_only = true) in a checkpoint.folder with no checkpoint yet")
-        extra = {"step": 0, "lr_scheduler": self.schedulers[0].state_dict(),
-                 "dataloader": self.dataloader.state_dict(), "rng": torch.get_rng_state(), "fingerprint": ""}
+            raise CheckpointError(
+                f"{path} holds only model weights (checkpoint.last_save_model_only) and cannot be "
+                "resumed as a training run; start a run from it with checkpoint.initial_load_path "
+                "(and initial_load_model_only = true) in a checkpoint.folder with no checkpoint yet"
+            )
+        extra = {
+            "step": 0,
+            "lr_scheduler": self.schedulers[0].state_dict(),
+            "dataloader": self.dataloader.state_dict(),
+            "rng": torch.get_rng_state(),
+            "fingerprint": "",
+        }
         read_train_state(path, extra, self.fingerprint, fix)
         self._load_model(path, fix, hf=False)
         live = self._optimizer_states()
@@ -447,8 +474,10 @@ class CheckpointManager:
         try:
             return iter(self.dataloader)
         except ValueError as err:
-            raise CheckpointError(f"the saved data position does not fit this recipe ({err}); keep the dataset, "
-                                  "seq_len and global batch size of the saved run") from None
+            raise CheckpointError(
+                f"the saved data position does not fit this recipe ({err}); keep the dataset, "
+                "seq_len and global batch size of the saved run"
+            ) from None
 
     def _restore(self, loaded: dict, part: nn.Module, live: dict) -> dict:
         """This part's entries (the keys of ``live``) of the loaded state, under its own names (a tied

@@ -12,10 +12,11 @@ from typing import Any, Sequence
 
 import tomli
 
-from losses.options import OPTIONS as LOSS_OPTIONS
-from config.job_config import Checkpoint, JobConfig
 from config.errors import ConfigError
+from config.job_config import Checkpoint, JobConfig
+from losses.options import OPTIONS as LOSS_OPTIONS
 from training.hf_checkpoint import is_hf_folder
+
 
 def _did_you_mean(name: str, options: Sequence[str]) -> str:
     close = difflib.get_close_matches(name, list(options), n=1)
@@ -48,8 +49,11 @@ def _check_type(key: str, tp: Any, value: Any) -> Any:
         allowed = typing.get_args(tp)
         if value in allowed and type(value) is type(allowed[0]):
             return value
-        raise ConfigError(key, f"{value!r} is not one of {', '.join(map(repr, allowed))}"
-                               f"{_did_you_mean(str(value), [str(a) for a in allowed])}")
+        raise ConfigError(
+            key,
+            f"{value!r} is not one of {', '.join(map(repr, allowed))}"
+            f"{_did_you_mean(str(value), [str(a) for a in allowed])}",
+        )
     elif origin is list:
         if isinstance(value, list):
             (item,) = typing.get_args(tp) or (Any,)
@@ -93,7 +97,9 @@ def _fields(obj: Any) -> dict[str, Any]:
 def _set(cfg: JobConfig, section: str, key: str, value: Any, *, from_cli: bool) -> None:
     sections = _fields(cfg)
     if section not in sections:
-        raise ConfigError(section, f"unknown section{_did_you_mean(section, sections)}; sections are {', '.join(sections)}")
+        raise ConfigError(
+            section, f"unknown section{_did_you_mean(section, sections)}; sections are {', '.join(sections)}"
+        )
     target = getattr(cfg, section)
     hints = typing.get_type_hints(type(target))
     if key not in hints:
@@ -144,8 +150,11 @@ def load_config(argv: Sequence[str]) -> JobConfig:
             rest.append(arg)
             i += 1
     if len(paths) > 1:
-        raise ConfigError("--config", f"given {len(paths)} times ({', '.join(paths)}); pass one recipe and "
-                                      "change its keys with --section.key value")
+        raise ConfigError(
+            "--config",
+            f"given {len(paths)} times ({', '.join(paths)}); pass one recipe and "
+            "change its keys with --section.key value",
+        )
     path, argv = (paths[0] if paths else None), rest
     cfg = JobConfig()
     if path is not None:
@@ -178,25 +187,37 @@ def validate_config(cfg: JobConfig) -> None:
     from models import MODEL_FLAVORS
 
     flavors = MODEL_FLAVORS[cfg.model.name]
-    _require(cfg.model.flavor in flavors, "model.flavor",
-             f"{cfg.model.name} has no flavor {cfg.model.flavor!r}; choose one of {', '.join(flavors)}")
+    _require(
+        cfg.model.flavor in flavors,
+        "model.flavor",
+        f"{cfg.model.name} has no flavor {cfg.model.flavor!r}; choose one of {', '.join(flavors)}",
+    )
     _require(cfg.model.vocab_size >= 0, "model.vocab_size", "must be >= 0 (0 keeps the flavor's vocabulary)")
 
     t = cfg.training
     for key in ("steps", "local_batch_size", "seq_len"):
         _require(getattr(t, key) > 0, f"training.{key}", "must be a positive integer")
-    _require(t.seq_len >= 2, "training.seq_len",
-             "must be >= 2: a window of one token has no next token to predict, so nothing would be learned")
-    _require(t.global_batch_size == -1 or t.global_batch_size > 0, "training.global_batch_size",
-             "must be positive, or -1 for local_batch_size x data-parallel degree")
+    _require(
+        t.seq_len >= 2,
+        "training.seq_len",
+        "must be >= 2: a window of one token has no next token to predict, so nothing would be learned",
+    )
+    _require(
+        t.global_batch_size == -1 or t.global_batch_size > 0,
+        "training.global_batch_size",
+        "must be positive, or -1 for local_batch_size x data-parallel degree",
+    )
     _require(t.max_norm >= 0, "training.max_norm", "must be >= 0 (0 turns clipping off)")
     _require(t.nonfinite_max_skips >= 0, "training.nonfinite_max_skips", "must be >= 0")
 
     o = cfg.optimizer
     _require(o.lr > 0, "optimizer.lr", "must be positive")
     _require(o.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
-    _require(len(o.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in o.betas),
-             "optimizer.betas", f"expected two numbers in [0, 1), got {o.betas!r}")
+    _require(
+        len(o.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in o.betas),
+        "optimizer.betas",
+        f"expected two numbers in [0, 1), got {o.betas!r}",
+    )
     _require(o.eps > 0, "optimizer.eps", "must be positive")
     _require(cfg.lr_scheduler.warmup_steps >= 0, "lr_scheduler.warmup_steps", "must be >= 0")
     _require(0 <= cfg.lr_scheduler.min_lr_factor <= 1, "lr_scheduler.min_lr_factor", "must be in [0, 1]")
@@ -205,34 +226,59 @@ def validate_config(cfg: JobConfig) -> None:
     validate_loss_options(cfg.loss.name, options)
 
     p = cfg.parallelism
-    for key in ("data_parallel_replicate_degree", "pipeline_parallel_degree", "pipeline_parallel_microbatch_size",
-                "pipeline_parallel_virtual_stages"):
+    for key in (
+        "data_parallel_replicate_degree",
+        "pipeline_parallel_degree",
+        "pipeline_parallel_microbatch_size",
+        "pipeline_parallel_virtual_stages",
+    ):
         _require(getattr(p, key) >= 1, f"parallelism.{key}", "must be >= 1")
-    _require(p.data_parallel_shard_degree == -1 or p.data_parallel_shard_degree >= 1,
-             "parallelism.data_parallel_shard_degree", "must be >= 1, or -1 to fill the remaining ranks")
-    _require(p.pipeline_parallel_layers_per_stage >= 0, "parallelism.pipeline_parallel_layers_per_stage",
-             "must be >= 0 (0 splits the layers evenly)")
-    _require(not (p.pipeline_parallel_layers_per_stage and p.pipeline_parallel_stage_split_points),
-             "parallelism.pipeline_parallel_stage_split_points",
-             "set either this or pipeline_parallel_layers_per_stage, not both")
-    _require(all(isinstance(x, int) and not isinstance(x, bool) for x in p.pipeline_parallel_stage_split_points),
-             "parallelism.pipeline_parallel_stage_split_points",
-             "expected a list of layer indices where new stages start, e.g. [7, 14, 21]")
+    _require(
+        p.data_parallel_shard_degree == -1 or p.data_parallel_shard_degree >= 1,
+        "parallelism.data_parallel_shard_degree",
+        "must be >= 1, or -1 to fill the remaining ranks",
+    )
+    _require(
+        p.pipeline_parallel_layers_per_stage >= 0,
+        "parallelism.pipeline_parallel_layers_per_stage",
+        "must be >= 0 (0 splits the layers evenly)",
+    )
+    _require(
+        not (p.pipeline_parallel_layers_per_stage and p.pipeline_parallel_stage_split_points),
+        "parallelism.pipeline_parallel_stage_split_points",
+        "set either this or pipeline_parallel_layers_per_stage, not both",
+    )
+    _require(
+        all(isinstance(x, int) and not isinstance(x, bool) for x in p.pipeline_parallel_stage_split_points),
+        "parallelism.pipeline_parallel_stage_split_points",
+        "expected a list of layer indices where new stages start, e.g. [7, 14, 21]",
+    )
 
     if p.vocab_parallel:
-        _require(cfg.loss.name in ("auto", "cce", "chunked"), "loss.name",
-                 f"the vocab-parallel head runs 'auto', 'cce' or 'chunked', not {cfg.loss.name!r}")
-        _require(cfg.loss.chunk_size == LOSS_OPTIONS["chunk_size"].default and not cfg.loss.compile,
-                 "loss.chunk_size", "the vocab-parallel head does not take chunk_size or compile yet")
+        _require(
+            cfg.loss.name in ("auto", "cce", "chunked"),
+            "loss.name",
+            f"the vocab-parallel head runs 'auto', 'cce' or 'chunked', not {cfg.loss.name!r}",
+        )
+        _require(
+            cfg.loss.chunk_size == LOSS_OPTIONS["chunk_size"].default and not cfg.loss.compile,
+            "loss.chunk_size",
+            "the vocab-parallel head does not take chunk_size or compile yet",
+        )
 
     ac = cfg.activation_checkpoint
     if ac.mode == "selective":
-        _require(ac.selective_ac_option == "op" or (ac.selective_ac_option.isdigit() and int(ac.selective_ac_option) > 0),
-                 "activation_checkpoint.selective_ac_option",
-                 f"expected 'op' or a positive integer N (every N-th block), got {ac.selective_ac_option!r}")
+        _require(
+            ac.selective_ac_option == "op" or (ac.selective_ac_option.isdigit() and int(ac.selective_ac_option) > 0),
+            "activation_checkpoint.selective_ac_option",
+            f"expected 'op' or a positive integer N (every N-th block), got {ac.selective_ac_option!r}",
+        )
     _require(cfg.metrics.log_freq >= 1, "metrics.log_freq", "must be >= 1")
-    _require(cfg.profiling.profile_freq >= 2, "profiling.profile_freq",
-             "must be >= 2 (each traced step follows one untraced warm-up step)")
+    _require(
+        cfg.profiling.profile_freq >= 2,
+        "profiling.profile_freq",
+        "must be >= 2 (each traced step follows one untraced warm-up step)",
+    )
     for key in ("init_timeout_seconds", "train_timeout_seconds"):
         _require(getattr(cfg.comm, key) > 0, f"comm.{key}", "must be a positive number of seconds")
     _require(cfg.checkpoint.interval >= 1, "checkpoint.interval", "must be >= 1")
@@ -248,11 +294,17 @@ def _check_initial_load(ck: Checkpoint) -> None:
         return
     folder = Path(ck.initial_load_path)
     hf = is_hf_folder(folder)
-    _require(hf or (folder / ".metadata").is_file(), "checkpoint.initial_load_path",
-             f"'{folder}' is neither a checkpoint folder (with .metadata) nor a Hugging Face folder "
-             "(config.json and *.safetensors)")
-    _require(ck.initial_load_model_only or not hf, "checkpoint.initial_load_model_only",
-             f"'{folder}' is a Hugging Face folder, which holds only weights; set it to true")
+    _require(
+        hf or (folder / ".metadata").is_file(),
+        "checkpoint.initial_load_path",
+        f"'{folder}' is neither a checkpoint folder (with .metadata) nor a Hugging Face folder "
+        "(config.json and *.safetensors)",
+    )
+    _require(
+        ck.initial_load_model_only or not hf,
+        "checkpoint.initial_load_model_only",
+        f"'{folder}' is a Hugging Face folder, which holds only weights; set it to true",
+    )
 
 
 def _check_validation(cfg: JobConfig) -> None:
@@ -260,18 +312,27 @@ def _check_validation(cfg: JobConfig) -> None:
     v = cfg.validation
     if not v.enable:
         return
-    _require(bool(v.dataset_path), "validation.dataset_path",
-             "is empty; set it to the held-out data (a file, or a folder of validation.dataset files)")
+    _require(
+        bool(v.dataset_path),
+        "validation.dataset_path",
+        "is empty; set it to the held-out data (a file, or a folder of validation.dataset files)",
+    )
     for key in ("freq", "steps"):
         _require(getattr(v, key) >= 1, f"validation.{key}", "must be >= 1")
     for key in ("local_batch_size", "seq_len"):
         _require(getattr(v, key) >= 0, f"validation.{key}", f"must be >= 0 (0: training.{key})")
-    _require(v.seq_len <= cfg.training.seq_len, "validation.seq_len",
-             f"{v.seq_len} exceeds training.seq_len {cfg.training.seq_len}, the positions the model is built for")
+    _require(
+        v.seq_len <= cfg.training.seq_len,
+        "validation.seq_len",
+        f"{v.seq_len} exceeds training.seq_len {cfg.training.seq_len}, the positions the model is built for",
+    )
     mbs = cfg.parallelism.pipeline_parallel_microbatch_size
     local = v.local_batch_size or cfg.training.local_batch_size
-    _require(cfg.parallelism.pipeline_parallel_degree == 1 or local % mbs == 0, "validation.local_batch_size",
-             f"{local} is not a multiple of parallelism.pipeline_parallel_microbatch_size {mbs}")
+    _require(
+        cfg.parallelism.pipeline_parallel_degree == 1 or local % mbs == 0,
+        "validation.local_batch_size",
+        f"{local} is not a multiple of parallelism.pipeline_parallel_microbatch_size {mbs}",
+    )
 
 
 def _toml_value(value: Any) -> str:

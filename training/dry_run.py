@@ -11,10 +11,10 @@ import os
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
-from models import build_model_args
-from parallelisms.parallel_dims import ParallelDims
 from config.errors import ConfigError
 from config.job_config import JobConfig
+from models import build_model_args
+from parallelisms.parallel_dims import ParallelDims
 from training.memory_estimate import CUDA_OVERHEAD_GIB, GIB, RankMemory, peaks_per_rank_gib
 from training.pipeline_plan import loss_choice
 from training.pipeline_timing import PipelineTiming, predict_timing, why_this_split
@@ -89,16 +89,20 @@ def _table(rows: list[tuple[str, list[str]]]) -> list[str]:
     return [label.ljust(_WIDTH) + "".join(v.rjust(col) for v in values) for label, values in rows]
 
 
-def format_report(cfg: JobConfig, dims: ParallelDims, estimates: list[RankMemory], accumulation_steps: int,
-                  gpu_memory_gib: float) -> str:
+def format_report(
+    cfg: JobConfig, dims: ParallelDims, estimates: list[RankMemory], accumulation_steps: int, gpu_memory_gib: float
+) -> str:
     """A table with one column per pipeline rank, its notes, and the per-rank peaks as memory.json lists them;
     under pipeline parallel, the predicted compute of the same split (``timing_lines``)."""
     t, p, ac = cfg.training, cfg.parallelism, cfg.activation_checkpoint
     a = build_model_args(cfg.model.name, cfg.model.flavor, cfg.model.vocab_size)
     pp = dims.pp > 1
     microbatch = p.pipeline_parallel_microbatch_size if pp else t.local_batch_size
-    schedule = (f"{p.pipeline_parallel_schedule}, {t.local_batch_size // microbatch} microbatches of " if pp
-                else "") + f"{microbatch} x {t.seq_len} tokens" + ("" if pp else " per micro-step")
+    schedule = (
+        (f"{p.pipeline_parallel_schedule}, {t.local_batch_size // microbatch} microbatches of " if pp else "")
+        + f"{microbatch} x {t.seq_len} tokens"
+        + ("" if pp else " per micro-step")
+    )
     ac_text = ac.mode + (f" ({ac.selective_ac_option})" if ac.mode == "selective" else "")
     lines = [
         "Predicted peak GPU memory per rank (no GPU used, no process group; how: docs/performance.md)",
@@ -110,8 +114,9 @@ def format_report(cfg: JobConfig, dims: ParallelDims, estimates: list[RankMemory
         "",
     ]
     heads = [f"pp rank {m.pp_rank}" if pp else "every rank" for m in estimates]
-    ranks = [f"{m.pp_rank * dims.dp}-{(m.pp_rank + 1) * dims.dp - 1}" if dims.dp > 1 else str(m.pp_rank)
-             for m in estimates]
+    ranks = [
+        f"{m.pp_rank * dims.dp}-{(m.pp_rank + 1) * dims.dp - 1}" if dims.dp > 1 else str(m.pp_rank) for m in estimates
+    ]
     stages = [(",".join(map(str, m.stages)) if pp else "all") + f" ({m.layers} layers)" for m in estimates]
     overhead = CUDA_OVERHEAD_GIB * GIB
     table = [("GiB", heads), ("  global ranks", ranks), ("  stages", stages)]
@@ -120,8 +125,10 @@ def format_report(cfg: JobConfig, dims: ParallelDims, estimates: list[RankMemory
         ("peak allocated (memory.json's figure)", [_gib(m.peak) for m in estimates]),
         ("CUDA context, NCCL, allocator (guess)", [_gib(overhead) for _ in estimates]),
         ("total on the GPU", [_gib(m.peak + overhead) for m in estimates]),
-        (f"fits {gpu_memory_gib:g} GiB", ["yes" if m.peak + overhead <= gpu_memory_gib * GIB else "NO"
-                                          for m in estimates]),
+        (
+            f"fits {gpu_memory_gib:g} GiB",
+            ["yes" if m.peak + overhead <= gpu_memory_gib * GIB else "NO" for m in estimates],
+        ),
         ("peak during", [m.phase for m in estimates]),
     ]
     lines += _table(table)
@@ -143,8 +150,10 @@ def timing_lines(cfg: JobConfig, timing: PipelineTiming, accumulation_steps: int
     slowest/fastest ratio, the simulated bubble and the step's compute."""
     plan, cost, schedule = timing.plan, timing.cost, timing.schedule
     ranks = [timing.rank(r) for r in range(plan.pp_degree)]
-    layers = [",".join(f"{s} ({plan.layer_ranges[s][1] - plan.layer_ranges[s][0]})" for s in plan.stages_of(r))
-              for r in range(plan.pp_degree)]
+    layers = [
+        ",".join(f"{s} ({plan.layer_ranges[s][1] - plan.layer_ranges[s][0]})" for s in plan.stages_of(r))
+        for r in range(plan.pp_degree)
+    ]
     rates = cost.rates
     name = cfg.parallelism.pipeline_parallel_schedule
     zero_bubble = "ZeroBubble" in name
@@ -153,20 +162,26 @@ def timing_lines(cfg: JobConfig, timing: PipelineTiming, accumulation_steps: int
         "Predicted compute per microbatch (a prediction, not a measurement: parallelisms/pipeline_cost.py; "
         "how: docs/performance.md)",
         "",
-        *_table([("ms", [f"pp rank {r}" for r in range(plan.pp_degree)]),
-                 ("  stages (layers)", layers),
-                 ("forward", [f"{t.forward_ms:.1f}" for t in ranks]),
-                 ("backward", [f"{t.backward_ms:.1f}" for t in ranks]),
-                 ("forward + backward", [f"{t.total_ms:.1f}" for t in ranks])]),
+        *_table(
+            [
+                ("ms", [f"pp rank {r}" for r in range(plan.pp_degree)]),
+                ("  stages (layers)", layers),
+                ("forward", [f"{t.forward_ms:.1f}" for t in ranks]),
+                ("backward", [f"{t.backward_ms:.1f}" for t in ranks]),
+                ("forward + backward", [f"{t.total_ms:.1f}" for t in ranks]),
+            ]
+        ),
         "",
         f"split {'/'.join(str(e - s) for s, e in plan.layer_ranges)} layers over stages 0-{plan.num_stages - 1}, "
         f"{why_this_split(cfg, timing)}",
         f"slowest/fastest pp rank {timing.slowest_over_fastest:.2f}; {name} bubble {100 * schedule.bubble:.1f} % "
         f"(torch's action lists for {plan.n_microbatches} microbatches replayed with these times"
-        + ("; a backward's input and weight halves take half its time each" if zero_bubble else "") + ")",
+        + ("; a backward's input and weight halves take half its time each" if zero_bubble else "")
+        + ")",
         f"predicted step compute {step:.0f} ms ({accumulation_steps} micro-step(s) x {schedule.makespan_ms:.0f} ms); "
         f"decoder layers at {rates.layer_tflops:g} TFLOP/s, head + {cost.loss} at "
         f"{rates.head_tflops(cost.loss):g} TFLOP/s" + (" + its logits traffic" if cost.loss == "cross_entropy" else ""),
-        "compute only: sends and receives, FSDP's gathers and reductions, the optimizer and host overhead are not in it",
+        "compute only: sends and receives, FSDP's gathers and reductions, the optimizer and host overhead are "
+        "not in it",
     ]
     return lines

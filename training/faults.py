@@ -80,8 +80,9 @@ class FaultWatch:
         self._rank = dist.get_rank()
         self._store = store.clone()  # one store client per thread: they are not shared across threads
         self._store.delete_key(_wake_key(self._rank))  # left by an earlier watcher in this process
-        self._thread = threading.Thread(target=self._watch, args=(store.clone(), self._rank),
-                                        name="fault-watch", daemon=True)
+        self._thread = threading.Thread(
+            target=self._watch, args=(store.clone(), self._rank), name="fault-watch", daemon=True
+        )
         self._thread.start()
 
     def _watch(self, store, rank: int) -> None:
@@ -131,14 +132,21 @@ class FaultWatch:
             alive = {int(r) for r in self._store.get(_ALIVE).decode().split(",") if r}
             first = self._store.get(_RAISED).decode()
         except Exception:
-            return (f"rank {rank}: a collective failed {where} ({_first_line(cause) if cause else 'seen by a peer'}) "
-                    "and the c10d store does not answer either, so the failed rank is unknown: the store's host "
-                    "(torchrun's rendezvous node, or rank 0 without torchrun) may be the one that died; exiting")
+            return (
+                f"rank {rank}: a collective failed {where} ({_first_line(cause) if cause else 'seen by a peer'}) "
+                "and the c10d store does not answer either, so the failed rank is unknown: the store's host "
+                "(torchrun's rendezvous node, or rank 0 without torchrun) may be the one that died; exiting"
+            )
         missing = sorted(set(range(world)) - alive)
         if not missing:
             return f"a collective failed {where} although every rank answered (first error: {first}); exiting"
-        key, what = ("comm.train_timeout_seconds", "a step") if self._step > self._first_step else \
-            ("comm.init_timeout_seconds", "start-up or the first step")
-        return (f"{_ranks(missing)} stopped answering (died or hung) {where}; the other ranks exit. "
-                f"Check the log of {_ranks(missing)}; raise {key} if {what} legitimately takes longer "
-                f"(first error: {first})")
+        key, what = (
+            ("comm.train_timeout_seconds", "a step")
+            if self._step > self._first_step
+            else ("comm.init_timeout_seconds", "start-up or the first step")
+        )
+        return (
+            f"{_ranks(missing)} stopped answering (died or hung) {where}; the other ranks exit. "
+            f"Check the log of {_ranks(missing)}; raise {key} if {what} legitimately takes longer "
+            f"(first error: {first})"
+        )

@@ -12,15 +12,21 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from config.errors import CheckpointError
 from models.args import ModelArgs
 from models.hf_adapter import hf_config, to_hf_name
-from config.errors import CheckpointError
 
 INDEX = "model.safetensors.index.json"
 _FIX_STALE = "delete the stale file, or export the folder again with scripts/export_hf --replace"
 _FIX_DOWNLOAD = "download or export the folder again"
-_JSON_KINDS = {list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number",
-               type(None): "null"}
+_JSON_KINDS = {
+    list: "an array",
+    str: "a string",
+    bool: "a boolean",
+    int: "a number",
+    float: "a number",
+    type(None): "null",
+}
 
 
 def is_hf_folder(path: str | Path) -> bool:
@@ -55,8 +61,9 @@ def _tensor_files(files: list[Path]) -> dict[str, Path]:
             raise CheckpointError(f"{file} is not a readable safetensors file ({err}); {_FIX_DOWNLOAD}") from None
         for name in names:
             if name in owners:
-                raise CheckpointError(f"{name} is in both {owners[name]} and {file}, so which one is meant is "
-                                      f"unknown; {_FIX_STALE}")
+                raise CheckpointError(
+                    f"{name} is in both {owners[name]} and {file}, so which one is meant is unknown; {_FIX_STALE}"
+                )
             owners[name] = file
     return owners
 
@@ -84,20 +91,26 @@ def check_weight_files(folder: Path) -> None:
     named = sorted({folder / file for file in weight_map.values()})
     for file in named:
         if not file.is_file():
-            raise CheckpointError(f"{file} is missing ({INDEX} lists it); copy the whole folder, or "
-                                  f"{_FIX_DOWNLOAD}")
+            raise CheckpointError(f"{file} is missing ({INDEX} lists it); copy the whole folder, or {_FIX_DOWNLOAD}")
     for file in present:
         if file not in named:
-            raise CheckpointError(f"{file} is not listed in {folder / INDEX}, a leftover of another export or "
-                                  f"download; {_FIX_STALE}")
+            raise CheckpointError(
+                f"{file} is not listed in {folder / INDEX}, a leftover of another export or download; {_FIX_STALE}"
+            )
     owners = _tensor_files(named)
     for name, file in weight_map.items():
         if owners.get(name) != folder / file:
             raise CheckpointError(f"{folder / INDEX} puts {name} in {file}, which does not hold it; {_FIX_DOWNLOAD}")
 
 
-def write_hf_folder(state: dict[str, torch.Tensor], name: str, args: ModelArgs, out: str | Path, dtype: torch.dtype,
-                    max_shard_bytes: int) -> list[str]:
+def write_hf_folder(
+    state: dict[str, torch.Tensor],
+    name: str,
+    args: ModelArgs,
+    out: str | Path,
+    dtype: torch.dtype,
+    max_shard_bytes: int,
+) -> list[str]:
     """Write full tensors (our names) as ``model*.safetensors`` + ``config.json``; returns the file names.
 
     Tensors go in order into shards of at most ``max_shard_bytes`` (one tensor may exceed it);
@@ -114,8 +127,11 @@ def write_hf_folder(state: dict[str, torch.Tensor], name: str, args: ModelArgs, 
             size = 0
         shards[-1][to_hf_name(fqn)] = tensor.to(dtype).contiguous()
         size += nbytes
-    names = ["model.safetensors"] if len(shards) == 1 else \
-        [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    )
     weight_map, total = {}, 0
     for shard, file in zip(shards, names):
         save_file(shard, out / file, metadata={"format": "pt"})

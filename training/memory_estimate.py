@@ -68,8 +68,16 @@ class RankMemory:
 
     @property
     def peak(self) -> float:
-        return (self.parameters + self.gradients + self.optimizer + self.unsharded_params + self.unsharded_grads
-                + self.pipeline_buffers + self.activations + self.transient)
+        return (
+            self.parameters
+            + self.gradients
+            + self.optimizer
+            + self.unsharded_params
+            + self.unsharded_grads
+            + self.pipeline_buffers
+            + self.activations
+            + self.transient
+        )
 
 
 def _chunk_tokens(cfg: JobConfig, rows: int, tokens: int, logit_bytes: int) -> int:
@@ -173,11 +181,17 @@ def _gathered_without_pp(part: Transformer, p, vp_head: bool) -> tuple[int, int]
     """
     groups = fsdp_groups(part, p.fsdp_reshard_after_forward, pp_enabled=False, vocab_parallel_head=vp_head)
     tied = tied_in_root(part, vp_head)
-    own = {"embedding": _numel(part.tok_embeddings), "head": _numel(part.output),
-           "root": _numel(part.norm) + (_numel(part.tok_embeddings) if tied else 0)}
+    own = {
+        "embedding": _numel(part.tok_embeddings),
+        "head": _numel(part.output),
+        "root": _numel(part.norm) + (_numel(part.tok_embeddings) if tied else 0),
+    }
     blocks = _numel(part.layers)
-    held = min(2 * _numel(part.layers["0"]), blocks) if any(
-        g.reshard_after_forward for g in groups if g.kind == "block") else blocks
+    held = (
+        min(2 * _numel(part.layers["0"]), blocks)
+        if any(g.reshard_after_forward for g in groups if g.kind == "block")
+        else blocks
+    )
     held += sum(own[g.kind] for g in groups if g.kind != "block" and not g.reshard_after_forward)
     return held, (_numel(part.tok_embeddings) if tied else 0)
 
@@ -220,8 +234,9 @@ def _setting(cfg: JobConfig, dims: ParallelDims) -> _Setting:
     compiled = cfg.compile.enable and "model" in cfg.compile.components
     # One block's backward: its activations recomputed (as without checkpointing) and its
     # gradients, plus without PP the fp32 copy FSDP reduce-scatters right away.
-    block_backward = layer_activation_bytes(a, "none", compiled, param_b) * tokens \
-        + (param_b + (0 if pp else reduce_b)) * _numel(model.layers["0"])
+    block_backward = layer_activation_bytes(a, "none", compiled, param_b) * tokens + (
+        param_b + (0 if pp else reduce_b)
+    ) * _numel(model.layers["0"])
     return _Setting(cfg, a, model, dims.dp_shard, tokens, param_b, reduce_b, compiled, block_backward)
 
 
@@ -229,19 +244,24 @@ def _stage(st: _Setting, index: int, layers: int, num_stages: int) -> _Stage:
     """Stage ``index`` of ``num_stages`` holding ``layers`` blocks (as build_stage_module cuts it)."""
     m = st.model
     first, last = index == 0, index == num_stages - 1
-    params = layers * _numel(m.layers["0"]) + (_numel(m.tok_embeddings) if first else 0) \
+    params = (
+        layers * _numel(m.layers["0"])
+        + (_numel(m.tok_embeddings) if first else 0)
         + (_numel(m.norm) + _numel(m.output) if last else 0)
+    )
     return _Stage(index, layers, params, first, last)
 
 
 def _stage_activation_bytes(st: _Setting, layers: int) -> float:
     """One microbatch's activations kept by a stage of ``layers`` blocks."""
-    return st.tokens * sum(layer_activation_bytes(st.args, mode, st.compiled, st.param_b)
-                           for mode in _block_modes(st.cfg, layers))
+    return st.tokens * sum(
+        layer_activation_bytes(st.args, mode, st.compiled, st.param_b) for mode in _block_modes(st.cfg, layers)
+    )
 
 
-def _pipeline_rank(st: _Setting, plan: PipelinePlan, stages: list[_Stage], activations: float, in_flight: int,
-                   accumulation_steps: int) -> RankMemory:
+def _pipeline_rank(
+    st: _Setting, plan: PipelinePlan, stages: list[_Stage], activations: float, in_flight: int, accumulation_steps: int
+) -> RankMemory:
     """The larger of the backward and optimizer-step moments of pipeline rank ``plan.pp_rank`` holding ``stages``."""
     a, n, p, param_b = st.args, st.dp_shard, st.cfg.parallelism, st.param_b
     sharded = gathered = unreduced = buffers = vp_grad = loss = 0.0
@@ -260,14 +280,36 @@ def _pipeline_rank(st: _Setting, plan: PipelinePlan, stages: list[_Stage], activ
         if s.last:
             loss = loss_workspace(st.cfg, a, st.tokens, n, head_reduced_at_once=False)
     grads = 4 * sharded
-    common = dict(pp_rank=plan.pp_rank, stages=tuple(s.index for s in stages), layers=sum(s.layers for s in stages),
-                  parameters=4 * sharded, optimizer=8 * sharded, pipeline_buffers=buffers, plan=plan)
-    backward = RankMemory(phase="backward", **common, gradients=grads if accumulation_steps > 1 else vp_grad,
-                          unsharded_params=gathered, unsharded_grads=unreduced, activations=activations,
-                          in_flight=in_flight, transient=max(loss, st.block_backward))
+    common = dict(
+        pp_rank=plan.pp_rank,
+        stages=tuple(s.index for s in stages),
+        layers=sum(s.layers for s in stages),
+        parameters=4 * sharded,
+        optimizer=8 * sharded,
+        pipeline_buffers=buffers,
+        plan=plan,
+    )
+    backward = RankMemory(
+        phase="backward",
+        **common,
+        gradients=grads if accumulation_steps > 1 else vp_grad,
+        unsharded_params=gathered,
+        unsharded_grads=unreduced,
+        activations=activations,
+        in_flight=in_flight,
+        transient=max(loss, st.block_backward),
+    )
     # The step starts with the accumulated gradients' reduce-scatter.
-    step = RankMemory(phase="optimizer step", **common, gradients=grads, unsharded_params=0.0,
-                      unsharded_grads=unreduced, activations=0.0, in_flight=0, transient=0.0)
+    step = RankMemory(
+        phase="optimizer step",
+        **common,
+        gradients=grads,
+        unsharded_params=0.0,
+        unsharded_grads=unreduced,
+        activations=0.0,
+        in_flight=0,
+        transient=0.0,
+    )
     return max(backward, step, key=lambda m: m.peak)
 
 
@@ -281,22 +323,37 @@ def _whole_model_rank(st: _Setting, accumulation_steps: int) -> RankMemory:
     sharded = math.ceil(fsdp / n) + vp_rows
     held, root_grad = _gathered_without_pp(model, p, vp_head)
     # a tied root's gradient is the classifier gradient the workspace counts: not twice
-    loss = loss_workspace(st.cfg, a, st.tokens, n, head_reduced_at_once=not tied and not vp_head) \
-        - param_b * root_grad
+    loss = loss_workspace(st.cfg, a, st.tokens, n, head_reduced_at_once=not tied and not vp_head) - param_b * root_grad
     grads = 4 * sharded
-    common = dict(pp_rank=0, stages=(0,), layers=a.n_layers, parameters=4 * sharded, optimizer=8 * sharded,
-                  pipeline_buffers=0.0)
-    backward = RankMemory(phase="backward", **common, gradients=grads if accumulation_steps > 1 else 4 * vp_rows,
-                          unsharded_params=param_b * held, unsharded_grads=param_b * root_grad,
-                          activations=_stage_activation_bytes(st, a.n_layers), in_flight=1,
-                          transient=max(loss, st.block_backward))
-    step = RankMemory(phase="optimizer step", **common, gradients=grads, unsharded_params=0.0,
-                      unsharded_grads=0.0, activations=0.0, in_flight=0, transient=0.0)
+    common = dict(
+        pp_rank=0, stages=(0,), layers=a.n_layers, parameters=4 * sharded, optimizer=8 * sharded, pipeline_buffers=0.0
+    )
+    backward = RankMemory(
+        phase="backward",
+        **common,
+        gradients=grads if accumulation_steps > 1 else 4 * vp_rows,
+        unsharded_params=param_b * held,
+        unsharded_grads=param_b * root_grad,
+        activations=_stage_activation_bytes(st, a.n_layers),
+        in_flight=1,
+        transient=max(loss, st.block_backward),
+    )
+    step = RankMemory(
+        phase="optimizer step",
+        **common,
+        gradients=grads,
+        unsharded_params=0.0,
+        unsharded_grads=0.0,
+        activations=0.0,
+        in_flight=0,
+        transient=0.0,
+    )
     return max(backward, step, key=lambda m: m.peak)
 
 
-def stage_fits(cfg: JobConfig, dims: ParallelDims, gpu_memory_gib: Optional[float],
-               accumulation_steps: int = 1) -> Optional[StageFits]:
+def stage_fits(
+    cfg: JobConfig, dims: ParallelDims, gpu_memory_gib: Optional[float], accumulation_steps: int = 1
+) -> Optional[StageFits]:
     """``fits(plan, stage, layers)`` for ``plan_pipeline``: whether the pipeline rank holding
     ``stage`` stays within ``gpu_memory_gib`` (the fixed CUDA overhead included) with ``layers``
     blocks there. None without a size or without PP: no constraint.
@@ -323,15 +380,22 @@ def _stage_fits(st: _Setting, gpu_memory_gib: float, accumulation_steps: int) ->
         local = plan.stages_of(rank)
         own = {s: _stage_activation_bytes(st, layers) if s == stage else 0.0 for s in local}
         activations, in_flight = _in_flight(tables[key][rank], own)
-        memory = _pipeline_rank(st, replace(plan, pp_rank=rank), [_stage(st, stage, layers, plan.num_stages)],
-                                activations, in_flight, accumulation_steps)
+        memory = _pipeline_rank(
+            st,
+            replace(plan, pp_rank=rank),
+            [_stage(st, stage, layers, plan.num_stages)],
+            activations,
+            in_flight,
+            accumulation_steps,
+        )
         return memory.peak <= budget / len(local)
 
     return fits
 
 
-def estimate_memory(cfg: JobConfig, dims: ParallelDims, accumulation_steps: int = 1,
-                    gpu_memory_gib: Optional[float] = None) -> list[RankMemory]:
+def estimate_memory(
+    cfg: JobConfig, dims: ParallelDims, accumulation_steps: int = 1, gpu_memory_gib: Optional[float] = None
+) -> list[RankMemory]:
     """One ``RankMemory`` per pipeline rank; ConfigError for a layout the run would refuse.
 
     ``gpu_memory_gib``: the GPU the default split must fit, as the run gives it (``stage_fits``).

@@ -77,16 +77,19 @@ class MetricsLogger:
         logger.info(
             f"step {step:>{len(str(total_steps))}}/{total_steps}  loss {figures['loss']:.4f}  lr {figures['lr']:.2e}"
             f"  grad_norm {figures['grad_norm']:.3f}  tok/s {figures['tokens_per_second']:,.0f}{mfu}"
-            f"  mem {figures['peak_memory_gib']:.2f}GiB  eta {_duration(eta_seconds)}" + (f"  ({note})" if note else ""))
+            f"  mem {figures['peak_memory_gib']:.2f}GiB  eta {_duration(eta_seconds)}" + (f"  ({note})" if note else "")
+        )
 
     def log_validation(self, step: int, total_steps: int, figures: dict) -> None:
         """``validation_loss`` and ``validation_perplexity``: a record and a console line of their own."""
         if not self.active:
             return
         note = self._write(step, figures, "")
-        logger.info(f"step {step:>{len(str(total_steps))}}/{total_steps}  validation_loss "
-                    f"{figures['validation_loss']:.4f}  validation_perplexity {figures['validation_perplexity']:.2f}"
-                    + (f"  ({note})" if note else ""))
+        logger.info(
+            f"step {step:>{len(str(total_steps))}}/{total_steps}  validation_loss "
+            f"{figures['validation_loss']:.4f}  validation_perplexity {figures['validation_perplexity']:.2f}"
+            + (f"  ({note})" if note else "")
+        )
 
     def _write(self, step: int, figures: dict, note: str) -> str:
         """One JSON line and the TensorBoard scalars. A non-finite figure is written as JSON ``null``

@@ -14,8 +14,15 @@ def build_optimizer(params: list[torch.nn.Parameter], cfg: Optimizer, device: to
     Weight decay applies to every parameter, as in TorchTitan.
     """
     fused = device.type == "cuda"
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
-                             fused=fused, foreach=not fused)
+    return torch.optim.AdamW(
+        params,
+        lr=cfg.lr,
+        betas=tuple(cfg.betas),
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        fused=fused,
+        foreach=not fused,
+    )
 
 
 def lr_factor(step: int, total_steps: int, cfg: LRScheduler) -> float:

@@ -21,16 +21,28 @@ def loss_choice(cfg: JobConfig) -> LossChoice:
     """What the run's loss computes with on a GPU machine with the requirements installed: the
     registry's own answer (losses/resolve.py) for the recipe's parameter dtype on CUDA."""
     compile_loss = cfg.compile.enable and "loss" in cfg.compile.components
-    return choose_loss(cfg.loss.name, recipe_options(cfg.loss, compile_loss), device_type="cuda",
-                       dtype=getattr(torch, cfg.training.mixed_precision_param),
-                       vocab_parallel=cfg.parallelism.vocab_parallel, gpu_kernels=True)
+    return choose_loss(
+        cfg.loss.name,
+        recipe_options(cfg.loss, compile_loss),
+        device_type="cuda",
+        dtype=getattr(torch, cfg.training.mixed_precision_param),
+        vocab_parallel=cfg.parallelism.vocab_parallel,
+        gpu_kernels=True,
+    )
 
 
 def stage_cost_inputs(cfg: JobConfig, dims: ParallelDims) -> StageCostInputs:
     t, ac, p = cfg.training, cfg.activation_checkpoint, cfg.parallelism
     model = replace(build_model_args(cfg.model.name, cfg.model.flavor, cfg.model.vocab_size), max_seq_len=t.seq_len)
-    return StageCostInputs(model, t.seq_len, p.pipeline_parallel_microbatch_size, loss_choice(cfg).entry, ac.mode,
-                           ac.selective_ac_option, dims.dp_shard if p.vocab_parallel else 1)
+    return StageCostInputs(
+        model,
+        t.seq_len,
+        p.pipeline_parallel_microbatch_size,
+        loss_choice(cfg).entry,
+        ac.mode,
+        ac.selective_ac_option,
+        dims.dp_shard if p.vocab_parallel else 1,
+    )
 
 
 def recipe_plan(cfg: JobConfig, dims: ParallelDims, pp_rank: int, fits: Optional[StageFits] = None) -> PipelinePlan:

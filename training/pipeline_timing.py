@@ -8,11 +8,11 @@ sends and receives, FSDP's collectives, the optimizer and host overhead are not 
 
 from dataclasses import dataclass
 
+from config.job_config import JobConfig
 from parallelisms.parallel_dims import ParallelDims
 from parallelisms.pipeline import PipelinePlan, schedule_ops
 from parallelisms.pipeline_cost import StageCostInputs, StageTime, head_in_layers, stage_time
 from parallelisms.pipeline_simulation import ScheduleTiming, simulate_schedule
-from config.job_config import JobConfig
 from training.pipeline_plan import stage_cost_inputs
 
 
@@ -50,8 +50,10 @@ def why_this_split(cfg: JobConfig, timing: PipelineTiming) -> str:
         if getattr(p, key):
             return f"set by parallelism.{key}"
     on = f"stage {last}" + (" (pp rank 0)" if timing.plan.v_shape else "")
-    return (f"chosen to balance the head ({timing.cost.loss}, {head_in_layers(timing.cost):.1f} decoder layers of "
-            f"fw + bw work) on {on}")
+    return (
+        f"chosen to balance the head ({timing.cost.loss}, {head_in_layers(timing.cost):.1f} decoder layers of "
+        f"fw + bw work) on {on}"
+    )
 
 
 def split_summary(cfg: JobConfig, dims: ParallelDims, plan: PipelinePlan) -> str:
@@ -60,7 +62,9 @@ def split_summary(cfg: JobConfig, dims: ParallelDims, plan: PipelinePlan) -> str
     t = predict_timing(cfg, dims, plan)
     layers = "/".join(str(end - start) for start, end in plan.layer_ranges)
     per_stage = [s.total_ms for s in t.stages]
-    return (f"pipeline split {layers} layers (stages 0-{plan.num_stages - 1}), predicted fw + bw ms per microbatch "
-            f"{'/'.join(f'{ms:.0f}' for ms in per_stage)}, slowest/fastest {max(per_stage) / min(per_stage):.2f}, "
-            f"{cfg.parallelism.pipeline_parallel_schedule} bubble {100 * t.schedule.bubble:.0f} %; "
-            f"{why_this_split(cfg, t)}")
+    return (
+        f"pipeline split {layers} layers (stages 0-{plan.num_stages - 1}), predicted fw + bw ms per microbatch "
+        f"{'/'.join(f'{ms:.0f}' for ms in per_stage)}, slowest/fastest {max(per_stage) / min(per_stage):.2f}, "
+        f"{cfg.parallelism.pipeline_parallel_schedule} bubble {100 * t.schedule.bubble:.0f} %; "
+        f"{why_this_split(cfg, t)}"
+    )

@@ -16,8 +16,9 @@ from config.job_config import Profiling
 logger = logging.getLogger("train")
 
 
-def start_profiler(cfg: Profiling, dump_folder: str, rank: int, start_step: int,
-                   last_step: int) -> Optional[torch.profiler.profile]:
+def start_profiler(
+    cfg: Profiling, dump_folder: str, rank: int, start_step: int, last_step: int
+) -> Optional[torch.profiler.profile]:
     """A started profiler to ``step()`` after each training step and ``stop()`` after the loop,
     or None when profiling is off.
 

@@ -54,7 +54,11 @@ def report_memory(dump_folder: str, device: torch.device, plan: Optional[Pipelin
     dist.all_gather_object(stages, list(plan.local_stages) if plan is not None else [])
     if rank == 0:
         per_rank = [round(p, 3) for p in peaks]
-        logger.info("peak memory per rank (GiB): " + ", ".join(
-            f"{r}:{m:.2f}" + (f" (stages {stages[r]})" if stages[r] else "") for r, m in enumerate(per_rank)))
+        logger.info(
+            "peak memory per rank (GiB): "
+            + ", ".join(
+                f"{r}:{m:.2f}" + (f" (stages {stages[r]})" if stages[r] else "") for r, m in enumerate(per_rank)
+            )
+        )
         with open(os.path.join(dump_folder, "memory.json"), "w") as f:
             json.dump({"peak_memory_gib_per_rank": per_rank, "stages_per_rank": stages}, f)

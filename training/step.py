@@ -24,8 +24,10 @@ from training.token_normalization import GlobalTokenMeanLoss
 
 logger = logging.getLogger("train")
 
-NONFINITE_ADVICE = ("try a lower optimizer.lr, more lr_scheduler.warmup_steps, training.max_norm > 0, "
-                    "or training.mixed_precision_param = 'float32'")
+NONFINITE_ADVICE = (
+    "try a lower optimizer.lr, more lr_scheduler.warmup_steps, training.max_norm > 0, "
+    "or training.mixed_precision_param = 'float32'"
+)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -38,9 +40,11 @@ def global_batch_size(cfg: JobConfig, dims: ParallelDims) -> int:
     per_micro_step = t.local_batch_size * dims.dp
     g = t.global_batch_size if t.global_batch_size > 0 else per_micro_step
     if g % per_micro_step:
-        raise ConfigError("training.global_batch_size",
-                          f"{g} is not a multiple of local_batch_size {t.local_batch_size} x data-parallel degree "
-                          f"{dims.dp} = {per_micro_step}; gradient accumulation needs whole micro-steps")
+        raise ConfigError(
+            "training.global_batch_size",
+            f"{g} is not a multiple of local_batch_size {t.local_batch_size} x data-parallel degree "
+            f"{dims.dp} = {per_micro_step}; gradient accumulation needs whole micro-steps",
+        )
     return g
 
 
@@ -59,9 +63,19 @@ class TrainStep:
     without PP); ``loss`` the global-token-mean loss on the last stage's hidden states.
     """
 
-    def __init__(self, cfg: JobConfig, dims: ParallelDims, parts: list[nn.Module], schedule,
-                 loss: GlobalTokenMeanLoss, optimizers: list[torch.optim.Optimizer], schedulers: list,
-                 tied: Optional[TiedEmbeddingSync], mesh, dp_group: dist.ProcessGroup):
+    def __init__(
+        self,
+        cfg: JobConfig,
+        dims: ParallelDims,
+        parts: list[nn.Module],
+        schedule,
+        loss: GlobalTokenMeanLoss,
+        optimizers: list[torch.optim.Optimizer],
+        schedulers: list,
+        tied: Optional[TiedEmbeddingSync],
+        mesh,
+        dp_group: dist.ProcessGroup,
+    ):
         self.t = cfg.training
         self.ignore_index = cfg.loss.ignore_index
         self.dims, self.parts, self.schedule, self.loss = dims, parts, schedule, loss
@@ -89,11 +103,17 @@ class TrainStep:
             return loss.detach().double()
         losses: list[torch.Tensor] = []
         # Every stage gets its microbatch's share of stage_kwargs (block_causal: document ids).
-        self.schedule.step(*((micro,) if self.has_first_stage else ()),
-                           target=micro if self.head is not None else None, losses=losses,
-                           **self.parts[0].stage_kwargs(micro))
-        return sum(loss.detach().double() for loss in losses) if losses else torch.zeros((), dtype=torch.float64,
-                                                                                         device=micro.device)
+        self.schedule.step(
+            *((micro,) if self.has_first_stage else ()),
+            target=micro if self.head is not None else None,
+            losses=losses,
+            **self.parts[0].stage_kwargs(micro),
+        )
+        return (
+            sum(loss.detach().double() for loss in losses)
+            if losses
+            else torch.zeros((), dtype=torch.float64, device=micro.device)
+        )
 
     def _finish(self, step_loss: torch.Tensor, step: int) -> StepOutcome:
         if self.vocab_parallel_head is not None:
@@ -116,8 +136,10 @@ class TrainStep:
                 optimizer.step()
         else:
             self.skipped += 1
-            logger.warning(f"step {step}: loss {loss}, grad norm {grad_norm}; update skipped "
-                           f"({self.skipped}/{self.t.nonfinite_max_skips})")
+            logger.warning(
+                f"step {step}: loss {loss}, grad norm {grad_norm}; update skipped "
+                f"({self.skipped}/{self.t.nonfinite_max_skips})"
+            )
         lr = self.schedulers[0].get_last_lr()[0]
         for scheduler in self.schedulers:
             scheduler.step()

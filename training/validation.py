@@ -37,8 +37,9 @@ from parallelisms.pipeline_forward import pipeline_forward
 logger = logging.getLogger("train")
 
 
-def build_validation_set(cfg: JobConfig, vocab_size: int, global_batch: int, dp_rank: int,
-                         dp_degree: int) -> PackedWindowDataset:
+def build_validation_set(
+    cfg: JobConfig, vocab_size: int, global_batch: int, dp_rank: int, dp_degree: int
+) -> PackedWindowDataset:
     """This rank's slices of the validation batches (``local_batch(i)``, i < steps); every problem with
     the data is a one-line ``ConfigError`` naming the key, raised before the model is built."""
     v = cfg.validation
@@ -46,25 +47,40 @@ def build_validation_set(cfg: JobConfig, vocab_size: int, global_batch: int, dp_
     local_batch = v.local_batch_size or cfg.training.local_batch_size
     share = global_batch // dp_degree
     if share % local_batch:
-        raise ConfigError("validation.local_batch_size",
-                          f"{local_batch} does not divide each data-parallel rank's share of a batch, global batch "
-                          f"{global_batch} / dp {dp_degree} = {share}")
+        raise ConfigError(
+            "validation.local_batch_size",
+            f"{local_batch} does not divide each data-parallel rank's share of a batch, global batch "
+            f"{global_batch} / dp {dp_degree} = {share}",
+        )
     tokenizer = build_tokenizer(cfg.model.tokenizer, eos_token=cfg.model.eos_token)  # training checked it
     try:
-        windows = build_dataloader(dataset=v.dataset, dataset_path=v.dataset_path, tokenizer=tokenizer,
-                                   seq_len=seq_len, global_batch_size=global_batch, dp_rank=dp_rank,
-                                   dp_degree=dp_degree, seed=cfg.training.seed, vocab_size=vocab_size,
-                                   text_column=cfg.training.dataset_text_column, shuffle=False).dataset
+        windows = build_dataloader(
+            dataset=v.dataset,
+            dataset_path=v.dataset_path,
+            tokenizer=tokenizer,
+            seq_len=seq_len,
+            global_batch_size=global_batch,
+            dp_rank=dp_rank,
+            dp_degree=dp_degree,
+            seed=cfg.training.seed,
+            vocab_size=vocab_size,
+            text_column=cfg.training.dataset_text_column,
+            shuffle=False,
+        ).dataset
     except ValueError as err:
         raise ConfigError("validation.dataset_path", str(err)) from None
     needed = v.steps * global_batch
     if len(windows.windows) < needed:
-        raise ConfigError("validation.steps",
-                          f"{v.dataset_path} holds {len(windows.windows)} windows of seq_len {seq_len}, but "
-                          f"{v.steps} batches of the global batch {global_batch} need {needed}; lower "
-                          "validation.steps or add data")
-    logger.info(f"validation: {v.steps} batches of {global_batch} x {seq_len} tokens from {v.dataset_path}, "
-                f"every {v.freq} steps and after the last")
+        raise ConfigError(
+            "validation.steps",
+            f"{v.dataset_path} holds {len(windows.windows)} windows of seq_len {seq_len}, but "
+            f"{v.steps} batches of the global batch {global_batch} need {needed}; lower "
+            "validation.steps or add data",
+        )
+    logger.info(
+        f"validation: {v.steps} batches of {global_batch} x {seq_len} tokens from {v.dataset_path}, "
+        f"every {v.freq} steps and after the last"
+    )
     return windows
 
 
@@ -76,9 +92,17 @@ class Validator:
     ``hidden_dtype`` the dtype of the hidden states between stages.
     """
 
-    def __init__(self, cfg: JobConfig, parts: list[nn.Module], plan: Optional[PipelinePlan],
-                 loss_sum: Optional[nn.Module], validation_set: PackedWindowDataset, mesh,
-                 dp_group: dist.ProcessGroup, hidden_dtype: torch.dtype):
+    def __init__(
+        self,
+        cfg: JobConfig,
+        parts: list[nn.Module],
+        plan: Optional[PipelinePlan],
+        loss_sum: Optional[nn.Module],
+        validation_set: PackedWindowDataset,
+        mesh,
+        dp_group: dist.ProcessGroup,
+        hidden_dtype: torch.dtype,
+    ):
         v = cfg.validation
         self.freq, self.batches, self.last_step = v.freq, v.steps, cfg.training.steps
         self.local_batch_size = v.local_batch_size or cfg.training.local_batch_size
@@ -106,8 +130,15 @@ class Validator:
                 if self.plan is None:
                     add(self.parts[0](chunk), chunk)
                 else:
-                    pipeline_forward(self.parts, self.plan, self.pp_group, list(chunk.split(self.microbatch_size)),
-                                     self.parts[0].args.dim, self.hidden_dtype, add)
+                    pipeline_forward(
+                        self.parts,
+                        self.plan,
+                        self.pp_group,
+                        list(chunk.split(self.microbatch_size)),
+                        self.parts[0].args.dim,
+                        self.hidden_dtype,
+                        add,
+                    )
         dist.all_reduce(total, group=self.dp_group)
         if self.pp_group is not None:
             dist.all_reduce(total, group=self.pp_group)

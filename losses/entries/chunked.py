@@ -20,8 +20,15 @@ class ChunkedCrossEntropy(OutputLoss):
     name = "chunked"
     options = COMMON_OPTIONS | {"chunk_size", "compile"}
 
-    def __init__(self, head: nn.Module, *, chunk_size: int = DEFAULT_CHUNK_SIZE, compile: bool = False,
-                 kernels: Optional[str] = None, **common):
+    def __init__(
+        self,
+        head: nn.Module,
+        *,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        compile: bool = False,
+        kernels: Optional[str] = None,
+        **common,
+    ):
         super().__init__(head, **common)
         self.chunk_size = chunk_size
         self.compile_chunk_math = compile  # not "compile": that would hide nn.Module.compile()

@@ -32,8 +32,10 @@ class VocabParallelLoss(OutputLoss):
         if self.reduction != "sum":
             raise ValueError(f"the vocab-parallel head's loss sums over tokens; got reduction {self.reduction!r}")
         if not isinstance(head.weight, DTensor):
-            raise ValueError("the head's classifier is not vocab-sharded: shard it with "
-                             "parallelisms.vocab_parallel.shard_head_over_vocab first")
+            raise ValueError(
+                "the head's classifier is not vocab-sharded: shard it with "
+                "parallelisms.vocab_parallel.shard_head_over_vocab first"
+            )
         if getattr(head, "bias", None) is not None:
             raise ValueError("the vocab-parallel head takes no bias")
         self.shard = VocabParallelOptions(*vocab_rows(head.weight), group, reduce_e_grad=False)
@@ -45,9 +47,17 @@ class VocabParallelLoss(OutputLoss):
         with torch.no_grad():
             targets = gather_rows(targets, group)
         total = vocab_parallel_linear_cross_entropy(
-            e, c.to_local().to(e.dtype), targets, self.shard, ignore_index=self.ignore_index,
-            softcap=self.logit_softcap or None, reduction="sum", z_loss_weight=self.z_loss_weight,
-            label_smoothing=self.label_smoothing, impl=self.backend)
+            e,
+            c.to_local().to(e.dtype),
+            targets,
+            self.shard,
+            ignore_index=self.ignore_index,
+            softcap=self.logit_softcap or None,
+            reduction="sum",
+            z_loss_weight=self.z_loss_weight,
+            label_smoothing=self.label_smoothing,
+            impl=self.backend,
+        )
         # The value is this rank's share of the group's sum; the gradient is the whole sum's.
         return total.detach() / dist.get_world_size(group) + (total - total.detach())
 

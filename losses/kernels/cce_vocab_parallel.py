@@ -51,8 +51,19 @@ SUPPORTED_VERSION = "25.1.1"
 _SIGNATURES = {
     ("cce_lse_forward", "cce_lse_forward_kernel"): ("e", "c", "valids", "softcap", "return_logit_avg"),
     ("indexed_dot", "indexed_neg_dot_forward_kernel"): ("e", "c", "inds", "shift", "valids", "softcap", "out_dtype"),
-    ("cce_backward", "cce_backward_kernel"): ("do", "e", "c", "lse", "valids", "softcap", "filter_eps", "targets",
-                                             "shift", "vocab_ordering", "grad_scale"),
+    ("cce_backward", "cce_backward_kernel"): (
+        "do",
+        "e",
+        "c",
+        "lse",
+        "valids",
+        "softcap",
+        "filter_eps",
+        "targets",
+        "shift",
+        "vocab_ordering",
+        "grad_scale",
+    ),
     ("utils", "_build_flat_valids"): ("targets", "ignore_index", "shift"),
     ("utils", "handle_reduction_none"): ("batch_shape", "valids", "shift", "loss"),
     ("utils", "_handle_eps"): ("filter_eps", "dtype"),
@@ -71,20 +82,24 @@ def cce_kernels() -> SimpleNamespace:
     try:
         version = importlib.metadata.version("cut-cross-entropy")
     except importlib.metadata.PackageNotFoundError:
-        raise ImportError(f"cut-cross-entropy is not installed: pip install cut-cross-entropy=={SUPPORTED_VERSION}") \
-            from None
+        raise ImportError(
+            f"cut-cross-entropy is not installed: pip install cut-cross-entropy=={SUPPORTED_VERSION}"
+        ) from None
     kernels = {}
     for (module, name), params in _SIGNATURES.items():
         try:
             fn = getattr(importlib.import_module(f"cut_cross_entropy.{module}"), name)
         except (ImportError, AttributeError) as err:
-            raise ImportError(f"cut-cross-entropy {version}'s {module}.{name} cannot be loaded ({err}); headroom "
-                              f"calls {SUPPORTED_VERSION}'s kernels: pip install cut-cross-entropy=={SUPPORTED_VERSION}"
-                              ) from None
+            raise ImportError(
+                f"cut-cross-entropy {version}'s {module}.{name} cannot be loaded ({err}); headroom "
+                f"calls {SUPPORTED_VERSION}'s kernels: pip install cut-cross-entropy=={SUPPORTED_VERSION}"
+            ) from None
         if tuple(inspect.signature(fn).parameters) != params:
-            raise ImportError(f"cut-cross-entropy {version} is installed, whose {name} takes other arguments than "
-                              f"{SUPPORTED_VERSION}'s, which headroom calls: pip install "
-                              f"cut-cross-entropy=={SUPPORTED_VERSION}")
+            raise ImportError(
+                f"cut-cross-entropy {version} is installed, whose {name} takes other arguments than "
+                f"{SUPPORTED_VERSION}'s, which headroom calls: pip install "
+                f"cut-cross-entropy=={SUPPORTED_VERSION}"
+            )
         kernels[name] = fn
     return SimpleNamespace(**kernels)
 
@@ -127,7 +142,9 @@ class _VocabParallelCCE(torch.autograd.Function):
 
         local = k.cce_lse_forward_kernel(e, c, valids, p.softcap, return_logit_avg=p.sort_vocab)
         local_lse, logit_avg = local if p.sort_vocab else (local, None)
-        neg_target = k.indexed_neg_dot_forward_kernel(e, c, col.where(owned, 0), False, valids, p.softcap, torch.float32)
+        neg_target = k.indexed_neg_dot_forward_kernel(
+            e, c, col.where(owned, 0), False, valids, p.softcap, torch.float32
+        )
         neg_target = neg_target.where(owned if valids is None else owned[valids], 0.0)
         lse, neg_target = _reduce_over_shards(local_lse, neg_target, p.group)
         nll = lse + neg_target

@@ -124,8 +124,9 @@ def _chunk_ops(kernels: str) -> _ChunkOps:
     if kernels == "triton":
         from losses.kernels import chunked_triton
 
-        return _ChunkOps(chunked_triton.linear_logits_raw, chunked_triton.row_stats, _chunk_token_loss,
-                         chunked_triton.logit_grad)
+        return _ChunkOps(
+            chunked_triton.linear_logits_raw, chunked_triton.row_stats, _chunk_token_loss, chunked_triton.logit_grad
+        )
     ops = _ChunkOps(linear_logits, _chunk_row_stats, _chunk_token_loss, _chunk_logit_grad)
     if kernels == "compile":
         ops = _ChunkOps(*(torch.compile(fn) for fn in ops))
@@ -323,8 +324,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             for i, grad in enumerate(grads):
                 if _consumer_runs(ctx, i):
                     if grad is None and ctx.needs_input_grad[i]:
-                        raise RuntimeError("the chunked loss's gradients were already handed out; "
-                                           "recompute the loss to backpropagate again")
+                        raise RuntimeError(
+                            "the chunked loss's gradients were already handed out; "
+                            "recompute the loss to backpropagate again"
+                        )
                     # Handed out once: without our reference, AccumulateGrad takes the
                     # tensor as .grad instead of copying it (a classifier-sized copy).
                     ctx.stash[i] = None

@@ -35,8 +35,20 @@ def _capped(z, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def _row_stats_kernel(logits_ptr, stride, vocab: tl.constexpr, col_ptr, owned_ptr, max_ptr, sums_ptr, n_rows, softcap,
-                      HAS_SOFTCAP: tl.constexpr, WITH_SUM: tl.constexpr, BLOCK: tl.constexpr):
+def _row_stats_kernel(
+    logits_ptr,
+    stride,
+    vocab: tl.constexpr,
+    col_ptr,
+    owned_ptr,
+    max_ptr,
+    sums_ptr,
+    n_rows,
+    softcap,
+    HAS_SOFTCAP: tl.constexpr,
+    WITH_SUM: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     row = tl.program_id(0)
     base = logits_ptr + row.to(tl.int64) * stride
     row_max = float("-inf")
@@ -63,8 +75,21 @@ def _row_stats_kernel(logits_ptr, stride, vocab: tl.constexpr, col_ptr, owned_pt
 
 
 @triton.jit
-def _logit_grad_kernel(logits_ptr, stride, vocab: tl.constexpr, lse_ptr, col_ptr, owned_ptr, weight_ptr, softcap, z_loss_weight,
-                       label_smoothing, total_vocab, HAS_SOFTCAP: tl.constexpr, BLOCK: tl.constexpr):
+def _logit_grad_kernel(
+    logits_ptr,
+    stride,
+    vocab: tl.constexpr,
+    lse_ptr,
+    col_ptr,
+    owned_ptr,
+    weight_ptr,
+    softcap,
+    z_loss_weight,
+    label_smoothing,
+    total_vocab,
+    HAS_SOFTCAP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     row = tl.program_id(0)
     base = logits_ptr + row.to(tl.int64) * stride
     lse = tl.load(lse_ptr + row)
@@ -96,16 +121,49 @@ def row_stats(logits: Tensor, col: Tensor, owned: Tensor, with_logit_sum: bool, 
     n, vocab = logits.shape
     row_max = torch.empty(n, dtype=torch.float32, device=logits.device)
     sums = torch.empty(3 if with_logit_sum else 2, n, dtype=torch.float32, device=logits.device)
-    _row_stats_kernel[(n,)](logits, logits.stride(0), vocab, col, owned, row_max, sums, n, softcap,
-                            HAS_SOFTCAP=softcap > 0, WITH_SUM=with_logit_sum, BLOCK=_BLOCK)
+    _row_stats_kernel[(n,)](
+        logits,
+        logits.stride(0),
+        vocab,
+        col,
+        owned,
+        row_max,
+        sums,
+        n,
+        softcap,
+        HAS_SOFTCAP=softcap > 0,
+        WITH_SUM=with_logit_sum,
+        BLOCK=_BLOCK,
+    )
     return row_max, sums
 
 
-def logit_grad(logits: Tensor, lse: Tensor, col: Tensor, owned: Tensor, token_weight: Tensor, vocab_size: Optional[int],
-               softcap: float, z_loss_weight: float, label_smoothing: float) -> Tensor:
+def logit_grad(
+    logits: Tensor,
+    lse: Tensor,
+    col: Tensor,
+    owned: Tensor,
+    token_weight: Tensor,
+    vocab_size: Optional[int],
+    softcap: float,
+    z_loss_weight: float,
+    label_smoothing: float,
+) -> Tensor:
     """The gradient of the weighted loss w.r.t. the raw logits, written over ``logits``."""
     n, vocab = logits.shape
-    _logit_grad_kernel[(n,)](logits, logits.stride(0), vocab, lse.float(), col, owned,
-                             token_weight.float(), softcap, z_loss_weight, label_smoothing, vocab_size or vocab,
-                             HAS_SOFTCAP=softcap > 0, BLOCK=_BLOCK)
+    _logit_grad_kernel[(n,)](
+        logits,
+        logits.stride(0),
+        vocab,
+        lse.float(),
+        col,
+        owned,
+        token_weight.float(),
+        softcap,
+        z_loss_weight,
+        label_smoothing,
+        vocab_size or vocab,
+        HAS_SOFTCAP=softcap > 0,
+        BLOCK=_BLOCK,
+    )
     return logits
