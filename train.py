@@ -22,27 +22,27 @@ from config.job_config import JobConfig
 from data import build_dataloader, build_tokenizer
 from data.loader import check_tokenizer_fits
 from data.tokenizer import Tokenizer
-from losses import build_loss, choose_loss, recipe_options
-from models import Transformer, build_model_args
+from losses import build_loss, recipe_options
+from models import ModelArgs, Transformer, build_model_args
 from models.initialize import init_weights
 from parallelisms.distributed import close_distributed, init_distributed, resolve_device, set_pg_timeouts
 from parallelisms.parallel_dims import ParallelDims
 from parallelisms.parallelize import parallelize
-from parallelisms.pipeline import build_schedule, build_stage_module
-from parallelisms.tied_embeddings import TiedEmbeddingSync
+from parallelisms.pipeline import PipelinePlan, build_schedule, build_stage_module
+from parallelisms.tied_embeddings import tied_embedding_sync
 from training.checkpoint import CheckpointManager
 from training.config_loader import load_config
 from training.dry_run import DryRun, format_report, split_dry_run_args
 from training.faults import FaultWatch, is_collective_failure
 from training.memory_estimate import estimate_memory, stage_fits
-from training.metrics import MetricsLogger, peak_flops, peak_memory_gib, pipeline_peak_memory
+from training.metrics import MetricsLogger, Throughput, peak_flops, peak_memory_gib, pipeline_peak_memory
 from training.optimizer import build_lr_scheduler, build_optimizer
 from training.pipeline_plan import recipe_plan
 from training.pipeline_timing import split_summary
 from training.preemption import StopRequest
 from training.profiling import start_profiler
-from training.run_log import check_output_folders, log_run, report_memory
-from training.step import NonFiniteLossError, TrainStep, global_batch_size
+from training.run_log import check_output_folders, log_layout, log_run, report_memory
+from training.step import NonFiniteLossError, StepOutcome, TrainStep, global_batch_size
 from training.token_normalization import GlobalTokenMeanLoss
 from training.validation import Validator, build_validation_set
 
@@ -112,11 +112,7 @@ def train(cfg: JobConfig, faults: Optional[FaultWatch] = None) -> TrainResult:
         part.train()
 
     loss = _build_training_loss(cfg, parts, mesh, dp_mesh, device, compute_dtype)
-    tied = (
-        TiedEmbeddingSync(parts, plan, mesh)
-        if (plan or cfg.parallelism.vocab_parallel) and model_args.tie_word_embeddings
-        else None
-    )
+    tied = tied_embedding_sync(parts, plan, mesh, cfg.parallelism.vocab_parallel)
     schedule = (
         build_schedule(parts, plan, cfg.parallelism.pipeline_parallel_schedule, mesh["pp"].get_group(), device, loss)
         if plan
@@ -140,32 +136,13 @@ def train(cfg: JobConfig, faults: Optional[FaultWatch] = None) -> TrainResult:
         cfg.job.dump_folder, cfg.metrics.enable_tensorboard, active=rank == 0, append=start_step > 0
     )
     if rank == 0:
-        logger.info(
-            f"{cfg.model.name} {cfg.model.flavor}: {model_args.num_params() / 1e6:,.1f}M parameters, vocab "
-            f"{model_args.vocab_size:,}; world {world_size} = pp {dims.pp} x dp_replicate {dims.dp_replicate}"
-            f" x dp_shard {dims.dp_shard}; device {device}; params {param_dtype}"
-        )
-        logger.info(
-            f"global batch {global_batch} x {t.seq_len} tokens, "
-            f"{global_batch // (t.local_batch_size * dims.dp)} accumulation step(s)"
-        )
-        choice = choose_loss(
-            cfg.loss.name,
-            _loss_options(cfg),
-            device_type=device.type,
-            dtype=compute_dtype,
-            vocab_parallel=cfg.parallelism.vocab_parallel,
-        )
-        logger.info(f"loss: {choice.describe(cfg.parallelism.vocab_parallel)}")
-
-    flops_per_token, peak = model_args.flops_per_token(t.seq_len), peak_flops(device)
+        log_layout(cfg, model_args, dims, device, param_dtype, global_batch)
     losses, grad_norms, validation, data_iter = [], [], {}, checkpoint.data_iterator()
     stop_request, stopped_at = StopRequest(), None
     # Groups made since init_process_group had the backend's default; an async save's keeps it.
     set_pg_timeouts(cfg.comm.init_timeout_seconds, device, exclude=(checkpoint.async_group,))
     profiler = start_profiler(cfg.profiling, cfg.job.dump_folder, rank, start_step, t.steps)
-    run_start = window_start = time.perf_counter()
-    window_tokens, finished = 0, False
+    run_start, throughput, finished = time.perf_counter(), Throughput(device, world_size), False
     try:
         for step in range(start_step + 1, t.steps + 1):
             if faults is not None:
@@ -173,32 +150,17 @@ def train(cfg: JobConfig, faults: Optional[FaultWatch] = None) -> TrainResult:
             outcome = train_step(next(data_iter)["input_ids"].to(device), step)
             losses.append(outcome.loss)
             grad_norms.append(outcome.grad_norm)
-            window_tokens += global_batch * t.seq_len
+            throughput.add(global_batch * t.seq_len)
             if step % cfg.metrics.log_freq == 0 or step == t.steps:
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                tps = window_tokens / (time.perf_counter() - window_start) / world_size
+                eta = (time.perf_counter() - run_start) / (step - start_step) * (t.steps - step)
+                note = "" if outcome.updated else "update skipped (training.nonfinite_policy = 'skip')"
                 metrics.log(
-                    step,
-                    t.steps,
-                    {
-                        "loss": outcome.loss,
-                        "lr": outcome.lr,
-                        "grad_norm": outcome.grad_norm,
-                        "tokens_per_second": tps,
-                        "mfu_percent": 100 * flops_per_token * tps / peak if peak else None,
-                        "peak_memory_gib": peak_memory_gib(device),
-                        **(pipeline_peak_memory(device, mesh["pp"].get_group()) if plan else {}),
-                    },
-                    eta_seconds=(time.perf_counter() - run_start) / (step - start_step) * (t.steps - step),
-                    note="" if outcome.updated else "update skipped (training.nonfinite_policy = 'skip')",
+                    step, t.steps, _figures(outcome, throughput.read(), model_args, plan, mesh, device), eta, note
                 )
-                window_start, window_tokens = time.perf_counter(), 0
             if validator is not None and validator.due(step):
-                validation_start = time.perf_counter()
-                validation[step] = validator.run()
+                with throughput.paused():  # not training: kept out of tokens/s
+                    validation[step] = validator.run()
                 metrics.log_validation(step, t.steps, validation[step])
-                window_start += time.perf_counter() - validation_start  # not training: kept out of tokens/s
             if step == start_step + 1:  # start-up is over: from now on a rank that stops answering is caught sooner
                 set_pg_timeouts(cfg.comm.train_timeout_seconds, device, exclude=(checkpoint.async_group,))
             if profiler is not None:
@@ -220,7 +182,29 @@ def train(cfg: JobConfig, faults: Optional[FaultWatch] = None) -> TrainResult:
     return TrainResult(losses, grad_norms, stopped_at, parts, validation)
 
 
-def _model_args(cfg: JobConfig):
+def _figures(
+    outcome: StepOutcome,
+    tokens_per_second: float,
+    model_args: ModelArgs,
+    plan: Optional[PipelinePlan],
+    mesh,
+    device: torch.device,
+) -> dict:
+    """A logged step's figures: MFU from the model's FLOPs per token, every pipeline rank's peak memory."""
+    peak = peak_flops(device)
+    flops = model_args.flops_per_token(model_args.max_seq_len)
+    return {
+        "loss": outcome.loss,
+        "lr": outcome.lr,
+        "grad_norm": outcome.grad_norm,
+        "tokens_per_second": tokens_per_second,
+        "mfu_percent": 100 * flops * tokens_per_second / peak if peak else None,
+        "peak_memory_gib": peak_memory_gib(device),
+        **(pipeline_peak_memory(device, mesh["pp"].get_group()) if plan else {}),
+    }
+
+
+def _model_args(cfg: JobConfig) -> ModelArgs:
     """The flavor's hyperparameters with the recipe's vocabulary and RoPE table length."""
     args = build_model_args(cfg.model.name, cfg.model.flavor, cfg.model.vocab_size)
     if cfg.training.seq_len > args.max_seq_len:
@@ -281,17 +265,13 @@ def _build_training_loss(
         loss_sum = build_loss(
             cfg.loss.name,
             head,
-            _loss_options(cfg),
+            recipe_options(cfg.loss, cfg.compile),
             reduction="sum",
             device=device,
             dtype=dtype,
             vocab_group=mesh[cfg.parallelism.vocab_parallel_mesh_dim].get_group() if vp else None,
         )
     return GlobalTokenMeanLoss(loss_sum, dp_mesh.get_group())
-
-
-def _loss_options(cfg: JobConfig) -> dict:
-    return recipe_options(cfg.loss, compile_loss=cfg.compile.enable and "loss" in cfg.compile.components)
 
 
 def _dry_run(cfg: JobConfig, dry_run: DryRun) -> str:

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from torch import nn
 
 from config.errors import ConfigError
-from config.job_config import Loss
+from config.job_config import Compile, Loss
 from losses.base import OutputLoss
 from losses.entries.cce import CCELoss, CCETorchCompileLoss
 from losses.entries.chunked import ChunkedCrossEntropy
@@ -55,10 +55,10 @@ def validate_loss_options(name: str, options: dict[str, object]) -> None:
             raise ConfigError(f"loss.{key}", f"{name!r} cannot {option.capability}; use {_either(able)}")
 
 
-def recipe_options(loss: Loss, compile_loss: bool) -> dict:
-    """The options a recipe's ``[loss]`` gives its entry; ``compile_loss``: ``[compile]`` asks for the loss."""
+def recipe_options(loss: Loss, compile: Compile) -> dict:
+    """The options a recipe's ``[loss]`` gives its entry (``compile`` on when ``[compile]`` asks for the loss)."""
     options = {k: v for k, v in vars(loss).items() if k in loss_option_names(loss.name)}
-    if compile_loss and "compile" in options:
+    if compile.enable and "loss" in compile.components and "compile" in options:
         options["compile"] = True
     return options
 

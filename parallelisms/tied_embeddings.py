@@ -57,3 +57,12 @@ class TiedEmbeddingSync:
         elif self.group is not None:
             mine = self.embedding if self.embedding is not None else self.head
             dist.all_reduce(_local(mine.grad), group=self.group)
+
+
+def tied_embedding_sync(
+    parts: list[nn.Module], plan: Optional[PipelinePlan], mesh: DeviceMesh, vocab_parallel: bool
+) -> Optional[TiedEmbeddingSync]:
+    """The sync a tied model needs where its head is a separate copy (pipeline stages, or the
+    vocab-parallel head), else None: one module holds the one shared parameter."""
+    tied = any(p.args.tie_word_embeddings for p in parts)
+    return TiedEmbeddingSync(parts, plan, mesh) if tied and (plan is not None or vocab_parallel) else None

@@ -1,9 +1,11 @@
 """Per-step figures: one console line, ``metrics.jsonl``, and TensorBoard when enabled."""
 
+import contextlib
 import json
 import logging
 import math
 import resource
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -43,6 +45,31 @@ def pipeline_peak_memory(device: torch.device, pp_group: dist.ProcessGroup) -> d
     first the embedding, the last the head and loss), so rank 0's figure alone misleads."""
     peaks = gather_peak_memory_gib(device, pp_group)
     return {f"peak_memory_gib/pp_rank_{r}": peak for r, peak in enumerate(peaks)}
+
+
+class Throughput:
+    """Tokens per second per rank over the steps since the last ``read``; time spent ``paused()``
+    (validation) is left out."""
+
+    def __init__(self, device: torch.device, world_size: int):
+        self.device, self.world_size = device, world_size
+        self.start, self.tokens = time.perf_counter(), 0
+
+    def add(self, tokens: int) -> None:
+        self.tokens += tokens
+
+    def read(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the steps' kernels are done, not just queued
+        rate = self.tokens / (time.perf_counter() - self.start) / self.world_size
+        self.start, self.tokens = time.perf_counter(), 0
+        return rate
+
+    @contextlib.contextmanager
+    def paused(self):
+        began = time.perf_counter()
+        yield
+        self.start += time.perf_counter() - began
 
 
 def _duration(seconds: float) -> str:

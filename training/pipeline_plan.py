@@ -20,10 +20,9 @@ from parallelisms.pipeline_cost import StageCostInputs
 def loss_choice(cfg: JobConfig) -> LossChoice:
     """What the run's loss computes with on a GPU machine with the requirements installed: the
     registry's own answer (losses/resolve.py) for the recipe's parameter dtype on CUDA."""
-    compile_loss = cfg.compile.enable and "loss" in cfg.compile.components
     return choose_loss(
         cfg.loss.name,
-        recipe_options(cfg.loss, compile_loss),
+        recipe_options(cfg.loss, cfg.compile),
         device_type="cuda",
         dtype=getattr(torch, cfg.training.mixed_precision_param),
         vocab_parallel=cfg.parallelism.vocab_parallel,

@@ -12,6 +12,8 @@ import torch
 import torch.distributed as dist
 
 from config.job_config import JobConfig
+from losses import choose_loss, recipe_options
+from models.args import ModelArgs
 from parallelisms.parallel_dims import ParallelDims
 from parallelisms.pipeline import PipelinePlan
 from training.checkpoint import check_writable
@@ -45,6 +47,28 @@ def log_run(cfg: JobConfig, dims: ParallelDims, mesh, device: torch.device) -> N
     os.makedirs(cfg.job.dump_folder, exist_ok=True)
     with open(os.path.join(cfg.job.dump_folder, "config.toml"), "w") as f:
         f.write(dump_config(cfg))
+
+
+def log_layout(
+    cfg: JobConfig, args: ModelArgs, dims: ParallelDims, device: torch.device, param_dtype: str, global_batch: int
+) -> None:
+    """The model, the rank layout, the batch and what the loss computes with (and why); rank 0 only."""
+    t, vp = cfg.training, cfg.parallelism.vocab_parallel
+    logger.info(
+        f"{cfg.model.name} {cfg.model.flavor}: {args.num_params() / 1e6:,.1f}M parameters, vocab {args.vocab_size:,}; "
+        f"world {dims.world_size} = pp {dims.pp} x dp_replicate {dims.dp_replicate} x dp_shard {dims.dp_shard}; "
+        f"device {device}; params {param_dtype}"
+    )
+    accumulation = global_batch // (t.local_batch_size * dims.dp)
+    logger.info(f"global batch {global_batch} x {t.seq_len} tokens, {accumulation} accumulation step(s)")
+    choice = choose_loss(
+        cfg.loss.name,
+        recipe_options(cfg.loss, cfg.compile),
+        device_type=device.type,
+        dtype=getattr(torch, param_dtype),
+        vocab_parallel=vp,
+    )
+    logger.info(f"loss: {choice.describe(vp)}")
 
 
 def report_memory(dump_folder: str, device: torch.device, plan: Optional[PipelinePlan], rank: int) -> None:
