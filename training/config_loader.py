@@ -15,6 +15,8 @@ import tomli
 from config.errors import ConfigError
 from config.job_config import Checkpoint, JobConfig
 from losses.options import OPTIONS as LOSS_OPTIONS
+from losses.registry import VOCAB_PARALLEL_NAMES, validate_loss_options
+from models import MODEL_FLAVORS
 from training.hf_checkpoint import is_hf_folder
 
 
@@ -183,9 +185,6 @@ def _require(cond: bool, key: str, message: str) -> None:
 
 def validate_config(cfg: JobConfig) -> None:
     """Checks that need no process group: choices, ranges, and cross-key combinations."""
-    from losses import validate_loss_options
-    from models import MODEL_FLAVORS
-
     flavors = MODEL_FLAVORS[cfg.model.name]
     _require(
         cfg.model.flavor in flavors,
@@ -256,9 +255,9 @@ def validate_config(cfg: JobConfig) -> None:
 
     if p.vocab_parallel:
         _require(
-            cfg.loss.name in ("auto", "cce", "chunked"),
+            cfg.loss.name in VOCAB_PARALLEL_NAMES,
             "loss.name",
-            f"the vocab-parallel head runs 'auto', 'cce' or 'chunked', not {cfg.loss.name!r}",
+            f"the vocab-parallel head runs {', '.join(map(repr, VOCAB_PARALLEL_NAMES))}, not {cfg.loss.name!r}",
         )
         _require(
             cfg.loss.chunk_size == LOSS_OPTIONS["chunk_size"].default and not cfg.loss.compile,
