@@ -109,30 +109,24 @@ def _continue_elsewhere(tmp_path, source, expected, targets):
 VP = ["--parallelism.vocab_parallel", "--loss.name", "auto"]
 
 
-def test_pipeline_checkpoint_loads_into_other_layouts(tmp_path):
-    """Saved by pp=2 x dp_shard=2 (vocab-parallel head); continued by 1 process and by dp_shard=4."""
+def _split(point: int) -> list[str]:
+    return [
+        "--parallelism.pipeline_parallel_degree",
+        "2",
+        "--parallelism.pipeline_parallel_stage_split_points",
+        f"[{point}]",
+    ]
+
+
+def test_pipeline_checkpoint_loads_into_other_layouts_and_splits(tmp_path):
+    """Saved by pp=2 x dp_shard=2 with 1/3 layers per stage and the vocab-parallel head; continued by one
+    process, by dp_shard=4 with the vocab-parallel head, and by pp=2 with the other split (3/1)."""
     source = tmp_path / "source"
-    pp = ["--parallelism.pipeline_parallel_degree", "2"]
-    _run(4, _argv(source, 5, *pp, *VP))
-    (expected,) = _run(4, _argv(source, 6, *pp, *VP))
-    _continue_elsewhere(tmp_path, source, expected, [("single", 1, []), ("dp_shard4", 4, []), ("dp_shard4_vp", 4, VP)])
-
-
-def test_checkpoint_under_one_pipeline_split_loads_under_another(tmp_path):
-    """Saved by pp=2 with 1/3 layers per stage; continued by pp=2 with 3/1 and by one process."""
-
-    def split(point):
-        return [
-            "--parallelism.pipeline_parallel_degree",
-            "2",
-            "--parallelism.pipeline_parallel_stage_split_points",
-            f"[{point}]",
-        ]
-
-    source = tmp_path / "source"
-    _run(2, _argv(source, 5, *split(1)))
-    (expected,) = _run(2, _argv(source, 6, *split(1)))
-    _continue_elsewhere(tmp_path, source, expected, [("pp2_split_3", 2, split(3)), ("single", 1, [])])
+    _run(4, _argv(source, 5, *_split(1), *VP))
+    (expected,) = _run(4, _argv(source, 6, *_split(1), *VP))
+    _continue_elsewhere(
+        tmp_path, source, expected, [("single", 1, []), ("dp_shard4_vp", 4, VP), ("pp2_split_3", 2, _split(3))]
+    )
 
 
 def test_vocab_parallel_checkpoint_over_4_ranks_loads_into_2_and_into_no_vocab_parallel(tmp_path):
