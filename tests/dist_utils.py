@@ -15,6 +15,7 @@ import datetime
 import glob
 import os
 import socket
+import sys
 import tempfile
 import time
 import traceback
@@ -99,3 +100,24 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
         return [
             torch.load(os.path.join(result_dir, f"rank{rank}.pt"), weights_only=False) for rank in range(world_size)
         ]
+
+
+def train_command(nproc: int, folder, *overrides: str) -> list[str]:
+    """``train.py`` on ``configs/debug.toml`` at seq_len 32, as a user launches it: under torchrun (a free
+    rendezvous port) for ``nproc`` > 1, plain ``python`` for 1; its outputs go to ``folder``."""
+    launcher = (
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            "--rdzv_backend",
+            "c10d",
+            "--rdzv_endpoint",
+            "localhost:0",
+        ]
+        if nproc > 1
+        else [sys.executable]
+    )
+    recipe = ["--config", "configs/debug.toml", "--training.seq_len", "32", "--job.dump_folder", str(folder)]
+    return [*launcher, "train.py", *recipe, *overrides]

@@ -6,7 +6,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import torch.distributed as dist
 
 from config.errors import ConfigError
 from parallelisms.distributed import set_pg_timeouts
-from tests.dist_utils import run_distributed
+from tests.dist_utils import run_distributed, train_command
 from training.config_loader import dump_config, load_config
 from training.faults import CHECK_IN_SECONDS, is_collective_failure
 
@@ -82,29 +81,16 @@ def test_set_pg_timeouts_bounds_every_group():
 
 def _start_run(folder: Path, log: Path, nproc: int = 2) -> subprocess.Popen:
     """A long run under torchrun; the log goes to a file (a pipe would fill up and block rank 0)."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc_per_node={nproc}",
-        "--rdzv_backend",
-        "c10d",
-        "--rdzv_endpoint",
-        "localhost:0",
-        "train.py",
-        "--config",
-        "configs/debug.toml",
+    cmd = train_command(
+        nproc,
+        folder,
         "--training.steps",
         "100000",
-        "--training.seq_len",
-        "32",
         "--training.local_batch_size",
         "2",
         "--comm.train_timeout_seconds",
         str(TRAIN_TIMEOUT),
-        "--job.dump_folder",
-        str(folder),
-    ]
+    )
     with open(log, "w") as out:
         return subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 

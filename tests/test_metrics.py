@@ -2,14 +2,13 @@
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from parallelisms.parallel_dims import ParallelDims
-from tests.dist_utils import run_distributed
+from tests.dist_utils import run_distributed, train_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,30 +33,17 @@ def test_each_pipeline_rank_reports_its_own_peak_in_pipeline_order():
 def test_a_pipeline_run_logs_every_stage_s_peak_memory(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--rdzv_backend",
-        "c10d",
-        "--rdzv_endpoint",
-        "localhost:0",
-        "train.py",
-        "--config",
-        "configs/debug.toml",
+    cmd = train_command(
+        2,
+        tmp_path,
         "--training.steps",
         "3",
-        "--training.seq_len",
-        "32",
         "--training.local_batch_size",
         "2",
         "--parallelism.pipeline_parallel_degree",
         "2",
         "--metrics.enable_tensorboard",
-        "--job.dump_folder",
-        str(tmp_path),
-    ]
+    )
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 

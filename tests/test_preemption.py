@@ -4,45 +4,21 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from tests.dist_utils import train_command
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 60
 
 
 def _command(folder, nproc):
-    launcher = (
-        [sys.executable, "train.py"]
-        if nproc == 1
-        else [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc_per_node={nproc}",
-            "--rdzv_backend",
-            "c10d",
-            "--rdzv_endpoint",
-            "localhost:0",
-            "train.py",
-        ]
+    return train_command(
+        nproc, folder, "--training.steps", str(STEPS), "--checkpoint.enable", "--checkpoint.interval", "1000"
     )
-    return launcher + [
-        "--config",
-        "configs/debug.toml",
-        "--training.steps",
-        str(STEPS),
-        "--training.seq_len",
-        "32",
-        "--job.dump_folder",
-        str(folder),
-        "--checkpoint.enable",
-        "--checkpoint.interval",
-        "1000",
-    ]
 
 
 def _losses(folder):

@@ -5,13 +5,12 @@ cover the paths that end with an error, under torchrun as a user runs them.
 """
 
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import pytest
 
-from tests.dist_utils import gloo_worker_threads, run_distributed
+from tests.dist_utils import gloo_worker_threads, run_distributed, train_command
 from train import train
 from training.config_loader import load_config
 
@@ -20,26 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _torchrun(folder: Path, *overrides: str) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--rdzv_backend",
-        "c10d",
-        "--rdzv_endpoint",
-        "localhost:0",
-        "train.py",
-        "--config",
-        "configs/debug.toml",
-        "--training.seq_len",
-        "32",
-        "--training.local_batch_size",
-        "2",
-        "--job.dump_folder",
-        str(folder),
-        *overrides,
-    ]
+    cmd = train_command(2, folder, "--training.local_batch_size", "2", *overrides)
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
