@@ -79,27 +79,15 @@ def build_loss(
     vocab-parallel head). The result's ``choice`` says what was chosen and why."""
     validate_loss_options(name, options)
     device = torch.device(device)
-    dtype = dtype or head.weight.dtype
     choice = choose_loss(
         name,
         options,
         device_type=device.type,
-        dtype=dtype,
+        dtype=dtype or head.weight.dtype,
         vocab_parallel=vocab_group is not None,
         bias=getattr(head, "bias", None) is not None,
     )
     if vocab_group is not None:
-        if name == "cce":
-            why = why_not_cce(
-                device.type,
-                dtype,
-                needs_grad=True,
-                bias=getattr(head, "bias", None) is not None,
-                z_loss_weight=options.get("z_loss_weight", 0.0),
-                label_smoothing=options.get("label_smoothing", 0.0),
-            )
-            if why is not None:
-                raise ConfigError("loss.name", f"'cce' cannot compute this loss: {why}; use 'chunked' or 'auto'")
         common = {k: v for k, v in options.items() if k in COMMON_OPTIONS}
         loss = VocabParallelLoss(head, group=vocab_group, backend=choice.entry, reduction=reduction, **common)
     else:
@@ -124,19 +112,33 @@ def choose_loss(
     bias: bool = False,
     gpu_kernels: Optional[bool] = None,
 ) -> LossChoice:
-    """``resolve_loss`` for a recipe's ``[loss]`` section; the memory estimate asks it too."""
+    """``resolve_loss`` for a recipe's ``[loss]`` section; the memory estimate asks it too. What the
+    vocab-parallel head cannot compute is a ``ConfigError`` naming the fix."""
+    z_loss_weight, label_smoothing = options.get("z_loss_weight", 0.0), options.get("label_smoothing", 0.0)
     if vocab_parallel and name not in VOCAB_PARALLEL_NAMES:
         raise ConfigError(
             "loss.name", f"the vocab-parallel head runs {_either(list(VOCAB_PARALLEL_NAMES))}, not {name!r}"
         )
+    if vocab_parallel and name == "cce":
+        why = why_not_cce(
+            device_type,
+            dtype,
+            needs_grad=True,
+            bias=bias,
+            z_loss_weight=z_loss_weight,
+            label_smoothing=label_smoothing,
+            gpu_kernels=gpu_kernels,
+        )
+        if why is not None:
+            raise ConfigError("loss.name", f"'cce' cannot compute this loss: {why}; use 'chunked' or 'auto'")
     return resolve_loss(
         name,
         device_type=device_type,
         dtype=dtype,
         vocab_parallel=vocab_parallel,
         bias=bias,
-        z_loss_weight=options.get("z_loss_weight", 0.0),
-        label_smoothing=options.get("label_smoothing", 0.0),
+        z_loss_weight=z_loss_weight,
+        label_smoothing=label_smoothing,
         compile=bool(options.get("compile", False)),
         gpu_kernels=gpu_kernels,
     )
