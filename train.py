@@ -42,7 +42,7 @@ from training.pipeline_timing import split_summary
 from training.preemption import StopRequest
 from training.profiling import start_profiler
 from training.run_log import check_output_folders, log_layout, log_run, report_memory
-from training.step import NonFiniteLossError, StepOutcome, TrainStep, global_batch_size
+from training.step import NonFiniteLossError, StepOutcome, TrainStep, accumulation_steps, global_batch_size
 from training.token_normalization import GlobalTokenMeanLoss
 from training.validation import Validator, build_validation_set
 
@@ -85,7 +85,7 @@ def train(cfg: JobConfig, faults: Optional[FaultWatch] = None) -> TrainResult:
     check_output_folders(cfg)
     if rank == 0:
         log_run(cfg, dims, mesh, device)
-    plan = _plan_pipeline(cfg, dims, mesh["pp"].get_local_rank(), device, global_batch) if dims.pp > 1 else None
+    plan = _plan_pipeline(cfg, dims, mesh["pp"].get_local_rank(), device) if dims.pp > 1 else None
     if plan is not None and rank == 0:
         logger.info(split_summary(cfg, dims, plan))
     tokenizer = _build_tokenizer(cfg, model_args.vocab_size)
@@ -94,7 +94,7 @@ def train(cfg: JobConfig, faults: Optional[FaultWatch] = None) -> TrainResult:
     model_args = replace(model_args, attn_mask_type=cfg.model.attn_mask_type, eos_id=tokenizer.eos_id)
 
     validation_set = (
-        build_validation_set(cfg, model_args.vocab_size, global_batch, dp_mesh.get_local_rank(), dims.dp)
+        build_validation_set(cfg, tokenizer, model_args.vocab_size, global_batch, dp_mesh.get_local_rank(), dims.dp)
         if cfg.validation.enable
         else None
     )
@@ -214,11 +214,10 @@ def _model_args(cfg: JobConfig) -> ModelArgs:
     return replace(args, max_seq_len=cfg.training.seq_len)
 
 
-def _plan_pipeline(cfg: JobConfig, dims: ParallelDims, pp_rank: int, device: torch.device, global_batch: int):
+def _plan_pipeline(cfg: JobConfig, dims: ParallelDims, pp_rank: int, device: torch.device) -> PipelinePlan:
     """This rank's stages; the default split balances predicted stage time within the GPU's memory."""
     gpu_gib = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None
-    accumulation = global_batch // (cfg.training.local_batch_size * dims.dp)
-    return recipe_plan(cfg, dims, pp_rank, stage_fits(cfg, dims, gpu_gib, accumulation))
+    return recipe_plan(cfg, dims, pp_rank, stage_fits(cfg, dims, gpu_gib, accumulation_steps(cfg, dims)))
 
 
 def _build_tokenizer(cfg: JobConfig, vocab_size: int) -> Tokenizer:
@@ -277,7 +276,7 @@ def _build_training_loss(
 def _dry_run(cfg: JobConfig, dry_run: DryRun) -> str:
     """``--dry_run``: the layout checks of a run and its predicted memory; no device, no process group."""
     dims = ParallelDims.from_config(cfg.parallelism, dry_run.world_size)
-    accumulation = global_batch_size(cfg, dims) // (cfg.training.local_batch_size * dims.dp)
+    accumulation = accumulation_steps(cfg, dims)
     estimates = estimate_memory(cfg, dims, accumulation, dry_run.gpu_memory_gib)
     return format_report(cfg, dims, estimates, accumulation, dry_run.gpu_memory_gib)
 

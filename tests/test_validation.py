@@ -48,7 +48,7 @@ def _cfg(*overrides):
 
 def _global_batches(cfg, dp_degree):
     """Validation batch i as the dp ranks together see it: their slices, in rank order."""
-    ranks = [build_validation_set(cfg, VOCAB, GLOBAL_BATCH, r, dp_degree) for r in range(dp_degree)]
+    ranks = [build_validation_set(cfg, ByteTokenizer(), VOCAB, GLOBAL_BATCH, r, dp_degree) for r in range(dp_degree)]
     return [torch.cat([rank.local_batch(i)["input_ids"] for rank in ranks]) for i in range(cfg.validation.steps)]
 
 
@@ -66,7 +66,7 @@ def test_the_set_is_the_first_windows_in_file_order_whatever_the_dp_degree(seq_l
 
 def _refusal(*overrides, dp_degree=1):
     with pytest.raises(ConfigError) as err:
-        build_validation_set(_cfg(*overrides), VOCAB, GLOBAL_BATCH, 0, dp_degree)
+        build_validation_set(_cfg(*overrides), ByteTokenizer(), VOCAB, GLOBAL_BATCH, 0, dp_degree)
     return err.value
 
 

@@ -28,7 +28,7 @@ from torch.distributed.fsdp import FSDPModule
 
 from config.errors import ConfigError
 from config.job_config import JobConfig
-from data import build_dataloader, build_tokenizer
+from data import Tokenizer, build_dataloader
 from data.packed_dataset import PackedWindowDataset
 from losses.functional import shift_targets
 from parallelisms.pipeline import PipelinePlan
@@ -38,10 +38,11 @@ logger = logging.getLogger("train")
 
 
 def build_validation_set(
-    cfg: JobConfig, vocab_size: int, global_batch: int, dp_rank: int, dp_degree: int
+    cfg: JobConfig, tokenizer: Tokenizer, vocab_size: int, global_batch: int, dp_rank: int, dp_degree: int
 ) -> PackedWindowDataset:
-    """This rank's slices of the validation batches (``local_batch(i)``, i < steps); every problem with
-    the data is a one-line ``ConfigError`` naming the key, raised before the model is built."""
+    """This rank's slices of the validation batches (``local_batch(i)``, i < steps), tokenized with the
+    run's ``tokenizer``; every problem with the data is a one-line ``ConfigError`` naming the key,
+    raised before the model is built."""
     v = cfg.validation
     seq_len = v.seq_len or cfg.training.seq_len
     local_batch = v.local_batch_size or cfg.training.local_batch_size
@@ -52,7 +53,6 @@ def build_validation_set(
             f"{local_batch} does not divide each data-parallel rank's share of a batch, global batch "
             f"{global_batch} / dp {dp_degree} = {share}",
         )
-    tokenizer = build_tokenizer(cfg.model.tokenizer, eos_token=cfg.model.eos_token)  # training checked it
     try:
         windows = build_dataloader(
             dataset=v.dataset,
