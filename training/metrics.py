@@ -1,6 +1,7 @@
 """Per-step figures: one console line, ``metrics.jsonl``, and TensorBoard when enabled."""
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -18,7 +19,9 @@ logger = logging.getLogger("train")
 _PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}
 
 
+@functools.cache
 def peak_flops(device: torch.device) -> Optional[float]:
+    """The device's dense bf16 peak (None off CUDA or for an unknown GPU); asked once per device."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)

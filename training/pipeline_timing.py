@@ -57,8 +57,8 @@ def why_this_split(cfg: JobConfig, timing: PipelineTiming) -> str:
 
 
 def split_summary(cfg: JobConfig, dims: ParallelDims, plan: PipelinePlan) -> str:
-    """One line for the run log, e.g. "pipeline split 9/9/9/1 layers (stages 0-3), predicted fw + bw ms
-    per microbatch 24/24/24/24, slowest/fastest 1.02, 1F1B bubble 17 %; chosen to balance the head ..."."""
+    """One line for the run log, e.g. "pipeline split 8/8/8/4 layers (stages 0-3), predicted fw + bw ms
+    per microbatch 24/24/24/25, slowest/fastest 1.04, 1F1B bubble 28 %; chosen to balance the head ..."."""
     t = predict_timing(cfg, dims, plan)
     layers = "/".join(str(end - start) for start, end in plan.layer_ranges)
     per_stage = [s.total_ms for s in t.stages]

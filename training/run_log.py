@@ -19,6 +19,7 @@ from parallelisms.pipeline import PipelinePlan
 from training.checkpoint import check_writable
 from training.config_loader import dump_config
 from training.metrics import gather_peak_memory_gib
+from training.step import accumulation_steps
 
 logger = logging.getLogger("train")
 
@@ -59,8 +60,9 @@ def log_layout(
         f"world {dims.world_size} = pp {dims.pp} x dp_replicate {dims.dp_replicate} x dp_shard {dims.dp_shard}; "
         f"device {device}; params {param_dtype}"
     )
-    accumulation = global_batch // (t.local_batch_size * dims.dp)
-    logger.info(f"global batch {global_batch} x {t.seq_len} tokens, {accumulation} accumulation step(s)")
+    logger.info(
+        f"global batch {global_batch} x {t.seq_len} tokens, {accumulation_steps(cfg, dims)} accumulation step(s)"
+    )
     choice = choose_loss(
         cfg.loss.name,
         recipe_options(cfg.loss, cfg.compile),

@@ -48,6 +48,11 @@ def global_batch_size(cfg: JobConfig, dims: ParallelDims) -> int:
     return g
 
 
+def accumulation_steps(cfg: JobConfig, dims: ParallelDims) -> int:
+    """Micro-steps per optimizer step: the global batch over every data-parallel rank's micro-batch."""
+    return global_batch_size(cfg, dims) // (cfg.training.local_batch_size * dims.dp)
+
+
 @dataclass(frozen=True)
 class StepOutcome:
     loss: float  # the global batch's token mean, the same on every rank
