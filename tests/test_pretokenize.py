@@ -16,6 +16,7 @@ from data import build_tokenizer, documents
 from data.documents import DocumentBatch
 from data.token_stream import DOCUMENT_SUFFIXES, load_token_stream
 from scripts import pretokenize
+from tests.dist_utils import train_command
 from tests.word_tokenizer import write_word_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,24 +160,18 @@ def test_shipped_corpus_pretokenized_trains_with_dataset_tokens(tmp_path, capsys
     assert out.startswith(f"pretokenize: wrote 465,725 tokens (1,035 documents, max id 256) to {tokens} in ")
     assert tokens.stat().st_size == 4 * 465_725
 
-    train = [
-        sys.executable,
-        "train.py",
-        "--config",
-        "configs/debug.toml",
+    train = train_command(
+        1,
+        tmp_path / "run",
         "--training.steps",
         "2",
-        "--training.seq_len",
-        "32",
         "--training.local_batch_size",
         "2",
         "--training.dataset",
         "tokens",
         "--training.dataset_path",
         str(tokens),
-        "--job.dump_folder",
-        str(tmp_path / "run"),
-    ]
+    )
     result = subprocess.run(train, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
