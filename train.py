@@ -30,19 +30,19 @@ from parallelisms.parallel_dims import ParallelDims
 from parallelisms.parallelize import parallelize
 from parallelisms.pipeline import PipelinePlan, build_schedule, build_stage_module
 from parallelisms.tied_embeddings import tied_embedding_sync
+from planning.batch import global_batch_size
+from planning.dry_run import dry_run_report, split_dry_run_args
+from planning.pipeline_plan import recipe_plan
+from planning.timing import split_summary
 from training.checkpoint import CheckpointManager
 from training.config_loader import load_config
-from training.dry_run import DryRun, format_report, split_dry_run_args
 from training.faults import FaultWatch, is_collective_failure
-from training.memory_estimate import estimate_memory, stage_fits
 from training.metrics import MetricsLogger, Throughput, peak_flops, peak_memory_gib, pipeline_peak_memory
 from training.optimizer import build_lr_scheduler, build_optimizer
-from training.pipeline_plan import recipe_plan
-from training.pipeline_timing import split_summary
 from training.preemption import StopRequest
 from training.profiling import start_profiler
 from training.run_log import check_output_folders, log_layout, log_run, report_memory
-from training.step import NonFiniteLossError, StepOutcome, TrainStep, accumulation_steps, global_batch_size
+from training.step import NonFiniteLossError, StepOutcome, TrainStep
 from training.token_normalization import GlobalTokenMeanLoss
 from training.validation import Validator, build_validation_set
 
@@ -217,7 +217,7 @@ def _model_args(cfg: JobConfig) -> ModelArgs:
 def _plan_pipeline(cfg: JobConfig, dims: ParallelDims, pp_rank: int, device: torch.device) -> PipelinePlan:
     """This rank's stages; the default split balances predicted stage time within the GPU's memory."""
     gpu_gib = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None
-    return recipe_plan(cfg, dims, pp_rank, stage_fits(cfg, dims, gpu_gib, accumulation_steps(cfg, dims)))
+    return recipe_plan(cfg, dims, pp_rank, gpu_gib)
 
 
 def _build_tokenizer(cfg: JobConfig, vocab_size: int) -> Tokenizer:
@@ -273,14 +273,6 @@ def _build_training_loss(
     return GlobalTokenMeanLoss(loss_sum, dp_mesh.get_group())
 
 
-def _dry_run(cfg: JobConfig, dry_run: DryRun) -> str:
-    """``--dry_run``: the layout checks of a run and its predicted memory; no device, no process group."""
-    dims = ParallelDims.from_config(cfg.parallelism, dry_run.world_size)
-    accumulation = accumulation_steps(cfg, dims)
-    estimates = estimate_memory(cfg, dims, accumulation, dry_run.gpu_memory_gib)
-    return format_report(cfg, dims, estimates, accumulation, dry_run.gpu_memory_gib)
-
-
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s", stream=sys.stdout)
     rank = int(os.environ.get("RANK", 0))
@@ -291,7 +283,7 @@ def main(argv: list[str]) -> int:
         dry_run, argv = split_dry_run_args(argv)
         cfg = load_config(argv)
         if dry_run is not None:
-            report = _dry_run(cfg, dry_run)
+            report = dry_run_report(cfg, dry_run)
             if rank == 0:
                 print(report)
             return 0

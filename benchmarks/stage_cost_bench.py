@@ -1,4 +1,4 @@
-"""Time the pieces of a pipeline stage on one GPU and print the rates parallelisms/pipeline_cost.py should use.
+"""Time the pieces of a pipeline stage on one GPU and print the rates planning/cost.py should use.
 
     python benchmarks/stage_cost_bench.py                                  # Qwen3-1.7B, 1 x 4096
     python benchmarks/stage_cost_bench.py --flavor 0.6B
@@ -41,7 +41,7 @@ from models.rope import rope_cos_sin
 from models.transformer import TransformerBlock
 from parallelisms.activation_checkpoint import apply_activation_checkpointing
 from parallelisms.compile import apply_compile
-from parallelisms.pipeline_cost import (
+from planning.cost import (
     MEASURED,
     StageCostInputs,
     embedding_bytes,
@@ -188,7 +188,7 @@ def report(c: StageCostInputs, ms: dict, achieved: dict, model: dict, title: str
     new = dataclasses.replace(MEASURED, **achieved)
     lines += [
         "",
-        "constants for parallelisms/pipeline_cost.py (collective_gbs kept: one GPU cannot time it):",
+        "constants for planning/cost.py (collective_gbs kept: one GPU cannot time it):",
         "MEASURED = " + repr(dataclasses.replace(new, **{k: round(v) for k, v in dataclasses.asdict(new).items()})),
     ]
     for loss in [piece for piece in ms if piece in LOSSES]:

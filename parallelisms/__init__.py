@@ -3,7 +3,8 @@
 Where to look:
 - ``parallel_dims.py``: degrees from the recipe, validated, and the named DeviceMesh.
 - ``distributed.py``: process-group start-up, timeouts and the orderly shutdown.
-- ``pipeline.py``: where the model is split into stages and the schedule is built.
+- ``pipeline.py``: the stages a pipeline plan names (``planning/pipeline_plan.py`` decides it)
+  and the schedule that runs them.
 - ``parallelize.py``: what is applied to each model part, in order: AC, compile, the
   vocab-parallel head, FSDP (``activation_checkpoint.py``, ``compile.py``,
   ``vocab_parallel.py``, ``fsdp.py``).

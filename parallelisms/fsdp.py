@@ -2,7 +2,7 @@
 
 ``fsdp_groups`` is the one description of which modules are sharded together and which
 stay gathered after their forward: ``apply_fsdp`` applies it and the memory estimate
-(training/memory_estimate.py) counts from it.
+(planning/memory.py) counts from it.
 """
 
 from dataclasses import dataclass

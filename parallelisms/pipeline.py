@@ -1,16 +1,16 @@
-"""Pipeline parallel: split the model into stages and build the schedule.
+"""Pipeline parallel: cut the model into the stages a plan names and build its schedule.
 
-The last stage ends at the final norm and returns hidden states; the schedule's
-``loss_fn`` is the recipe's loss, so logits never cross a stage boundary.
+What the plan is (which layers each stage holds, which stages each rank runs, how many
+microbatches) is decided before anything is built, in ``planning/pipeline_plan.py``; this
+module applies it. The last stage ends at the final norm and returns hidden states; the
+schedule's ``loss_fn`` is the recipe's loss, so logits never cross a stage boundary.
 """
 
 import copy
-from dataclasses import dataclass, replace
-from typing import Callable, Optional
+from dataclasses import dataclass
 
 import torch
 from torch.distributed.pipelining import PipelineStage
-from torch.distributed.pipelining._schedule_visualizer import get_schedule_ops
 from torch.distributed.pipelining.schedules import (
     PipelineScheduleMulti,
     Schedule1F1B,
@@ -20,12 +20,7 @@ from torch.distributed.pipelining.schedules import (
     ScheduleZBVZeroBubble,
 )
 
-from config.errors import ConfigError
-from config.job_config import Parallelism
 from models.transformer import Transformer
-from parallelisms.pipeline_cost import StageCostInputs, StageTime, stage_time
-from parallelisms.pipeline_simulation import simulate_schedule
-from parallelisms.pipeline_split import balanced_split
 
 PIPELINE_SCHEDULES = {
     "GPipe": ScheduleGPipe,
@@ -58,150 +53,6 @@ class PipelinePlan:
     @property
     def local_stages(self) -> tuple[int, ...]:
         return self.stages_of(self.pp_rank)
-
-
-def _layer_ranges(n_layers: int, p: Parallelism) -> list[tuple[int, int]]:
-    if p.pipeline_parallel_stage_split_points:
-        points = list(p.pipeline_parallel_stage_split_points)
-        if points != sorted(set(points)) or points[0] <= 0 or points[-1] >= n_layers:
-            raise ConfigError(
-                "parallelism.pipeline_parallel_stage_split_points",
-                f"need strictly increasing layer indices in 1..{n_layers - 1}, got {points}",
-            )
-        bounds = [0, *points, n_layers]
-    else:
-        if p.pipeline_parallel_layers_per_stage:
-            per = p.pipeline_parallel_layers_per_stage
-            if n_layers % per:
-                raise ConfigError(
-                    "parallelism.pipeline_parallel_layers_per_stage",
-                    f"{per} does not divide the model's {n_layers} layers",
-                )
-            n_stages = n_layers // per
-        else:
-            n_stages = p.pipeline_parallel_degree * p.pipeline_parallel_virtual_stages
-        if n_stages > n_layers:
-            raise ConfigError(
-                "parallelism.pipeline_parallel_virtual_stages",
-                f"{n_stages} stages for {n_layers} layers leaves a stage empty; use fewer stages",
-            )
-        # Even split; the first stages take one extra layer when it does not divide. plan_pipeline
-        # replaces it with the balanced split when it is given the stage costs.
-        base, extra = divmod(n_layers, n_stages)
-        bounds = [0]
-        for s in range(n_stages):
-            bounds.append(bounds[-1] + base + (1 if s < extra else 0))
-    return [(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
-
-
-# fits(plan, stage, layers): whether the rank holding ``stage`` fits its GPU with ``layers`` layers there.
-StageFits = Callable[[PipelinePlan, int, int], bool]
-
-
-def plan_pipeline(
-    n_layers: int,
-    p: Parallelism,
-    pp_rank: int,
-    local_batch_size: int,
-    cost: Optional[StageCostInputs] = None,
-    fits: Optional[StageFits] = None,
-) -> PipelinePlan:
-    """Validate the split and microbatching (a one-line ConfigError) before anything is built.
-
-    Without ``pipeline_parallel_stage_split_points`` or ``_layers_per_stage``, and given the
-    stage costs (the embedding on the first stage, the head and loss on the last), the split
-    whose slowest stage is fastest, among the splits ``fits`` accepts; without the costs, the
-    even split. With several stages per rank the slowest stage and the slowest rank (its
-    stages' sum) are not the same split: both are tried, and the one whose replay of the
-    schedule's action lists ends first is taken (the rank-balanced one on a tie).
-    """
-    pp = p.pipeline_parallel_degree
-    ranges = _layer_ranges(n_layers, p)
-    n_stages = len(ranges)
-    schedule = PIPELINE_SCHEDULES[p.pipeline_parallel_schedule]
-    multi = issubclass(schedule, PipelineScheduleMulti)
-    if n_stages % pp:
-        raise ConfigError(
-            "parallelism.pipeline_parallel_degree",
-            f"{n_stages} stages cannot be spread evenly over {pp} pipeline ranks",
-        )
-    per_rank = n_stages // pp
-    if not multi and per_rank != 1:
-        raise ConfigError(
-            "parallelism.pipeline_parallel_schedule",
-            f"{p.pipeline_parallel_schedule} runs one stage per rank but the split gives {per_rank}; "
-            "use Interleaved1F1B, or one stage per rank",
-        )
-    if multi and per_rank < 2:
-        raise ConfigError(
-            "parallelism.pipeline_parallel_virtual_stages",
-            f"{p.pipeline_parallel_schedule} needs at least 2 stages per rank, the split gives "
-            f"{per_rank}; set pipeline_parallel_virtual_stages = 2 (or split points / "
-            "layers_per_stage giving 2 x pipeline_parallel_degree stages)",
-        )
-    if schedule is ScheduleZBVZeroBubble and per_rank != 2:
-        raise ConfigError(
-            "parallelism.pipeline_parallel_virtual_stages", "ZBVZeroBubble needs exactly 2 stages per rank"
-        )
-    mbs = p.pipeline_parallel_microbatch_size
-    if local_batch_size % mbs:
-        raise ConfigError(
-            "parallelism.pipeline_parallel_microbatch_size",
-            f"{mbs} does not divide training.local_batch_size {local_batch_size}",
-        )
-    n_micro = local_batch_size // mbs
-    if n_micro < pp and schedule is not ScheduleGPipe:
-        raise ConfigError(
-            "parallelism.pipeline_parallel_microbatch_size",
-            f"{p.pipeline_parallel_schedule} needs at least {pp} microbatches (one per pipeline rank), "
-            f"got local_batch_size {local_batch_size} / microbatch_size {mbs} = {n_micro}",
-        )
-    plan = PipelinePlan(tuple(ranges), pp, pp_rank, schedule is ScheduleZBVZeroBubble, n_micro)
-    explicit = p.pipeline_parallel_stage_split_points or p.pipeline_parallel_layers_per_stage
-    if cost is None or explicit:
-        return plan
-    return _balanced(plan, n_layers, cost, fits, p.pipeline_parallel_schedule)
-
-
-def schedule_ops(plan: PipelinePlan, schedule_name: str) -> list:
-    """torch's per-rank action lists for the plan's schedule (those its visualizer draws)."""
-    try:
-        return get_schedule_ops(
-            PIPELINE_SCHEDULES[schedule_name], plan.pp_degree, plan.n_microbatches, plan.num_stages // plan.pp_degree
-        )
-    except ValueError as err:  # e.g. Interleaved1F1B's microbatches-per-round rule
-        raise ConfigError("parallelism.pipeline_parallel_microbatch_size", str(err)) from None
-
-
-def _balanced(
-    plan: PipelinePlan, n_layers: int, cost: StageCostInputs, fits: Optional[StageFits], schedule_name: str
-) -> PipelinePlan:
-    last = plan.num_stages - 1
-
-    def time(stage: int, layers: int) -> StageTime:
-        return stage_time(cost, layers, stage == 0, stage == last)
-
-    stage_fits = None if fits is None else lambda s, k: fits(plan, s, k)
-    by_rank = [sorted(plan.stages_of(r)) for r in range(plan.pp_degree)]
-    by_stage = [[s] for s in range(plan.num_stages)]
-    candidates = [
-        balanced_split(n_layers, groups, lambda s, k: time(s, k).total_ms, stage_fits) for groups in (by_rank, by_stage)
-    ]
-    counts = candidates[0]
-    if candidates[1] != counts:
-        ops = schedule_ops(plan, schedule_name)
-
-        def makespan(split: tuple[int, ...]) -> float:  # to the ns: rounding noise is no reason to switch
-            times = [time(s, k) for s, k in enumerate(split)]
-            return round(
-                simulate_schedule(ops, [t.forward_ms for t in times], [t.backward_ms for t in times]).makespan_ms, 6
-            )
-
-        counts = min(candidates, key=makespan)
-    bounds = [0]
-    for k in counts:
-        bounds.append(bounds[-1] + k)
-    return replace(plan, layer_ranges=tuple(zip(bounds[:-1], bounds[1:])))
 
 
 def build_stage_module(model: Transformer, plan: PipelinePlan, stage: int) -> Transformer:

@@ -5,8 +5,9 @@ import torch.distributed as dist
 
 import train
 from parallelisms.parallel_dims import ParallelDims
+from planning.memory import CUDA_OVERHEAD_GIB, GIB, estimate_memory, peaks_per_rank_gib, stage_fits
+from planning.pipeline_plan import recipe_plan
 from training.config_loader import load_config
-from training.memory_estimate import CUDA_OVERHEAD_GIB, GIB, estimate_memory, peaks_per_rank_gib, stage_fits
 
 ONE_GPU = "configs/qwen3_1p7b.toml"
 PP4 = "configs/qwen3_1p7b_pp4.toml"
@@ -44,10 +45,15 @@ MEASURED = [
 ]
 
 
+def _estimate(cfg, dims: ParallelDims, gpu_memory_gib=None):
+    """The estimate for the plan the run would make (the dry run's)."""
+    return estimate_memory(cfg, dims, recipe_plan(cfg, dims, 0, gpu_memory_gib) if dims.pp > 1 else None)
+
+
 def _predicted(config: str, overrides: list[str], world_size: int) -> list[float]:
     cfg = load_config(["--config", config, *overrides])
     dims = ParallelDims.from_config(cfg.parallelism, world_size)
-    return peaks_per_rank_gib(estimate_memory(cfg, dims), dims)
+    return peaks_per_rank_gib(_estimate(cfg, dims), dims)
 
 
 @pytest.mark.parametrize("label, config, overrides, world_size, measured", MEASURED, ids=[m[0] for m in MEASURED])
@@ -61,7 +67,7 @@ def test_estimate_is_within_15_percent_of_every_measured_peak(label, config, ove
 @pytest.mark.parametrize("schedule, in_flight", [("1F1B", [4, 3, 2, 1]), ("GPipe", [8, 8, 8, 8])])
 def test_microbatches_in_flight_follow_the_schedule(schedule, in_flight):
     cfg = load_config(["--config", PP4, "--parallelism.pipeline_parallel_schedule", schedule])
-    estimates = estimate_memory(cfg, ParallelDims.from_config(cfg.parallelism, 8))
+    estimates = _estimate(cfg, ParallelDims.from_config(cfg.parallelism, 8))
     assert [m.in_flight for m in estimates] == in_flight
 
 
@@ -69,7 +75,7 @@ def test_stage_fits_is_the_ranks_predicted_peak_with_one_stage_per_rank():
     """For each rank of a 9/9/9/1 split: fits exactly at its own peak + the CUDA overhead, not below."""
     cfg = load_config(["--config", PP4, SPLIT, "[9, 18, 27]"])
     dims = ParallelDims.from_config(cfg.parallelism, 4)
-    estimates = estimate_memory(cfg, dims)
+    estimates = _estimate(cfg, dims)
     plan = estimates[0].plan
     for m in estimates:
         (stage,) = m.stages
@@ -81,10 +87,10 @@ def test_stage_fits_is_the_ranks_predicted_peak_with_one_stage_per_rank():
 def test_a_gpu_budget_moves_layers_off_the_fullest_rank():
     cfg = load_config(["--config", PP4])
     dims = ParallelDims.from_config(cfg.parallelism, 4)
-    free = estimate_memory(cfg, dims)
+    free = _estimate(cfg, dims)
     fullest = max(range(4), key=lambda r: free[r].peak)
     budget = free[fullest].peak / GIB + CUDA_OVERHEAD_GIB - 0.5  # the time-balanced split no longer fits
-    bounded = estimate_memory(cfg, dims, gpu_memory_gib=budget)
+    bounded = _estimate(cfg, dims, gpu_memory_gib=budget)
     assert all(m.peak / GIB + CUDA_OVERHEAD_GIB <= budget for m in bounded)
     assert bounded[fullest].layers < free[fullest].layers and sum(m.layers for m in bounded) == 28
 
@@ -123,7 +129,7 @@ def test_dry_run_prints_the_table_and_exits_0_without_a_process_group(no_process
     for row in ("stages (layers)", "forward + backward", "1F1B bubble", "predicted step compute"):
         assert row in timing, row
     cfg = load_config(["--config", PP4])
-    layers = "/".join(str(m.layers) for m in estimate_memory(cfg, ParallelDims.from_config(cfg.parallelism, 8)))
+    layers = "/".join(str(m.layers) for m in _estimate(cfg, ParallelDims.from_config(cfg.parallelism, 8)))
     assert f"split {layers} layers over stages 0-3, chosen to balance the head (cce, " in timing
 
 

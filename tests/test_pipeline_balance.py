@@ -15,10 +15,11 @@ from torch.distributed.pipelining._schedule_visualizer import get_schedule_ops
 
 from config.job_config import Parallelism
 from models.flavors import LLAMA3_FLAVORS, QWEN3_FLAVORS
-from parallelisms.pipeline import PIPELINE_SCHEDULES, plan_pipeline
-from parallelisms.pipeline_cost import MEASURED as R
-from parallelisms.pipeline_cost import StageCostInputs
-from parallelisms.pipeline_simulation import simulate_schedule
+from parallelisms.pipeline import PIPELINE_SCHEDULES
+from planning.cost import MEASURED as R
+from planning.cost import StageCostInputs
+from planning.pipeline_plan import plan_pipeline
+from planning.replay import simulate_schedule
 
 # (name, model, seq_len, AC mode, what the recipe trains with)
 QWEN = ("Qwen3-1.7B", QWEN3_FLAVORS["1.7B"], 4096, "selective")  # configs/qwen3_1p7b_pp4.toml

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 
 from models.flavors import QWEN3_FLAVORS
-from parallelisms.pipeline_cost import AchievedRates, StageCostInputs, stage_time
+from planning.cost import AchievedRates, StageCostInputs, stage_time
 
 QWEN = QWEN3_FLAVORS["1.7B"]  # dim 2048, 16 heads of 128, 8 kv heads, ffn 6144, vocab 151,936
 T = 4096  # one sequence of 4,096 tokens

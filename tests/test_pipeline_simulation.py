@@ -5,7 +5,7 @@ from torch.distributed.pipelining._schedule_visualizer import get_schedule_ops
 from torch.distributed.pipelining.schedules import _Action, _ComputationType
 
 from parallelisms.pipeline import PIPELINE_SCHEDULES
-from parallelisms.pipeline_simulation import simulate_schedule
+from planning.replay import simulate_schedule
 
 
 def _ops(schedule: str, pp: int, microbatches: int, per_rank: int = 1):

@@ -3,10 +3,10 @@
 import pytest
 
 from parallelisms.parallel_dims import ParallelDims
-from parallelisms.pipeline_cost import head_in_layers, stage_time
+from planning.cost import head_in_layers, stage_cost_inputs, stage_time
+from planning.pipeline_plan import recipe_plan
+from planning.timing import predict_timing, split_summary
 from training.config_loader import load_config
-from training.pipeline_plan import recipe_plan, stage_cost_inputs
-from training.pipeline_timing import predict_timing, split_summary
 
 PP4 = "configs/qwen3_1p7b_pp4.toml"
 

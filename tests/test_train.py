@@ -12,7 +12,7 @@ import pytest
 from config.errors import ConfigError
 from config.job_config import Parallelism
 from parallelisms.parallel_dims import ParallelDims
-from parallelisms.pipeline import plan_pipeline
+from planning.pipeline_plan import plan_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,10 +16,10 @@ from losses import choose_loss, recipe_options
 from models.args import ModelArgs
 from parallelisms.parallel_dims import ParallelDims
 from parallelisms.pipeline import PipelinePlan
+from planning.batch import accumulation_steps
 from training.checkpoint import check_writable
 from training.config_loader import dump_config
 from training.metrics import gather_peak_memory_gib
-from training.step import accumulation_steps
 
 logger = logging.getLogger("train")
 

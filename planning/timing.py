@@ -1,19 +1,18 @@
 """Predicted compute time of a recipe's pipeline: per stage, per rank, and the schedule's bubble.
 
-Stage times come from parallelisms/pipeline_cost.py, the bubble from replaying torch's own
-action lists with them (parallelisms/pipeline_simulation.py). Predictions of compute only:
+Stage times come from planning/cost.py, the bubble from replaying torch's own action lists
+with them (planning/replay.py). Predictions of compute only:
 sends and receives, FSDP's collectives, the optimizer and host overhead are not in them.
-``--dry_run`` prints them (training/dry_run.py); ``split_summary`` is the run log's line.
+``--dry_run`` prints them (planning/dry_run.py); ``split_summary`` is the run log's line.
 """
 
 from dataclasses import dataclass
 
 from config.job_config import JobConfig
 from parallelisms.parallel_dims import ParallelDims
-from parallelisms.pipeline import PipelinePlan, schedule_ops
-from parallelisms.pipeline_cost import StageCostInputs, StageTime, head_in_layers, stage_time
-from parallelisms.pipeline_simulation import ScheduleTiming, simulate_schedule
-from training.pipeline_plan import stage_cost_inputs
+from parallelisms.pipeline import PipelinePlan
+from planning.cost import StageCostInputs, StageTime, head_in_layers, stage_cost_inputs, stage_time
+from planning.replay import ScheduleTiming, schedule_ops, simulate_schedule
 
 
 @dataclass(frozen=True)

@@ -8,9 +8,15 @@ reductions (once per step under PP), the tied-embedding sync, the optimizer, hos
 The rates are bf16 rates; a float32 run is not modelled.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import torch
+
+from config.job_config import JobConfig
+from losses import LossChoice, choose_loss, recipe_options
+from models import build_model_args
 from models.args import ModelArgs
+from parallelisms.parallel_dims import ParallelDims
 
 _BF16 = 2  # bytes per activation, gradient and gathered weight element
 
@@ -218,3 +224,31 @@ def stage_time(c: StageCostInputs, layers: int, first: bool, last: bool) -> Stag
 def head_in_layers(c: StageCostInputs) -> float:
     """The head and loss's fw + bw time in decoder blocks of fw + bw (no recomputation)."""
     return head_time(c).total_ms / layer_time(c).total_ms
+
+
+def loss_choice(cfg: JobConfig) -> LossChoice:
+    """What the run's loss computes with on a GPU machine with the requirements installed: the
+    registry's own answer (losses/resolve.py) for the recipe's parameter dtype on CUDA."""
+    return choose_loss(
+        cfg.loss.name,
+        recipe_options(cfg.loss, cfg.compile),
+        device_type="cuda",
+        dtype=getattr(torch, cfg.training.mixed_precision_param),
+        vocab_parallel=cfg.parallelism.vocab_parallel,
+        gpu_kernels=True,
+    )
+
+
+def stage_cost_inputs(cfg: JobConfig, dims: ParallelDims) -> StageCostInputs:
+    """The recipe's side of a stage's cost: model, microbatch, resolved loss, AC, vocab-parallel degree."""
+    t, ac, p = cfg.training, cfg.activation_checkpoint, cfg.parallelism
+    model = replace(build_model_args(cfg.model.name, cfg.model.flavor, cfg.model.vocab_size), max_seq_len=t.seq_len)
+    return StageCostInputs(
+        model,
+        t.seq_len,
+        p.pipeline_parallel_microbatch_size,
+        loss_choice(cfg).entry,
+        ac.mode,
+        ac.selective_ac_option,
+        dims.dp_shard if p.vocab_parallel else 1,
+    )

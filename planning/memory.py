@@ -1,9 +1,9 @@
 """Predicted peak GPU memory of every pipeline rank, from the recipe and the layout alone.
 
-``python train.py --config X --dry_run --world_size N`` prints it (training/dry_run.py).
-No device memory, no process group: the stages are cut by ``recipe_plan`` (the run's
-own split), their parameters counted on a meta-device model, the microbatches in flight
-read off torch's own schedule tables, and the rest is byte counting. Every data-parallel
+``python train.py --config X --dry_run --world_size N`` prints it (planning/dry_run.py).
+No device memory, no process group: the stages are the run's own plan (``recipe_plan``),
+their parameters counted on a meta-device model, the microbatches in flight read off torch's
+own schedule tables, and the rest is byte counting. Every data-parallel
 rank of a pipeline rank holds the same, so there is one estimate per pipeline rank. The
 same terms give ``stage_fits``, the memory constraint of the default split.
 
@@ -26,7 +26,7 @@ run" lists the terms, the comparison and what is left out.
 
 import math
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch.distributed.pipelining.schedules import _ComputationType
@@ -37,14 +37,19 @@ from models import Transformer, build_model_args
 from models.args import ModelArgs
 from parallelisms.fsdp import fsdp_groups, tied_in_root
 from parallelisms.parallel_dims import ParallelDims
-from parallelisms.pipeline import PipelinePlan, StageFits, schedule_ops
-from training.pipeline_plan import loss_choice, recipe_plan
+from parallelisms.pipeline import PipelinePlan
+from planning.batch import accumulation_steps
+from planning.cost import loss_choice
+from planning.replay import schedule_ops
 
 GIB = 2**30
 # CUDA context, NCCL buffers and the caching allocator's unused reserve: not in
 # torch.cuda.max_memory_allocated (memory.json), but on the GPU. A fixed guess, not measured.
 CUDA_OVERHEAD_GIB = 1.0
 _BYTES = {"bfloat16": 2, "float32": 4}
+
+# fits(plan, stage, layers): whether the rank holding ``stage`` fits its GPU with ``layers`` layers there.
+StageFits = Callable[[PipelinePlan, int, int], bool]
 
 
 @dataclass(frozen=True)
@@ -221,6 +226,7 @@ class _Setting:
     reduce_b: int
     compiled: bool
     block_backward: float  # the transient of one block's backward
+    accumulation_steps: int  # micro-steps per optimizer step: gradient shards live through the backward when > 1
 
 
 def _setting(cfg: JobConfig, dims: ParallelDims) -> _Setting:
@@ -237,7 +243,9 @@ def _setting(cfg: JobConfig, dims: ParallelDims) -> _Setting:
     block_backward = layer_activation_bytes(a, "none", compiled, param_b) * tokens + (
         param_b + (0 if pp else reduce_b)
     ) * _numel(model.layers["0"])
-    return _Setting(cfg, a, model, dims.dp_shard, tokens, param_b, reduce_b, compiled, block_backward)
+    return _Setting(
+        cfg, a, model, dims.dp_shard, tokens, param_b, reduce_b, compiled, block_backward, accumulation_steps(cfg, dims)
+    )
 
 
 def _stage(st: _Setting, index: int, layers: int, num_stages: int) -> _Stage:
@@ -260,7 +268,7 @@ def _stage_activation_bytes(st: _Setting, layers: int) -> float:
 
 
 def _pipeline_rank(
-    st: _Setting, plan: PipelinePlan, stages: list[_Stage], activations: float, in_flight: int, accumulation_steps: int
+    st: _Setting, plan: PipelinePlan, stages: list[_Stage], activations: float, in_flight: int
 ) -> RankMemory:
     """The larger of the backward and optimizer-step moments of pipeline rank ``plan.pp_rank`` holding ``stages``."""
     a, n, p, param_b = st.args, st.dp_shard, st.cfg.parallelism, st.param_b
@@ -292,7 +300,7 @@ def _pipeline_rank(
     backward = RankMemory(
         phase="backward",
         **common,
-        gradients=grads if accumulation_steps > 1 else vp_grad,
+        gradients=grads if st.accumulation_steps > 1 else vp_grad,
         unsharded_params=gathered,
         unsharded_grads=unreduced,
         activations=activations,
@@ -313,7 +321,7 @@ def _pipeline_rank(
     return max(backward, step, key=lambda m: m.peak)
 
 
-def _whole_model_rank(st: _Setting, accumulation_steps: int) -> RankMemory:
+def _whole_model_rank(st: _Setting) -> RankMemory:
     """Every rank without PP: the whole model, FSDP groups as parallelisms/fsdp.py makes them."""
     a, n, p, param_b, model = st.args, st.dp_shard, st.cfg.parallelism, st.param_b, st.model
     tied = model.output.weight is model.tok_embeddings.weight
@@ -331,7 +339,7 @@ def _whole_model_rank(st: _Setting, accumulation_steps: int) -> RankMemory:
     backward = RankMemory(
         phase="backward",
         **common,
-        gradients=grads if accumulation_steps > 1 else 4 * vp_rows,
+        gradients=grads if st.accumulation_steps > 1 else 4 * vp_rows,
         unsharded_params=param_b * held,
         unsharded_grads=param_b * root_grad,
         activations=_stage_activation_bytes(st, a.n_layers),
@@ -351,9 +359,7 @@ def _whole_model_rank(st: _Setting, accumulation_steps: int) -> RankMemory:
     return max(backward, step, key=lambda m: m.peak)
 
 
-def stage_fits(
-    cfg: JobConfig, dims: ParallelDims, gpu_memory_gib: Optional[float], accumulation_steps: int = 1
-) -> Optional[StageFits]:
+def stage_fits(cfg: JobConfig, dims: ParallelDims, gpu_memory_gib: Optional[float]) -> Optional[StageFits]:
     """``fits(plan, stage, layers)`` for ``plan_pipeline``: whether the pipeline rank holding
     ``stage`` stays within ``gpu_memory_gib`` (the fixed CUDA overhead included) with ``layers``
     blocks there. None without a size or without PP: no constraint.
@@ -365,10 +371,7 @@ def stage_fits(
     """
     if gpu_memory_gib is None or dims.pp == 1:
         return None
-    return _stage_fits(_setting(cfg, dims), gpu_memory_gib, accumulation_steps)
-
-
-def _stage_fits(st: _Setting, gpu_memory_gib: float, accumulation_steps: int) -> StageFits:
+    st = _setting(cfg, dims)
     budget = (gpu_memory_gib - CUDA_OVERHEAD_GIB) * GIB
     tables: dict[tuple[int, int, int], list] = {}
 
@@ -386,25 +389,18 @@ def _stage_fits(st: _Setting, gpu_memory_gib: float, accumulation_steps: int) ->
             [_stage(st, stage, layers, plan.num_stages)],
             activations,
             in_flight,
-            accumulation_steps,
         )
         return memory.peak <= budget / len(local)
 
     return fits
 
 
-def estimate_memory(
-    cfg: JobConfig, dims: ParallelDims, accumulation_steps: int = 1, gpu_memory_gib: Optional[float] = None
-) -> list[RankMemory]:
-    """One ``RankMemory`` per pipeline rank; ConfigError for a layout the run would refuse.
-
-    ``gpu_memory_gib``: the GPU the default split must fit, as the run gives it (``stage_fits``).
-    """
+def estimate_memory(cfg: JobConfig, dims: ParallelDims, plan: Optional[PipelinePlan]) -> list[RankMemory]:
+    """One ``RankMemory`` per pipeline rank for the run's ``plan`` (``planning.pipeline_plan.recipe_plan``;
+    None without pipeline parallel)."""
     st = _setting(cfg, dims)
-    if dims.pp == 1:
-        return [_whole_model_rank(st, accumulation_steps)]
-    fits = None if gpu_memory_gib is None else _stage_fits(st, gpu_memory_gib, accumulation_steps)
-    plan = recipe_plan(cfg, dims, 0, fits)
+    if plan is None:
+        return [_whole_model_rank(st)]
     stages = [_stage(st, s, end - start, plan.num_stages) for s, (start, end) in enumerate(plan.layer_ranges)]
     ops = schedule_ops(plan, cfg.parallelism.pipeline_parallel_schedule)
     estimates = []
@@ -412,7 +408,7 @@ def estimate_memory(
         rank_plan = replace(plan, pp_rank=r)
         local = [stages[s] for s in rank_plan.local_stages]
         activations, in_flight = _in_flight(ops[r], {s.index: _stage_activation_bytes(st, s.layers) for s in local})
-        estimates.append(_pipeline_rank(st, rank_plan, local, activations, in_flight, accumulation_steps))
+        estimates.append(_pipeline_rank(st, rank_plan, local, activations, in_flight))
     return estimates
 
 

@@ -1,7 +1,7 @@
 """Replay a schedule's per-rank action lists with predicted stage times: makespan and bubble.
 
-The action lists are torch's own (``get_schedule_ops``), so the order is the one the
-schedule runs. Each rank runs its actions in order, each as soon as the rank is free and
+The action lists are torch's own (``schedule_ops``: ``get_schedule_ops``), so the order is the
+one the schedule runs. Each rank runs its actions in order, each as soon as the rank is free and
 its inputs exist: F(s, m) after F(s-1, m); the backward of (s, m) after that of (s+1, m)
 and after F(s, m); a weight backward after its input backward. Sends and receives take no
 time here.
@@ -11,10 +11,24 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from torch.distributed.pipelining._schedule_visualizer import get_schedule_ops
 from torch.distributed.pipelining.schedules import _Action, _ComputationType
+
+from config.errors import ConfigError
+from parallelisms.pipeline import PIPELINE_SCHEDULES, PipelinePlan
 
 _F, _B = _ComputationType.FORWARD, _ComputationType.FULL_BACKWARD
 _I, _W = _ComputationType.BACKWARD_INPUT, _ComputationType.BACKWARD_WEIGHT
+
+
+def schedule_ops(plan: PipelinePlan, schedule_name: str) -> list:
+    """torch's per-rank action lists for the plan's schedule (those its visualizer draws)."""
+    try:
+        return get_schedule_ops(
+            PIPELINE_SCHEDULES[schedule_name], plan.pp_degree, plan.n_microbatches, plan.num_stages // plan.pp_degree
+        )
+    except ValueError as err:  # e.g. Interleaved1F1B's microbatches-per-round rule
+        raise ConfigError("parallelism.pipeline_parallel_microbatch_size", str(err)) from None
 
 
 @dataclass(frozen=True)

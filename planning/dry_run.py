@@ -4,7 +4,7 @@ and under pipeline parallel each rank's predicted compute and the schedule's bub
     python train.py --config configs/qwen3_1p7b_pp4.toml --dry_run --world_size 8 [--gpu_memory_gib 80]
 
 The flags are taken out of the command line before the recipe is read; the
-estimates themselves are training/memory_estimate.py and training/pipeline_timing.py.
+estimates themselves are planning/memory.py and planning/timing.py.
 """
 
 import os
@@ -15,9 +15,11 @@ from config.errors import ConfigError
 from config.job_config import JobConfig
 from models import build_model_args
 from parallelisms.parallel_dims import ParallelDims
-from training.memory_estimate import CUDA_OVERHEAD_GIB, GIB, RankMemory, peaks_per_rank_gib
-from training.pipeline_plan import loss_choice
-from training.pipeline_timing import PipelineTiming, predict_timing, why_this_split
+from planning.batch import accumulation_steps
+from planning.cost import loss_choice
+from planning.memory import CUDA_OVERHEAD_GIB, GIB, RankMemory, estimate_memory, peaks_per_rank_gib
+from planning.pipeline_plan import recipe_plan
+from planning.timing import PipelineTiming, predict_timing, why_this_split
 
 _VALUED = ("--world_size", "--gpu_memory_gib")
 
@@ -87,6 +89,14 @@ _WIDTH = 40
 def _table(rows: list[tuple[str, list[str]]]) -> list[str]:
     col = max(14, *(len(v) + 2 for _, values in rows for v in values))
     return [label.ljust(_WIDTH) + "".join(v.rjust(col) for v in values) for label, values in rows]
+
+
+def dry_run_report(cfg: JobConfig, dry_run: DryRun) -> str:
+    """``--dry_run``: the layout checks of a run, its plan and its predicted memory; no device, no process group."""
+    dims = ParallelDims.from_config(cfg.parallelism, dry_run.world_size)
+    accumulation = accumulation_steps(cfg, dims)
+    plan = recipe_plan(cfg, dims, 0, dry_run.gpu_memory_gib) if dims.pp > 1 else None
+    return format_report(cfg, dims, estimate_memory(cfg, dims, plan), accumulation, dry_run.gpu_memory_gib)
 
 
 def format_report(
@@ -159,7 +169,7 @@ def timing_lines(cfg: JobConfig, timing: PipelineTiming, accumulation_steps: int
     zero_bubble = "ZeroBubble" in name
     step = accumulation_steps * schedule.makespan_ms
     lines = [
-        "Predicted compute per microbatch (a prediction, not a measurement: parallelisms/pipeline_cost.py; "
+        "Predicted compute per microbatch (a prediction, not a measurement: planning/cost.py; "
         "how: docs/performance.md)",
         "",
         *_table(

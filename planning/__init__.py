@@ -1,0 +1,18 @@
+"""Predicting a run before it starts, and the choices made from the prediction.
+
+Everything here works from the recipe and the layout alone: no device, no process group.
+``train.py`` asks it for the pipeline plan, ``--dry_run`` for the whole report, and
+``parallelisms/`` applies what it decided.
+
+- ``batch.py``: the global batch and its micro-steps.
+- ``cost.py``: predicted compute time of a stage's pieces (FLOPs or bytes over measured rates).
+- ``memory.py``: predicted peak memory of every pipeline rank; the memory constraint of a split.
+- ``split.py``: the contiguous layer split that balances the ranks' predicted time.
+- ``replay.py``: torch's schedule action lists replayed with predicted times (makespan, bubble).
+- ``pipeline_plan.py``: the recipe's pipeline plan, from the pieces above.
+- ``timing.py``: the plan's predicted compute per rank and its bubble (the run log's line).
+- ``dry_run.py``: ``train.py --dry_run``'s flags and report.
+
+Imports ``config``, ``models``, ``parallelisms`` and ``losses``; only ``training`` and
+``train.py`` import it.
+"""
