@@ -10,7 +10,7 @@ The layer, bottom to top (each file imports only the ones above it in this list)
   and gradients computed in a forward, handed out by its backward (``forward_grads.py``).
 - ``base.py``: ``OutputLoss``, the contract ``loss(hidden, labels)`` every entry keeps.
 - ``entries/``: one file per registry entry (``cross_entropy``, ``chunked``, ``cce`` and
-  ``cce_torch_compile``), each with its facts.
+  ``cce_torch_compile``, ``liger``), each with its facts.
 - ``registry.py``: ``ENTRIES`` (refusing an entry that leaves a fact out), ``LOSS_NAMES``,
   what ``auto`` prefers, and the recipe's option checks.
 - ``resolve.py``: the one decision, ``choose_loss`` -> ``LossChoice``: which entry and kernels

@@ -17,6 +17,7 @@ from losses.base import OutputLoss
 from losses.entries.cce import CCELoss, CCETorchCompileLoss
 from losses.entries.chunked import ChunkedCrossEntropy
 from losses.entries.cross_entropy import MaterializedCrossEntropy
+from losses.entries.liger import LigerLoss
 from losses.facts import LossFacts
 from losses.options import COMMON_OPTIONS, OPTIONS
 
@@ -43,7 +44,7 @@ def registered(*classes: type[OutputLoss]) -> dict[str, type[OutputLoss]]:
 
 
 ENTRIES: dict[str, type[OutputLoss]] = registered(
-    ChunkedCrossEntropy, MaterializedCrossEntropy, CCELoss, CCETorchCompileLoss
+    ChunkedCrossEntropy, MaterializedCrossEntropy, CCELoss, CCETorchCompileLoss, LigerLoss
 )
 # "auto" takes the common options plus "compile", so a recipe saying "auto" keeps working
 # whatever it resolves to; backend-specific sizes (chunk_size, filter_eps) need a named entry.

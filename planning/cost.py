@@ -51,10 +51,14 @@ class AchievedRates:
 #   GEMM rate plus its fp32 logits traffic.
 # - embedding 1,700 GB/s (1,705, 1,697); norm 600 (747, 489): sub-millisecond pieces.
 # - cce_torch_compile 590: not in those runs; the H100 loss benchmark's 25.9 ms for 15.29 TFLOP.
+# - liger 272: not in those runs; the H200 loss benchmark in docs/performance.md ("The peers in the same
+#   run, one H200": Qwen3-1.7B, 8,192 tokens, liger-kernel 0.8.5): 56.3 ms for its three GEMMs' 15.29 TFLOP.
 # - collective 300 GB/s: not measured (one GPU cannot time it); a guess below NVLink's 450 GB/s per direction.
 MEASURED = AchievedRates(
     layer_tflops=500.0,
-    head_tflops=MappingProxyType({"chunked": 556.0, "cce": 813.0, "cce_torch_compile": 590.0, "head_matmul": 668.0}),
+    head_tflops=MappingProxyType(
+        {"chunked": 556.0, "cce": 813.0, "cce_torch_compile": 590.0, "head_matmul": 668.0, "liger": 272.0}
+    ),
     logits_gbs=4011.0,
     embedding_gbs=1700.0,
     norm_gbs=600.0,

@@ -1,5 +1,7 @@
 """Every [loss] entry against a float64 materialized reference, and the registry's checks."""
 
+import importlib.util
+
 import pytest
 import torch
 from torch import nn
@@ -18,6 +20,10 @@ CHUNK = 16
 CPU = torch.device("cpu")
 HAS_CUDA = torch.cuda.is_available()
 cuda_only = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")]
+liger_only = [
+    *cuda_only,
+    pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None, reason="needs liger-kernel"),
+]
 
 # Relative tolerance on max |error| / max |reference|. fp32: summation order only.
 # bf16: the logits GEMM rounds its output to bf16 (2^-9 relative), and the gradient
@@ -71,7 +77,7 @@ FEATURES = {
     "bias": ({}, 0.2, True),
     "everything": ({"z_loss_weight": 1e-2, "label_smoothing": 0.1, "logit_softcap": 4.0}, 0.2, True),
 }
-BIAS_ENTRIES = {"cross_entropy", "chunked"}  # cut-cross-entropy 25.1.1 has no bias
+BIAS_ENTRIES = {"cross_entropy", "chunked", "liger"}  # cut-cross-entropy 25.1.1 has no bias
 ENTRY_OPTIONS = {"chunked": {"chunk_size": CHUNK}}
 
 # (entry, device, dtype): every entry that runs on this machine, and the CUDA ones where
@@ -82,6 +88,7 @@ ENTRIES = [
     pytest.param("cce_torch_compile", "cpu", torch.float32),
     pytest.param("cce", "cuda", torch.bfloat16, marks=cuda_only),
     pytest.param("chunked", "cuda", torch.float32, marks=cuda_only),
+    pytest.param("liger", "cuda", torch.float32, marks=liger_only),
 ]
 
 
@@ -238,12 +245,13 @@ def test_loss_applies_the_head_as_a_module_and_owns_no_parameters(entry):
 
 
 def test_loss_names_and_options():
-    assert set(LOSS_NAMES) == {"cross_entropy", "chunked", "cce", "cce_torch_compile", "auto"}
+    assert set(LOSS_NAMES) == {"cross_entropy", "chunked", "cce", "cce_torch_compile", "liger", "auto"}
     common = {"ignore_index", "z_loss_weight", "label_smoothing", "logit_softcap"}
     assert loss_option_names("cross_entropy") == common
     assert loss_option_names("chunked") == common | {"chunk_size", "compile"}
     assert loss_option_names("cce") == {"ignore_index", "logit_softcap", "filter_eps"}
     assert loss_option_names("cce_torch_compile") == {"ignore_index", "logit_softcap"}
+    assert loss_option_names("liger") == common
     assert loss_option_names("auto") == common | {"compile"}
 
 
@@ -292,8 +300,13 @@ def test_filter_eps_values(value):
 
 def test_unsupported_option_names_the_entries_that_can():
     error = config_error("cce", {"z_loss_weight": 1e-4})
-    assert str(error) == "config error: loss.z_loss_weight: 'cce' cannot apply z-loss; use 'chunked' or 'cross_entropy'"
-    assert "use 'chunked' or 'cross_entropy'" in str(config_error("cce_torch_compile", {"label_smoothing": 0.1}))
+    assert (
+        str(error)
+        == "config error: loss.z_loss_weight: 'cce' cannot apply z-loss; use 'chunked', 'cross_entropy' or 'liger'"
+    )
+    assert "use 'chunked', 'cross_entropy' or 'liger'" in str(
+        config_error("cce_torch_compile", {"label_smoothing": 0.1})
+    )
     assert "use 'chunked'" in str(config_error("auto", {"chunk_size": 64}))
     assert "use 'cce'" in str(config_error("cce_torch_compile", {"filter_eps": 1e-3}))
 
@@ -342,6 +355,7 @@ RESOLUTIONS = [
     (("auto", "cuda", torch.float32, True, {}, {"needs_grad": False}), ("cce", "cce")),  # its forward takes fp32
     (("auto", "cpu", torch.float32, True, {"compile": True}, {}), ("chunked", "torch")),  # no compile there
     (("cross_entropy", "cuda", torch.bfloat16, False, {}, {}), ("cross_entropy", "torch")),
+    (("liger", "cuda", torch.float32, False, {"z_loss_weight": 1e-4}, {"bias": True}), ("liger", "liger")),
 ]
 
 
@@ -362,10 +376,12 @@ def test_the_one_decision(case, expected):
         ("cce", "cuda", torch.float32, False, {}, "backward takes only bf16/fp16 hidden states"),
         ("cce", "cuda", torch.bfloat16, True, {"bias": True}, "take no bias; use 'chunked' or 'auto'"),
         ("cce_torch_compile", "cpu", torch.float32, False, {"bias": True}, "bias"),
+        ("liger", "cuda", torch.float64, False, {}, "forward takes only bf16/fp16/fp32"),
+        ("liger", "cuda", torch.bfloat16, True, {}, "the vocab-parallel head runs 'auto', 'chunked' or 'cce'"),
         (
             "cce_torch_compile",
-            "cuda",
-            torch.bfloat16,
+            "cpu",
+            torch.float32,
             True,
             {},
             "the vocab-parallel head runs 'auto', 'chunked' or 'cce'",

@@ -2,7 +2,7 @@
 
 With reduction mean/sum a fused loss can compute its input gradients while each chunk's
 logits are at hand; the backward then only scales them by the upstream gradient. Used by
-the chunked loss's autograd function.
+the chunked loss's and Liger-Kernel's autograd functions.
 """
 
 from typing import Callable, Optional
