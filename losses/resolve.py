@@ -55,10 +55,7 @@ def check_vocab_parallel(name: str, options: Mapping[str, object]) -> None:
 
 def _why_not(name: str, setting: LossSetting) -> Optional[str]:
     """Why entry ``name`` cannot compute the loss in ``setting`` (its facts against it), or None."""
-    cls = ENTRIES[name]
-    facts = cls.facts
-    if setting.vocab_parallel and facts.vocab_parallel is None:
-        return "it cannot run on the vocab-parallel head"
+    facts = ENTRIES[name].facts
     if setting.bias and not facts.bias:
         return "its kernels take no bias"
     for key, value in setting.options.items():
@@ -103,7 +100,7 @@ def choose_loss(
     machine (``--dry_run`` plans for a GPU machine); None looks here.
     """
     check_name(name)
-    if vocab_parallel:
+    if vocab_parallel:  # which entries it runs; the recipe's chunk_size and compile were checked with the recipe
         check_vocab_parallel(name, {})
     return _choose(name, LossSetting(device_type, dtype, needs_grad, bias, vocab_parallel, dict(options), gpu_kernels))
 
