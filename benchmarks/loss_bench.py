@@ -15,11 +15,11 @@ run prints a table with, per loss:
   of the hidden/weight gradient over the reference's max abs. ``ok`` is FAIL when rel_err >
   1e-3 or a grad error > 2e-2, OOM when the row ran out of memory (the run goes on).
 
-Besides the ``losses`` registry entries that can run on the device, two baselines,
-"materialized (eager)" = ``F.cross_entropy(F.linear(h, w).float(), targets)`` and the same
-function under ``torch.compile``, and three peers, each skipped with the reason where it cannot
-run: Liger-Kernel's fused linear cross-entropy (``liger-kernel``, a benchmark-only package),
-a TorchTitan-style loop over 8 token chunks (logits materialized per chunk, kept for the
+Besides the ``losses`` registry entries that can run on the device (Liger-Kernel's fused linear
+cross-entropy among them: the ``liger`` entry, skipped where ``liger-kernel`` is not installed),
+two baselines, "materialized (eager)" = ``F.cross_entropy(F.linear(h, w).float(), targets)`` and
+the same function under ``torch.compile``, and two peers, each skipped with the reason where it
+cannot run: a TorchTitan-style loop over 8 token chunks (logits materialized per chunk, kept for the
 backward), and PyTorch's own ``F.linear_cross_entropy`` with ``LinearCrossEntropyOptions()``
 (its chunked path; torch 2.13 has it, 2.11 does not). Inputs are random: hidden ~ N(0, 1), weight scaled so the
 logits have std ``--logit-std``; cce's backward skips blocks whose softmax is below its
@@ -70,7 +70,6 @@ SMOKE_SHAPE, SMOKE_TOKENS = ("tiny", 64, 1000), 256
 BASELINES = {
     "materialized_eager": "materialized (eager)",
     "materialized_compile": "materialized (torch.compile)",
-    "liger": "Liger-Kernel FLCE",
     "torchtitan_chunks": "TorchTitan-style 8 chunks",
     "torch_linear_ce": "F.linear_cross_entropy",
 }
@@ -103,17 +102,6 @@ def torchtitan_chunks(hidden, weight, labels):
     return total / (targets != IGNORE_INDEX).sum()
 
 
-def liger(weight):
-    try:
-        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
-    except ImportError as err:
-        raise Unavailable(f"liger-kernel is not importable ({err}); pip install liger-kernel") from None
-    if not weight.is_cuda:
-        raise Unavailable("Liger-Kernel's Triton kernels need CUDA")
-    fn = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX)
-    return lambda hidden, labels: fn(weight, hidden[0], shifted_targets(labels))
-
-
 def torch_linear_ce(weight):
     if not hasattr(F, "linear_cross_entropy"):
         raise Unavailable(f"torch {torch.__version__} has no F.linear_cross_entropy (2.13 has)")
@@ -137,8 +125,6 @@ class Entry:
             return lambda hidden, labels: materialized_compiled(hidden, head.weight, labels)
         if self.key == "torchtitan_chunks":
             return lambda hidden, labels: torchtitan_chunks(hidden, head.weight, labels)
-        if self.key == "liger":
-            return liger(head.weight)
         if self.key == "torch_linear_ce":
             return torch_linear_ce(head.weight)
         return build_loss(self.key, head, self.options, device=device)

@@ -34,7 +34,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 from loss_bench import bench_ms, versions
 
 from config.job_config import ActivationCheckpoint
-from losses import build_loss
+from losses import ENTRIES, build_loss
 from models import build_model_args
 from models.output_head import OutputHead
 from models.rope import rope_cos_sin
@@ -55,7 +55,9 @@ from planning.cost import (
 )
 
 DTYPE = torch.bfloat16
-LOSSES = ("chunked", "cce", "cross_entropy", "cce_torch_compile")
+LOSSES = tuple(ENTRIES)
+DEFAULT_LOSSES = ("chunked", "cce", "cross_entropy")
+GEMM_KEY = "head_matmul"  # the plain [T, D] x [D, V] GEMM's rate, a key of AchievedRates.head_tflops
 _AC = {"none": ("none", "op"), "op": ("selective", "op"), "full": ("full", "op")}
 
 
@@ -130,21 +132,33 @@ def measure(c: StageCostInputs, device, logit_std: float, active_vocab: int, los
     return ms
 
 
+def _head_key(loss: str) -> str:
+    """The ``rates`` key of a loss entry's piece: the logits rate for an entry that moves bytes per
+    logit beyond its GEMMs (its GEMMs run at its rate key's rate, timed alone), else its head rate."""
+    facts = ENTRIES[loss].facts
+    return "logits_gbs" if any(facts.logit_bytes) else f"head_tflops[{facts.rate_key}]"
+
+
 def rates(c: StageCostInputs, ms: dict[str, float]) -> dict[str, float]:
-    """What each piece achieved on the work the cost model assigns it (TFLOP/s or GB/s)."""
+    """What each piece achieved on the work the cost model assigns it (TFLOP/s or GB/s), keyed by
+    ``AchievedRates``'s fields (``head_tflops[key]`` for its head rates)."""
     a, t = c.model, c.tokens
     fwd, bwd = layer_flops(a, c.seq_len, t)
     out = {
         "layer_tflops": (fwd + bwd + recomputed_blocks(c, 1) * fwd) / ms["layer"] / 1e9,
         "embedding_gbs": sum(embedding_bytes(a, t)) / ms["embedding"] / 1e6,
         "norm_gbs": sum(norm_bytes(a, t)) / ms["norm"] / 1e6,
-        "head_matmul_tflops": 2 * t * a.dim * a.vocab_size / ms["head_gemm"] / 1e9,
+        f"head_tflops[{GEMM_KEY}]": 2 * t * a.dim * a.vocab_size / ms["head_gemm"] / 1e9,
     }
-    for loss in ("chunked", "cce", "cce_torch_compile"):
-        if loss in ms:
-            out[f"{loss}_tflops"] = sum(head_flops(a, loss, t)) / ms[loss] / 1e9
-    if "cross_entropy" in ms and ms["cross_entropy"] > 3 * ms["head_gemm"]:
-        out["logits_gbs"] = sum(logits_bytes(a, t)) / (ms["cross_entropy"] - 3 * ms["head_gemm"]) / 1e6
+    for loss in [piece for piece in ms if piece in ENTRIES]:
+        key, flops = _head_key(loss), sum(head_flops(a, loss, t))
+        if key != "logits_gbs":
+            out[key] = flops / ms[loss] / 1e9
+            continue
+        gemm_key = f"head_tflops[{ENTRIES[loss].facts.rate_key}]"
+        gemm_ms = flops / out[gemm_key] / 1e9 if gemm_key in out else None
+        if gemm_ms is not None and ms[loss] > gemm_ms:
+            out[key] = sum(logits_bytes(a, loss, t)) / (ms[loss] - gemm_ms) / 1e6
     return out
 
 
@@ -155,41 +169,49 @@ def predicted(c: StageCostInputs, losses) -> dict[str, float]:
         "layer": middle,
         "embedding": stage_time(c, 1, True, False).total_ms - middle,
         "norm": sum(norm_bytes(c.model, c.tokens)) / c.rates.norm_gbs / 1e6,
-        "head_gemm": 2 * c.tokens * c.model.dim * c.model.vocab_size / c.rates.head_matmul_tflops / 1e9,
+        "head_gemm": 2 * c.tokens * c.model.dim * c.model.vocab_size / c.rates.head_tflops[GEMM_KEY] / 1e9,
     }
     for loss in losses:
         out[loss] = head_time(dataclasses.replace(c, loss=loss)).total_ms
     return out
 
 
+def measured_constant(achieved: dict[str, float]) -> str:
+    """``MEASURED`` with the achieved rates in, as planning/cost.py spells it."""
+    head = dict(MEASURED.head_tflops)
+    fields = {f.name: getattr(MEASURED, f.name) for f in dataclasses.fields(MEASURED)}
+    for key, value in achieved.items():
+        if key.startswith("head_tflops["):
+            head[key[len("head_tflops[") : -1]] = value
+        else:
+            fields[key] = value
+    fields["head_tflops"] = head
+    body = ",\n".join(
+        f"    {name}=MappingProxyType({ {k: float(round(v)) for k, v in value.items()}!r})"
+        if name == "head_tflops"
+        else f"    {name}={float(round(value))!r}"
+        for name, value in fields.items()
+    )
+    return f"MEASURED = AchievedRates(\n{body},\n)"
+
+
 def report(c: StageCostInputs, ms: dict, achieved: dict, model: dict, title: str) -> list[str]:
-    unit = {
-        "layer": "layer_tflops",
-        "embedding": "embedding_gbs",
-        "norm": "norm_gbs",
-        "head_gemm": "head_matmul_tflops",
-        "chunked": "chunked_tflops",
-        "cce": "cce_tflops",
-        "cce_torch_compile": "cce_torch_compile_tflops",
-        "cross_entropy": "logits_gbs",
-    }
+    unit = {"layer": "layer_tflops", "embedding": "embedding_gbs", "norm": "norm_gbs"}
+    unit |= {"head_gemm": f"head_tflops[{GEMM_KEY}]"} | {loss: _head_key(loss) for loss in ENTRIES}
     lines = [title, f"{'piece (fw + bw)':<32}{'ms':>9}{'layers':>8}{'achieved':>16}{'model now':>11}"]
     for piece, value in ms.items():
         key = unit[piece]
-        rate = (
-            f"{achieved[key]:,.0f} {key.rsplit('_', 1)[1].replace('gbs', 'GB/s').replace('tflops', 'TFLOP/s')}"
-            if key in achieved
-            else "-"
-        )
-        label = {"head_gemm": "head GEMM [T,D]x[D,V] (fw)", "cross_entropy": "head + cross_entropy (traffic)"}.get(
+        rate = f"{achieved[key]:,.0f} {'GB/s' if key.endswith('gbs') else 'TFLOP/s'}" if key in achieved else "-"
+        label = {"head_gemm": "head GEMM [T,D]x[D,V] (fw)"}.get(
             piece, piece if piece in ("layer", "embedding", "norm") else f"head + {piece}"
         )
+        if key == "logits_gbs":
+            label += " (traffic)"
         lines.append(f"{label:<32}{value:>9.3f}{value / ms['layer']:>8.3f}{rate:>16}{model[piece]:>11.3f}")
-    new = dataclasses.replace(MEASURED, **achieved)
     lines += [
         "",
         "constants for planning/cost.py (collective_gbs kept: one GPU cannot time it):",
-        "MEASURED = " + repr(dataclasses.replace(new, **{k: round(v) for k, v in dataclasses.asdict(new).items()})),
+        measured_constant(achieved),
     ]
     for loss in [piece for piece in ms if piece in LOSSES]:
         lines.append(f"head + {loss} = {ms[loss] / ms['layer']:.2f} decoder layers (fw + bw) measured")
@@ -203,7 +225,7 @@ def main() -> None:
     parser.add_argument("--microbatch", type=int, default=1, help="sequences per microbatch")
     parser.add_argument("--seq-len", type=int, default=4096)
     parser.add_argument("--ac", default="op", choices=list(_AC), help="the block's activation checkpointing")
-    parser.add_argument("--losses", default=",".join(LOSSES[:3]), help=f"subset of {','.join(LOSSES)}")
+    parser.add_argument("--losses", default=",".join(DEFAULT_LOSSES), help=f"subset of {','.join(LOSSES)}")
     parser.add_argument("--logit-std", type=float, default=1.0)
     parser.add_argument("--active-vocab", type=int, default=0, help="e.g. 257 (see above); 0: all ids")
     parser.add_argument("--out", type=Path, help="also write the figures to this JSON file")

@@ -11,7 +11,6 @@ from typing import Literal, Union
 
 DatasetFormat = Literal["text", "jsonl", "parquet", "tokens"]
 Dtype = Literal["bfloat16", "float32"]
-LossName = Literal["auto", "chunked", "cce", "cce_torch_compile", "cross_entropy"]
 PipelineSchedule = Literal["GPipe", "1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble"]
 AttnMaskType = Literal["causal", "block_causal"]
 
@@ -73,7 +72,9 @@ class Loss:
     """``name`` picks a registry entry (losses/registry.py); the other fields are the options
     entries take (losses/options.py says which entry honours which, and their valid values)."""
 
-    name: LossName = "auto"
+    name: str = "auto"
+    """A registry entry (losses/registry.py: ``cross_entropy``, ``chunked``, ``cce``, ...) or ``"auto"``;
+    the registry checks it."""
     ignore_index: int = -100
     z_loss_weight: float = 0.0
     label_smoothing: float = 0.0

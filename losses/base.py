@@ -5,6 +5,7 @@ from typing import ClassVar, Optional
 
 from torch import Tensor, nn
 
+from losses.facts import LossFacts
 from losses.functional import IGNORE_INDEX, REDUCTIONS, linear_logits, shift_targets
 from losses.options import COMMON_OPTIONS, OPTIONS
 
@@ -17,14 +18,15 @@ class OutputLoss(nn.Module):
     only ever reached through ``head(hidden, fn)`` so that FSDP's hooks on the head
     unshard its weight for ``fn`` and reduce-scatter the gradient afterwards.
 
-    Subclasses set ``name`` (the recipe's ``[loss] name``), ``options`` (the option
-    names they honour, see ``losses.options``), ``needs_cuda`` if they only run on
-    CUDA, take their own options as keyword arguments and implement ``linear_loss``.
+    A registry entry sets ``name`` (the recipe's ``[loss] name``), ``options`` (the option
+    names it honours, see ``losses.options``) and ``facts`` (``losses/facts.py``: where it
+    runs, what it cannot compute, what it costs), takes its own options as keyword
+    arguments and implements ``linear_loss``.
     """
 
     name: ClassVar[str]
     options: ClassVar[frozenset[str]] = COMMON_OPTIONS
-    needs_cuda: ClassVar[bool] = False
+    facts: ClassVar[LossFacts]
 
     def __init__(
         self,
@@ -35,6 +37,7 @@ class OutputLoss(nn.Module):
         z_loss_weight: float = 0.0,
         label_smoothing: float = 0.0,
         logit_softcap: float = 0.0,
+        kernels: Optional[str] = None,
     ):
         super().__init__()
         if reduction not in REDUCTIONS:
@@ -43,11 +46,15 @@ class OutputLoss(nn.Module):
         for key, value in given.items():
             if key not in self.options and value != OPTIONS[key].default:
                 raise ValueError(f"{self.name!r} cannot {OPTIONS[key].capability} ({key}={value!r})")
+        facts = getattr(self, "facts", None)
+        if facts is not None and not facts.bias and getattr(head, "bias", None) is not None:
+            raise ValueError(f"{self.name!r} cannot apply the output head's bias")
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.z_loss_weight = z_loss_weight
         self.label_smoothing = label_smoothing
         self.logit_softcap = logit_softcap
+        self.kernels = kernels  # what losses/resolve.py chose, for entries with a choice (None: choose per call)
         # A plain attribute, not a submodule: the model owns the head's parameters,
         # so they must not show up (twice) in this module's parameters or state dict.
         object.__setattr__(self, "head", head)

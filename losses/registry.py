@@ -1,16 +1,15 @@
-"""Where the loss is chosen: the recipe's ``[loss] name`` -> the module that computes it.
+"""The registry: every loss entry a recipe's ``[loss] name`` can pick, and the recipe's option checks.
 
-``build_loss`` is the one way to build a loss, with or without the vocab-parallel head.
-Every mistake in ``[loss]`` (a misspelt name or option, a bad value, an option the
-chosen entry cannot honour) is a ``ConfigError`` raised before any model is built.
+An entry is one file in ``losses/entries/`` plus its line in ``ENTRIES``; it describes
+itself (``name``, ``options``, ``facts``: ``losses/facts.py``), and an entry that leaves a
+fact out is refused here, when the registry is imported. Every mistake in ``[loss]`` (a
+misspelt name or option, a bad value, an option the chosen entry cannot honour) is a
+``ConfigError`` raised before any model is built. How a loss computes is ``losses/resolve.py``'s;
+building it is ``losses/build.py``'s.
 """
 
 import difflib
 from typing import Iterable, Optional
-
-import torch
-import torch.distributed as dist
-from torch import nn
 
 from config.errors import ConfigError
 from config.job_config import Compile, Loss
@@ -18,24 +17,57 @@ from losses.base import OutputLoss
 from losses.entries.cce import CCELoss, CCETorchCompileLoss
 from losses.entries.chunked import ChunkedCrossEntropy
 from losses.entries.cross_entropy import MaterializedCrossEntropy
-from losses.entries.vocab_parallel import VocabParallelLoss
+from losses.entries.liger import LigerLoss
+from losses.facts import LossFacts
 from losses.options import COMMON_OPTIONS, OPTIONS
-from losses.resolve import AUTO, LossChoice, resolve_loss, why_not_cce
 
-ENTRIES: dict[str, type[OutputLoss]] = {
-    cls.name: cls for cls in (ChunkedCrossEntropy, MaterializedCrossEntropy, CCELoss, CCETorchCompileLoss)
-}
+AUTO = "auto"
+
+
+def registered(*classes: type[OutputLoss]) -> dict[str, type[OutputLoss]]:
+    """``{name: entry}``, refusing (``TypeError``) an entry that does not describe itself fully."""
+    entries: dict[str, type[OutputLoss]] = {}
+    for cls in classes:
+        name = vars(cls).get("name")
+        if not isinstance(name, str) or name == AUTO or name in entries:
+            raise TypeError(f"loss entry {cls.__name__} needs a name of its own, not {name!r}")
+        what = f"loss entry {name!r} ({cls.__module__}.{cls.__name__})"
+        facts = vars(cls).get("facts")
+        if not isinstance(facts, LossFacts):
+            raise TypeError(f"{what} declares no facts: set its class's facts = LossFacts(...) (losses/facts.py)")
+        if missing := facts.missing():
+            raise TypeError(f"{what} leaves out its facts {', '.join(missing)} (losses/facts.py says what each is)")
+        if unknown := set(cls.options) - set(OPTIONS):
+            raise TypeError(f"{what} honours options losses/options.py does not know: {sorted(unknown)}")
+        entries[name] = cls
+    return entries
+
+
+ENTRIES: dict[str, type[OutputLoss]] = registered(
+    ChunkedCrossEntropy, MaterializedCrossEntropy, CCELoss, CCETorchCompileLoss, LigerLoss
+)
 # "auto" takes the common options plus "compile", so a recipe saying "auto" keeps working
 # whatever it resolves to; backend-specific sizes (chunk_size, filter_eps) need a named entry.
 LOSS_NAMES: tuple[str, ...] = (*ENTRIES, AUTO)
-# What the vocab-parallel head computes with (losses/vocab_parallel.py's backends).
-VOCAB_PARALLEL_NAMES = (AUTO, "chunked", "cce")
+# What "auto" tries, in order, with why it prefers each (None: what its kernels are says it); the
+# first that can compute the loss here wins (losses/resolve.py). chunked's Triton kernels were the
+# fastest exact entry measured (docs/performance.md); on the vocab-parallel head cce writes no logits.
+AUTO_PREFERENCE: dict[bool, tuple[tuple[str, Optional[str]], ...]] = {
+    False: (("chunked", None),),
+    True: (("cce", "the vocab-parallel head's kernels write no logits"), ("chunked", None)),
+}
 
 
 def loss_option_names(name: str) -> set[str]:
-    """The ``[loss]`` options entry ``name`` honours."""
-    _check_name(name)
+    """The ``[loss]`` options entry ``name`` (or ``auto``) honours."""
+    check_name(name)
     return set(COMMON_OPTIONS | {"compile"} if name == AUTO else ENTRIES[name].options)
+
+
+def honours(name: str, key: str, value: object) -> bool:
+    """Whether entry ``name`` computes option ``key`` at ``value``: it takes the option, or the
+    value is the option's default (which every entry computes)."""
+    return key in loss_option_names(name) or value == OPTIONS[key].default
 
 
 def validate_loss_options(name: str, options: dict[str, object]) -> None:
@@ -50,9 +82,9 @@ def validate_loss_options(name: str, options: dict[str, object]) -> None:
         problem = option.check(value)
         if problem is not None:
             raise ConfigError(f"loss.{key}", problem)
-        if key not in supported and value != option.default:
+        if not honours(name, key, value):
             able = [entry for entry in ENTRIES if key in ENTRIES[entry].options]
-            raise ConfigError(f"loss.{key}", f"{name!r} cannot {option.capability}; use {_either(able)}")
+            raise ConfigError(f"loss.{key}", f"{name!r} cannot {option.capability}; use {either(able)}")
 
 
 def recipe_options(loss: Loss, compile: Compile) -> dict:
@@ -63,88 +95,8 @@ def recipe_options(loss: Loss, compile: Compile) -> dict:
     return options
 
 
-def build_loss(
-    name: str,
-    head: nn.Module,
-    options: dict,
-    *,
-    reduction: str = "mean",
-    device: torch.device,
-    dtype: Optional[torch.dtype] = None,
-    vocab_group: Optional[dist.ProcessGroup] = None,
-) -> OutputLoss:
-    """Check ``options``, choose how to compute ``name`` (``losses/resolve.py``) and build the loss
-    around ``head``. ``dtype``: of the hidden states it will see (default: the head's weight's).
-    ``vocab_group``: ``head``'s classifier is sharded by vocabulary over this group (the
-    vocab-parallel head). The result's ``choice`` says what was chosen and why."""
-    validate_loss_options(name, options)
-    device = torch.device(device)
-    choice = choose_loss(
-        name,
-        options,
-        device_type=device.type,
-        dtype=dtype or head.weight.dtype,
-        vocab_parallel=vocab_group is not None,
-        bias=getattr(head, "bias", None) is not None,
-    )
-    if vocab_group is not None:
-        common = {k: v for k, v in options.items() if k in COMMON_OPTIONS}
-        loss = VocabParallelLoss(head, group=vocab_group, backend=choice.entry, reduction=reduction, **common)
-    else:
-        cls = ENTRIES[choice.entry]
-        if cls.needs_cuda and device.type != "cuda":
-            raise ConfigError("loss.name", f"{name!r} needs a CUDA device, not {device.type}; use 'chunked' or 'auto'")
-        own = {k: v for k, v in options.items() if k in cls.options}
-        if choice.entry == "chunked":
-            own["kernels"] = choice.kernels
-        loss = cls(head, reduction=reduction, **own)
-    loss.choice = choice
-    return loss
-
-
-def choose_loss(
-    name: str,
-    options: dict,
-    *,
-    device_type: str,
-    dtype: torch.dtype,
-    vocab_parallel: bool,
-    bias: bool = False,
-    gpu_kernels: Optional[bool] = None,
-) -> LossChoice:
-    """``resolve_loss`` for a recipe's ``[loss]`` section; the memory estimate asks it too. What the
-    vocab-parallel head cannot compute is a ``ConfigError`` naming the fix."""
-    z_loss_weight, label_smoothing = options.get("z_loss_weight", 0.0), options.get("label_smoothing", 0.0)
-    if vocab_parallel and name not in VOCAB_PARALLEL_NAMES:
-        raise ConfigError(
-            "loss.name", f"the vocab-parallel head runs {_either(list(VOCAB_PARALLEL_NAMES))}, not {name!r}"
-        )
-    if vocab_parallel and name == "cce":
-        why = why_not_cce(
-            device_type,
-            dtype,
-            needs_grad=True,
-            bias=bias,
-            z_loss_weight=z_loss_weight,
-            label_smoothing=label_smoothing,
-            gpu_kernels=gpu_kernels,
-        )
-        if why is not None:
-            raise ConfigError("loss.name", f"'cce' cannot compute this loss: {why}; use 'chunked' or 'auto'")
-    return resolve_loss(
-        name,
-        device_type=device_type,
-        dtype=dtype,
-        vocab_parallel=vocab_parallel,
-        bias=bias,
-        z_loss_weight=z_loss_weight,
-        label_smoothing=label_smoothing,
-        compile=bool(options.get("compile", False)),
-        gpu_kernels=gpu_kernels,
-    )
-
-
-def _check_name(name: str) -> None:
+def check_name(name: str) -> None:
+    """A ``ConfigError`` for a name that is neither an entry nor ``auto``."""
     if name not in LOSS_NAMES:
         suggestion = _did_you_mean(name, LOSS_NAMES)
         raise ConfigError("loss.name", f"unknown loss {name!r}{suggestion}; choose from {list(LOSS_NAMES)}")
@@ -155,6 +107,7 @@ def _did_you_mean(word: str, candidates: Iterable[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _either(names: list[str]) -> str:
+def either(names: list[str]) -> str:
+    """``'a'``, ``'a' or 'b'``, ``'a', 'b' or 'c'``."""
     quoted = [repr(name) for name in names]
     return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"

@@ -1,29 +1,31 @@
-"""The one place that decides how a loss is computed: ``auto``'s entry and every entry's kernels.
+"""The one decision: which entry and kernels compute a loss here, and why (``choose_loss``).
 
-The registry asks it when it builds a loss, the vocab-parallel function when it is
-called, ``chunked_linear_cross_entropy`` when it runs, and the memory estimate
-(``--dry_run``) when it counts bytes, so all four give the same answer for the same
-device, dtype and options, and the run log can say what was chosen and why.
+``build_loss`` asks it, the vocab-parallel function when it is called, the run log, and
+``--dry_run``'s memory and cost models (for the GPU machine the recipe plans), so all of
+them give the same answer for the same device, dtype and options. It reads the entries'
+facts (``losses/facts.py``) and nothing else about them. The vocab-parallel head's rules
+are here too, once: which entries it runs and which recipe options it does not take.
 """
 
-import functools
-import importlib.util
 from dataclasses import dataclass
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 
-AUTO = "auto"
-# Dtypes the chunked loss's Triton kernels take; cut-cross-entropy 25.1.1 backpropagates only 16-bit ones.
-TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-CCE_BACKWARD_DTYPES = (torch.bfloat16, torch.float16)
+from config.errors import ConfigError
+from losses.facts import LossSetting
+from losses.options import COMMON_OPTIONS, OPTIONS
+from losses.registry import AUTO, AUTO_PREFERENCE, ENTRIES, check_name, either, honours
+
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
 
 
 @dataclass(frozen=True)
 class LossChoice:
-    """``entry``: the registry entry that computes the loss (never ``auto``). ``kernels``: how:
-    ``triton`` / ``torch`` / ``compile`` for ``chunked``, ``cce`` / ``torch_compile`` for the
-    cut-cross-entropy entries, ``torch`` for ``cross_entropy``."""
+    """``entry``: the registry entry that computes the loss (never ``auto``). ``kernels``: how
+    (its facts' ``kernels``: ``triton`` / ``torch`` / ``compile`` for ``chunked``, ``cce`` /
+    ``torch_compile`` for the cut-cross-entropy entries, ``torch`` for ``cross_entropy``, ...).
+    ``reason``: why, for the run log."""
 
     entry: str
     kernels: str
@@ -34,105 +36,87 @@ class LossChoice:
         return f"{head}{self.entry!r} on {self.kernels} kernels ({self.reason})"
 
 
-@functools.cache
-def triton_available() -> bool:
-    """Looked up, not imported: importing triton takes seconds."""
-    return importlib.util.find_spec("triton") is not None
+def vocab_parallel_entries() -> list[str]:
+    """The entries the vocab-parallel head can compute with: those whose facts give a vocab-parallel function."""
+    return [name for name, cls in ENTRIES.items() if cls.facts.vocab_parallel is not None]
 
 
-@functools.cache
-def cce_problem() -> Optional[str]:
-    """Why cut-cross-entropy's kernels cannot be called here (missing, no Triton, another
-    release than the one they are called as), or None."""
-    from losses.kernels.cce_vocab_parallel import cce_kernels
+def check_vocab_parallel(name: str, options: Mapping[str, object]) -> None:
+    """The vocab-parallel head's rules for a recipe's ``[loss]``, a ``ConfigError`` for the first broken one:
+    it runs ``auto`` or an entry with a vocab-parallel function, and takes no chunk_size or compile yet.
+    What a chosen entry cannot compute there is ``choose_loss``'s to say (its facts)."""
+    runs = [AUTO, *vocab_parallel_entries()]
+    if name not in runs:
+        raise ConfigError("loss.name", f"the vocab-parallel head runs {either(runs)}, not {name!r}")
+    chunk_size, compile = options.get("chunk_size", OPTIONS["chunk_size"].default), options.get("compile", False)
+    if chunk_size != OPTIONS["chunk_size"].default or compile:
+        raise ConfigError("loss.chunk_size", "the vocab-parallel head does not take chunk_size or compile yet")
 
-    try:
-        cce_kernels()
-    except ImportError as err:
-        return str(err)
+
+def _why_not(name: str, setting: LossSetting) -> Optional[str]:
+    """Why entry ``name`` cannot compute the loss in ``setting`` (its facts against it), or None."""
+    facts = ENTRIES[name].facts
+    if setting.bias and not facts.bias:
+        return "its kernels take no bias"
+    for key, value in setting.options.items():
+        if key in COMMON_OPTIONS and not honours(name, key, value):
+            return f"it cannot {OPTIONS[key].capability}"
+    if facts.devices is not None and setting.device_type not in facts.devices:
+        devices = " or ".join(sorted(device.upper() for device in facts.devices))
+        return f"its kernels run on {devices} only, not on {setting.device_type}"
+    for dtypes, needed, what in (
+        (facts.forward_dtypes, True, "forward"),
+        (facts.backward_dtypes, setting.needs_grad, "backward"),
+    ):
+        if needed and dtypes is not None and setting.dtype not in dtypes:
+            names = "/".join(_DTYPE_NAMES.get(dtype, str(dtype)) for dtype in dtypes)
+            return f"its {what} takes only {names} hidden states, got {setting.dtype}"
+    if facts.requires is not None:
+        if setting.gpu_kernels is None:
+            return facts.requires()
+        if not setting.gpu_kernels:
+            return "its kernels' packages are not installed"
     return None
 
 
-def why_not_cce(
-    device_type: str,
-    dtype: torch.dtype,
-    *,
-    needs_grad: bool,
-    bias: bool,
-    z_loss_weight: float,
-    label_smoothing: float,
-    gpu_kernels: Optional[bool] = None,
-) -> Optional[str]:
-    """Why cut-cross-entropy 25.1.1's kernels cannot compute this loss, or None when they can."""
-    if bias:
-        return "CCE 25.1.1's kernels take no bias"
-    if z_loss_weight:
-        return "CCE 25.1.1's kernels have no z-loss"
-    if label_smoothing:
-        return "CCE 25.1.1's kernels have no label smoothing"
-    if device_type != "cuda":
-        return f"its Triton kernels need CUDA, not {device_type}"
-    if needs_grad and dtype not in CCE_BACKWARD_DTYPES:
-        return f"CCE's backward takes only bf16/fp16 hidden states, got {dtype}"
-    if gpu_kernels is None:
-        return cce_problem()
-    return None if gpu_kernels else "triton and cut-cross-entropy are not installed"
-
-
-def chunked_kernels(
-    device_type: str, dtype: torch.dtype, compile: bool = False, gpu_kernels: Optional[bool] = None
-) -> tuple[str, str]:
-    """(kernels, reason) for the chunked loss: its Triton kernels on CUDA, else PyTorch ops
-    (through ``torch.compile`` when asked)."""
-    triton = triton_available() if gpu_kernels is None else gpu_kernels
-    if device_type == "cuda" and triton and dtype in TRITON_DTYPES:
-        return "triton", "its Triton kernels on CUDA"
-    kernels = "compile" if compile else "torch"
-    return kernels, f"PyTorch ops{' through torch.compile' if compile else ''} on {device_type}"
-
-
-def resolve_loss(
+def choose_loss(
     name: str,
+    options: Mapping[str, object],
     *,
     device_type: str,
     dtype: torch.dtype,
     vocab_parallel: bool = False,
     needs_grad: bool = True,
     bias: bool = False,
-    z_loss_weight: float = 0.0,
-    label_smoothing: float = 0.0,
-    compile: bool = False,
     gpu_kernels: Optional[bool] = None,
 ) -> LossChoice:
-    """How loss ``name`` (an entry or ``auto``) computes on ``device_type`` with ``dtype`` hidden states.
+    """Which entry computes loss ``name`` (an entry or ``auto``) with the recipe's ``options``, on
+    ``device_type`` with ``dtype`` hidden states, and with which kernels.
 
-    ``auto`` is ``chunked``, whose Triton kernels were the fastest exact entry measured
-    (docs/performance.md), except on the vocab-parallel head, where it is ``cce`` wherever
-    cut-cross-entropy's kernels can compute the loss (no logits at all; the chunked backend
-    otherwise). ``gpu_kernels``: whether triton and cut-cross-entropy are installed, where the
-    caller knows better than this machine (``--dry_run`` plans for a GPU machine); None looks here.
+    ``auto`` takes the first entry of ``AUTO_PREFERENCE`` (losses/registry.py) whose facts allow
+    the loss here. A named entry that cannot compute it (``vocab_parallel``: on a vocabulary shard;
+    ``bias``: the head has one) is a ``ConfigError`` naming why and what to use. ``gpu_kernels``:
+    whether the entries' GPU packages are installed, where the caller knows better than this
+    machine (``--dry_run`` plans for a GPU machine); None looks here.
     """
-    if name == AUTO:
-        if vocab_parallel:
-            why = why_not_cce(
-                device_type,
-                dtype,
-                needs_grad=needs_grad,
-                bias=bias,
-                z_loss_weight=z_loss_weight,
-                label_smoothing=label_smoothing,
-                gpu_kernels=gpu_kernels,
-            )
-            if why is None:
-                return LossChoice("cce", "cce", "auto: the vocab-parallel head's kernels write no logits")
-            kernels, reason = chunked_kernels(device_type, dtype, compile, gpu_kernels)
-            return LossChoice("chunked", kernels, f"auto: {why}; {reason}")
-        kernels, reason = chunked_kernels(device_type, dtype, compile, gpu_kernels)
-        return LossChoice("chunked", kernels, f"auto: {reason}")
-    if name == "chunked":
-        return LossChoice(name, *chunked_kernels(device_type, dtype, compile, gpu_kernels))
-    if name == "cce":
-        return LossChoice(name, "cce", "cut-cross-entropy's Triton kernels")
-    if name == "cce_torch_compile":
-        return LossChoice(name, "torch_compile", "cut-cross-entropy's torch.compile path")
-    return LossChoice(name, "torch", "materialized logits")
+    check_name(name)
+    if vocab_parallel:  # which entries it runs; the recipe's chunk_size and compile were checked with the recipe
+        check_vocab_parallel(name, {})
+    return _choose(name, LossSetting(device_type, dtype, needs_grad, bias, vocab_parallel, dict(options), gpu_kernels))
+
+
+def _choose(name: str, setting: LossSetting) -> LossChoice:
+    if name != AUTO:
+        why = _why_not(name, setting)
+        if why is not None:
+            instead = _choose(AUTO, setting).entry
+            raise ConfigError("loss.name", f"{name!r} cannot compute this loss here: {why}; use {instead!r} or 'auto'")
+        return LossChoice(name, *ENTRIES[name].facts.kernels(setting))
+    skipped = []
+    for entry, preferred_because in AUTO_PREFERENCE[setting.vocab_parallel]:
+        why = _why_not(entry, setting)
+        if why is None:
+            kernels, reason = ENTRIES[entry].facts.kernels(setting)
+            return LossChoice(entry, kernels, "auto: " + "; ".join([*skipped, preferred_because or reason]))
+        skipped.append(f"not {entry!r}: {why}")
+    raise ConfigError("loss.name", f"'auto' finds no entry that computes this loss here ({'; '.join(skipped)})")

@@ -15,10 +15,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from losses.functional import IGNORE_INDEX, shift_targets
-from losses.kernels.cce_vocab_parallel import vocab_parallel_cce
-from losses.kernels.chunked import chunked_linear_cross_entropy
 from losses.options import DEFAULT_FILTER_EPS
-from losses.resolve import AUTO, resolve_loss, why_not_cce
+from losses.registry import ENTRIES
+from losses.resolve import choose_loss
 
 
 def vocab_shard_range(vocab_size: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -53,50 +52,22 @@ class VocabParallelOptions:
         return cls(start, stop, group, reduce_e_grad)
 
 
-def _chunked_backend(e, c, targets, bias, options, group, *, filter_eps, kernels, **loss_options) -> Tensor:
-    del filter_eps  # exact: nothing to filter
-    return chunked_linear_cross_entropy(
-        e,
-        c,
-        targets,
-        bias,
-        vocab_start=options.start,
-        group=group,
-        reduce_e_grad=options.reduce_e_grad,
-        kernels=kernels,
-        **loss_options,
-    )
-
-
-def _cce_backend(e, c, targets, bias, options, group, *, z_loss_weight, label_smoothing, kernels, **loss_options):
-    del bias, z_loss_weight, label_smoothing, kernels  # none of them: refused by the resolver (why_not_cce)
-    return vocab_parallel_cce(
-        e, c, targets, vocab_start=options.start, group=group, reduce_e_grad=options.reduce_e_grad, **loss_options
-    )
-
-
-# entry name -> the function that computes it on a vocab shard
-VOCAB_PARALLEL_BACKENDS: dict[str, Callable[..., Tensor]] = {"chunked": _chunked_backend, "cce": _cce_backend}
-
-
 def _backend(
-    impl: str, e: Tensor, c: Tensor, bias: Optional[Tensor], z_loss_weight: float, label_smoothing: float
+    impl: str, e: Tensor, c: Tensor, bias: Optional[Tensor], options: dict[str, float]
 ) -> tuple[Callable[..., Tensor], str]:
-    """The backend and its kernels for ``impl`` on these tensors, as ``losses/resolve.py`` picks them."""
-    if impl != AUTO and impl not in VOCAB_PARALLEL_BACKENDS:
-        raise ValueError(f"impl must be 'auto' or one of {sorted(VOCAB_PARALLEL_BACKENDS)}, got {impl!r}")
-    facts = dict(
+    """The entry's vocab-parallel function and its kernels for ``impl`` on these tensors with the
+    loss ``options`` (z_loss_weight, label_smoothing, logit_softcap), as ``choose_loss`` decides
+    (a ``ConfigError``, a ``ValueError``, for what ``impl`` cannot compute)."""
+    choice = choose_loss(
+        impl,
+        options,
+        device_type=e.device.type,
+        dtype=e.dtype,
+        vocab_parallel=True,
         needs_grad=torch.is_grad_enabled() and (e.requires_grad or c.requires_grad),
         bias=bias is not None,
-        z_loss_weight=z_loss_weight,
-        label_smoothing=label_smoothing,
     )
-    if impl == "cce":
-        why = why_not_cce(e.device.type, e.dtype, **facts)
-        if why is not None:
-            raise ValueError(f"impl='cce' cannot compute this loss: {why}; use impl='chunked' or 'auto'")
-    choice = resolve_loss(impl, device_type=e.device.type, dtype=e.dtype, vocab_parallel=True, **facts)
-    return VOCAB_PARALLEL_BACKENDS[choice.entry], choice.kernels
+    return ENTRIES[choice.entry].facts.vocab_parallel, choice.kernels
 
 
 def vocab_parallel_linear_cross_entropy(
@@ -123,7 +94,8 @@ def vocab_parallel_linear_cross_entropy(
     ``S - k`` positions, as upstream. "mean" divides by the number of non-ignored
     targets and is 0 when there are none. ``options`` may also be the installed
     ``cut_cross_entropy``'s own ``VocabParallelOptions``, where it has one. ``impl``: the
-    backend, "chunked" or "cce", or "auto" for what ``losses/resolve.py`` picks for these tensors.
+    backend, an entry whose facts give a vocab-parallel function ("chunked", "cce"), or
+    "auto" for what ``losses/resolve.py`` picks for these tensors.
 
     Gradients follow upstream CCE: a rank's upstream gradient weighs its own shard's part, so
     with different upstream gradients g_r the hidden states get sum_r g_r * (shard r's part).
@@ -140,7 +112,8 @@ def vocab_parallel_linear_cross_entropy(
     if group is None and dist.is_initialized():
         group = dist.group.WORLD
 
-    backend, kernels = _backend(impl, e, c, bias, z_loss_weight, label_smoothing)
+    computed = dict(z_loss_weight=z_loss_weight, label_smoothing=label_smoothing, logit_softcap=softcap or 0.0)
+    backend, kernels = _backend(impl, e, c, bias, computed)
     loss = backend(
         e.flatten(0, -2),
         c,

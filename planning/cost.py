@@ -9,11 +9,13 @@ The rates are bf16 rates; a float32 run is not modelled.
 """
 
 from dataclasses import dataclass, replace
+from types import MappingProxyType
+from typing import Mapping
 
 import torch
 
 from config.job_config import JobConfig
-from losses import LossChoice, choose_loss, recipe_options
+from losses import ENTRIES, LossChoice, choose_loss, recipe_options
 from models import build_model_args
 from models.args import ModelArgs
 from parallelisms.parallel_dims import ParallelDims
@@ -27,22 +29,12 @@ class AchievedRates:
     (``layer_flops``, ``head_flops``), GB/s the bytes it assigns (``*_bytes``)."""
 
     layer_tflops: float  # a compiled decoder block, fw + bw
-    chunked_tflops: float  # head + loss, fw + bw, per loss entry
-    cce_tflops: float
-    cce_torch_compile_tflops: float
-    head_matmul_tflops: float  # one [T, D] x [D, V] GEMM: cross_entropy's head runs at this rate ...
-    logits_gbs: float  # ... plus its fp32 logits traffic at this one
+    # head + loss, fw + bw, keyed by the loss entries' rate keys (their facts' rate_key)
+    head_tflops: Mapping[str, float]
+    logits_gbs: float  # the bytes an entry moves per logit beyond its GEMMs (its facts' logit_bytes)
     embedding_gbs: float
     norm_gbs: float
     collective_gbs: float  # the vocab-parallel head's all-gather and reduce-scatter
-
-    def head_tflops(self, loss: str) -> float:
-        return {
-            "chunked": self.chunked_tflops,
-            "cce": self.cce_tflops,
-            "cross_entropy": self.head_matmul_tflops,
-            "cce_torch_compile": self.cce_torch_compile_tflops,
-        }[loss]
 
 
 # Measured on one H200 (torch 2.11.0+cu130, triton 3.6.0, cut-cross-entropy 25.1.1), 2026-12-02, Qwen3-1.7B at a
@@ -59,32 +51,19 @@ class AchievedRates:
 #   GEMM rate plus its fp32 logits traffic.
 # - embedding 1,700 GB/s (1,705, 1,697); norm 600 (747, 489): sub-millisecond pieces.
 # - cce_torch_compile 590: not in those runs; the H100 loss benchmark's 25.9 ms for 15.29 TFLOP.
+# - liger 272: not in those runs; the H200 loss benchmark in docs/performance.md ("The peers in the same
+#   run, one H200": Qwen3-1.7B, 8,192 tokens, liger-kernel 0.8.5): 56.3 ms for its three GEMMs' 15.29 TFLOP.
 # - collective 300 GB/s: not measured (one GPU cannot time it); a guess below NVLink's 450 GB/s per direction.
 MEASURED = AchievedRates(
     layer_tflops=500.0,
-    chunked_tflops=556.0,
-    cce_tflops=813.0,
-    cce_torch_compile_tflops=590.0,
-    head_matmul_tflops=668.0,
+    head_tflops=MappingProxyType(
+        {"chunked": 556.0, "cce": 813.0, "cce_torch_compile": 590.0, "head_matmul": 668.0, "liger": 272.0}
+    ),
     logits_gbs=4011.0,
     embedding_gbs=1700.0,
     norm_gbs=600.0,
     collective_gbs=300.0,
 )
-
-LOSS_ENTRIES = ("chunked", "cce", "cross_entropy", "cce_torch_compile")
-# [T, D] x [D, V] GEMMs (2·T·D·V FLOPs each) in the forward and the backward of each entry.
-_HEAD_GEMMS = {
-    "chunked": (3, 0),  # the gradients are computed in the forward, while each chunk's logits are at hand
-    "cce": (1, 3),  # the backward recomputes the logits before the two gradient GEMMs
-    "cross_entropy": (1, 2),
-    "cce_torch_compile": (1, 2),  # the compiled graph keeps its logits for the backward
-}
-# cross_entropy's bytes per logit beyond the GEMMs. Forward: bf16 logits written (2), read and
-# upcast to fp32 (2 + 4), log-softmax's two reads and one write (8 + 4). Backward: the dense fp32
-# gradient of the log-probabilities (4), log-softmax's backward (read 4 + 4, write 4), the
-# downcast (read 4, write 2).
-_LOGIT_BYTES = (20, 22)
 
 
 @dataclass(frozen=True)
@@ -94,15 +73,20 @@ class StageCostInputs:
     model: ModelArgs
     seq_len: int
     microbatch_size: int  # sequences
-    loss: str  # a resolved entry of LOSS_ENTRIES ("auto" is the caller's to resolve)
+    loss: str  # a registry entry (losses/registry.py's ENTRIES; "auto" is the caller's to resolve)
     ac_mode: str = "none"  # "none", "full" or "selective"
     ac_option: str = "op"  # selective: "op", or N (every N-th block of a stage fully checkpointed)
     vocab_parallel_degree: int = 1  # ranks sharing the head by vocabulary rows; 1: no vocab-parallel head
     rates: AchievedRates = MEASURED
 
     def __post_init__(self):
-        if self.loss not in LOSS_ENTRIES:
-            raise ValueError(f"loss must be one of {LOSS_ENTRIES} (resolve 'auto' first), got {self.loss!r}")
+        if self.loss not in ENTRIES:
+            raise ValueError(f"loss must be one of {list(ENTRIES)} (resolve 'auto' first), got {self.loss!r}")
+        if ENTRIES[self.loss].facts.rate_key not in self.rates.head_tflops:
+            raise ValueError(
+                f"no head rate for loss {self.loss!r} (rate key {ENTRIES[self.loss].facts.rate_key!r}) in "
+                "planning/cost.py's MEASURED: time it with benchmarks/stage_cost_bench.py"
+            )
 
     @property
     def tokens(self) -> int:
@@ -140,15 +124,23 @@ def layer_flops(a: ModelArgs, seq_len: int, tokens: int) -> tuple[float, float]:
 
 
 def head_flops(a: ModelArgs, loss: str, tokens: int) -> tuple[float, float]:
-    """(forward, backward) FLOPs of the output head and loss entry ``loss`` on ``tokens`` tokens."""
-    forward, backward = _HEAD_GEMMS[loss]
+    """(forward, backward) FLOPs of the output head and loss entry ``loss`` on ``tokens`` tokens:
+    its facts' [T, D] x [D, V] GEMMs."""
+    forward, backward = ENTRIES[loss].facts.head_gemms
     gemm = 2 * tokens * a.dim * a.vocab_size
     return forward * gemm, backward * gemm
 
 
-def logits_bytes(a: ModelArgs, tokens: int) -> tuple[float, float]:
-    """(forward, backward) bytes ``cross_entropy`` moves over its [tokens, V] logits beyond the GEMMs."""
-    return _LOGIT_BYTES[0] * tokens * a.vocab_size, _LOGIT_BYTES[1] * tokens * a.vocab_size
+def logits_bytes(a: ModelArgs, loss: str, tokens: int) -> tuple[float, float]:
+    """(forward, backward) bytes loss entry ``loss`` moves over its [tokens, V] logits beyond the GEMMs
+    (its facts' ``logit_bytes``: ``cross_entropy``'s materialized logits; none for the others)."""
+    forward, backward = ENTRIES[loss].facts.logit_bytes
+    return forward * tokens * a.vocab_size, backward * tokens * a.vocab_size
+
+
+def head_rate(c: StageCostInputs) -> float:
+    """The head + loss rate, TFLOP/s, of ``c``'s loss entry (its facts' ``rate_key``)."""
+    return c.rates.head_tflops[ENTRIES[c.loss].facts.rate_key]
 
 
 def embedding_bytes(a: ModelArgs, tokens: int) -> tuple[float, float]:
@@ -191,9 +183,9 @@ def head_time(c: StageCostInputs) -> StageTime:
     gradient. (What it saves, never gathering the classifier, is FSDP traffic: not modelled.)
     """
     a, r = c.model, c.rates
-    time = _ms(head_flops(a, c.loss, c.tokens), r.head_tflops(c.loss) * 1e12)
-    if c.loss == "cross_entropy":
-        time += _ms(logits_bytes(a, c.tokens), r.logits_gbs * 1e9)
+    time = _ms(head_flops(a, c.loss, c.tokens), head_rate(c) * 1e12)
+    if any(ENTRIES[c.loss].facts.logit_bytes):
+        time += _ms(logits_bytes(a, c.loss, c.tokens), r.logits_gbs * 1e9)
     if c.vocab_parallel_degree > 1:
         time += _ms(vocab_parallel_bytes(a, c.tokens, c.vocab_parallel_degree), r.collective_gbs * 1e9)
     return time
@@ -227,8 +219,8 @@ def head_in_layers(c: StageCostInputs) -> float:
 
 
 def loss_choice(cfg: JobConfig) -> LossChoice:
-    """What the run's loss computes with on a GPU machine with the requirements installed: the
-    registry's own answer (losses/resolve.py) for the recipe's parameter dtype on CUDA."""
+    """``choose_loss`` for the recipe on the GPU machine it plans for: CUDA, the recipe's
+    parameter dtype, every entry's requirements installed."""
     return choose_loss(
         cfg.loss.name,
         recipe_options(cfg.loss, cfg.compile),

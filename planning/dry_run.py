@@ -16,7 +16,7 @@ from config.job_config import JobConfig
 from models import build_model_args
 from parallelisms.parallel_dims import ParallelDims
 from planning.batch import accumulation_steps
-from planning.cost import loss_choice
+from planning.cost import head_rate, logits_bytes, loss_choice
 from planning.memory import CUDA_OVERHEAD_GIB, GIB, RankMemory, estimate_memory, peaks_per_rank_gib
 from planning.pipeline_plan import recipe_plan
 from planning.timing import PipelineTiming, predict_timing, why_this_split
@@ -190,7 +190,8 @@ def timing_lines(cfg: JobConfig, timing: PipelineTiming, accumulation_steps: int
         + ")",
         f"predicted step compute {step:.0f} ms ({accumulation_steps} micro-step(s) x {schedule.makespan_ms:.0f} ms); "
         f"decoder layers at {rates.layer_tflops:g} TFLOP/s, head + {cost.loss} at "
-        f"{rates.head_tflops(cost.loss):g} TFLOP/s" + (" + its logits traffic" if cost.loss == "cross_entropy" else ""),
+        f"{head_rate(cost):g} TFLOP/s"
+        + (" + its logits traffic" if any(logits_bytes(cost.model, cost.loss, 1)) else ""),
         "compute only: sends and receives, FSDP's gathers and reductions, the optimizer and host overhead are "
         "not in it",
     ]

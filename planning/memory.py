@@ -32,7 +32,8 @@ import torch
 from torch.distributed.pipelining.schedules import _ComputationType
 
 from config.job_config import JobConfig
-from losses.kernels.chunked import auto_chunk_size
+from losses import ENTRIES
+from losses.facts import LossShape
 from models import Transformer, build_model_args
 from models.args import ModelArgs
 from parallelisms.fsdp import fsdp_groups, tied_in_root
@@ -85,12 +86,6 @@ class RankMemory:
         )
 
 
-def _chunk_tokens(cfg: JobConfig, rows: int, tokens: int, logit_bytes: int) -> int:
-    """Tokens per chunk of ``chunked``: the recipe's, or the 256 MiB block ``chunk_size = 0`` picks."""
-    chunk = cfg.loss.chunk_size or auto_chunk_size(rows, logit_bytes)
-    return min(chunk, tokens)
-
-
 def layer_activation_bytes(a: ModelArgs, mode: str, compiled: bool, act_bytes: int) -> float:
     """Bytes one block keeps for its backward, per token.
 
@@ -124,33 +119,23 @@ def _block_modes(cfg: JobConfig, n_blocks: int) -> list[str]:
 def loss_workspace(cfg: JobConfig, a: ModelArgs, tokens: int, dp_shard: int, head_reduced_at_once: bool) -> float:
     """Peak bytes of the loss's forward + backward on ``tokens`` tokens, beyond its inputs.
 
-    Counted from the implementations and checked against benchmarks/loss_bench.py and
-    vocab_parallel_bench.py (docs/performance.md): ``cross_entropy`` peaks at 12 bytes per
-    logit (fp32 log-probabilities, their gradient and the logits'), ``chunked`` (its CUDA
-    kernels) at one logit of one chunk in the GEMM's dtype, ``cce`` holds only the gradients.
+    The entry's own bytes are its facts' ``workspace`` (losses/entries/, counted from the
+    implementations and checked against benchmarks/loss_bench.py and vocab_parallel_bench.py,
+    docs/performance.md). Without the vocab-parallel head FSDP's copy of the gathered
+    classifier's gradient may outgrow them; with it, each rank computes the gathered tokens
+    against its rows and also holds its shard's gradient upcast to fp32 and the gathered hidden states.
     """
     v, d, n = a.vocab_size, a.dim, tokens
     param_b, reduce_b = _BYTES[cfg.training.mixed_precision_param], _BYTES[cfg.training.mixed_precision_reduce]
-    impl = loss_choice(cfg).entry
+    workspace = ENTRIES[loss_choice(cfg).entry].facts.workspace
     if cfg.parallelism.vocab_parallel:
         rows, gathered = math.ceil(v / dp_shard), dp_shard * n
-        # the shard's gradient and its fp32 upcast; the gathered hidden states and their gradient
-        workspace = (param_b + 4) * rows * d + 2 * param_b * gathered * d
-        if impl == "chunked":
-            workspace += param_b * _chunk_tokens(cfg, rows, gathered, param_b) * rows + 4 * gathered * d
-        return workspace
+        head = 4 * rows * d + param_b * gathered * d
+        return head + workspace(LossShape(rows, gathered, d, param_b, cfg.loss.chunk_size, True, 0))
     # The gathered classifier's gradient, plus the fp32 copy FSDP reduce-scatters right away
     # when the head is its own group and no pipeline defers the reduction.
     classifier_grad = (param_b + (reduce_b if head_reduced_at_once else 0)) * v * d
-    if impl == "cross_entropy":
-        return max(12 * n * v, classifier_grad + param_b * n * (v + d))
-    if impl == "chunked":
-        inner = param_b * _chunk_tokens(cfg, v, n, param_b) * v + param_b * n * d
-    elif impl == "cce_torch_compile":
-        inner = param_b * n * v + param_b * n * d
-    else:  # cce
-        inner = param_b * n * d
-    return max(param_b * v * d + inner, classifier_grad)
+    return workspace(LossShape(v, n, d, param_b, cfg.loss.chunk_size, False, classifier_grad))
 
 
 def _in_flight(ops: list, stage_bytes: dict[int, float]) -> tuple[float, int]:

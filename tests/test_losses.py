@@ -1,11 +1,13 @@
 """Every [loss] entry against a float64 materialized reference, and the registry's checks."""
 
+import importlib.util
+
 import pytest
 import torch
 from torch import nn
 
 from config.errors import ConfigError
-from losses import LOSS_NAMES, OutputLoss, build_loss, loss_option_names, resolve_loss, validate_loss_options
+from losses import LOSS_NAMES, OutputLoss, build_loss, choose_loss, loss_option_names, validate_loss_options
 from losses.entries.cce import CCELoss
 from losses.entries.chunked import ChunkedCrossEntropy
 from losses.kernels.chunked import DEFAULT_CHUNK_SIZE, auto_chunk_size
@@ -18,6 +20,10 @@ CHUNK = 16
 CPU = torch.device("cpu")
 HAS_CUDA = torch.cuda.is_available()
 cuda_only = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")]
+liger_only = [
+    *cuda_only,
+    pytest.mark.skipif(importlib.util.find_spec("liger_kernel") is None, reason="needs liger-kernel"),
+]
 
 # Relative tolerance on max |error| / max |reference|. fp32: summation order only.
 # bf16: the logits GEMM rounds its output to bf16 (2^-9 relative), and the gradient
@@ -71,7 +77,7 @@ FEATURES = {
     "bias": ({}, 0.2, True),
     "everything": ({"z_loss_weight": 1e-2, "label_smoothing": 0.1, "logit_softcap": 4.0}, 0.2, True),
 }
-BIAS_ENTRIES = {"cross_entropy", "chunked"}  # cut-cross-entropy 25.1.1 has no bias
+BIAS_ENTRIES = {"cross_entropy", "chunked", "liger"}  # cut-cross-entropy 25.1.1 has no bias
 ENTRY_OPTIONS = {"chunked": {"chunk_size": CHUNK}}
 
 # (entry, device, dtype): every entry that runs on this machine, and the CUDA ones where
@@ -82,6 +88,7 @@ ENTRIES = [
     pytest.param("cce_torch_compile", "cpu", torch.float32),
     pytest.param("cce", "cuda", torch.bfloat16, marks=cuda_only),
     pytest.param("chunked", "cuda", torch.float32, marks=cuda_only),
+    pytest.param("liger", "cuda", torch.float32, marks=liger_only),
 ]
 
 
@@ -173,8 +180,10 @@ def test_chunk_size_does_not_change_the_result():
 def test_cce_refuses_fp32_training_before_the_forward():
     hidden, weight, _, labels = make_inputs(0)
     dev = torch.device("cuda")
-    loss_fn = build_loss("cce", make_head(weight, device=dev), {}, device=dev)
-    with pytest.raises(ValueError, match="bf16/fp16"):
+    with pytest.raises(ConfigError, match="bf16/fp16"):  # at build, for the dtype it is told
+        build_loss("cce", make_head(weight, device=dev), {}, device=dev)
+    loss_fn = build_loss("cce", make_head(weight, device=dev), {}, device=dev, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="bf16/fp16"):  # in the forward, for the tensors it gets
         loss_fn(hidden.to(dev).requires_grad_(), labels.to(dev))
     with torch.no_grad():
         assert torch.isfinite(loss_fn(hidden.to(dev), labels.to(dev)))
@@ -236,12 +245,13 @@ def test_loss_applies_the_head_as_a_module_and_owns_no_parameters(entry):
 
 
 def test_loss_names_and_options():
-    assert set(LOSS_NAMES) == {"cross_entropy", "chunked", "cce", "cce_torch_compile", "auto"}
+    assert set(LOSS_NAMES) == {"cross_entropy", "chunked", "cce", "cce_torch_compile", "liger", "auto"}
     common = {"ignore_index", "z_loss_weight", "label_smoothing", "logit_softcap"}
     assert loss_option_names("cross_entropy") == common
     assert loss_option_names("chunked") == common | {"chunk_size", "compile"}
     assert loss_option_names("cce") == {"ignore_index", "logit_softcap", "filter_eps"}
     assert loss_option_names("cce_torch_compile") == {"ignore_index", "logit_softcap"}
+    assert loss_option_names("liger") == common
     assert loss_option_names("auto") == common | {"compile"}
 
 
@@ -290,8 +300,13 @@ def test_filter_eps_values(value):
 
 def test_unsupported_option_names_the_entries_that_can():
     error = config_error("cce", {"z_loss_weight": 1e-4})
-    assert str(error) == "config error: loss.z_loss_weight: 'cce' cannot apply z-loss; use 'chunked' or 'cross_entropy'"
-    assert "use 'chunked' or 'cross_entropy'" in str(config_error("cce_torch_compile", {"label_smoothing": 0.1}))
+    assert (
+        str(error)
+        == "config error: loss.z_loss_weight: 'cce' cannot apply z-loss; use 'chunked', 'cross_entropy' or 'liger'"
+    )
+    assert "use 'chunked', 'cross_entropy' or 'liger'" in str(
+        config_error("cce_torch_compile", {"label_smoothing": 0.1})
+    )
     assert "use 'chunked'" in str(config_error("auto", {"chunk_size": 64}))
     assert "use 'cce'" in str(config_error("cce_torch_compile", {"filter_eps": 1e-3}))
 
@@ -327,29 +342,61 @@ def test_auto_on_cuda_picks_chunked(options, with_bias):
     assert type(build_loss("auto", head, options, device=torch.device("cuda"))) is ChunkedCrossEntropy
 
 
-# (name, device, dtype, vocab_parallel, facts) -> (entry, kernels): the one resolver's rules.
+# (name, device, dtype, vocab_parallel, options, where) -> (entry, kernels): the one decision's rules.
 RESOLUTIONS = [
-    (("auto", "cuda", torch.bfloat16, False, {}), ("chunked", "triton")),
-    (("auto", "cpu", torch.float32, False, {"compile": True}), ("chunked", "compile")),
-    (("chunked", "cuda", torch.float64, False, {}), ("chunked", "torch")),  # no Triton kernels for fp64
-    (("auto", "cuda", torch.bfloat16, True, {}), ("cce", "cce")),
-    (("auto", "cuda", torch.bfloat16, True, {"z_loss_weight": 1e-4}), ("chunked", "triton")),
-    (("auto", "cuda", torch.bfloat16, True, {"bias": True}), ("chunked", "triton")),
-    (("auto", "cuda", torch.float32, True, {}), ("chunked", "triton")),  # CCE backpropagates 16-bit only
-    (("auto", "cuda", torch.float32, True, {"needs_grad": False}), ("cce", "cce")),  # its forward takes fp32
-    (("auto", "cpu", torch.float32, True, {}), ("chunked", "torch")),
-    (("cross_entropy", "cuda", torch.bfloat16, False, {}), ("cross_entropy", "torch")),
+    (("auto", "cuda", torch.bfloat16, False, {}, {}), ("chunked", "triton")),
+    (("auto", "cpu", torch.float32, False, {"compile": True}, {}), ("chunked", "compile")),
+    (("chunked", "cuda", torch.float64, False, {}, {}), ("chunked", "torch")),  # no Triton kernels for fp64
+    (("auto", "cuda", torch.bfloat16, True, {}, {}), ("cce", "cce")),
+    (("auto", "cuda", torch.bfloat16, True, {"compile": True}, {}), ("cce", "cce")),  # [compile] asks: no matter
+    (("auto", "cuda", torch.bfloat16, True, {"z_loss_weight": 1e-4}, {}), ("chunked", "triton")),
+    (("auto", "cuda", torch.bfloat16, True, {}, {"bias": True}), ("chunked", "triton")),
+    (("auto", "cuda", torch.float32, True, {}, {}), ("chunked", "triton")),  # CCE backpropagates 16-bit only
+    (("auto", "cuda", torch.float32, True, {}, {"needs_grad": False}), ("cce", "cce")),  # its forward takes fp32
+    (("auto", "cpu", torch.float32, True, {"compile": True}, {}), ("chunked", "torch")),  # no compile there
+    (("cross_entropy", "cuda", torch.bfloat16, False, {}, {}), ("cross_entropy", "torch")),
+    (("liger", "cuda", torch.float32, False, {"z_loss_weight": 1e-4}, {"bias": True}), ("liger", "liger")),
 ]
 
 
 @pytest.mark.parametrize("case, expected", RESOLUTIONS)
-def test_the_one_resolver(case, expected):
-    name, device_type, dtype, vocab_parallel, facts = case
-    choice = resolve_loss(
-        name, device_type=device_type, dtype=dtype, vocab_parallel=vocab_parallel, gpu_kernels=True, **facts
+def test_the_one_decision(case, expected):
+    name, device_type, dtype, vocab_parallel, options, where = case
+    choice = choose_loss(
+        name, options, device_type=device_type, dtype=dtype, vocab_parallel=vocab_parallel, gpu_kernels=True, **where
     )
     assert (choice.entry, choice.kernels) == expected
     assert choice.reason
+
+
+@pytest.mark.parametrize(
+    "name, device_type, dtype, vocab_parallel, where, words",
+    [
+        ("cce", "cpu", torch.bfloat16, False, {}, "CUDA only, not on cpu; use 'chunked' or 'auto'"),
+        ("cce", "cuda", torch.float32, False, {}, "backward takes only bf16/fp16 hidden states"),
+        ("cce", "cuda", torch.bfloat16, True, {"bias": True}, "take no bias; use 'chunked' or 'auto'"),
+        ("cce_torch_compile", "cpu", torch.float32, False, {"bias": True}, "bias"),
+        ("liger", "cuda", torch.float64, False, {}, "forward takes only bf16/fp16/fp32"),
+        ("liger", "cuda", torch.bfloat16, True, {}, "the vocab-parallel head runs 'auto', 'chunked' or 'cce'"),
+        (
+            "cce_torch_compile",
+            "cpu",
+            torch.float32,
+            True,
+            {},
+            "the vocab-parallel head runs 'auto', 'chunked' or 'cce'",
+        ),
+        ("cross_entropy", "cpu", torch.float32, True, {}, "not 'cross_entropy'"),
+    ],
+)
+def test_what_an_entry_cannot_compute_is_one_line_naming_the_fix(
+    name, device_type, dtype, vocab_parallel, where, words
+):
+    with pytest.raises(ConfigError) as info:
+        choose_loss(
+            name, {}, device_type=device_type, dtype=dtype, vocab_parallel=vocab_parallel, gpu_kernels=True, **where
+        )
+    assert info.value.key == "loss.name" and words in str(info.value) and "\n" not in str(info.value)
 
 
 def test_cce_kernels_of_another_release_are_refused_in_one_line(monkeypatch):

@@ -43,7 +43,7 @@ def _stage_fwd_bwd(model, seq, ac, loss, layers, first, last):
         b += 3 * t * d * 2 / (R.norm_gbs * 1e6)
         gemm = 2 * t * d * v
         head_f, head_b = {"chunked": (3, 0), "cce": (1, 3)}[loss]  # chunked: gradients in the forward
-        rate = {"chunked": R.chunked_tflops, "cce": R.cce_tflops}[loss] * 1e9
+        rate = R.head_tflops[loss] * 1e9  # chunked and cce: their rate keys are their names
         f, b = f + head_f * gemm / rate, b + head_b * gemm / rate
     return f, b
 

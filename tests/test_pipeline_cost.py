@@ -12,10 +12,7 @@ T = 4096  # one sequence of 4,096 tokens
 # Rates of 1 TFLOP/s and 1 GB/s make milliseconds = FLOPs / 1e9 = bytes / 1e6.
 UNIT = AchievedRates(
     layer_tflops=1,
-    chunked_tflops=1,
-    cce_tflops=1,
-    cce_torch_compile_tflops=1,
-    head_matmul_tflops=1,
+    head_tflops={"chunked": 1, "cce": 1, "cce_torch_compile": 1, "head_matmul": 1, "liger": 1},
     logits_gbs=1,
     embedding_gbs=1,
     norm_gbs=1,
@@ -76,6 +73,7 @@ LOGITS = T * 151936
         ("cce", GEMM / 1e9, 3 * GEMM / 1e9),  # logits recomputed in the backward: 8·T·D·V in all
         ("cce_torch_compile", GEMM / 1e9, 2 * GEMM / 1e9),
         ("cross_entropy", GEMM / 1e9 + 20 * LOGITS / 1e6, 2 * GEMM / 1e9 + 22 * LOGITS / 1e6),
+        ("liger", 3 * GEMM / 1e9, 0),  # gradients in the forward, like chunked
     ],
 )
 def test_head_and_loss_by_entry(loss, fwd, bwd):

@@ -10,13 +10,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from losses.vocab_parallel import (
-    VOCAB_PARALLEL_BACKENDS,
-    VocabParallelOptions,
-    _backend,
-    vocab_parallel_linear_cross_entropy,
-    vocab_shard_range,
-)
+from losses.registry import ENTRIES
+from losses.vocab_parallel import VocabParallelOptions, _backend, vocab_parallel_linear_cross_entropy, vocab_shard_range
 from tests.dist_utils import run_distributed
 from tests.reference import IGNORE, reference
 
@@ -144,14 +139,14 @@ def test_sub_range_is_the_shards_local_loss():
 def test_auto_picks_cce_where_its_kernels_can_compute_the_loss():
     e = torch.randn(8, 16, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     c = torch.randn(32, 16, device="cuda", dtype=torch.bfloat16)
-    cce, chunked = VOCAB_PARALLEL_BACKENDS["cce"], VOCAB_PARALLEL_BACKENDS["chunked"]
-    assert _backend("auto", e, c, None, 0.0, 0.0)[0] is cce
-    assert _backend("auto", e, c, None, 1e-4, 0.0)[0] is chunked
-    assert _backend("auto", e.float(), c, None, 0.0, 0.0)[0] is chunked  # CCE backpropagates bf16/fp16 only
+    cce, chunked = ENTRIES["cce"].facts.vocab_parallel, ENTRIES["chunked"].facts.vocab_parallel
+    assert _backend("auto", e, c, None, {})[0] is cce
+    assert _backend("auto", e, c, None, {"z_loss_weight": 1e-4})[0] is chunked
+    assert _backend("auto", e.float(), c, None, {})[0] is chunked  # CCE backpropagates bf16/fp16 only
     with pytest.raises(ValueError, match="bf16/fp16"):
-        _backend("cce", e.float(), c, None, 0.0, 0.0)
+        _backend("cce", e.float(), c, None, {})
     with torch.no_grad():
-        assert _backend("auto", e.float(), c.float(), None, 0.0, 0.0)[0] is cce  # forward is fine
+        assert _backend("auto", e.float(), c.float(), None, {})[0] is cce  # forward is fine
 
 
 # --- two GPUs, one NCCL process each ---------------------------------------------------
@@ -216,7 +211,7 @@ def test_two_gpus_match_reference(dist_cases_and_results, name):
 
 def test_auto_is_chunked_on_cpu():
     e, c = torch.randn(3, 4, requires_grad=True), torch.randn(5, 4)
-    assert _backend("auto", e, c, None, 0.0, 0.0) == (VOCAB_PARALLEL_BACKENDS["chunked"], "torch")
+    assert _backend("auto", e, c, None, {}) == (ENTRIES["chunked"].facts.vocab_parallel, "torch")
 
 
 @pytest.mark.parametrize(
@@ -226,5 +221,5 @@ def test_auto_is_chunked_on_cpu():
 )  # fmt: skip
 def test_cce_says_what_it_cannot_compute(options, match):
     e, c, targets = torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3, dtype=torch.long)
-    with pytest.raises(ValueError, match=f"impl='cce' cannot compute this loss: .*{match}"):
+    with pytest.raises(ValueError, match=f"'cce' cannot compute this loss here: .*{match}"):
         vocab_parallel_linear_cross_entropy(e, c, targets, VocabParallelOptions(0, 5), impl="cce", **options)

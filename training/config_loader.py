@@ -14,8 +14,7 @@ import tomli
 
 from config.errors import ConfigError
 from config.job_config import Checkpoint, JobConfig
-from losses.options import OPTIONS as LOSS_OPTIONS
-from losses.registry import VOCAB_PARALLEL_NAMES, validate_loss_options
+from losses import check_vocab_parallel, validate_loss_options
 from models import MODEL_FLAVORS
 from training.hf_checkpoint import is_hf_folder
 
@@ -254,16 +253,7 @@ def validate_config(cfg: JobConfig) -> None:
     )
 
     if p.vocab_parallel:
-        _require(
-            cfg.loss.name in VOCAB_PARALLEL_NAMES,
-            "loss.name",
-            f"the vocab-parallel head runs {', '.join(map(repr, VOCAB_PARALLEL_NAMES))}, not {cfg.loss.name!r}",
-        )
-        _require(
-            cfg.loss.chunk_size == LOSS_OPTIONS["chunk_size"].default and not cfg.loss.compile,
-            "loss.chunk_size",
-            "the vocab-parallel head does not take chunk_size or compile yet",
-        )
+        check_vocab_parallel(cfg.loss.name, options)
 
     ac = cfg.activation_checkpoint
     if ac.mode == "selective":

@@ -5,9 +5,38 @@ from typing import Optional
 from torch import Tensor, nn
 
 from losses.base import OutputLoss
-from losses.kernels.chunked import DEFAULT_CHUNK_SIZE, chunked_linear_cross_entropy
+from losses.facts import LossFacts, LossSetting, LossShape, gradients_held
+from losses.kernels.chunked import DEFAULT_CHUNK_SIZE, auto_chunk_size, chunked_kernels, chunked_linear_cross_entropy
 from losses.options import COMMON_OPTIONS
-from losses.resolve import chunked_kernels
+
+
+def _kernels(s: LossSetting) -> tuple[str, str]:
+    return chunked_kernels(s.device_type, s.dtype, s.compile, s.gpu_kernels)
+
+
+def _vocab_parallel(e, c, targets, bias, options, group, *, filter_eps, kernels, **loss_options) -> Tensor:
+    """Its loss on this rank's rows of the classifier (the vocab-parallel head's backend)."""
+    del filter_eps  # exact: nothing to filter
+    return chunked_linear_cross_entropy(
+        e,
+        c,
+        targets,
+        bias,
+        vocab_start=options.start,
+        group=group,
+        reduce_e_grad=options.reduce_e_grad,
+        kernels=kernels,
+        **loss_options,
+    )
+
+
+def _workspace(s: LossShape) -> float:
+    """One ``[chunk, rows]`` logits block in the GEMM's dtype (its CUDA kernels) beside the
+    gradients; on the vocab-parallel head the hidden states' gradient is also accumulated in
+    fp32 for its all-reduce."""
+    chunk = min(s.chunk_size or auto_chunk_size(s.rows, s.act_bytes), s.tokens)
+    fp32_e_grad = 4 * s.tokens * s.dim if s.vocab_parallel else 0
+    return gradients_held(s, s.act_bytes * chunk * s.rows + fp32_e_grad)
 
 
 class ChunkedCrossEntropy(OutputLoss):
@@ -19,6 +48,19 @@ class ChunkedCrossEntropy(OutputLoss):
 
     name = "chunked"
     options = COMMON_OPTIONS | {"chunk_size", "compile"}
+    facts = LossFacts(
+        devices=None,
+        forward_dtypes=None,
+        backward_dtypes=None,
+        bias=True,
+        requires=None,  # without triton it runs PyTorch ops
+        kernels=_kernels,
+        vocab_parallel=_vocab_parallel,
+        head_gemms=(3, 0),  # the gradients are computed in the forward, while each chunk's logits are at hand
+        logit_bytes=(0, 0),
+        rate_key="chunked",
+        workspace=_workspace,
+    )
 
     def __init__(
         self,
@@ -26,13 +68,11 @@ class ChunkedCrossEntropy(OutputLoss):
         *,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         compile: bool = False,
-        kernels: Optional[str] = None,
         **common,
     ):
         super().__init__(head, **common)
         self.chunk_size = chunk_size
         self.compile_chunk_math = compile  # not "compile": that would hide nn.Module.compile()
-        self.kernels = kernels
 
     def linear_loss(self, e: Tensor, c: Tensor, bias: Optional[Tensor], targets: Tensor) -> Tensor:
         kernels = self.kernels or chunked_kernels(e.device.type, e.dtype, self.compile_chunk_math)[0]

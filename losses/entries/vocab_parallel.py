@@ -2,8 +2,8 @@
 
 The group's ranks gather their hidden states and targets (``parallelisms/vocab_parallel.py``),
 compute the loss of all of them against their own classifier rows with the vocab-parallel
-math (``losses/vocab_parallel.py``, backend ``chunked`` or ``cce`` as ``losses/resolve.py``
-picked it), and the gather's backward reduce-scatters the hidden-state gradient back, so
+math (``losses/vocab_parallel.py``, the vocab-parallel function of the entry ``losses/resolve.py``
+picked), and the gather's backward reduce-scatters the hidden-state gradient back, so
 each rank ends with its own tokens' hidden-state gradient and its rows' classifier gradient.
 """
 

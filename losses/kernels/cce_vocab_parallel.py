@@ -20,10 +20,10 @@ kernel accumulates the hidden-state gradient in bf16/fp16 over blocks of 128 voc
 accumulating in fp32: under 1%).
 
 25.1.1's kernels take no bias, z-loss or label smoothing, and its backward takes only
-bf16/fp16 hidden states: ``losses/resolve.py``'s ``why_not_cce`` names what a call needs that
-they lack. The kernels are called by position, so ``cce_kernels`` checks once that the
-installed release's take 25.1.1's arguments. With a
-softcap, CCE's forward (upstream main's too) counts the padding columns of each shard's
+bf16/fp16 hidden states: the ``cce`` entry's facts (``losses/entries/cce.py``) say so, and
+``losses/resolve.py`` names what a call needs that they lack. The kernels are called by
+position, so ``cce_kernels`` checks once that the installed release's take 25.1.1's
+arguments. With a softcap, CCE's forward (upstream main's too) counts the padding columns of each shard's
 last vocabulary block as logits of ``-softcap``: ``exp(-softcap)`` each, at most
 BLOCK_V - 1 (127) per shard, so negligible for caps above ~15 (Gemma's is 30).
 ``cut_cross_entropy`` (which needs Triton) is imported on first use, so this module
@@ -199,8 +199,8 @@ def vocab_parallel_cce(
     other ranks (``group=None``: ``c`` is the whole classifier).
 
     Same contract as ``chunked_linear_cross_entropy`` with a group (same loss on every
-    rank, fp32; "mean" is 0 when every target is ignored), minus what ``why_not_cce``
-    lists. ``filter_eps`` is CCE's: backward skips the blocks of logits whose gradients
+    rank, fp32; "mean" is 0 when every target is ignored), minus what the ``cce`` entry's
+    facts exclude. ``filter_eps`` is CCE's: backward skips the blocks of logits whose gradients
     are all below it ("high"/"auto": bf16/fp16 eps / 32); None computes them all.
     """
     if reduction not in REDUCTIONS:

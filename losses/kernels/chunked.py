@@ -14,6 +14,7 @@ elsewhere, and the sum of logits when label smoothing needs it).
 """
 
 import functools
+import importlib.util
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional
 
@@ -23,7 +24,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from losses.functional import IGNORE_INDEX, REDUCTIONS, linear_logits, mean_divisor
-from losses.resolve import chunked_kernels
+from losses.kernels.forward_grads import ForwardGradients
 
 # chunk_size 0 sizes the chunk by memory: the largest multiple of 128 tokens whose
 # [chunk, V_local] logits block fits in 256 MiB (768 tokens for Qwen3's 151,936-entry
@@ -37,6 +38,29 @@ LOGITS_BLOCK_BYTES = 256 * 2**20
 def auto_chunk_size(local_vocab: int, bytes_per_logit: int) -> int:
     """Tokens per chunk for ``chunk_size=0``: a 256 MiB logits block, at least 128 tokens."""
     return max(128, LOGITS_BLOCK_BYTES // (local_vocab * bytes_per_logit) // 128 * 128)
+
+
+# Dtypes the Triton kernels take.
+TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Looked up, not imported: importing triton takes seconds."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def chunked_kernels(
+    device_type: str, dtype: torch.dtype, compile: bool = False, gpu_kernels: Optional[bool] = None
+) -> tuple[str, str]:
+    """(kernels, reason): the Triton kernels on CUDA, else PyTorch ops (through ``torch.compile``
+    when asked). ``gpu_kernels``: whether triton is installed, where the caller knows better than
+    this machine; None looks here."""
+    triton = triton_available() if gpu_kernels is None else gpu_kernels
+    if device_type == "cuda" and triton and dtype in TRITON_DTYPES:
+        return "triton", "its Triton kernels on CUDA"
+    kernels = "compile" if compile else "torch"
+    return kernels, f"PyTorch ops{' through torch.compile' if compile else ''} on {device_type}"
 
 
 def _chunk_row_stats(
@@ -134,7 +158,7 @@ def _chunk_ops(kernels: str) -> _ChunkOps:
 
 
 def _check_kernels(kernels: Optional[str], e: Tensor) -> str:
-    """``None``: what ``losses/resolve.py`` picks for ``e``; else a choice it must be able to run."""
+    """``None``: what ``chunked_kernels`` picks for ``e``; else a choice it must be able to run."""
     if kernels is None:
         return chunked_kernels(e.device.type, e.dtype)[0]
     if kernels not in KERNELS:
@@ -163,18 +187,6 @@ class _Params:
 def _all_reduce(tensor: Tensor, op: dist.ReduceOp, group: Optional[dist.ProcessGroup]) -> None:
     if group is not None:
         dist.all_reduce(tensor, op=op, group=group)
-
-
-def _consumer_runs(ctx, i: int) -> bool:
-    """Whether the running backward pass uses this node's gradient for input ``i``
-    (a zero-bubble schedule's input-gradient pass skips the classifier's)."""
-    node = ctx.next_functions[i][0]
-    if node is None:
-        return False
-    try:
-        return torch._C._will_engine_execute_node(node)
-    except RuntimeError:  # a leaf under autograd.grad(): its gradient is returned, not accumulated
-        return False
 
 
 def _local_targets(targets: Tensor, vocab_start: int, local_vocab: int, ignore_index: int):
@@ -288,15 +300,18 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         )
 
         ctx.p = p
-        ctx.stashed = grads_now
-        ctx.applied_scale = None
+        ctx.stash = None
         if grads_now:
-            # Kept as an attribute, not saved tensors: they are new tensors (no cycle), and
-            # scaling them in place must not trip autograd's version check on a second backward.
             # The hidden-state gradient is reduced over the group only in the backward, after
             # each rank scaled its shard's part by its own upstream gradient (upstream CCE's rule).
-            ctx.stash = list(grads.finish(e, bias, p, reduce_e=False))
-            ctx.e_dtype = e.dtype
+            e_dtype = e.dtype
+
+            def reduce_e(grads: list) -> list:
+                return [None if grads[0] is None else _reduced_e_grad(grads[0], e_dtype, p), *grads[1:]]
+
+            ctx.stash = ForwardGradients(
+                list(grads.finish(e, bias, p, reduce_e=False)), "chunked", after_scaling=reduce_e
+            )
         elif p.reduction == "none":
             ctx.save_for_backward(e, c, bias, targets, lse)
         if p.reduction == "none":
@@ -307,31 +322,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_loss: Tensor):
         p: _Params = ctx.p
-        if ctx.stashed:
-            # Zero-bubble pipeline schedules run backward twice over one graph (input
-            # grads, then weight grads) with the same upstream gradient: the stash,
-            # scaled in place by the first call, is already the answer for the second.
-            if ctx.applied_scale is None:
-                ctx.applied_scale = grad_loss.detach().clone()
-                for g in ctx.stash:
-                    if g is not None:
-                        g.mul_(grad_loss.to(g.dtype))
-                if ctx.stash[0] is not None:
-                    ctx.stash[0] = _reduced_e_grad(ctx.stash[0], ctx.e_dtype, p)
-            elif not torch.equal(grad_loss, ctx.applied_scale):
-                raise RuntimeError("the chunked loss was backpropagated twice with different upstream gradients")
-            grads = list(ctx.stash)
-            for i, grad in enumerate(grads):
-                if _consumer_runs(ctx, i):
-                    if grad is None and ctx.needs_input_grad[i]:
-                        raise RuntimeError(
-                            "the chunked loss's gradients were already handed out; "
-                            "recompute the loss to backpropagate again"
-                        )
-                    # Handed out once: without our reference, AccumulateGrad takes the
-                    # tensor as .grad instead of copying it (a classifier-sized copy).
-                    ctx.stash[i] = None
-            return (*grads, None, None)
+        if ctx.stash is not None:
+            return (*ctx.stash.hand_out(ctx, grad_loss), None, None)
 
         e, c, bias, targets, lse = ctx.saved_tensors
         grads = _Grads(e, c, bias, ctx.needs_input_grad[:3], p)
@@ -374,7 +366,7 @@ def chunked_linear_cross_entropy(
     (e.g. reduce-scatter); each rank gets only its shard's classifier (and bias)
     gradient. ``kernels`` runs the per-chunk math in the Triton kernels of
     ``chunked_triton.py`` ("triton"), in PyTorch ops ("torch") or in PyTorch ops through
-    ``torch.compile`` ("compile"); None takes what ``losses/resolve.py`` picks for ``e``.
+    ``torch.compile`` ("compile"); None takes what ``chunked_kernels`` picks for ``e``.
 
     Returns a scalar for "mean"/"sum" and ``[N]`` for "none", in fp32 (fp64 for fp64
     inputs). "mean" divides by the number of non-ignored targets, and is 0 with zero
