@@ -19,6 +19,7 @@ import torch
 
 from config.errors import CheckpointError, ConfigError
 from config.job_config import JobConfig
+from config.loader import load_config
 from data import build_dataloader, build_tokenizer
 from data.loader import check_tokenizer_fits
 from data.tokenizer import Tokenizer
@@ -35,7 +36,6 @@ from planning.dry_run import dry_run_report, split_dry_run_args
 from planning.pipeline_plan import recipe_plan
 from planning.timing import split_summary
 from training.checkpoint import CheckpointManager
-from training.config_loader import load_config
 from training.faults import FaultWatch, is_collective_failure
 from training.metrics import MetricsLogger, Throughput, peak_flops, peak_memory_gib, pipeline_peak_memory
 from training.optimizer import build_lr_scheduler, build_optimizer

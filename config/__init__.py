@@ -1,7 +1,7 @@
 """The recipe's dataclasses and the error a user fixes in the recipe: the bottom of the tree.
 
 Every other package may import this one; it imports none of them. Reading a recipe
-(TOML + command line, validated against the registries) is ``training/config_loader.py``.
+(TOML + command line, validated against the registries) is ``config/loader.py``.
 """
 
 from config.errors import ConfigError

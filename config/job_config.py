@@ -2,7 +2,7 @@
 
 Names follow TorchTitan's where it has them. A key with a fixed set of values has
 them in its type (``Literal``), which is what the loader checks a value against.
-Every field is documented in ``docs/config.md``; ``training/config_loader.py`` turns
+Every field is documented in ``docs/config.md``; ``config/loader.py`` turns
 TOML + CLI overrides into a validated ``JobConfig``.
 """
 

@@ -26,9 +26,9 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from config.errors import CheckpointError, ConfigError
+from config.loader import load_config
 from models import build_model_args
 from training.checkpoint import EXPORT_DTYPES, model_fingerprint, read_train_state
-from training.config_loader import load_config
 from training.hf_checkpoint import write_hf_folder
 
 

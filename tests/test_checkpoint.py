@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from config.errors import CheckpointError, ConfigError
+from config.loader import load_config
 from tests.dist_utils import run_distributed
 from tests.weights import loaded_parameters, refusal, whole_parameters
 from train import train
-from training.config_loader import load_config
 
 pytestmark = pytest.mark.multiprocess
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from config.errors import ConfigError
-from training.config_loader import load_config
+from config.loader import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -108,7 +108,7 @@ def test_train_py_prints_one_line_and_exits_nonzero_before_building_anything():
 
 
 def test_dumped_config_reads_back_unchanged(tmp_path):
-    from training.config_loader import dump_config
+    from config.loader import dump_config
 
     cfg = load_config(
         [

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from config.errors import CheckpointError, ConfigError
+from config.loader import load_config
 from models import Transformer, build_model_args
 from models.args import RopeScaling
 from models.flavors import LLAMA3_FLAVORS
@@ -20,7 +21,6 @@ from scripts.export_hf import read_model
 from tests.dist_utils import run_distributed
 from tests.weights import loaded_parameters, refusal, whole_parameters
 from train import train
-from training.config_loader import load_config
 from training.hf_checkpoint import INDEX, check_weight_files, read_hf_config, write_hf_folder
 
 VOCAB = 515

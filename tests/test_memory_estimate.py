@@ -4,10 +4,10 @@ import pytest
 import torch.distributed as dist
 
 import train
+from config.loader import load_config
 from parallelisms.parallel_dims import ParallelDims
 from planning.memory import CUDA_OVERHEAD_GIB, GIB, estimate_memory, peaks_per_rank_gib, stage_fits
 from planning.pipeline_plan import recipe_plan
-from training.config_loader import load_config
 
 ONE_GPU = "configs/qwen3_1p7b.toml"
 PP4 = "configs/qwen3_1p7b_pp4.toml"

@@ -19,6 +19,7 @@ import pytest
 import torch
 from torch.distributed.tensor import DTensor
 
+from config.loader import load_config
 from data import ByteTokenizer
 from data.token_stream import load_token_stream
 from models import Transformer, build_model_args
@@ -26,7 +27,6 @@ from models.initialize import canonical_name
 from tests.dist_utils import run_distributed
 from tests.reference import reference
 from train import train
-from training.config_loader import load_config
 
 pytestmark = pytest.mark.multiprocess
 

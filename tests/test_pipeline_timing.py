@@ -2,11 +2,11 @@
 
 import pytest
 
+from config.loader import load_config
 from parallelisms.parallel_dims import ParallelDims
 from planning.cost import head_in_layers, stage_cost_inputs, stage_time
 from planning.pipeline_plan import recipe_plan
 from planning.timing import predict_timing, split_summary
-from training.config_loader import load_config
 
 PP4 = "configs/qwen3_1p7b_pp4.toml"
 

@@ -2,10 +2,10 @@
 
 import json
 
+from config.loader import load_config
 from scripts.trace_summary import kind_of, summarize
 from tests.dist_utils import run_distributed
 from train import train
-from training.config_loader import load_config
 
 
 def _train(rank, world_size, argv):

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from config.loader import load_config
 from tests.dist_utils import gloo_worker_threads, run_distributed, train_command
 from train import train
-from training.config_loader import load_config
 
 pytestmark = pytest.mark.multiprocess
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from config.errors import ConfigError
+from config.loader import load_config
 from data import ByteTokenizer
 from data.token_stream import load_token_stream
-from training.config_loader import load_config
 from training.validation import build_validation_set
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,10 +5,10 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from config.errors import CheckpointError, ConfigError
+from config.loader import load_config
 from models.initialize import canonical_name
 from train import train
 from training.checkpoint import CheckpointManager
-from training.config_loader import load_config
 
 
 def whole_parameters(parts) -> dict[str, torch.Tensor]:

@@ -12,13 +12,13 @@ import torch
 import torch.distributed as dist
 
 from config.job_config import JobConfig
+from config.loader import dump_config
 from losses import choose_loss, recipe_options
 from models.args import ModelArgs
 from parallelisms.parallel_dims import ParallelDims
 from parallelisms.pipeline import PipelinePlan
 from planning.batch import accumulation_steps
 from training.checkpoint import check_writable
-from training.config_loader import dump_config
 from training.metrics import gather_peak_memory_gib
 
 logger = logging.getLogger("train")
