@@ -19,7 +19,6 @@ import torch
 
 from config.errors import CheckpointError, ConfigError
 from config.job_config import JobConfig
-from config.loader import load_config
 from data import build_dataloader, build_tokenizer
 from data.loader import check_tokenizer_fits
 from data.tokenizer import Tokenizer
@@ -41,6 +40,7 @@ from training.metrics import MetricsLogger, Throughput, peak_flops, peak_memory_
 from training.optimizer import build_lr_scheduler, build_optimizer
 from training.preemption import StopRequest
 from training.profiling import start_profiler
+from training.recipe import load_recipe
 from training.run_log import check_output_folders, log_layout, log_run, report_memory
 from training.step import NonFiniteLossError, StepOutcome, TrainStep
 from training.token_normalization import GlobalTokenMeanLoss
@@ -281,7 +281,7 @@ def main(argv: list[str]) -> int:
     faults = FaultWatch()
     try:
         dry_run, argv = split_dry_run_args(argv)
-        cfg = load_config(argv)
+        cfg = load_recipe(argv)
         if dry_run is not None:
             report = dry_run_report(cfg, dry_run)
             if rank == 0:

@@ -1,28 +1,22 @@
-"""Turn a TOML recipe plus ``--section.key value`` overrides into a checked JobConfig.
+"""Turn a TOML recipe plus ``--section.key value`` overrides into a checked JobConfig, and back.
 
-Every user mistake becomes a ``ConfigError`` naming the key, raised before any
-model, process group or GPU memory exists.
+What it checks needs only the dataclasses: TOML syntax, unknown sections and keys, types (a
+``Literal``'s choices), that every float is finite, each key's rules (``config/rules.py``), each
+section's ``check()``, then ``JobConfig.check()``. Every mistake is a ``ConfigError`` naming the
+key. Facts other packages own (the flavor exists, the ``[loss]`` options, the initial load
+folder) are checked by ``training/recipe.py``, which is how a run loads a recipe.
 """
 
 import dataclasses
-import difflib
+import math
 import typing
 from pathlib import Path
 from typing import Any, Sequence
 
 import tomli
 
-from config.errors import ConfigError
-from config.job_config import Checkpoint, JobConfig
-from losses.options import OPTIONS as LOSS_OPTIONS
-from losses.registry import VOCAB_PARALLEL_NAMES, validate_loss_options
-from models import MODEL_FLAVORS
-from training.hf_checkpoint import is_hf_folder
-
-
-def _did_you_mean(name: str, options: Sequence[str]) -> str:
-    close = difflib.get_close_matches(name, list(options), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+from config.errors import ConfigError, did_you_mean
+from config.job_config import JobConfig
 
 
 def _type_name(tp: Any) -> str:
@@ -54,7 +48,7 @@ def _check_type(key: str, tp: Any, value: Any) -> Any:
         raise ConfigError(
             key,
             f"{value!r} is not one of {', '.join(map(repr, allowed))}"
-            f"{_did_you_mean(str(value), [str(a) for a in allowed])}",
+            f"{did_you_mean(str(value), [str(a) for a in allowed])}",
         )
     elif origin is list:
         if isinstance(value, list):
@@ -100,13 +94,13 @@ def _set(cfg: JobConfig, section: str, key: str, value: Any, *, from_cli: bool) 
     sections = _fields(cfg)
     if section not in sections:
         raise ConfigError(
-            section, f"unknown section{_did_you_mean(section, sections)}; sections are {', '.join(sections)}"
+            section, f"unknown section{did_you_mean(section, sections)}; sections are {', '.join(sections)}"
         )
     target = getattr(cfg, section)
     hints = typing.get_type_hints(type(target))
     if key not in hints:
         raise ConfigError(
-            f"{section}.{key}", f"unknown key{_did_you_mean(key, hints)}; [{section}] has {', '.join(hints)}"
+            f"{section}.{key}", f"unknown key{did_you_mean(key, hints)}; [{section}] has {', '.join(hints)}"
         )
     full = f"{section}.{key}"
     if from_cli and value is None:
@@ -174,174 +168,46 @@ def load_config(argv: Sequence[str]) -> JobConfig:
     for name, text in _parse_overrides(argv):
         section, _, key = name.partition(".")
         _set(cfg, section, key, text, from_cli=True)
-    validate_config(cfg)
+    check_config(cfg)
     return cfg
 
 
-def _require(cond: bool, key: str, message: str) -> None:
-    if not cond:
-        raise ConfigError(key, message)
+def _non_finite(value: Any) -> bool:
+    """An inf or nan float, or a list holding one: refused for every key, whatever its rules."""
+    return any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, list) else [value]))
 
 
-def validate_config(cfg: JobConfig) -> None:
-    """Checks that need no process group: choices, ranges, and cross-key combinations."""
-    flavors = MODEL_FLAVORS[cfg.model.name]
-    _require(
-        cfg.model.flavor in flavors,
-        "model.flavor",
-        f"{cfg.model.name} has no flavor {cfg.model.flavor!r}; choose one of {', '.join(flavors)}",
-    )
-    _require(cfg.model.vocab_size >= 0, "model.vocab_size", "must be >= 0 (0 keeps the flavor's vocabulary)")
+def check_config(cfg: JobConfig) -> None:
+    """The rules of every key and section, section by section in recipe order, then those between sections.
 
-    t = cfg.training
-    for key in ("steps", "local_batch_size", "seq_len"):
-        _require(getattr(t, key) > 0, f"training.{key}", "must be a positive integer")
-    _require(
-        t.seq_len >= 2,
-        "training.seq_len",
-        "must be >= 2: a window of one token has no next token to predict, so nothing would be learned",
-    )
-    _require(
-        t.global_batch_size == -1 or t.global_batch_size > 0,
-        "training.global_batch_size",
-        "must be positive, or -1 for local_batch_size x data-parallel degree",
-    )
-    _require(t.max_norm >= 0, "training.max_norm", "must be >= 0 (0 turns clipping off)")
-    _require(t.nonfinite_max_skips >= 0, "training.nonfinite_max_skips", "must be >= 0")
-
-    o = cfg.optimizer
-    _require(o.lr > 0, "optimizer.lr", "must be positive")
-    _require(o.weight_decay >= 0, "optimizer.weight_decay", "must be >= 0")
-    _require(
-        len(o.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in o.betas),
-        "optimizer.betas",
-        f"expected two numbers in [0, 1), got {o.betas!r}",
-    )
-    _require(o.eps > 0, "optimizer.eps", "must be positive")
-    _require(cfg.lr_scheduler.warmup_steps >= 0, "lr_scheduler.warmup_steps", "must be >= 0")
-    _require(0 <= cfg.lr_scheduler.min_lr_factor <= 1, "lr_scheduler.min_lr_factor", "must be in [0, 1]")
-
-    options = {k: v for k, v in dataclasses.asdict(cfg.loss).items() if k != "name"}
-    validate_loss_options(cfg.loss.name, options)
-
-    p = cfg.parallelism
-    for key in (
-        "data_parallel_replicate_degree",
-        "pipeline_parallel_degree",
-        "pipeline_parallel_microbatch_size",
-        "pipeline_parallel_virtual_stages",
-    ):
-        _require(getattr(p, key) >= 1, f"parallelism.{key}", "must be >= 1")
-    _require(
-        p.data_parallel_shard_degree == -1 or p.data_parallel_shard_degree >= 1,
-        "parallelism.data_parallel_shard_degree",
-        "must be >= 1, or -1 to fill the remaining ranks",
-    )
-    _require(
-        p.pipeline_parallel_layers_per_stage >= 0,
-        "parallelism.pipeline_parallel_layers_per_stage",
-        "must be >= 0 (0 splits the layers evenly)",
-    )
-    _require(
-        not (p.pipeline_parallel_layers_per_stage and p.pipeline_parallel_stage_split_points),
-        "parallelism.pipeline_parallel_stage_split_points",
-        "set either this or pipeline_parallel_layers_per_stage, not both",
-    )
-    _require(
-        all(isinstance(x, int) and not isinstance(x, bool) for x in p.pipeline_parallel_stage_split_points),
-        "parallelism.pipeline_parallel_stage_split_points",
-        "expected a list of layer indices where new stages start, e.g. [7, 14, 21]",
-    )
-
-    if p.vocab_parallel:
-        _require(
-            cfg.loss.name in VOCAB_PARALLEL_NAMES,
-            "loss.name",
-            f"the vocab-parallel head runs {', '.join(map(repr, VOCAB_PARALLEL_NAMES))}, not {cfg.loss.name!r}",
-        )
-        _require(
-            cfg.loss.chunk_size == LOSS_OPTIONS["chunk_size"].default and not cfg.loss.compile,
-            "loss.chunk_size",
-            "the vocab-parallel head does not take chunk_size or compile yet",
-        )
-
-    ac = cfg.activation_checkpoint
-    if ac.mode == "selective":
-        _require(
-            ac.selective_ac_option == "op" or (ac.selective_ac_option.isdigit() and int(ac.selective_ac_option) > 0),
-            "activation_checkpoint.selective_ac_option",
-            f"expected 'op' or a positive integer N (every N-th block), got {ac.selective_ac_option!r}",
-        )
-    _require(cfg.metrics.log_freq >= 1, "metrics.log_freq", "must be >= 1")
-    _require(
-        cfg.profiling.profile_freq >= 2,
-        "profiling.profile_freq",
-        "must be >= 2 (each traced step follows one untraced warm-up step)",
-    )
-    for key in ("init_timeout_seconds", "train_timeout_seconds"):
-        _require(getattr(cfg.comm, key) > 0, f"comm.{key}", "must be a positive number of seconds")
-    _require(cfg.checkpoint.interval >= 1, "checkpoint.interval", "must be >= 1")
-    _require(cfg.checkpoint.keep_latest_k >= 0, "checkpoint.keep_latest_k", "must be >= 0 (0 keeps all)")
-    _require(cfg.checkpoint.load_step >= -1, "checkpoint.load_step", "must be a saved step, or -1 for the newest")
-    _check_initial_load(cfg.checkpoint)
-    _check_validation(cfg)
+    Per section: each key in order (finite when a float, then the rules in its type), then the
+    section's ``check()``.
+    """
+    for section in dataclasses.fields(cfg):
+        target = getattr(cfg, section.name)
+        hints = typing.get_type_hints(type(target), include_extras=True)
+        for f in dataclasses.fields(target):
+            key, value = f"{section.name}.{f.name}", getattr(target, f.name)
+            if _non_finite(value):
+                raise ConfigError(key, f"must be a finite number, got {value!r}")
+            for rule in getattr(hints[f.name], "__metadata__", ()):
+                problem = rule.problem(value)
+                if problem is not None:
+                    raise ConfigError(key, problem)
+        if hasattr(target, "check"):
+            target.check()
+    cfg.check()
 
 
-def _check_initial_load(ck: Checkpoint) -> None:
-    """``initial_load_path`` must be a DCP checkpoint or a Hugging Face folder (weights only)."""
-    if not ck.initial_load_path:
-        return
-    folder = Path(ck.initial_load_path)
-    hf = is_hf_folder(folder)
-    _require(
-        hf or (folder / ".metadata").is_file(),
-        "checkpoint.initial_load_path",
-        f"'{folder}' is neither a checkpoint folder (with .metadata) nor a Hugging Face folder "
-        "(config.json and *.safetensors)",
-    )
-    _require(
-        ck.initial_load_model_only or not hf,
-        "checkpoint.initial_load_model_only",
-        f"'{folder}' is a Hugging Face folder, which holds only weights; set it to true",
-    )
-
-
-def _check_validation(cfg: JobConfig) -> None:
-    """``[validation]``, when enabled; the data itself is checked when it is loaded (training/validation.py)."""
-    v = cfg.validation
-    if not v.enable:
-        return
-    _require(
-        bool(v.dataset_path),
-        "validation.dataset_path",
-        "is empty; set it to the held-out data (a file, or a folder of validation.dataset files)",
-    )
-    for key in ("freq", "steps"):
-        _require(getattr(v, key) >= 1, f"validation.{key}", "must be >= 1")
-    for key in ("local_batch_size", "seq_len"):
-        _require(getattr(v, key) >= 0, f"validation.{key}", f"must be >= 0 (0: training.{key})")
-    _require(
-        v.seq_len <= cfg.training.seq_len,
-        "validation.seq_len",
-        f"{v.seq_len} exceeds training.seq_len {cfg.training.seq_len}, the positions the model is built for",
-    )
-    mbs = cfg.parallelism.pipeline_parallel_microbatch_size
-    local = v.local_batch_size or cfg.training.local_batch_size
-    _require(
-        cfg.parallelism.pipeline_parallel_degree == 1 or local % mbs == 0,
-        "validation.local_batch_size",
-        f"{local} is not a multiple of parallelism.pipeline_parallel_microbatch_size {mbs}",
-    )
-
-
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
+    """``value`` as a TOML value (what ``dump_config`` writes, and docs/config.md's defaults)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return "[" + ", ".join(toml_value(v) for v in value) + "]"
 
 
 def dump_config(cfg: JobConfig) -> str:
@@ -350,6 +216,6 @@ def dump_config(cfg: JobConfig) -> str:
     for section in dataclasses.fields(cfg):
         lines.append(f"[{section.name}]")
         for key, value in dataclasses.asdict(getattr(cfg, section.name)).items():
-            lines.append(f"{key} = {_toml_value(value)}")
+            lines.append(f"{key} = {toml_value(value)}")
         lines.append("")
     return "\n".join(lines)

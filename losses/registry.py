@@ -5,14 +5,13 @@ Every mistake in ``[loss]`` (a misspelt name or option, a bad value, an option t
 chosen entry cannot honour) is a ``ConfigError`` raised before any model is built.
 """
 
-import difflib
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from config.errors import ConfigError
+from config.errors import ConfigError, did_you_mean
 from config.job_config import Compile, Loss
 from losses.base import OutputLoss
 from losses.entries.cce import CCELoss, CCETorchCompileLoss
@@ -44,7 +43,7 @@ def validate_loss_options(name: str, options: dict[str, object]) -> None:
     for key, value in options.items():
         if key not in OPTIONS:
             raise ConfigError(
-                f"loss.{key}", f"unknown option{_did_you_mean(key, OPTIONS)}; {name!r} takes {sorted(supported)}"
+                f"loss.{key}", f"unknown option{did_you_mean(key, OPTIONS)}; {name!r} takes {sorted(supported)}"
             )
         option = OPTIONS[key]
         problem = option.check(value)
@@ -146,13 +145,8 @@ def choose_loss(
 
 def _check_name(name: str) -> None:
     if name not in LOSS_NAMES:
-        suggestion = _did_you_mean(name, LOSS_NAMES)
+        suggestion = did_you_mean(name, LOSS_NAMES)
         raise ConfigError("loss.name", f"unknown loss {name!r}{suggestion}; choose from {list(LOSS_NAMES)}")
-
-
-def _did_you_mean(word: str, candidates: Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(candidates), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _either(names: list[str]) -> str:
