@@ -121,15 +121,42 @@ def train(cfg: JobConfig, faults: Optional[FaultWatch] = None) -> TrainResult:
     # One optimizer and LR schedule per stage (TorchTitan's layout): checkpoints key their state by parameter name.
     optimizers = [build_optimizer(list(part.parameters()), cfg.optimizer, device) for part in parts]
     schedulers = [build_lr_scheduler(opt, t.steps, cfg.lr_scheduler) for opt in optimizers]
-    train_step = TrainStep(cfg, dims, parts, schedule, loss, optimizers, schedulers, tied, mesh, dp_mesh.get_group())
+    train_step = TrainStep(
+        cfg=cfg,
+        dims=dims,
+        parts=parts,
+        schedule=schedule,
+        loss=loss,
+        optimizers=optimizers,
+        schedulers=schedulers,
+        tied=tied,
+        mesh=mesh,
+        dp_group=dp_mesh.get_group(),
+    )
     validator = (
-        Validator(cfg, parts, plan, loss.loss_sum, validation_set, mesh, dp_mesh.get_group(), compute_dtype)
+        Validator(
+            cfg=cfg,
+            parts=parts,
+            plan=plan,
+            loss_sum=loss.loss_sum,
+            validation_set=validation_set,
+            mesh=mesh,
+            dp_group=dp_mesh.get_group(),
+            hidden_dtype=compute_dtype,
+        )
         if validation_set is not None
         else None
     )
 
     checkpoint = CheckpointManager(
-        cfg.checkpoint, cfg.job.dump_folder, parts, optimizers, schedulers, dataloader, cfg.model.name, model_args
+        cfg=cfg.checkpoint,
+        dump_folder=cfg.job.dump_folder,
+        parts=parts,
+        optimizers=optimizers,
+        schedulers=schedulers,
+        dataloader=dataloader,
+        model_name=cfg.model.name,
+        model_args=model_args,
     )
     start_step = checkpoint.load()
     metrics = MetricsLogger(
