@@ -352,7 +352,7 @@ def test_logits_match_transformers_and_the_export_loads_in_it(tmp_path, monkeypa
     (loaded,) = run_distributed(_import_references, 1, tmp_path, timeout_s=300)
     monkeypatch.setitem(LLAMA3_FLAVORS, "debug", SCALED_LLAMA)
     tokens = torch.randint(0, VOCAB, (2, 32), generator=torch.Generator().manual_seed(0))
-    for (name, reference), weights in zip(references.items(), loaded):
+    for (name, reference), weights in zip(references.items(), loaded, strict=True):
         args = build_model_args(name, "debug", VOCAB)
         ours = Transformer(replace(args, max_seq_len=32))
         with torch.no_grad():
