@@ -18,8 +18,9 @@ pytestmark = pytest.mark.multiprocess
 
 
 def _argv(folder, steps, *extra):
-    # Constant LR after an 8-step warm-up: the schedule does not depend on training.steps, so a
-    # 5-step run is the first half of a 10-step one (and the restored warm-up position matters).
+    # Constant LR after a 5-step warm-up (as long as the shortest run here may have): the schedule does
+    # not depend on training.steps, so a 5-step run is the first half of a 10-step one (and the restored
+    # warm-up position matters: a scheduler restarted at 0 would warm up again).
     return [
         "--config",
         "configs/debug.toml",
@@ -36,7 +37,7 @@ def _argv(folder, steps, *extra):
         "--lr_scheduler.decay_type",
         "constant",
         "--lr_scheduler.warmup_steps",
-        "8",
+        "5",
         "--job.dump_folder",
         str(folder),
         "--checkpoint.enable",
@@ -258,7 +259,16 @@ def _model_only_and_initial_loads(rank, world_size, root):
     except CheckpointError as err:
         out["resume_error"] = str(err)
     (out["initial"],) = loaded_parameters(
-        [_argv(root / "b", 1, "--checkpoint.initial_load_path", str(root / "a" / "checkpoint" / "step-5"))]
+        [
+            _argv(
+                root / "b",
+                1,
+                "--lr_scheduler.warmup_steps",
+                "1",
+                "--checkpoint.initial_load_path",
+                str(root / "a" / "checkpoint" / "step-5"),
+            )
+        ]
     )
     complete = [
         "--checkpoint.initial_load_path",
