@@ -189,7 +189,8 @@ def check_config(cfg: JobConfig) -> None:
         for f in dataclasses.fields(target):
             key, value = f"{section.name}.{f.name}", getattr(target, f.name)
             if _non_finite(value):
-                raise ConfigError(key, f"must be a finite number, got {value!r}")
+                what = "hold finite numbers" if isinstance(value, list) else "be a finite number"
+                raise ConfigError(key, f"must {what}, got {value!r}")
             for rule in getattr(hints[f.name], "__metadata__", ()):
                 problem = rule.problem(value)
                 if problem is not None:
