@@ -35,12 +35,12 @@ from planning.dry_run import dry_run_report, split_dry_run_args
 from planning.pipeline_plan import recipe_plan
 from planning.timing import split_summary
 from training.checkpoint import CheckpointManager
-from training.config_loader import load_config
 from training.faults import FaultWatch, is_collective_failure
 from training.metrics import MetricsLogger, Throughput, peak_flops, peak_memory_gib, pipeline_peak_memory
 from training.optimizer import build_lr_scheduler, build_optimizer
 from training.preemption import StopRequest
 from training.profiling import start_profiler
+from training.recipe import load_recipe
 from training.run_log import check_output_folders, log_layout, log_run, report_memory
 from training.step import NonFiniteLossError, StepOutcome, TrainStep
 from training.token_normalization import GlobalTokenMeanLoss
@@ -121,15 +121,42 @@ def train(cfg: JobConfig, faults: Optional[FaultWatch] = None) -> TrainResult:
     # One optimizer and LR schedule per stage (TorchTitan's layout): checkpoints key their state by parameter name.
     optimizers = [build_optimizer(list(part.parameters()), cfg.optimizer, device) for part in parts]
     schedulers = [build_lr_scheduler(opt, t.steps, cfg.lr_scheduler) for opt in optimizers]
-    train_step = TrainStep(cfg, dims, parts, schedule, loss, optimizers, schedulers, tied, mesh, dp_mesh.get_group())
+    train_step = TrainStep(
+        cfg=cfg,
+        dims=dims,
+        parts=parts,
+        schedule=schedule,
+        loss=loss,
+        optimizers=optimizers,
+        schedulers=schedulers,
+        tied=tied,
+        mesh=mesh,
+        dp_group=dp_mesh.get_group(),
+    )
     validator = (
-        Validator(cfg, parts, plan, loss.loss_sum, validation_set, mesh, dp_mesh.get_group(), compute_dtype)
+        Validator(
+            cfg=cfg,
+            parts=parts,
+            plan=plan,
+            loss_sum=loss.loss_sum,
+            validation_set=validation_set,
+            mesh=mesh,
+            dp_group=dp_mesh.get_group(),
+            hidden_dtype=compute_dtype,
+        )
         if validation_set is not None
         else None
     )
 
     checkpoint = CheckpointManager(
-        cfg.checkpoint, cfg.job.dump_folder, parts, optimizers, schedulers, dataloader, cfg.model.name, model_args
+        cfg=cfg.checkpoint,
+        dump_folder=cfg.job.dump_folder,
+        parts=parts,
+        optimizers=optimizers,
+        schedulers=schedulers,
+        dataloader=dataloader,
+        model_name=cfg.model.name,
+        model_args=model_args,
     )
     start_step = checkpoint.load()
     metrics = MetricsLogger(
@@ -281,7 +308,7 @@ def main(argv: list[str]) -> int:
     faults = FaultWatch()
     try:
         dry_run, argv = split_dry_run_args(argv)
-        cfg = load_config(argv)
+        cfg = load_recipe(argv)
         if dry_run is not None:
             report = dry_run_report(cfg, dry_run)
             if rank == 0:

@@ -1,5 +1,8 @@
 """Errors a user can fix by editing the recipe or the command line."""
 
+import difflib
+from typing import Iterable
+
 
 class ConfigError(ValueError):
     """A recipe key has a bad value; the message names the key and the fix.
@@ -17,3 +20,15 @@ class CheckpointError(RuntimeError):
 
     ``train.py`` prints it as one line and exits non-zero.
     """
+
+
+def did_you_mean(word: str, candidates: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the candidate closest to a misspelt ``word``, else ``""``."""
+    close = difflib.get_close_matches(word, list(candidates), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def require(condition: bool, key: str, message: str) -> None:
+    """Raise ``ConfigError(key, message)`` unless ``condition`` holds."""
+    if not condition:
+        raise ConfigError(key, message)

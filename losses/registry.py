@@ -8,10 +8,9 @@ misspelt name or option, a bad value, an option the chosen entry cannot honour) 
 building it is ``losses/build.py``'s.
 """
 
-import difflib
-from typing import Iterable, Optional
+from typing import Optional
 
-from config.errors import ConfigError
+from config.errors import ConfigError, did_you_mean
 from config.job_config import Compile, Loss
 from losses.base import OutputLoss
 from losses.entries.cce import CCELoss, CCETorchCompileLoss
@@ -76,7 +75,7 @@ def validate_loss_options(name: str, options: dict[str, object]) -> None:
     for key, value in options.items():
         if key not in OPTIONS:
             raise ConfigError(
-                f"loss.{key}", f"unknown option{_did_you_mean(key, OPTIONS)}; {name!r} takes {sorted(supported)}"
+                f"loss.{key}", f"unknown option{did_you_mean(key, OPTIONS)}; {name!r} takes {sorted(supported)}"
             )
         option = OPTIONS[key]
         problem = option.check(value)
@@ -98,13 +97,8 @@ def recipe_options(loss: Loss, compile: Compile) -> dict:
 def check_name(name: str) -> None:
     """A ``ConfigError`` for a name that is neither an entry nor ``auto``."""
     if name not in LOSS_NAMES:
-        suggestion = _did_you_mean(name, LOSS_NAMES)
+        suggestion = did_you_mean(name, LOSS_NAMES)
         raise ConfigError("loss.name", f"unknown loss {name!r}{suggestion}; choose from {list(LOSS_NAMES)}")
-
-
-def _did_you_mean(word: str, candidates: Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(candidates), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def either(names: list[str]) -> str:

@@ -10,5 +10,9 @@ __all__ = ["MODEL_FLAVORS", "ModelArgs", "Transformer", "build_model_args"]
 
 
 def build_model_args(name: str, flavor: str, vocab_size: int = 0) -> ModelArgs:
-    args = MODEL_FLAVORS[name][flavor]
+    """The flavor's numbers, with ``vocab_size`` rows unless 0; an unknown flavor is a ValueError naming the known."""
+    flavors = MODEL_FLAVORS[name]
+    if flavor not in flavors:
+        raise ValueError(f"{name} has no flavor {flavor!r}; choose one of {', '.join(flavors)}")
+    args = flavors[flavor]
     return dataclasses.replace(args, vocab_size=vocab_size) if vocab_size else args

@@ -3,8 +3,6 @@
 from dataclasses import dataclass
 from typing import Optional
 
-from config.job_config import AttnMaskType
-
 
 @dataclass(frozen=True)
 class RopeScaling:
@@ -41,7 +39,7 @@ class ModelArgs:
     max_seq_len: int
     rope_scaling: Optional[RopeScaling] = None
     init_std: float = 0.02
-    attn_mask_type: AttnMaskType = "causal"
+    attn_mask_type: str = "causal"  # the recipe's model.attn_mask_type, whose type lists the choices
     eos_id: Optional[int] = None  # block_causal: the token that ends a document (the tokenizer's EOS)
 
     def num_params(self) -> int:

@@ -28,8 +28,8 @@ import torch.distributed.checkpoint as dcp
 from config.errors import CheckpointError, ConfigError
 from models import build_model_args
 from training.checkpoint import EXPORT_DTYPES, model_fingerprint, read_train_state
-from training.config_loader import load_config
 from training.hf_checkpoint import write_hf_folder
+from training.recipe import load_recipe
 
 
 def read_model(path: Path, dtype: Optional[torch.dtype]) -> dict[str, torch.Tensor]:
@@ -91,7 +91,7 @@ def main(argv: list[str]) -> int:
     warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
     try:
         check_output(output, args.replace)
-        cfg = load_config(["--config", args.config, *overrides])
+        cfg = load_recipe(["--config", args.config, *overrides])
         model_args = build_model_args(cfg.model.name, cfg.model.flavor, cfg.model.vocab_size)
         checkpoint = Path(args.checkpoint)
         read_train_state(

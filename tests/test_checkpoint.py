@@ -12,7 +12,7 @@ from config.errors import CheckpointError, ConfigError
 from tests.dist_utils import run_distributed
 from tests.weights import loaded_parameters, refusal, whole_parameters
 from train import train
-from training.config_loader import load_config
+from training.recipe import load_recipe
 
 pytestmark = pytest.mark.multiprocess
 
@@ -47,7 +47,7 @@ def _argv(folder, steps, *extra):
 
 
 def _losses(rank, world_size, argv):
-    return train(load_config(argv)).losses
+    return train(load_recipe(argv)).losses
 
 
 def _run(world_size, argv):
@@ -74,7 +74,7 @@ def _validate_every(freq):
 
 
 def _losses_and_validation(rank, world_size, argv):
-    result = train(load_config(argv))
+    result = train(load_recipe(argv))
     return result.losses, {step: figures["validation_loss"] for step, figures in result.validation.items()}
 
 
@@ -139,7 +139,7 @@ def test_vocab_parallel_checkpoint_over_4_ranks_loads_into_2_and_into_no_vocab_p
 def _bad_resumes(rank, world_size, root):
     """The error of each resume that must be refused (step-5, then step-4 damaged in between), and what is left."""
     folder = root / "checkpoint"
-    train(load_config(_argv(root, 5, "--checkpoint.interval", "2")))
+    train(load_recipe(_argv(root, 5, "--checkpoint.interval", "2")))
     errors = [
         refusal(_argv(root, 6, *extra))
         for extra in (["--training.global_batch_size", "4"], ["--checkpoint.load_step", "3"])
@@ -173,7 +173,7 @@ def test_bad_checkpoints_are_refused_with_the_reason(tmp_path):
 
 def _refused_folder(rank, world_size, argv):
     try:
-        train(load_config(argv))
+        train(load_recipe(argv))
     except ConfigError as err:
         return str(err)
     return "not refused"
@@ -197,9 +197,9 @@ ASYNC = ["--checkpoint.async_mode", "async"]
 
 
 def _sync_and_async(rank, world_size, root):
-    sync = train(load_config(_argv(root / "sync", 10))).losses
-    in_background = train(load_config(_argv(root / "async", 10, *ASYNC))).losses
-    resumed = train(load_config(_argv(root / "async", 10, *ASYNC, "--checkpoint.load_step", "5"))).losses
+    sync = train(load_recipe(_argv(root / "sync", 10))).losses
+    in_background = train(load_recipe(_argv(root / "async", 10, *ASYNC))).losses
+    resumed = train(load_recipe(_argv(root / "async", 10, *ASYNC, "--checkpoint.load_step", "5"))).losses
     return sync, in_background, resumed
 
 
@@ -220,11 +220,11 @@ def _roll_back(rank, world_size, root):
     handler.emit = lambda record: warnings.append(record.getMessage())
     logging.getLogger("train").addHandler(handler)
     folder, every_step = root / "checkpoint", ["--checkpoint.interval", "1", "--checkpoint.keep_latest_k", "2"]
-    first = train(load_config(_argv(root, 8, "--checkpoint.interval", "2"))).losses
-    rolled_back = train(load_config(_argv(root, 5, *every_step, "--checkpoint.load_step", "2"))).losses
+    first = train(load_recipe(_argv(root, 8, "--checkpoint.interval", "2"))).losses
+    rolled_back = train(load_recipe(_argv(root, 5, *every_step, "--checkpoint.load_step", "2"))).losses
     (aside,) = folder.glob("abandoned-from-step-2-*")
     left = sorted(p.name for p in folder.iterdir() if p != aside), sorted(p.name for p in aside.iterdir())
-    rerun = train(load_config(_argv(root, 6, *every_step))).losses
+    rerun = train(load_recipe(_argv(root, 6, *every_step))).losses
     return first, rolled_back, left, rerun, str(aside), warnings
 
 
@@ -251,14 +251,23 @@ MODEL_ONLY = [
 
 def _model_only_and_initial_loads(rank, world_size, root):
     out = {"resume_error": "no CheckpointError"}
-    first = train(load_config(_argv(root / "a", 5, *MODEL_ONLY)))  # step-3 complete, step-5 weights only
+    first = train(load_recipe(_argv(root / "a", 5, *MODEL_ONLY)))  # step-3 complete, step-5 weights only
     out["losses"], out["trained"] = first.losses, whole_parameters(first.model_parts)
     try:
-        train(load_config(_argv(root / "a", 6, *MODEL_ONLY)))
+        train(load_recipe(_argv(root / "a", 6, *MODEL_ONLY)))
     except CheckpointError as err:
         out["resume_error"] = str(err)
     (out["initial"],) = loaded_parameters(
-        [_argv(root / "b", 1, "--checkpoint.initial_load_path", str(root / "a" / "checkpoint" / "step-5"))]
+        [
+            _argv(
+                root / "b",
+                1,
+                "--lr_scheduler.warmup_steps",
+                "1",
+                "--checkpoint.initial_load_path",
+                str(root / "a" / "checkpoint" / "step-5"),
+            )
+        ]
     )
     complete = [
         "--checkpoint.initial_load_path",
@@ -266,8 +275,8 @@ def _model_only_and_initial_loads(rank, world_size, root):
         "--checkpoint.initial_load_model_only",
         "false",
     ]
-    out["continued"] = train(load_config(_argv(root / "c", 5, *complete))).losses
-    out["rerun"] = train(load_config(_argv(root / "c", 6, *complete))).losses  # its own step-5 wins
+    out["continued"] = train(load_recipe(_argv(root / "c", 5, *complete))).losses
+    out["rerun"] = train(load_recipe(_argv(root / "c", 6, *complete))).losses  # its own step-5 wins
     return out
 
 

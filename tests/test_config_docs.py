@@ -1,10 +1,11 @@
-"""docs/config.md documents every recipe key, and nothing that is not one.
+"""docs/config.md is what ``python -m scripts.config_docs`` writes, and that documents every recipe key.
 
-Parses the doc's ``## [section]`` headings and the key tables under them (tables
-whose header starts with ``| key |``), so the same key name in two sections is
-checked per section. Also checks each documented default against the dataclass,
-that every choice the loader accepts is listed, and the [loss] support matrix
-against the registry. No model, process group or device is touched.
+The page is generated from config/job_config.py (types, defaults, rules, attribute docstrings) and
+the registries; the first tests hold the file to the generator. The others read the page back:
+its ``## [section]`` headings and the key tables under them (tables whose header starts with
+``| key |``, so the same key name in two sections is checked per section), each documented default
+against the dataclass, every choice the loader accepts, and the [loss] support matrix against the
+registry. No model, process group or device is touched.
 """
 
 import dataclasses
@@ -20,12 +21,43 @@ from losses.options import OPTIONS
 from losses.registry import LOSS_NAMES, loss_option_names
 from models.flavors import MODEL_FLAVORS
 from parallelisms.pipeline import PIPELINE_SCHEDULES
+from scripts import config_docs
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "config.md"
 
 _SECTION = re.compile(r"^## \[(\w+)\]\s*$")
 _CELL_SPLIT = re.compile(r"(?<!\\)\|")  # a "\|" inside a cell is a literal pipe
 _CODE = re.compile(r"^`([^`]+)`$")
+
+
+def test_the_page_is_what_the_generator_writes():
+    assert DOC.read_text() == config_docs.render(), "docs/config.md is out of date: python -m scripts.config_docs"
+
+
+def test_check_mode_exits_1_on_drift_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    assert config_docs.main(["--check"]) == 0
+    stale = tmp_path / "config.md"
+    stale.write_text(DOC.read_text().replace("Peak learning rate", "Learning rate"))
+    monkeypatch.setattr(config_docs, "PAGE", stale)
+    monkeypatch.setattr(config_docs, "ROOT", tmp_path)
+    assert config_docs.main(["--check"]) == 1
+    assert "config.md is out of date; run: python -m scripts.config_docs" in capsys.readouterr().err
+    assert "Learning rate" in stale.read_text()
+
+
+def test_a_key_without_a_docstring_is_named():
+    _, fields = config_docs.docstrings()["Optimizer"]
+    with pytest.raises(ValueError, match=r"Optimizer\.eps has no docstring; document it under the field"):
+        config_docs.key_table("optimizer", type(JobConfig().optimizer), {k: v for k, v in fields.items() if k != "eps"})
+
+
+def test_every_key_has_a_docstring():
+    docs = config_docs.docstrings()
+    for section in dataclasses.fields(JobConfig):
+        prose, fields = docs[section.default_factory.__name__]
+        assert prose, f"[{section.name}] has no class docstring"
+        missing = [f.name for f in dataclasses.fields(section.default_factory) if not fields.get(f.name)]
+        assert not missing, f"[{section.name}]: no docstring under {missing}"
 
 
 def _cells(line: str) -> list[str]:

@@ -158,7 +158,7 @@ def test_activation_checkpointing_and_compiled_blocks_take_the_mask():
     tokens = torch.stack([torch.cat(_documents([9, 14, 9], g)), torch.cat(_documents([3, 20, 9], g))])
     for model in (eager, wrapped):
         _token_losses(model, tokens).sum().backward()
-    for (name, p), q in zip(eager.named_parameters(), wrapped.parameters()):
+    for (name, p), q in zip(eager.named_parameters(), wrapped.parameters(), strict=True):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
 
 

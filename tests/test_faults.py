@@ -14,9 +14,9 @@ import torch
 import torch.distributed as dist
 
 from config.errors import ConfigError
+from config.loader import dump_config, load_config
 from parallelisms.distributed import set_pg_timeouts
 from tests.dist_utils import run_distributed, train_command
-from training.config_loader import dump_config, load_config
 from training.faults import CHECK_IN_SECONDS, is_collective_failure
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -20,8 +20,8 @@ from scripts.export_hf import read_model
 from tests.dist_utils import run_distributed
 from tests.weights import loaded_parameters, refusal, whole_parameters
 from train import train
-from training.config_loader import load_config
 from training.hf_checkpoint import INDEX, check_weight_files, read_hf_config, write_hf_folder
+from training.recipe import load_recipe
 
 VOCAB = 515
 PP_VP = ["--parallelism.pipeline_parallel_degree", "2", "--parallelism.vocab_parallel", "--loss.name", "auto"]
@@ -71,7 +71,7 @@ def _train_export_import(rank, world_size, root):
     """Per model: train 2 steps, export to HF, import into a fresh single-process run; and a mismatched import."""
     out = {}
     for name in ("qwen3", "llama3"):
-        source = train(load_config(_argv(root / f"{name}_source", name, 2, "--checkpoint.enable")))
+        source = train(load_recipe(_argv(root / f"{name}_source", name, 2, "--checkpoint.enable")))
         hf = root / f"{name}_hf"
         assert (
             export_hf(
@@ -102,7 +102,7 @@ def _train_export_import(rank, world_size, root):
     out["mismatch"] = None
     try:
         train(
-            load_config(_argv(root / "mismatch", "qwen3", 1, "--checkpoint.initial_load_path", str(root / "qwen3_hf")))
+            load_recipe(_argv(root / "mismatch", "qwen3", 1, "--checkpoint.initial_load_path", str(root / "qwen3_hf")))
         )
     except CheckpointError as err:
         out["mismatch"] = str(err)
@@ -252,7 +252,7 @@ def _export_twice_then_import(rank, world_size, root):
             ]
         )
 
-    train(load_config(_argv(run, "qwen3", 2, "--checkpoint.enable", "--checkpoint.interval", "1")))
+    train(load_recipe(_argv(run, "qwen3", 2, "--checkpoint.enable", "--checkpoint.interval", "1")))
     assert export(1, "--max_shard_gib", str(SHARD_BYTES / 2**30)) == 0
     shutil.copytree(out, first)
     assert export(2, "--replace") == 0
@@ -287,11 +287,11 @@ def test_an_export_with_replace_replaces_the_folder_whole(tmp_path):
 
 def test_initial_load_path_is_checked_when_the_recipe_loads(tmp_path):
     with pytest.raises(ConfigError, match="checkpoint.initial_load_path: .* is neither a checkpoint folder"):
-        load_config(_argv(tmp_path, "qwen3", 1, "--checkpoint.initial_load_path", str(tmp_path)))
+        load_recipe(_argv(tmp_path, "qwen3", 1, "--checkpoint.initial_load_path", str(tmp_path)))
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(ConfigError, match="checkpoint.initial_load_model_only: .* Hugging Face folder"):
-        load_config(
+        load_recipe(
             _argv(
                 tmp_path,
                 "qwen3",
@@ -352,7 +352,7 @@ def test_logits_match_transformers_and_the_export_loads_in_it(tmp_path, monkeypa
     (loaded,) = run_distributed(_import_references, 1, tmp_path, timeout_s=300)
     monkeypatch.setitem(LLAMA3_FLAVORS, "debug", SCALED_LLAMA)
     tokens = torch.randint(0, VOCAB, (2, 32), generator=torch.Generator().manual_seed(0))
-    for (name, reference), weights in zip(references.items(), loaded):
+    for (name, reference), weights in zip(references.items(), loaded, strict=True):
         args = build_model_args(name, "debug", VOCAB)
         ours = Transformer(replace(args, max_seq_len=32))
         with torch.no_grad():

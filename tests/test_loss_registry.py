@@ -24,7 +24,7 @@ from planning.cost import MEASURED, StageCostInputs, head_time, stage_time
 from planning.memory import estimate_memory, loss_workspace
 from planning.pipeline_plan import recipe_plan
 from tests.reference import IGNORE, reference
-from training.config_loader import load_config
+from training.recipe import load_recipe
 
 QWEN = QWEN3_FLAVORS["1.7B"]
 V, D = QWEN.vocab_size, QWEN.dim
@@ -104,7 +104,7 @@ def test_memory_model_counts_every_entry_as_measured(name):
     beyond = (workspace - grads) / 2**20
     assert beyond == pytest.approx(MEASURED_MIB_BEYOND_GRADIENTS[name], rel=0.03, abs=2)
 
-    cfg = load_config(["--config", "configs/qwen3_1p7b_pp4.toml", "--loss.name", name])
+    cfg = load_recipe(["--config", "configs/qwen3_1p7b_pp4.toml", "--loss.name", name])
     dims = ParallelDims.from_config(cfg.parallelism, 8)
     plan = recipe_plan(cfg, dims, 0, 80.0)
     estimates = estimate_memory(cfg, dims, plan)
@@ -115,7 +115,7 @@ def test_memory_model_counts_every_entry_as_measured(name):
 
 @pytest.mark.parametrize("name", [name for name in ENTRIES if ENTRIES[name].facts.vocab_parallel is not None])
 def test_memory_model_counts_every_vocab_parallel_entry(name):
-    cfg = load_config(["--config", "configs/qwen3_1p7b_fsdp.toml", "--loss.name", name, "--parallelism.vocab_parallel"])
+    cfg = load_recipe(["--config", "configs/qwen3_1p7b_fsdp.toml", "--loss.name", name, "--parallelism.vocab_parallel"])
     dims = ParallelDims.from_config(cfg.parallelism, 4)
     (every_rank,) = estimate_memory(cfg, dims, None)
     tokens = cfg.training.local_batch_size * cfg.training.seq_len

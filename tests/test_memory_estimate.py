@@ -7,7 +7,7 @@ import train
 from parallelisms.parallel_dims import ParallelDims
 from planning.memory import CUDA_OVERHEAD_GIB, GIB, estimate_memory, peaks_per_rank_gib, stage_fits
 from planning.pipeline_plan import recipe_plan
-from training.config_loader import load_config
+from training.recipe import load_recipe
 
 ONE_GPU = "configs/qwen3_1p7b.toml"
 PP4 = "configs/qwen3_1p7b_pp4.toml"
@@ -51,7 +51,7 @@ def _estimate(cfg, dims: ParallelDims, gpu_memory_gib=None):
 
 
 def _predicted(config: str, overrides: list[str], world_size: int) -> list[float]:
-    cfg = load_config(["--config", config, *overrides])
+    cfg = load_recipe(["--config", config, *overrides])
     dims = ParallelDims.from_config(cfg.parallelism, world_size)
     return peaks_per_rank_gib(_estimate(cfg, dims), dims)
 
@@ -66,14 +66,14 @@ def test_estimate_is_within_15_percent_of_every_measured_peak(label, config, ove
 
 @pytest.mark.parametrize("schedule, in_flight", [("1F1B", [4, 3, 2, 1]), ("GPipe", [8, 8, 8, 8])])
 def test_microbatches_in_flight_follow_the_schedule(schedule, in_flight):
-    cfg = load_config(["--config", PP4, "--parallelism.pipeline_parallel_schedule", schedule])
+    cfg = load_recipe(["--config", PP4, "--parallelism.pipeline_parallel_schedule", schedule])
     estimates = _estimate(cfg, ParallelDims.from_config(cfg.parallelism, 8))
     assert [m.in_flight for m in estimates] == in_flight
 
 
 def test_stage_fits_is_the_ranks_predicted_peak_with_one_stage_per_rank():
     """For each rank of a 9/9/9/1 split: fits exactly at its own peak + the CUDA overhead, not below."""
-    cfg = load_config(["--config", PP4, SPLIT, "[9, 18, 27]"])
+    cfg = load_recipe(["--config", PP4, SPLIT, "[9, 18, 27]"])
     dims = ParallelDims.from_config(cfg.parallelism, 4)
     estimates = _estimate(cfg, dims)
     plan = estimates[0].plan
@@ -85,7 +85,7 @@ def test_stage_fits_is_the_ranks_predicted_peak_with_one_stage_per_rank():
 
 
 def test_a_gpu_budget_moves_layers_off_the_fullest_rank():
-    cfg = load_config(["--config", PP4])
+    cfg = load_recipe(["--config", PP4])
     dims = ParallelDims.from_config(cfg.parallelism, 4)
     free = _estimate(cfg, dims)
     fullest = max(range(4), key=lambda r: free[r].peak)
@@ -128,7 +128,7 @@ def test_dry_run_prints_the_table_and_exits_0_without_a_process_group(no_process
     timing = out[out.index("Predicted compute per microbatch") :]
     for row in ("stages (layers)", "forward + backward", "1F1B bubble", "predicted step compute"):
         assert row in timing, row
-    cfg = load_config(["--config", PP4])
+    cfg = load_recipe(["--config", PP4])
     layers = "/".join(str(m.layers) for m in _estimate(cfg, ParallelDims.from_config(cfg.parallelism, 8)))
     assert f"split {layers} layers over stages 0-3, chosen to balance the head (cce, " in timing
 

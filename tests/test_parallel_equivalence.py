@@ -26,7 +26,7 @@ from models.initialize import canonical_name
 from tests.dist_utils import run_distributed
 from tests.reference import reference
 from train import train
-from training.config_loader import load_config
+from training.recipe import load_recipe
 
 pytestmark = pytest.mark.multiprocess
 
@@ -75,7 +75,7 @@ def _base(tmp, model):
 
 
 def _train_and_gather(rank, world_size, argv):
-    result = train(load_config(argv))
+    result = train(load_recipe(argv))
     params = {}
     for part in result.model_parts:
         for fqn, p in part.named_parameters():

@@ -6,13 +6,13 @@ from parallelisms.parallel_dims import ParallelDims
 from planning.cost import head_in_layers, stage_cost_inputs, stage_time
 from planning.pipeline_plan import recipe_plan
 from planning.timing import predict_timing, split_summary
-from training.config_loader import load_config
+from training.recipe import load_recipe
 
 PP4 = "configs/qwen3_1p7b_pp4.toml"
 
 
 def _plan(*overrides):
-    cfg = load_config(["--config", PP4, *overrides])
+    cfg = load_recipe(["--config", PP4, *overrides])
     dims = ParallelDims.from_config(cfg.parallelism, 8)
     return cfg, dims, recipe_plan(cfg, dims, 0)
 

@@ -5,11 +5,11 @@ import json
 from scripts.trace_summary import kind_of, summarize
 from tests.dist_utils import run_distributed
 from train import train
-from training.config_loader import load_config
+from training.recipe import load_recipe
 
 
 def _train(rank, world_size, argv):
-    train(load_config(argv))
+    train(load_recipe(argv))
 
 
 def test_every_nth_step_is_traced_and_summarized(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 
 from tests.dist_utils import gloo_worker_threads, run_distributed, train_command
 from train import train
-from training.config_loader import load_config
+from training.recipe import load_recipe
 
 pytestmark = pytest.mark.multiprocess
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +50,7 @@ def test_a_non_finite_stop_publishes_the_save_in_flight_and_exits_1_cleanly(tmp_
 
 def _threads_after_train(rank, world_size, folder):
     train(
-        load_config(
+        load_recipe(
             [
                 "--config",
                 "configs/debug.toml",

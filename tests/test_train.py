@@ -61,7 +61,9 @@ def test_loss_entries_train_identically(tmp_path):
         assert result.returncode == 0, result.stderr[-3000:]
         runs[name] = _losses(tmp_path / name)
     reference = runs.pop("cross_entropy")
+    assert len(reference) == 5, reference
     for name, losses in runs.items():
+        assert len(losses) == len(reference), (name, losses, reference)
         for got, want in zip(losses, reference):
             assert abs(got - want) <= 1e-4 * abs(want), (name, losses, reference)
 
@@ -70,6 +72,7 @@ def test_activation_checkpointing_and_compile_do_not_change_the_numbers(tmp_path
     base = _train(tmp_path / "base", "--training.steps", "3")
     assert base.returncode == 0, base.stderr[-3000:]
     reference = _losses(tmp_path / "base")
+    assert len(reference) == 3, reference
     for label, overrides, rtol in [
         ("full_ac", ["--activation_checkpoint.mode", "full"], 1e-6),
         (
@@ -86,7 +89,9 @@ def test_activation_checkpointing_and_compile_do_not_change_the_numbers(tmp_path
     ]:
         result = _train(tmp_path / label, "--training.steps", "3", *overrides)
         assert result.returncode == 0, (label, result.stderr[-3000:])
-        for got, want in zip(_losses(tmp_path / label), reference):
+        losses = _losses(tmp_path / label)
+        assert len(losses) == len(reference), (label, losses, reference)
+        for got, want in zip(losses, reference):
             assert abs(got - want) <= rtol * abs(want), (label, got, want)
 
 

@@ -16,7 +16,7 @@ import torch
 from config.errors import ConfigError
 from data import ByteTokenizer
 from data.token_stream import load_token_stream
-from training.config_loader import load_config
+from training.recipe import load_recipe
 from training.validation import build_validation_set
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:'set_vital' is deprecated")
 
 
 def _cfg(*overrides):
-    return load_config(
+    return load_recipe(
         [
             "--config",
             str(ROOT / "configs/debug.toml"),

@@ -8,7 +8,7 @@ from config.errors import CheckpointError, ConfigError
 from models.initialize import canonical_name
 from train import train
 from training.checkpoint import CheckpointManager
-from training.config_loader import load_config
+from training.recipe import load_recipe
 
 
 def whole_parameters(parts) -> dict[str, torch.Tensor]:
@@ -33,7 +33,7 @@ def loaded_parameters(argvs: list[list[str]]) -> list[dict[str, torch.Tensor]]:
     CheckpointManager.load = capture
     try:
         for argv in argvs:
-            train(load_config(argv))
+            train(load_recipe(argv))
     finally:
         CheckpointManager.load = load
     return captured
@@ -42,7 +42,7 @@ def loaded_parameters(argvs: list[list[str]]) -> list[dict[str, torch.Tensor]]:
 def refusal(argv: list[str]) -> str:
     """The one-line error a run stops with before its first step (``"not refused"`` if it runs)."""
     try:
-        train(load_config(argv))
+        train(load_recipe(argv))
     except (CheckpointError, ConfigError) as err:
         return str(err)
     return "not refused"

@@ -201,6 +201,7 @@ class CheckpointManager:
 
     def __init__(
         self,
+        *,
         cfg: Checkpoint,
         dump_folder: str,
         parts: list[nn.Module],

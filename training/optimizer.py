@@ -1,6 +1,7 @@
 """AdamW and its warmup + decay schedule."""
 
 import math
+from typing import Optional
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
@@ -38,6 +39,16 @@ def lr_factor(step: int, total_steps: int, cfg: LRScheduler) -> float:
     else:
         shape = 0.5 * (1.0 + math.cos(math.pi * progress))
     return cfg.min_lr_factor + (1.0 - cfg.min_lr_factor) * shape
+
+
+def warmup_warning(total_steps: int, cfg: LRScheduler) -> Optional[str]:
+    """One line when the run ends inside its warmup (obeyed: a short benchmark of a long recipe does)."""
+    if cfg.warmup_steps < total_steps:
+        return None
+    return (
+        f"lr_scheduler.warmup_steps {cfg.warmup_steps} >= training.steps {total_steps}: the run ends inside its "
+        f"warmup, at lr x {lr_factor(total_steps - 1, total_steps, cfg):.2f}; lower warmup_steps for a run that decays"
+    )
 
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, cfg: LRScheduler) -> LambdaLR:

@@ -12,14 +12,15 @@ import torch
 import torch.distributed as dist
 
 from config.job_config import JobConfig
+from config.loader import dump_config
 from losses import choose_loss, recipe_options
 from models.args import ModelArgs
 from parallelisms.parallel_dims import ParallelDims
 from parallelisms.pipeline import PipelinePlan
 from planning.batch import accumulation_steps
 from training.checkpoint import check_writable
-from training.config_loader import dump_config
 from training.metrics import gather_peak_memory_gib
+from training.optimizer import warmup_warning
 
 logger = logging.getLogger("train")
 
@@ -71,6 +72,9 @@ def log_layout(
         vocab_parallel=vp,
     )
     logger.info(f"loss: {choice.describe(vp)}")
+    warning = warmup_warning(t.steps, cfg.lr_scheduler)
+    if warning is not None:
+        logger.warning(warning)
 
 
 def report_memory(dump_folder: str, device: torch.device, plan: Optional[PipelinePlan], rank: int) -> None:

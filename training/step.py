@@ -50,6 +50,7 @@ class TrainStep:
 
     def __init__(
         self,
+        *,
         cfg: JobConfig,
         dims: ParallelDims,
         parts: list[nn.Module],

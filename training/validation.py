@@ -94,6 +94,7 @@ class Validator:
 
     def __init__(
         self,
+        *,
         cfg: JobConfig,
         parts: list[nn.Module],
         plan: Optional[PipelinePlan],

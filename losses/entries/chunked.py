@@ -40,10 +40,13 @@ def _workspace(s: LossShape) -> float:
 
 
 class ChunkedCrossEntropy(OutputLoss):
-    """Never holds more than ``[chunk_size, V]`` logits; see ``chunked_linear_cross_entropy``.
+    """Logits ``chunk_size`` tokens at a time, never more than one ``[chunk, V]`` block, gradients
+    computed in the forward (no recomputation); on CUDA its Triton kernels
+    (``losses/kernels/chunked_triton.py``) keep the block in the GEMM's dtype, elsewhere PyTorch ops.
+    The fastest exact entry measured with bounded memory (docs/performance.md); runs anywhere.
 
-    ``kernels`` is what ``losses/resolve.py`` chose at build time; None (a loss built
-    directly) chooses for each call's tensors the same way.
+    See ``chunked_linear_cross_entropy``. ``kernels`` is what ``losses/resolve.py`` chose at build
+    time; None (a loss built directly) chooses for each call's tensors the same way.
     """
 
     name = "chunked"

@@ -17,8 +17,8 @@ def _workspace(s: LossShape) -> float:
 
 
 class MaterializedCrossEntropy(OutputLoss):
-    """``F.cross_entropy`` on fp32 ``[N, V]`` logits: simple, and the memory cost this
-    project avoids elsewhere. Use it to check the other entries or for small vocabularies."""
+    """``F.cross_entropy`` on materialized fp32 ``[N, V]`` logits: the reference, and the memory cost
+    this project avoids elsewhere. Use it to check the other entries or for small vocabularies."""
 
     name = "cross_entropy"
     facts = LossFacts(
