@@ -41,6 +41,7 @@ from training.metrics import MetricsLogger, Throughput, peak_flops, peak_memory_
 from training.optimizer import build_lr_scheduler, build_optimizer
 from training.preemption import StopRequest
 from training.profiling import start_profiler
+from training.run_folder import hold as hold_run_folder
 from training.run_log import check_output_folders, log_layout, log_run, report_memory
 from training.step import NonFiniteLossError, StepOutcome, TrainStep
 from training.token_normalization import GlobalTokenMeanLoss
@@ -68,15 +69,24 @@ class TrainResult:
 
 
 def train(cfg: JobConfig, faults: Optional[FaultWatch] = None) -> TrainResult:
-    """Run the recipe in the current process group (started here if there is none).
+    """Run the recipe in the current process group (started here if there is none), holding the dump
+    folder's lock (training/run_folder.py) from before anything is written into it to the end.
 
     ``faults`` (``main`` passes one) is started on that group to name ranks that die or hang.
     """
-    t = cfg.training
-    device = resolve_device(t.device)
+    device = resolve_device(cfg.training.device)
     rank, world_size = init_distributed(device, cfg.comm.init_timeout_seconds)
     if faults is not None:
         faults.start()
+    with hold_run_folder(cfg.job):
+        return _train(cfg, device, rank, world_size, faults)
+
+
+def _train(
+    cfg: JobConfig, device: torch.device, rank: int, world_size: int, faults: Optional[FaultWatch]
+) -> TrainResult:
+    """The composition, in order, while this run holds the dump folder."""
+    t = cfg.training
     dims = ParallelDims.from_config(cfg.parallelism, world_size)
     global_batch = global_batch_size(cfg, dims)
     mesh, dp_mesh = dims.build_mesh(device.type)

@@ -20,6 +20,11 @@ AttnMaskType = Literal["causal", "block_causal"]
 class Job:
     dump_folder: str = "./outputs"
     description: str = ""
+    force_unlock: bool = False
+    """Take over the dump folder's ``run.lock`` when its holder ran on another host or container, where this
+    run cannot tell whether it still runs: only once you know that run is gone (its job ended, its node died).
+    A stale lock of this host, or of an earlier start of the same Slurm job, is taken over without it; a
+    holder still running on this host never is."""
 
 
 @dataclass
