@@ -1,9 +1,9 @@
 """Train a recipe: ``torchrun --nproc_per_node=N train.py --config configs/X.toml [--section.key value ...]``.
 
-``train`` is the whole composition, in order: process group and mesh → data → model
-(meta) → pipeline split → parallelize → init weights → loss from the registry →
-optimizer → checkpoint → loop. ``main`` turns what can go wrong into one line and an
-exit code, and closes the process group on every way out.
+``train`` is the whole composition, in order: process group → the dump folder's lock → mesh →
+data → model (meta) → pipeline split → parallelize → init weights → loss from the registry →
+optimizer → checkpoint → (every check passed) config.toml and metrics → loop. ``main`` turns
+what can go wrong into one line and an exit code, and closes the process group on every way out.
 """
 
 import logging
@@ -42,7 +42,7 @@ from training.optimizer import build_lr_scheduler, build_optimizer
 from training.preemption import StopRequest
 from training.profiling import start_profiler
 from training.run_folder import hold as hold_run_folder
-from training.run_log import check_output_folders, log_layout, log_run, report_memory
+from training.run_log import check_output_folders, log_layout, log_run, report_memory, write_config
 from training.step import NonFiniteLossError, StepOutcome, TrainStep
 from training.token_normalization import GlobalTokenMeanLoss
 from training.validation import Validator, build_validation_set
@@ -94,7 +94,7 @@ def _train(
     model_args = _model_args(cfg)
     check_output_folders(cfg)
     if rank == 0:
-        log_run(cfg, dims, mesh, device)
+        log_run(dims, mesh, device)
     plan = _plan_pipeline(cfg, dims, mesh["pp"].get_local_rank(), device) if dims.pp > 1 else None
     if plan is not None and rank == 0:
         logger.info(split_summary(cfg, dims, plan))
@@ -142,12 +142,17 @@ def _train(
         cfg.checkpoint, cfg.job.dump_folder, parts, optimizers, schedulers, dataloader, cfg.model.name, model_args
     )
     start_step = checkpoint.load()
+    data_iter = checkpoint.data_iterator()
+    # Every check has passed (the last ones: the checkpoint's model and data position): only now does the
+    # run leave its recipe and metrics in the folder.
+    if rank == 0:
+        write_config(cfg)
     metrics = MetricsLogger(
         cfg.job.dump_folder, cfg.metrics.enable_tensorboard, active=rank == 0, append=start_step > 0
     )
     if rank == 0:
         log_layout(cfg, model_args, dims, device, param_dtype, global_batch)
-    losses, grad_norms, validation, data_iter = [], [], {}, checkpoint.data_iterator()
+    losses, grad_norms, validation = [], [], {}
     stop_request, stopped_at = StopRequest(), None
     # Groups made since init_process_group had the backend's default; an async save's keeps it.
     set_pg_timeouts(cfg.comm.init_timeout_seconds, device, exclude=(checkpoint.async_group,))
