@@ -37,7 +37,9 @@ from planning.timing import split_summary
 from training.checkpoint import CheckpointManager
 from training.config_loader import load_config
 from training.faults import FaultWatch, is_collective_failure
-from training.metrics import MetricsLogger, Throughput, peak_flops, peak_memory_gib, pipeline_peak_memory
+from training.metrics.device import Throughput, peak_flops, peak_memory_gib, pipeline_peak_memory
+from training.metrics.logger import MetricsLogger
+from training.metrics.writers import check_backends
 from training.optimizer import build_lr_scheduler, build_optimizer
 from training.preemption import StopRequest
 from training.profiling import start_profiler
@@ -74,6 +76,7 @@ def train(cfg: JobConfig, faults: Optional[FaultWatch] = None) -> TrainResult:
 
     ``faults`` (``main`` passes one) is started on that group to name ranks that die or hang.
     """
+    check_backends(cfg.metrics)
     device = resolve_device(cfg.training.device)
     rank, world_size = init_distributed(device, cfg.comm.init_timeout_seconds)
     if faults is not None:
@@ -147,9 +150,7 @@ def _train(
     # run leave its recipe and metrics in the folder.
     if rank == 0:
         write_config(cfg)
-    metrics = MetricsLogger(
-        cfg.job.dump_folder, cfg.metrics.enable_tensorboard, active=rank == 0, append=start_step > 0
-    )
+    metrics = MetricsLogger(cfg, start_step, active=rank == 0)
     if rank == 0:
         log_layout(cfg, model_args, dims, device, param_dtype, global_batch)
     losses, grad_norms, validation = [], [], {}

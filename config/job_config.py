@@ -119,6 +119,13 @@ class Compile:
 class Metrics:
     log_freq: int = 1
     enable_tensorboard: bool = False
+    enable_wandb: bool = False
+    """Also log the same scalars to Weights & Biases, from rank 0 (needs ``pip install wandb``). W&B's own
+    environment variables choose where: ``WANDB_PROJECT`` (default "headroom"), ``WANDB_ENTITY``,
+    ``WANDB_NAME``, ``WANDB_RUN_GROUP``; the effective recipe is the run's config. Each launch is a W&B run of
+    its own (``WANDB_RUN_ID`` and ``WANDB_RESUME=allow`` continue one). ``WANDB_MODE=offline`` writes under
+    ``<dump_folder>/wandb`` for a later ``wandb sync``; without ``WANDB_MODE`` the run goes offline by itself,
+    with a warning, when the W&B server does not answer within seconds or the online start fails."""
 
 
 @dataclass

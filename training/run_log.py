@@ -19,7 +19,7 @@ from parallelisms.pipeline import PipelinePlan
 from planning.batch import accumulation_steps
 from training.checkpoint import check_writable
 from training.config_loader import dump_config
-from training.metrics import gather_peak_memory_gib
+from training.metrics.device import gather_peak_memory_gib
 
 logger = logging.getLogger("train")
 
