@@ -1,9 +1,9 @@
 """Train a recipe: ``torchrun --nproc_per_node=N train.py --config configs/X.toml [--section.key value ...]``.
 
-``train`` is the whole composition, in order: process group and mesh → data → model
-(meta) → pipeline split → parallelize → init weights → loss from the registry →
-optimizer → checkpoint → loop. ``main`` turns what can go wrong into one line and an
-exit code, and closes the process group on every way out.
+``train`` is the whole composition, in order: process group → the dump folder's lock → mesh →
+data → model (meta) → pipeline split → parallelize → init weights → loss from the registry →
+optimizer → checkpoint → (every check passed) config.toml and metrics → loop. ``main`` turns
+what can go wrong into one line and an exit code, and closes the process group on every way out.
 """
 
 import logging
@@ -36,12 +36,15 @@ from planning.pipeline_plan import recipe_plan
 from planning.timing import split_summary
 from training.checkpoint import CheckpointManager
 from training.faults import FaultWatch, is_collective_failure
-from training.metrics import MetricsLogger, Throughput, peak_flops, peak_memory_gib, pipeline_peak_memory
+from training.metrics.device import Throughput, peak_flops, peak_memory_gib, pipeline_peak_memory
+from training.metrics.logger import MetricsLogger
+from training.metrics.writers import check_backends
 from training.optimizer import build_lr_scheduler, build_optimizer
 from training.preemption import StopRequest
 from training.profiling import start_profiler
 from training.recipe import load_recipe
-from training.run_log import check_output_folders, log_layout, log_run, report_memory
+from training.run_folder import hold as hold_run_folder
+from training.run_log import check_output_folders, log_layout, log_run, report_memory, write_config
 from training.step import NonFiniteLossError, StepOutcome, TrainStep
 from training.token_normalization import GlobalTokenMeanLoss
 from training.validation import Validator, build_validation_set
@@ -68,15 +71,25 @@ class TrainResult:
 
 
 def train(cfg: JobConfig, faults: Optional[FaultWatch] = None) -> TrainResult:
-    """Run the recipe in the current process group (started here if there is none).
+    """Run the recipe in the current process group (started here if there is none), holding the dump
+    folder's lock (training/run_folder.py) from before anything is written into it to the end.
 
     ``faults`` (``main`` passes one) is started on that group to name ranks that die or hang.
     """
-    t = cfg.training
-    device = resolve_device(t.device)
+    check_backends(cfg.metrics)
+    device = resolve_device(cfg.training.device)
     rank, world_size = init_distributed(device, cfg.comm.init_timeout_seconds)
     if faults is not None:
         faults.start()
+    with hold_run_folder(cfg.job):
+        return _train(cfg, device, rank, world_size, faults)
+
+
+def _train(
+    cfg: JobConfig, device: torch.device, rank: int, world_size: int, faults: Optional[FaultWatch]
+) -> TrainResult:
+    """The composition, in order, while this run holds the dump folder."""
+    t = cfg.training
     dims = ParallelDims.from_config(cfg.parallelism, world_size)
     global_batch = global_batch_size(cfg, dims)
     mesh, dp_mesh = dims.build_mesh(device.type)
@@ -84,7 +97,7 @@ def train(cfg: JobConfig, faults: Optional[FaultWatch] = None) -> TrainResult:
     model_args = _model_args(cfg)
     check_output_folders(cfg)
     if rank == 0:
-        log_run(cfg, dims, mesh, device)
+        log_run(dims, mesh, device)
     plan = _plan_pipeline(cfg, dims, mesh["pp"].get_local_rank(), device) if dims.pp > 1 else None
     if plan is not None and rank == 0:
         logger.info(split_summary(cfg, dims, plan))
@@ -159,12 +172,15 @@ def train(cfg: JobConfig, faults: Optional[FaultWatch] = None) -> TrainResult:
         model_args=model_args,
     )
     start_step = checkpoint.load()
-    metrics = MetricsLogger(
-        cfg.job.dump_folder, cfg.metrics.enable_tensorboard, active=rank == 0, append=start_step > 0
-    )
+    data_iter = checkpoint.data_iterator()
+    # Every check has passed (the last ones: the checkpoint's model and data position): only now does the
+    # run leave its recipe and metrics in the folder.
+    if rank == 0:
+        write_config(cfg)
+    metrics = MetricsLogger(cfg, start_step, active=rank == 0)
     if rank == 0:
         log_layout(cfg, model_args, dims, device, param_dtype, global_batch)
-    losses, grad_norms, validation, data_iter = [], [], {}, checkpoint.data_iterator()
+    losses, grad_norms, validation = [], [], {}
     stop_request, stopped_at = StopRequest(), None
     # Groups made since init_process_group had the backend's default; an async save's keeps it.
     set_pg_timeouts(cfg.comm.init_timeout_seconds, device, exclude=(checkpoint.async_group,))

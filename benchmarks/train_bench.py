@@ -53,7 +53,8 @@ def run(config: str, nproc: int, steps: int, warmup: int, extra: list[str], labe
     if proc.returncode != 0:
         tail = log_path.read_text().splitlines()[-15:]
         return {"label": label, "error": f"exit {proc.returncode}: " + " | ".join(tail)}
-    rows = [json.loads(line) for line in (dump / "metrics.jsonl").read_text().splitlines()]
+    lines = (dump / "metrics.jsonl").read_text().splitlines()
+    rows = [r for r in map(json.loads, lines) if "loss" in r]  # a fresh folder: the run's start record, then steps
     steady = [r for r in rows if r["step"] > warmup] or rows
     memory = json.loads((dump / "memory.json").read_text())
     mfu = [r["mfu_percent"] for r in steady if r["mfu_percent"] is not None]

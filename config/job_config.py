@@ -39,6 +39,12 @@ class Job:
     description: str = ""
     """Free text for the reader of the recipe; the trainer does not read or log it."""
 
+    force_unlock: bool = False
+    """Take over the dump folder's `run.lock` when its holder ran on another host or container, where this
+    run cannot tell whether it still runs: only once you know that run is gone (its job ended, its node died).
+    A stale lock of this host, or of an earlier start of the same Slurm job, is taken over without it; a
+    holder still running on this host never is."""
+
 
 @dataclass
 class Model:
@@ -430,6 +436,14 @@ class Metrics:
 
     enable_tensorboard: bool = False
     """Also write the same scalars to `<dump_folder>/tensorboard` (needs the `tensorboard` package)."""
+
+    enable_wandb: bool = False
+    """Also log the same scalars to Weights & Biases, from rank 0 (needs `pip install wandb`). W&B's own
+    environment variables choose where: `WANDB_PROJECT` (default "headroom"), `WANDB_ENTITY`,
+    `WANDB_NAME`, `WANDB_RUN_GROUP`; the effective recipe is the run's config. Each launch is a W&B run of
+    its own (`WANDB_RUN_ID` and `WANDB_RESUME=allow` continue one). `WANDB_MODE=offline` writes under
+    `<dump_folder>/wandb` for a later `wandb sync`; without `WANDB_MODE` the run goes offline by itself,
+    with a warning, when the W&B server does not answer within seconds or the online start fails."""
 
 
 @dataclass

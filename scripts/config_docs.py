@@ -77,23 +77,28 @@ noted:
    ranges in the tables below (the pipeline schedule name, `compile.components`, ...),
    that no float is `inf` or `nan`, then each section's rules between its keys
    (`pipeline_parallel_layers_per_stage` vs `pipeline_parallel_stage_split_points`)
-   and the rules between sections (`lr_scheduler.warmup_steps` vs `training.steps`,
-   `[validation]` vs `[training]`). Then what other packages own: the flavor of the
-   chosen model, every `[loss]` option against the chosen entry and the vocab-parallel
-   head, that `checkpoint.initial_load_path` is a checkpoint or Hugging Face folder.
-2. `train()`, after the process group starts and before data or model: the
-   degrees against the world size, `global_batch_size` divisibility, `seq_len`
-   against the flavor, the pipeline split and microbatch rules, that `job.dump_folder`
-   and, with `checkpoint.enable`, `checkpoint.folder` can be created and written, the
-   tokenizer, the dataset (path, enough tokens for one window, tokenizer ids fit
-   `vocab_size`).
-3. When the loss is built (after the model is materialized and initialized):
-   `cce` on a non-CUDA device, `cce`/`cce_torch_compile` with a head bias.
+   and the rules between sections (`[validation]` vs `[training]`). Then what other
+   packages own: the flavor of the chosen model, every `[loss]` option against the
+   chosen entry and the vocab-parallel head, that `checkpoint.initial_load_path` is a
+   checkpoint or Hugging Face folder.
+2. `train()`: before the process group starts, that the packages of the enabled
+   metrics backends are installed (`tensorboard`, `wandb`); once it has started,
+   that no other run holds `job.dump_folder` (its `run.lock`; README "Reading the
+   metrics"), then, before data or model: the degrees against the world size,
+   `global_batch_size` divisibility, `seq_len` against the flavor, the pipeline
+   split and microbatch rules, that `job.dump_folder` and, with `checkpoint.enable`,
+   `checkpoint.folder` can be created and written, the tokenizer, the dataset (path,
+   enough tokens for one window, tokenizer ids fit `vocab_size`).
+3. When the loss is built (after the model is materialized and initialized): that
+   the named entry can compute the loss on the run's device and dtype (e.g. `cce`
+   on a CPU, or with `float32` params), with one line naming why and what to use.
+4. When the checkpoint is loaded: that it was written for this model, and that its data
+   position fits this recipe. Only then does the run write `config.toml` and append to
+   `metrics.jsonl`: a run refused by any check leaves them as they were.
 
 Not a `ConfigError`: `training.device = "cuda"` with no visible GPU
-(`RuntimeError`), and `cce` with float32 hidden states (`ValueError` in the first
-forward, see `[loss]`). A non-finite loss stops the run with `stopped: ...` and
-exit status 1.
+(`RuntimeError`). A non-finite loss stops the run with `stopped: ...` and exit
+status 1.
 """
 
 HEADER = ("key", "type", "default", "allowed values", "what it does")

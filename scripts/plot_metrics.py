@@ -5,13 +5,20 @@
 
 Each run is a dump folder (its metrics.jsonl is read) or a .jsonl path. Panels: loss, tokens/s,
 and validation loss, grad norm and peak memory where the runs logged them; runs are overlaid,
-labelled by folder name unless --labels says otherwise. Needs matplotlib (pip install matplotlib).
+labelled by folder name unless --labels says otherwise. A run resumed or rolled back in the same
+folder is drawn as the branch that continued (training/metrics/records.py); a line that is not a
+record (a torn write) is skipped with one warning per file. The PNG's folder is created if missing.
+Needs matplotlib (pip install matplotlib).
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python scripts/plot_metrics.py`: the repository is one folder up
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from training.metrics.records import continued_branch, parse
 
 # (key in metrics.jsonl, y-axis label); loss and tokens/s always, the others when logged.
 PANELS = [
@@ -29,21 +36,21 @@ class InputError(Exception):
 
 
 def load_run(path: Path) -> list[dict]:
-    """The rows of one run's metrics.jsonl; InputError names the file and line of anything wrong."""
+    """The records of the branch that continued in one run's metrics.jsonl; lines that are not records are
+    skipped with one warning (on stderr) naming the file and line. InputError: no file, or no steps in it."""
     file = path / "metrics.jsonl" if path.is_dir() else path
     if not file.is_file():
         raise InputError(f"{file}: no such file")
-    rows = []
-    for n, line in enumerate(file.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise InputError(f"{file}:{n}: not JSON ({err.msg})") from None
-        if not isinstance(row, dict) or "step" not in row:
-            raise InputError(f"{file}:{n}: not a metrics record (a JSON object with a 'step')")
-        rows.append(row)
+    with open(file, errors="replace") as f:
+        records, bad = parse(f)
+    if bad:
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        print(
+            f"plot_metrics.py: warning: {file}:{bad[0]}{more}: not a metrics record (a JSON object with a "
+            "'step'), skipped",
+            file=sys.stderr,
+        )
+    rows = continued_branch(records)
     if not rows:
         raise InputError(f"{file}: empty, no steps logged")
     return rows
@@ -111,7 +118,13 @@ def main(argv: list[str]) -> int:
         print("plot_metrics.py: needs matplotlib: pip install matplotlib", file=sys.stderr)
         return 1
     matplotlib.use("Agg")  # files only: no display on a cluster node
-    plot(runs, args.output)
+    try:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        plot(runs, args.output)
+    except OSError as err:
+        where = f": {err.filename}" if err.filename else ""
+        print(f"plot_metrics.py: cannot write {args.output} ({err.strerror or err}{where})", file=sys.stderr)
+        return 1
     print(f"wrote {args.output} ({len(runs)} run(s): {', '.join(runs)})")
     return 0
 

@@ -18,6 +18,7 @@ from config.loader import dump_config, load_config
 from parallelisms.distributed import set_pg_timeouts
 from tests.dist_utils import run_distributed, train_command
 from training.faults import CHECK_IN_SECONDS, is_collective_failure
+from training.metrics.records import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_TIMEOUT = 5
@@ -98,7 +99,7 @@ def _start_run(folder: Path, log: Path, nproc: int = 2) -> subprocess.Popen:
 def _workers_after_step_3(proc: subprocess.Popen, folder: Path, log: Path) -> dict[int, int]:
     """{rank: pid} of torchrun's workers, once step 3 is logged (the train timeout holds from step 2)."""
     metrics, deadline = folder / "metrics.jsonl", time.monotonic() + 240
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+    while not (metrics.exists() and len(read_metrics(metrics)) >= 3):
         assert proc.poll() is None, log.read_text()[-3000:]
         assert time.monotonic() < deadline, "the run did not reach step 3"
         time.sleep(0.1)

@@ -1,7 +1,6 @@
 """scripts/multinode.slurm and scripts/slurm_launch.sh without a cluster: fake Slurm variables, two
 "nodes" on this machine meeting over loopback, gloo on the CPU."""
 
-import json
 import os
 import signal
 import subprocess
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.dist_utils import free_port
+from training.metrics.records import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "scripts" / "slurm_launch.sh"
@@ -71,8 +71,7 @@ def test_two_fake_nodes_of_two_processes_train_as_one_world_of_four(tmp_path):
     # Global rank 0 sits on whichever node the rendezvous put it: look in both consoles.
     rank0 = [line for out in outputs for line in out.splitlines() if line.startswith("[rank0]:")]
     assert any("world 4 = pp 1 x dp_replicate 1 x dp_shard 4" in line for line in rank0), "\n".join(rank0)
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3, 4]
     # Every rank's output is kept: 2 nodes x 2 local ranks.
     assert len(list((tmp_path / "logs").glob("node*/*/attempt_0/*/stdout.log"))) == 4
 

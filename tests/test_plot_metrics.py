@@ -1,4 +1,5 @@
-"""scripts/plot_metrics.py: a PNG from two runs, and one-line errors for bad input."""
+"""scripts/plot_metrics.py: a PNG from two runs, the branch that continued after a rollback, and one line for
+bad input (an error, or a warning for a line that is not a record)."""
 
 import json
 import subprocess
@@ -96,9 +97,53 @@ def test_bad_input_is_one_line_that_names_the_file_and_line(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     assert _error(_plot(empty)) == f"plot_metrics.py: {empty}: empty, no steps logged"
-    broken = tmp_path / "broken.jsonl"
-    broken.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n')
-    assert _error(_plot(broken)).startswith(f"plot_metrics.py: {broken}:2: not JSON")
+    only_a_start = tmp_path / "started.jsonl"
+    only_a_start.write_text('{"event": "start", "step": 0}\n')
+    assert _error(_plot(only_a_start)) == f"plot_metrics.py: {only_a_start}: empty, no steps logged"
+
+
+def _record(step: int, loss: float) -> str:
+    return json.dumps({"step": step, "loss": loss, "tokens_per_second": 100.0}) + "\n"
+
+
+def test_a_rollback_is_drawn_as_the_branch_that_continued(tmp_path):
+    """Steps 3-4 and a validation at 4 written before a resume from step 2 are an abandoned branch."""
+    lines = [
+        '{"event": "start", "step": 0}\n',
+        *(_record(s, 10.0 - s) for s in (1, 2, 3, 4)),
+        '{"step": 4, "validation_loss": 6.5}\n',
+        '{"event": "resume", "step": 2, "rolled_back_from": 4}\n',
+        _record(3, 5.5),
+        _record(4, 5.0),
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(lines))
+    rows = load_run(tmp_path)
+    assert [(r["step"], r["loss"]) for r in rows] == [(1, 9.0), (2, 8.0), (3, 5.5), (4, 5.0)]
+
+    # A rerun from scratch keeps only its own records.
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"event": "start", "step": 0, "rolled_back_from": 4}\n' + _record(1, 7.0))
+    assert [(r["step"], r["loss"]) for r in load_run(tmp_path)] == [(1, 7.0)]
+
+
+def test_a_line_that_is_not_a_record_is_one_warning_and_the_png_goes_where_asked(tmp_path):
+    pytest.importorskip("matplotlib")
+    torn = tmp_path / "torn.jsonl"  # a stray "}" and a half-written line, as two writers of one file left them
+    torn.write_text(_record(1, 3.0) + "}\n" + _record(2, 2.0) + '{"step": 3, "lo\n' + _record(3, 1.0))
+    out = tmp_path / "missing" / "folder" / "curves.png"
+    result = _plot(torn, "-o", out)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        f"plot_metrics.py: warning: {torn}:2 and 1 more: not a metrics record (a JSON object with a 'step'), skipped"
+    ]
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [r["loss"] for r in load_run(torn)] == [3.0, 2.0, 1.0]
+
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "clean.jsonl").write_text(_record(1, 3.0))
+    assert _error(_plot(tmp_path / "clean.jsonl", "-o", tmp_path / "a_file" / "x.png")) == (
+        f"plot_metrics.py: cannot write {tmp_path / 'a_file' / 'x.png'} (File exists: {tmp_path / 'a_file'})"
+    )
 
 
 def test_without_matplotlib_it_says_what_to_install(tmp_path):

@@ -1,6 +1,5 @@
 """A signal (Slurm preemption: SIGTERM, or SIGUSR1 with --signal) ends the step, checkpoints, exits 0."""
 
-import json
 import os
 import signal
 import subprocess
@@ -10,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.dist_utils import train_command
+from training.metrics.records import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 60
@@ -22,15 +22,14 @@ def _command(folder, nproc):
 
 
 def _losses(folder):
-    rows = [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows}
+    return {r["step"]: r["loss"] for r in read_metrics(Path(folder) / "metrics.jsonl")}
 
 
 def _signal_after_step_2(proc, folder, signum, nproc):
     metrics = Path(folder) / "metrics.jsonl"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+        if metrics.exists() and len(read_metrics(metrics)) >= 2:
             break
         assert proc.poll() is None, proc.communicate()
         time.sleep(0.05)
@@ -61,6 +60,7 @@ def test_signal_checkpoints_and_the_rerun_continues_exactly(tmp_path, nproc, sig
     assert "stopping after step" in out + err
     saved = [p.name for p in (folder / "checkpoint").iterdir()]
     assert len(saved) == 1 and saved[0] != f"step-{STEPS}", saved
+    assert not (folder / "run.lock").exists()  # released on the way out
 
     rerun = subprocess.run(_command(folder, nproc), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]

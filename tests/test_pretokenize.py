@@ -18,6 +18,7 @@ from data.token_stream import DOCUMENT_SUFFIXES, load_token_stream
 from scripts import pretokenize
 from tests.dist_utils import train_command
 from tests.word_tokenizer import write_word_tokenizer
+from training.metrics.records import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -174,4 +175,4 @@ def test_shipped_corpus_pretokenized_trains_with_dataset_tokens(tmp_path, capsys
     )
     result = subprocess.run(train, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
+    assert len(read_metrics(tmp_path / "run" / "metrics.jsonl")) == 2

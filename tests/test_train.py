@@ -13,6 +13,7 @@ from config.errors import ConfigError
 from config.job_config import Parallelism
 from parallelisms.parallel_dims import ParallelDims
 from planning.pipeline_plan import plan_pipeline
+from training.metrics.records import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,7 +24,7 @@ def _train(tmp_path, *overrides, timeout=600):
 
 
 def _losses(folder):
-    return [json.loads(line)["loss"] for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in read_metrics(Path(folder) / "metrics.jsonl")]
 
 
 def test_run_train_sh_trains_the_default_recipe_and_the_loss_falls(tmp_path):
@@ -44,7 +45,7 @@ def test_run_train_sh_trains_the_default_recipe_and_the_loss_falls(tmp_path):
         env=env,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, 13))
     assert set(rows[0]) == {"step", "loss", "lr", "grad_norm", "tokens_per_second", "mfu_percent", "peak_memory_gib"}
     assert rows[-1]["loss"] < rows[0]["loss"] - 1.0
@@ -122,7 +123,7 @@ def test_nonfinite_skip_mode_counts_then_stops(tmp_path):
     # metrics.jsonl stays strict JSON: the skipped steps' non-finite figures are null, and their
     # console lines say which and why
     rows = [json.loads(line, parse_constant=_no_nan) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    skipped = [r for r in rows if r["grad_norm"] is None]
+    skipped = [r for r in rows[1:] if r["grad_norm"] is None]  # after the run's start record
     assert len(skipped) == 2 and all(r["lr"] is not None for r in skipped)
     assert len(re.findall(r"\(non-finite [a-z_, ]*grad_norm[a-z_, ]*: update skipped", result.stdout)) == 2
 

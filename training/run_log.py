@@ -1,5 +1,5 @@
 """What a run writes about itself besides its metrics: versions and layout at the start, the effective
-recipe (``config.toml``), and every rank's peak memory at the end (``memory.json``)."""
+recipe (``config.toml``) once it is accepted, and every rank's peak memory at the end (``memory.json``)."""
 
 import importlib.metadata
 import json
@@ -19,7 +19,7 @@ from parallelisms.parallel_dims import ParallelDims
 from parallelisms.pipeline import PipelinePlan
 from planning.batch import accumulation_steps
 from training.checkpoint import check_writable
-from training.metrics import gather_peak_memory_gib
+from training.metrics.device import gather_peak_memory_gib
 from training.optimizer import warmup_warning
 
 logger = logging.getLogger("train")
@@ -33,8 +33,8 @@ def check_output_folders(cfg: JobConfig) -> None:
         check_writable(Path(cfg.job.dump_folder) / cfg.checkpoint.folder, "checkpoint.folder")
 
 
-def log_run(cfg: JobConfig, dims: ParallelDims, mesh, device: torch.device) -> None:
-    """Versions, the rank layout and the effective recipe (<dump_folder>/config.toml); rank 0 only."""
+def log_run(dims: ParallelDims, mesh, device: torch.device) -> None:
+    """Versions and the rank layout; rank 0 only."""
     versions = [f"torch {torch.__version__}"]
     for name in ("triton", "cut-cross-entropy"):  # read from the installed metadata: importing triton takes seconds
         try:
@@ -46,9 +46,16 @@ def log_run(cfg: JobConfig, dims: ParallelDims, mesh, device: torch.device) -> N
     for p in range(dims.pp):
         groups = " ".join(str(g) for g in grid[p].reshape(-1, dims.dp_shard).tolist())
         logger.info(f"pipeline rank {p}: dp_shard groups {groups}")
-    os.makedirs(cfg.job.dump_folder, exist_ok=True)
-    with open(os.path.join(cfg.job.dump_folder, "config.toml"), "w") as f:
-        f.write(dump_config(cfg))
+
+
+def write_config(cfg: JobConfig) -> None:
+    """The effective recipe, ``<dump_folder>/config.toml`` (rank 0): written once every start-up check has
+    passed (the checkpoint's model included), so that a refused run leaves the folder's recipe as it was;
+    replaced whole, so that no reader sees half of it."""
+    path = Path(cfg.job.dump_folder) / "config.toml"
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(dump_config(cfg))
+    os.replace(partial, path)
 
 
 def log_layout(
