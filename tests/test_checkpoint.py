@@ -4,14 +4,17 @@ import logging
 import random
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from config.errors import CheckpointError, ConfigError
 from tests.dist_utils import run_distributed
 from tests.weights import loaded_parameters, refusal, whole_parameters
 from train import train
+from training.checksums import damaged_files
 from training.config_loader import load_config
 
 pytestmark = pytest.mark.multiprocess
@@ -53,6 +56,8 @@ def _losses(rank, world_size, argv):
 def _run(world_size, argv):
     return run_distributed(_losses, world_size, argv, timeout_s=300)[0]
 
+
+ASYNC = ["--checkpoint.async_mode", "async"]
 
 LAYOUTS = {
     "single": (1, []),
@@ -136,19 +141,52 @@ def test_vocab_parallel_checkpoint_over_4_ranks_loads_into_2_and_into_no_vocab_p
     _continue_elsewhere(tmp_path, source, expected, [("dp_shard2_vp", 2, VP), ("single", 1, [])])
 
 
+def _overwrite_4kb(file: Path) -> None:
+    with file.open("r+b") as f:
+        f.seek(file.stat().st_size // 2)
+        f.write(random.Random(0).randbytes(4096))
+
+
+def _blocked_save(rank, world_size, root, *extra):
+    """Save steps 2 and 4, step-4's folder taken by a file (a folder that cannot take the save): the error
+    on each rank, what the checkpoint folder holds after, and whether step-2 still checks out."""
+    folder = root / "checkpoint"
+    if rank == 0:
+        folder.mkdir(parents=True)
+        (folder / "step-4.partial").write_text("in the way")
+    dist.barrier()
+    error = refusal(_argv(root, 4, "--checkpoint.interval", "2", *extra))
+    return error, sorted(p.name for p in folder.iterdir()), damaged_files(folder / "step-2", set())
+
+
+@pytest.mark.parametrize("world, extra", [(1, []), (2, ASYNC)], ids=["sync_1_rank", "async_2_ranks"])
+def test_a_save_the_folder_refuses_stops_every_rank_with_one_line(tmp_path, world, extra):
+    ranks = run_distributed(_blocked_save, world, tmp_path, *extra, timeout_s=300)
+    (error,) = {error for error, _, _ in ranks}
+    folder = tmp_path / "checkpoint"
+    assert re.fullmatch(
+        rf"cannot save step-4 in {folder} \(\[Errno 17\] File exists: '{folder}/step-4\.partial'\); "
+        r"make it writable \(or free space\) and rerun, which resumes the newest complete checkpoint",
+        error,
+    ), error
+    assert ranks[0][1:] == (["step-2", "step-4.partial"], [])  # the saved step-2 is whole
+
+
 def _bad_resumes(rank, world_size, root):
     """The error of each resume that must be refused (step-5, then step-4 damaged in between), and what is left."""
     folder = root / "checkpoint"
     train(load_config(_argv(root, 5, "--checkpoint.interval", "2")))
     errors = [
         refusal(_argv(root, 6, *extra))
-        for extra in (["--training.global_batch_size", "4"], ["--checkpoint.load_step", "3"])
+        for extra in (
+            ["--training.global_batch_size", "4"],
+            ["--checkpoint.load_step", "3"],
+        )
     ]
     for data_file in (folder / "step-5").glob("*.distcp"):
         data_file.write_bytes(data_file.read_bytes()[:100])  # truncated
     errors.append(refusal(_argv(root, 6)))
-    for data_file in (folder / "step-4").glob("*.distcp"):  # overwritten, same size
-        data_file.write_bytes(random.Random(0).randbytes(data_file.stat().st_size))
+    _overwrite_4kb(folder / "step-4" / "__0_0.distcp")  # the same size, every item where .metadata says
     errors.append(refusal(_argv(root, 6, "--checkpoint.load_step", "4")))
     return errors, sorted(p.name for p in folder.iterdir())
 
@@ -163,7 +201,7 @@ def test_bad_checkpoints_are_refused_with_the_reason(tmp_path):
         r"no complete checkpoint step-3 in .*complete ones: \[2, 4, 5\]",
         r"step-5 is corrupt \(__0_0\.distcp: truncated \(100 of \d+ bytes\)\); "
         r"resume another complete one with --checkpoint\.load_step N \(N: 2, 4\), delete it",
-        r"step-4 is corrupt \(__0_0\.distcp: overwritten .*\); "
+        r"step-4 is corrupt \(__0_0\.distcp: damaged \(crc32 [0-9a-f]{8}, saved as [0-9a-f]{8}\)\); "
         r"resume another complete one with --checkpoint\.load_step N \(N: 2, 5\), delete it",
     ]
     for error, pattern in zip(errors, expected, strict=True):
@@ -193,20 +231,24 @@ def test_a_folder_that_cannot_be_written_stops_the_run_before_anything_is_built(
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
-ASYNC = ["--checkpoint.async_mode", "async"]
-
-
 def _sync_and_async(rank, world_size, root):
     sync = train(load_config(_argv(root / "sync", 10))).losses
     in_background = train(load_config(_argv(root / "async", 10, *ASYNC))).losses
     resumed = train(load_config(_argv(root / "async", 10, *ASYNC, "--checkpoint.load_step", "5"))).losses
-    return sync, in_background, resumed
+    if rank == 1:  # rank 1's file of the sync step-10, 4 KB overwritten in place: rank 1 checks it, both refuse
+        _overwrite_4kb(root / "sync" / "checkpoint" / "step-10" / "__1_0.distcp")
+    dist.barrier()
+    return sync, in_background, resumed, refusal(_argv(root / "sync", 11))
 
 
 def test_async_saves_resume_like_sync_ones(tmp_path):
-    """The step-5 save is written while steps 6-10 run; resuming it continues bitwise, as a sync save does."""
-    sync, in_background, resumed = run_distributed(_sync_and_async, 2, tmp_path, timeout_s=300)[0]
+    """The step-5 save is written while steps 6-10 run; resuming it continues bitwise, as a sync save does.
+    A damaged file is named by every rank, whichever rank checked it."""
+    ranks = run_distributed(_sync_and_async, 2, tmp_path, timeout_s=300)
+    sync, in_background, resumed, _ = ranks[0]
     assert in_background == sync and resumed == sync[5:]
+    (damaged,) = {refused for *_, refused in ranks}
+    assert re.search(r"step-10 is corrupt \(__1_0\.distcp: damaged \(crc32 .*load_step N \(N: 5\)", damaged), damaged
     folder = tmp_path / "async" / "checkpoint"
     (aside,) = folder.glob("abandoned-from-step-5-*")  # the first step-10, set aside by the rollback to step-5
     assert sorted(p.name for p in folder.glob("step-*")) == ["step-10", "step-5"]

@@ -12,10 +12,13 @@ only after every rank finished; a folder without ``.metadata`` or still named
 ``.partial`` is never resumed from. An async save copies the state to CPU memory
 and writes it in a background thread; its rename waits until the write is done.
 
+Every file carries a crc32 computed while it is written (training/checksums.py), checked before a
+checkpoint is read: a damaged file is named, with the other complete steps to resume instead. A checkpoint
+saved before checksums existed is checked file by file against its ``.metadata`` once a load fails.
+
 Resuming a step older than the newest complete one is a rollback: the newer checkpoints, another
 branch, are moved into ``abandoned-from-step-N-<time>/`` before the first save, so that pruning and
-the next rerun see only the new branch. A checkpoint that fails to load is checked file by file
-against its ``.metadata``, so that a damaged file is named rather than blamed on the model.
+the next rerun see only the new branch.
 
 A run whose folder holds no checkpoint yet may start from ``initial_load_path``:
 another run's checkpoint, or a Hugging Face folder read through DCP's
@@ -53,6 +56,7 @@ from config.errors import CheckpointError, ConfigError
 from config.job_config import Checkpoint
 from models.args import ModelArgs
 from models.hf_adapter import config_mismatches, to_hf_name
+from training.checksums import ChecksummingWriter, damaged_files
 from training.hf_checkpoint import check_weight_files, is_hf_folder, read_hf_config
 
 logger = logging.getLogger("train")
@@ -163,11 +167,29 @@ def _load_error(path: Path, err: BaseException, what: str, fix: str) -> Checkpoi
     return CheckpointError(f"{path} {what} ({_last_line(err)}); {fix}")
 
 
+def _read_metadata(path: Path, fix: str):
+    try:
+        return dcp.FileSystemReader(str(path)).read_metadata()
+    except Exception as err:
+        raise CheckpointError(f"{path} cannot be read ({_last_line(err)}); {fix}") from None
+
+
+def _check_files(path: Path, metadata, fix: str) -> None:
+    """Refuse a checkpoint any file of which differs from the checksum it was saved with (every rank, the same)."""
+    damaged = damaged_files(path, {info.relative_path for info in metadata.storage_data.values()})
+    if damaged is None:
+        logger.info(f"{path} has no checksums (saved before checkpoints carried them): its files are not verified")
+    elif damaged:
+        raise CheckpointError(f"{path} is corrupt ({', '.join(damaged)}); {fix}")
+
+
 def read_train_state(path: Path, extra: dict, fingerprint: dict[str, str], fix: str) -> None:
-    """Fill ``extra`` from the checkpoint's ``train`` entries; refuse a damaged checkpoint or one of another model.
+    """Check the checkpoint's files against their checksums, then fill ``extra`` from its ``train`` entries;
+    refuse a damaged checkpoint or one of another model. Every rank calls it: they share the checking.
 
     ``fix`` ends every error: what the user can do, which depends on where the path came from.
     """
+    _check_files(path, _read_metadata(path, fix), fix)
     try:
         dcp.load({"train": extra}, checkpoint_id=str(path))
     except (Exception, CheckpointException) as err:  # a damaged or foreign folder
@@ -286,36 +308,64 @@ class CheckpointManager:
         if dist.get_rank() == 0:
             shutil.rmtree(partial, ignore_errors=True)
         dist.barrier()
+        writer = ChecksummingWriter(partial)
         if self.async_group is not None:
-            self._pending = (dcp.async_save(state, checkpoint_id=str(partial), process_group=self.async_group), step)
+            future = dcp.async_save(state, storage_writer=writer, process_group=self.async_group)
+            self._pending = (future, step)
             return True
-        dcp.save(state, checkpoint_id=str(partial))
+        try:
+            dcp.save(state, storage_writer=writer)
+        except (Exception, CheckpointException) as err:  # on every rank: DCP gathers the ranks' failures
+            raise self._save_error(step, err) from None
         dist.barrier()
-        self._publish(step)
-        dist.barrier()
+        failure = _on_rank0(lambda: self._publish(step))
+        if failure is not None:
+            raise self._save_error(step, failure)
         return True
 
     def _publish(self, step: int) -> None:
-        """Rename a finished ``step-N.partial`` to ``step-N`` (rank 0; every rank's writes are done)."""
-        if dist.get_rank() == 0:
-            final = self.folder / f"step-{step}"
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(self.folder / f"step-{step}.partial", final)
-            self._prune()
-            logger.info(f"saved checkpoint {final}")
+        """Rename a finished ``step-N.partial`` to ``step-N`` and prune (rank 0; every rank's writes are done)."""
+        final = self.folder / f"step-{step}"
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(self.folder / f"step-{step}.partial", final)
+        self._prune()
+        logger.info(f"saved checkpoint {final}")
+
+    def _save_error(self, step: int, err: BaseException) -> BaseException:
+        """A save that the file system refused as one line naming the folder and the OS's reason; anything else
+        (a rank that died mid-save) as it is. The saved checkpoints are untouched: the run resumes the newest."""
+        failures = [err] + [f for f, _ in err.failures.values()] if isinstance(err, CheckpointException) else [err]
+        cause = next((f for f in failures if isinstance(f, OSError)), None)
+        if cause is None:
+            return err
+        return CheckpointError(
+            f"cannot save step-{step} in {self.folder} ({cause}); make it writable (or free space) and rerun, "
+            "which resumes the newest complete checkpoint"
+        )
 
     def _publish_finished(self, wait: bool) -> None:
         """Publish the async save in flight once it is written (``wait``: block until then).
 
         Rank 0's future completes only after every rank's data and the ``.metadata`` are written,
         so the ranks need no barrier here and rank 0 renames as soon as it sees its future done.
+        A failed save is raised only when waited for, where every rank is at the same step and
+        raises the same error (DCP gives every rank the failures of all).
         """
-        if self._pending is None or not (wait or self._pending[0].done()):
+        if self._pending is None:
             return
         future, step = self._pending
+        if not wait and not (future.done() and future.exception() is None):
+            return
         self._pending = None
-        future.result()  # raises what the writer thread raised
-        self._publish(step)
+        try:
+            future.result()
+        except (Exception, CheckpointException) as err:
+            raise self._save_error(step, err) from None
+        if dist.get_rank() == 0:
+            try:
+                self._publish(step)
+            except OSError as err:
+                raise self._save_error(step, err) from None
 
     def close(self, all_ranks: bool) -> None:
         """Finish an async save still in flight, so that nothing written is lost; call once the loop is over.
@@ -327,7 +377,7 @@ class CheckpointManager:
             return
         try:
             self._publish_finished(wait=True)
-        except Exception as err:  # the save failed too, e.g. a peer died; the error being raised says more
+        except (Exception, CheckpointException) as err:  # the save failed too (a peer died): the error raised says more
             if all_ranks:
                 raise
             logger.warning(f"the checkpoint being written in the background is lost: {err}")
