@@ -34,7 +34,7 @@ from planning.batch import global_batch_size
 from planning.dry_run import dry_run_report, split_dry_run_args
 from planning.pipeline_plan import recipe_plan
 from planning.timing import split_summary
-from training.checkpoint import CheckpointManager
+from training.checkpoint import CheckpointManager, check_load_step
 from training.config_loader import load_config
 from training.faults import FaultWatch, is_collective_failure
 from training.metrics import MetricsLogger, Throughput, peak_flops, peak_memory_gib, pipeline_peak_memory
@@ -83,6 +83,7 @@ def train(cfg: JobConfig, faults: Optional[FaultWatch] = None) -> TrainResult:
     torch.manual_seed(t.seed)
     model_args = _model_args(cfg)
     check_output_folders(cfg)
+    check_load_step(cfg.checkpoint, t.steps)
     if rank == 0:
         log_run(cfg, dims, mesh, device)
     plan = _plan_pipeline(cfg, dims, mesh["pp"].get_local_rank(), device) if dims.pp > 1 else None

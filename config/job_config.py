@@ -145,6 +145,10 @@ class Checkpoint:
     export_dtype: Literal["float32", "bfloat16", "float16"] = (
         "float32"  # dtype of the weights in a model-only final save
     )
+    restart_data_order: bool = False
+    """When the checkpoint's data position was saved for other data (other tokens, seq_len, global batch size or
+    seed), start this data's order from its first batch instead of stopping. Unchanged data (also moved,
+    re-spelled or pre-tokenized) resumes its position either way, so the key may stay set for later reruns."""
 
 
 @dataclass

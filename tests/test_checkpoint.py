@@ -1,5 +1,6 @@
 """Checkpoints: exact resume, loading into another layout, and refusing bad checkpoints."""
 
+import json
 import logging
 import random
 import re
@@ -9,11 +10,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from config.errors import CheckpointError, ConfigError
+from data import ByteTokenizer
+from data.token_stream import load_token_stream
 from tests.dist_utils import run_distributed
 from tests.weights import loaded_parameters, refusal, whole_parameters
 from train import train
+from training.checkpoint import CheckpointManager
 from training.checksums import damaged_files
 from training.config_loader import load_config
 
@@ -181,6 +187,7 @@ def _bad_resumes(rank, world_size, root):
         for extra in (
             ["--training.global_batch_size", "4"],
             ["--checkpoint.load_step", "3"],
+            ["--checkpoint.load_step", "4", "--training.steps", "4"],  # nothing to train, nothing moved
         )
     ]
     for data_file in (folder / "step-5").glob("*.distcp"):
@@ -197,8 +204,10 @@ def test_bad_checkpoints_are_refused_with_the_reason(tmp_path):
     with pytest.raises(Exception, match=r"vocab_size: checkpoint '515' vs recipe '600'"):
         _run(1, _argv(tmp_path, 6, "--model.vocab_size", "600", "--checkpoint.load_step", "2"))
     expected = [
-        r"data position does not fit this recipe",
+        r"step-5 saved its data position for other data \(global_batch_size: saved 8, now 4\); .*"
+        r"--checkpoint\.restart_data_order",
         r"no complete checkpoint step-3 in .*complete ones: \[2, 4, 5\]",
+        r"checkpoint\.load_step: step 4 is not before training\.steps 4: nothing would be trained",
         r"step-5 is corrupt \(__0_0\.distcp: truncated \(100 of \d+ bytes\)\); "
         r"resume another complete one with --checkpoint\.load_step N \(N: 2, 4\), delete it",
         r"step-4 is corrupt \(__0_0\.distcp: damaged \(crc32 [0-9a-f]{8}, saved as [0-9a-f]{8}\)\); "
@@ -323,3 +332,133 @@ def test_model_only_last_save_and_initial_loads(tmp_path):
     assert all(torch.equal(out["initial"][name], bf16[name]) for name in bf16)
     assert out["continued"] == out["losses"][3:]  # a complete checkpoint with model_only false: a resume
     assert len(out["rerun"]) == 1
+
+
+def _log_lines() -> list[str]:
+    """What the run logs from now on, info lines included."""
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("train")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    return lines
+
+
+def _logged_lrs(folder: Path) -> list[float]:
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return [record["lr"] for record in records if "lr" in record]
+
+
+# Every optimizer and LR schedule key changed from _argv's (debug.toml's, and constant after an 8-step warm-up).
+RECIPE_CHANGED = [
+    *("--optimizer.lr", "1e-3", "--optimizer.weight_decay", "0.05", "--optimizer.betas", "[0.8, 0.9]"),
+    *("--optimizer.eps", "1e-6", "--lr_scheduler.warmup_steps", "2", "--lr_scheduler.decay_type", "linear"),
+    *("--lr_scheduler.min_lr_factor", "0.2"),
+]
+HYPERPARAMETERS = ("lr", "initial_lr", "betas", "eps", "weight_decay")
+
+
+def _resume_with_changed_settings(rank, world_size, root):
+    lines = _log_lines()
+    train(load_config(_argv(root / "fresh", 6, *RECIPE_CHANGED)))
+    train(load_config(_argv(root / "resumed", 3, "--checkpoint.interval", "3")))
+    groups, load = [], CheckpointManager.load
+
+    def capture(self):
+        step = load(self)
+        groups.extend({k: g[k] for k in HYPERPARAMETERS} for opt in self.optimizers for g in opt.param_groups)
+        return step
+
+    CheckpointManager.load = capture
+    try:
+        train(load_config(_argv(root / "resumed", 6, *RECIPE_CHANGED)))
+    finally:
+        CheckpointManager.load = load
+    return _logged_lrs(root / "fresh"), _logged_lrs(root / "resumed"), groups, lines
+
+
+def test_a_resume_takes_the_optimizer_and_schedule_settings_from_the_recipe(tmp_path):
+    """3 steps, then resumed to 6 with every optimizer and schedule key changed: each resumed step's LR is a
+    fresh 6-step run's, the optimizer runs on the recipe's hyperparameters, and each change is one log line."""
+    ((fresh, resumed, groups, lines),) = run_distributed(_resume_with_changed_settings, 1, tmp_path, timeout_s=300)
+    assert len(resumed) == 6 and resumed[3:] == fresh[3:]
+    expected = {"lr": fresh[3], "initial_lr": 1e-3, "betas": (0.8, 0.9), "eps": 1e-6, "weight_decay": 0.05}
+    assert groups and all(group == expected for group in groups), groups
+    changed = [m.group(1) for line in lines if (m := re.match(r"resuming with the recipe's (\S+) = ", line))]
+    assert sorted(changed) == [
+        "lr_scheduler.decay_type",
+        "lr_scheduler.min_lr_factor",
+        "lr_scheduler.warmup_steps",
+        "optimizer.betas",
+        "optimizer.eps",
+        "optimizer.lr",
+        "optimizer.weight_decay",
+        "training.steps",
+    ]
+
+
+def _as_saved_before_checksums(step: Path) -> None:
+    """Rewrite checkpoint ``step`` as it was saved before checksums, LR schedule settings and token digests:
+    no manifest, no ``settings`` in the schedule's state, a data fingerprint naming the data by its path."""
+    metadata = dcp.FileSystemReader(str(step)).read_metadata()
+    state = {
+        key: torch.empty(md.size, dtype=md.properties.dtype) if isinstance(md, TensorStorageMetadata) else None
+        for key, md in metadata.state_dict_metadata.items()
+    }
+    dcp.load(state, checkpoint_id=str(step))
+    old = {k: v for k, v in state.items() if ".settings." not in k and not k.endswith(".tokens_sha256")}
+    assert len(old) == len(state) - 5
+    shutil.rmtree(step)
+    dcp.save(old, storage_writer=dcp.FileSystemWriter(str(step)))
+
+
+def _data_known_by_content(rank, world_size, root):
+    """One 8-step run, and the same in three parts, each on another copy or spelling of the corpus: the first
+    part's checkpoint rewritten as saved before checksums and digests, the second on its pre-tokenized copy
+    elsewhere, the third on its absolute path. Then other tokens: refused, and with restart_data_order taken."""
+    lines = _log_lines()
+    corpus = load_token_stream("text", Path("data/corpus"), ByteTokenizer(), 515)
+    (root / "moved").mkdir(parents=True)
+    corpus.tofile(root / "moved" / "corpus.tokens")
+    corpus[::-1].tofile(root / "other.tokens")  # as many tokens, others
+    tokens = ["--training.dataset", "tokens", "--training.dataset_path"]
+    straight = train(load_config(_argv(root / "straight", 8))).losses
+    parts = train(load_config(_argv(root / "run", 3, "--checkpoint.interval", "3"))).losses
+    _as_saved_before_checksums(root / "run" / "checkpoint" / "step-3")
+    parts += train(load_config(_argv(root / "run", 6, *tokens, str(root / "moved" / "corpus.tokens")))).losses
+    absolute = ["--training.dataset_path", str(Path("data/corpus").resolve())]
+    parts += train(load_config(_argv(root / "run", 8, *absolute))).losses
+    other = [*tokens, str(root / "other.tokens")]
+    refused = refusal(_argv(root / "run", 9, *other))
+    restart = ["--checkpoint.restart_data_order"]
+    restarted = [train(load_config(_argv(root / "run", n, *other, *restart))).losses for n in (9, 10)]
+    return straight, parts, refused, restarted, lines
+
+
+def test_data_is_known_by_its_tokens_and_old_checkpoints_still_resume(tmp_path):
+    ((straight, parts, refused, restarted, lines),) = run_distributed(
+        _data_known_by_content, 1, tmp_path, timeout_s=300
+    )
+    assert parts == straight
+    step_3 = tmp_path / "run" / "checkpoint" / "step-3"
+    for said in (
+        f"{step_3} has no checksums (saved before checkpoints carried them): its files are not verified",
+        f"{step_3} names its data by path (saved before data fingerprints held a digest of the tokens): "
+        "matched on token count, seq_len, global batch size and seed",
+        f"{step_3} does not record its LR schedule's settings (saved before it did): the schedule is the "
+        "recipe's (steps 6, warmup_steps 8, decay_type constant, min_lr_factor 0.1)",
+    ):
+        assert lines.count(said) == 1, (said, lines)
+    other_data = (
+        r"tokens: saved 465,725 tokens of '\S+/data/corpus' \(text, tokenizer bytes\), now 465,725 tokens of "
+        r"'\S+/other\.tokens' \(tokens, tokenizer bytes\) \(as many, other tokens\)"
+    )
+    assert re.fullmatch(
+        rf"\S+/step-8 saved its data position for other data \({other_data}\); resume on that data, or pass "
+        r"--checkpoint\.restart_data_order to start this data's order from its first batch",
+        refused,
+    ), refused
+    assert [len(losses) for losses in restarted] == [1, 1]
+    restarts = [line for line in lines if "its order starts from its first batch" in line]
+    assert len(restarts) == 1 and re.search(other_data, restarts[0]), restarts  # the rerun continues the new order
