@@ -505,9 +505,11 @@ class Checkpoint:
 
     enable: bool = False
     """Save checkpoints and resume from them. With it on, a run whose folder holds a complete checkpoint
-    continues from the newest one: model, optimizer, LR schedule, data position, RNG state and step, so the
-    losses continue bitwise. SIGTERM or SIGUSR1 (Slurm preemption) make every rank finish the step, save and
-    exit 0."""
+    continues from the newest one: model, optimizer state, LR schedule position, data position, RNG state and
+    step, so the losses continue bitwise. The settings come from the recipe, not the checkpoint: a changed
+    `[optimizer]` value, `training.steps` or `[lr_scheduler]` key is used from the resumed step on, one log line
+    each, and every resumed step has the LR a fresh run of the recipe has at that step. SIGTERM or SIGUSR1
+    (Slurm preemption) make every rank finish the step, save and exit 0."""
 
     folder: str = "checkpoint"
     """Where checkpoints go, a path relative to `job.dump_folder`: one `step-N/` folder each. A save is
@@ -531,9 +533,10 @@ class Checkpoint:
     abandoned branch) into `abandoned-from-step-N-<YYYYmmdd-HHMMSS>/` in `folder` and logs where; nothing is
     deleted, and the next rerun without `load_step` continues the new branch (move them back to return to
     the old one). A checkpoint of another model (flavor, vocabulary, any `ModelArgs` field) stops the run
-    with a message that says what differs; a damaged one (a `.distcp` file missing, shorter than `.metadata`
-    says, or overwritten) with one that names the file and the other complete steps to pass here instead. A
-    run never silently starts over when one is there."""
+    with a message that says what differs; a damaged one (a file missing, shorter than `.metadata` says, or
+    whose crc32 differs from the one recorded while saving) with one that names the file and the other
+    complete steps to pass here instead. A run never silently starts over when one is there. A step at or
+    past `training.steps` (nothing left to train) is one line before anything is loaded or moved."""
 
     async_mode: Literal["disabled", "async"] = "disabled"
     """`async`: a save copies the state to CPU memory (the only stall) and DCP's `async_save` writes it in a
@@ -567,6 +570,11 @@ class Checkpoint:
 
     export_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """The weights' dtype in a `last_save_model_only` save; every other save keeps float32."""
+
+    restart_data_order: bool = False
+    """When the checkpoint's data position was saved for other data (other tokens, seq_len, global batch size or
+    seed), start this data's order from its first batch instead of stopping. Unchanged data (also moved,
+    re-spelled or pre-tokenized) resumes its position either way, so the key may stay set for later reruns."""
 
 
 @dataclass
@@ -645,6 +653,13 @@ class JobConfig:
 
     def check(self) -> None:
         """Rules between sections, after every section's own."""
+        ck = self.checkpoint
+        require(
+            not ck.enable or ck.load_step < self.training.steps,
+            "checkpoint.load_step",
+            f"step {ck.load_step} is not before training.steps {self.training.steps}: nothing would be trained; "
+            f"raise training.steps above {ck.load_step} or pick an earlier step",
+        )
         v = self.validation
         if not v.enable:
             return

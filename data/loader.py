@@ -4,6 +4,7 @@ from pathlib import Path
 
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from data.fingerprint import data_fingerprint
 from data.packed_dataset import PackedWindowDataset
 from data.token_stream import FORMATS, load_token_stream
 from data.tokenizer import Tokenizer
@@ -41,15 +42,15 @@ def build_dataloader(
             f"{dataset_path}: only {len(tokens)} tokens, but seq_len = {seq_len} needs at least {seq_len} "
             "for one window; add data or lower seq_len"
         )
-    fingerprint = {
-        "dataset": dataset,
-        "dataset_path": dataset_path,
-        "tokenizer": tokenizer.name,
-        "num_tokens": len(tokens),
-        "seq_len": seq_len,
-        "global_batch_size": global_batch_size,
-        "seed": seed,
-    }
+    fingerprint = data_fingerprint(
+        tokens,
+        dataset=dataset,
+        dataset_path=dataset_path,
+        tokenizer=tokenizer.name,
+        seq_len=seq_len,
+        global_batch_size=global_batch_size,
+        seed=seed,
+    )
     windows = PackedWindowDataset(
         tokens,
         seq_len=seq_len,

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
+from data.fingerprint import fingerprint_changes
 from data.window_order import windows_for
 
 
@@ -15,9 +16,10 @@ class PackedWindowDataset(IterableDataset):
     The token stream is cut into W = len(tokens) // seq_len windows (the remainder is
     dropped). Step t's global batch is global sequences [t*G, (t+1)*G); rank r takes the
     contiguous slice [t*G + r*G/dp, t*G + (r+1)*G/dp), so the ranks together always see the
-    same global batch whatever dp_degree is. The state is the step counter plus a
-    fingerprint of the data config, which leaves dp_rank and dp_degree out on purpose:
-    a run may resume on a different number of ranks.
+    same global batch whatever dp_degree is. The state is the step counter plus the
+    data's fingerprint (data/fingerprint.py: the tokens by content, seq_len, global batch
+    size, seed), which leaves dp_rank and dp_degree out on purpose: a run may resume on a
+    different number of ranks.
 
     ``shuffle=False`` (validation) reads global sequence k from window k mod W: the windows
     in file order, so the same sequences come first whatever the seed.
@@ -66,15 +68,7 @@ class PackedWindowDataset(IterableDataset):
         return {"step": self.step, "fingerprint": dict(self.fingerprint)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        saved = state["fingerprint"]
-        changed = [
-            f"{key}: saved {saved.get(key)!r}, now {value!r}"
-            for key, value in self.fingerprint.items()
-            if saved.get(key) != value
-        ]
+        changed = fingerprint_changes(state["fingerprint"], self.fingerprint)
         if changed:
-            raise ValueError(
-                "data loader state was saved for a different data config (" + "; ".join(changed) + "); "
-                "resume with the same data settings, or start the data from step 0 by not loading its state"
-            )
+            raise ValueError(f"data loader state was saved for other data ({'; '.join(changed)})")
         self.step = state["step"]

@@ -1,17 +1,26 @@
 """Checkpoints: exact resume, loading into another layout, and refusing bad checkpoints."""
 
+import json
 import logging
 import random
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from config.errors import CheckpointError, ConfigError
+from data import ByteTokenizer
+from data.token_stream import load_token_stream
 from tests.dist_utils import run_distributed
 from tests.weights import loaded_parameters, refusal, whole_parameters
 from train import train
+from training.checkpoint import CheckpointManager
+from training.checksums import damaged_files
 from training.recipe import load_recipe
 
 pytestmark = pytest.mark.multiprocess
@@ -53,6 +62,8 @@ def _losses(rank, world_size, argv):
 def _run(world_size, argv):
     return run_distributed(_losses, world_size, argv, timeout_s=300)[0]
 
+
+ASYNC = ["--checkpoint.async_mode", "async"]
 
 LAYOUTS = {
     "single": (1, []),
@@ -136,19 +147,53 @@ def test_vocab_parallel_checkpoint_over_4_ranks_loads_into_2_and_into_no_vocab_p
     _continue_elsewhere(tmp_path, source, expected, [("dp_shard2_vp", 2, VP), ("single", 1, [])])
 
 
+def _overwrite_4kb(file: Path) -> None:
+    with file.open("r+b") as f:
+        f.seek(file.stat().st_size // 2)
+        f.write(random.Random(0).randbytes(4096))
+
+
+def _blocked_save(rank, world_size, root, *extra):
+    """Save steps 2 and 4, step-4's folder taken by a file (a folder that cannot take the save): the error
+    on each rank, what the checkpoint folder holds after, and whether step-2 still checks out."""
+    folder = root / "checkpoint"
+    if rank == 0:
+        folder.mkdir(parents=True)
+        (folder / "step-4.partial").write_text("in the way")
+    dist.barrier()
+    error = refusal(_argv(root, 4, "--checkpoint.interval", "2", *extra))
+    return error, sorted(p.name for p in folder.iterdir()), damaged_files(folder / "step-2", set())
+
+
+@pytest.mark.parametrize("world, extra", [(1, []), (2, ASYNC)], ids=["sync_1_rank", "async_2_ranks"])
+def test_a_save_the_folder_refuses_stops_every_rank_with_one_line(tmp_path, world, extra):
+    ranks = run_distributed(_blocked_save, world, tmp_path, *extra, timeout_s=300)
+    (error,) = {error for error, _, _ in ranks}
+    folder = tmp_path / "checkpoint"
+    assert re.fullmatch(
+        rf"cannot save step-4 in {folder} \(\[Errno 17\] File exists: '{folder}/step-4\.partial'\); "
+        r"make it writable \(or free space\) and rerun, which resumes the newest complete checkpoint",
+        error,
+    ), error
+    assert ranks[0][1:] == (["step-2", "step-4.partial"], [])  # the saved step-2 is whole
+
+
 def _bad_resumes(rank, world_size, root):
     """The error of each resume that must be refused (step-5, then step-4 damaged in between), and what is left."""
     folder = root / "checkpoint"
     train(load_recipe(_argv(root, 5, "--checkpoint.interval", "2")))
     errors = [
         refusal(_argv(root, 6, *extra))
-        for extra in (["--training.global_batch_size", "4"], ["--checkpoint.load_step", "3"])
+        for extra in (
+            ["--training.global_batch_size", "4"],
+            ["--checkpoint.load_step", "3"],
+            ["--checkpoint.load_step", "4", "--training.steps", "4"],  # nothing to train, nothing moved
+        )
     ]
     for data_file in (folder / "step-5").glob("*.distcp"):
         data_file.write_bytes(data_file.read_bytes()[:100])  # truncated
     errors.append(refusal(_argv(root, 6)))
-    for data_file in (folder / "step-4").glob("*.distcp"):  # overwritten, same size
-        data_file.write_bytes(random.Random(0).randbytes(data_file.stat().st_size))
+    _overwrite_4kb(folder / "step-4" / "__0_0.distcp")  # the same size, every item where .metadata says
     errors.append(refusal(_argv(root, 6, "--checkpoint.load_step", "4")))
     return errors, sorted(p.name for p in folder.iterdir())
 
@@ -159,11 +204,13 @@ def test_bad_checkpoints_are_refused_with_the_reason(tmp_path):
     with pytest.raises(Exception, match=r"vocab_size: checkpoint '515' vs recipe '600'"):
         _run(1, _argv(tmp_path, 6, "--model.vocab_size", "600", "--checkpoint.load_step", "2"))
     expected = [
-        r"data position does not fit this recipe",
+        r"step-5 saved its data position for other data \(global_batch_size: saved 8, now 4\); .*"
+        r"--checkpoint\.restart_data_order",
         r"no complete checkpoint step-3 in .*complete ones: \[2, 4, 5\]",
+        r"checkpoint\.load_step: step 4 is not before training\.steps 4: nothing would be trained",
         r"step-5 is corrupt \(__0_0\.distcp: truncated \(100 of \d+ bytes\)\); "
         r"resume another complete one with --checkpoint\.load_step N \(N: 2, 4\), delete it",
-        r"step-4 is corrupt \(__0_0\.distcp: overwritten .*\); "
+        r"step-4 is corrupt \(__0_0\.distcp: damaged \(crc32 [0-9a-f]{8}, saved as [0-9a-f]{8}\)\); "
         r"resume another complete one with --checkpoint\.load_step N \(N: 2, 5\), delete it",
     ]
     for error, pattern in zip(errors, expected, strict=True):
@@ -193,20 +240,24 @@ def test_a_folder_that_cannot_be_written_stops_the_run_before_anything_is_built(
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
-ASYNC = ["--checkpoint.async_mode", "async"]
-
-
 def _sync_and_async(rank, world_size, root):
     sync = train(load_recipe(_argv(root / "sync", 10))).losses
     in_background = train(load_recipe(_argv(root / "async", 10, *ASYNC))).losses
     resumed = train(load_recipe(_argv(root / "async", 10, *ASYNC, "--checkpoint.load_step", "5"))).losses
-    return sync, in_background, resumed
+    if rank == 1:  # rank 1's file of the sync step-10, 4 KB overwritten in place: rank 1 checks it, both refuse
+        _overwrite_4kb(root / "sync" / "checkpoint" / "step-10" / "__1_0.distcp")
+    dist.barrier()
+    return sync, in_background, resumed, refusal(_argv(root / "sync", 11))
 
 
 def test_async_saves_resume_like_sync_ones(tmp_path):
-    """The step-5 save is written while steps 6-10 run; resuming it continues bitwise, as a sync save does."""
-    sync, in_background, resumed = run_distributed(_sync_and_async, 2, tmp_path, timeout_s=300)[0]
+    """The step-5 save is written while steps 6-10 run; resuming it continues bitwise, as a sync save does.
+    A damaged file is named by every rank, whichever rank checked it."""
+    ranks = run_distributed(_sync_and_async, 2, tmp_path, timeout_s=300)
+    sync, in_background, resumed, _ = ranks[0]
     assert in_background == sync and resumed == sync[5:]
+    (damaged,) = {refused for *_, refused in ranks}
+    assert re.search(r"step-10 is corrupt \(__1_0\.distcp: damaged \(crc32 .*load_step N \(N: 5\)", damaged), damaged
     folder = tmp_path / "async" / "checkpoint"
     (aside,) = folder.glob("abandoned-from-step-5-*")  # the first step-10, set aside by the rollback to step-5
     assert sorted(p.name for p in folder.glob("step-*")) == ["step-10", "step-5"]
@@ -290,3 +341,133 @@ def test_model_only_last_save_and_initial_loads(tmp_path):
     assert all(torch.equal(out["initial"][name], bf16[name]) for name in bf16)
     assert out["continued"] == out["losses"][3:]  # a complete checkpoint with model_only false: a resume
     assert len(out["rerun"]) == 1
+
+
+def _log_lines() -> list[str]:
+    """What the run logs from now on, info lines included."""
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("train")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    return lines
+
+
+def _logged_lrs(folder: Path) -> list[float]:
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return [record["lr"] for record in records if "lr" in record]
+
+
+# Every optimizer and LR schedule key changed from _argv's (debug.toml's, and constant after an 8-step warm-up).
+RECIPE_CHANGED = [
+    *("--optimizer.lr", "1e-3", "--optimizer.weight_decay", "0.05", "--optimizer.betas", "[0.8, 0.9]"),
+    *("--optimizer.eps", "1e-6", "--lr_scheduler.warmup_steps", "2", "--lr_scheduler.decay_type", "linear"),
+    *("--lr_scheduler.min_lr_factor", "0.2"),
+]
+HYPERPARAMETERS = ("lr", "initial_lr", "betas", "eps", "weight_decay")
+
+
+def _resume_with_changed_settings(rank, world_size, root):
+    lines = _log_lines()
+    train(load_recipe(_argv(root / "fresh", 6, *RECIPE_CHANGED)))
+    train(load_recipe(_argv(root / "resumed", 3, "--checkpoint.interval", "3")))
+    groups, load = [], CheckpointManager.load
+
+    def capture(self):
+        step = load(self)
+        groups.extend({k: g[k] for k in HYPERPARAMETERS} for opt in self.optimizers for g in opt.param_groups)
+        return step
+
+    CheckpointManager.load = capture
+    try:
+        train(load_recipe(_argv(root / "resumed", 6, *RECIPE_CHANGED)))
+    finally:
+        CheckpointManager.load = load
+    return _logged_lrs(root / "fresh"), _logged_lrs(root / "resumed"), groups, lines
+
+
+def test_a_resume_takes_the_optimizer_and_schedule_settings_from_the_recipe(tmp_path):
+    """3 steps, then resumed to 6 with every optimizer and schedule key changed: each resumed step's LR is a
+    fresh 6-step run's, the optimizer runs on the recipe's hyperparameters, and each change is one log line."""
+    ((fresh, resumed, groups, lines),) = run_distributed(_resume_with_changed_settings, 1, tmp_path, timeout_s=300)
+    assert len(resumed) == 6 and resumed[3:] == fresh[3:]
+    expected = {"lr": fresh[3], "initial_lr": 1e-3, "betas": (0.8, 0.9), "eps": 1e-6, "weight_decay": 0.05}
+    assert groups and all(group == expected for group in groups), groups
+    changed = [m.group(1) for line in lines if (m := re.match(r"resuming with the recipe's (\S+) = ", line))]
+    assert sorted(changed) == [
+        "lr_scheduler.decay_type",
+        "lr_scheduler.min_lr_factor",
+        "lr_scheduler.warmup_steps",
+        "optimizer.betas",
+        "optimizer.eps",
+        "optimizer.lr",
+        "optimizer.weight_decay",
+        "training.steps",
+    ]
+
+
+def _as_saved_before_checksums(step: Path) -> None:
+    """Rewrite checkpoint ``step`` as it was saved before checksums, LR schedule settings and token digests:
+    no manifest, no ``settings`` in the schedule's state, a data fingerprint naming the data by its path."""
+    metadata = dcp.FileSystemReader(str(step)).read_metadata()
+    state = {
+        key: torch.empty(md.size, dtype=md.properties.dtype) if isinstance(md, TensorStorageMetadata) else None
+        for key, md in metadata.state_dict_metadata.items()
+    }
+    dcp.load(state, checkpoint_id=str(step))
+    old = {k: v for k, v in state.items() if ".settings." not in k and not k.endswith(".tokens_sha256")}
+    assert len(old) == len(state) - 5
+    shutil.rmtree(step)
+    dcp.save(old, storage_writer=dcp.FileSystemWriter(str(step)))
+
+
+def _data_known_by_content(rank, world_size, root):
+    """One 8-step run, and the same in three parts, each on another copy or spelling of the corpus: the first
+    part's checkpoint rewritten as saved before checksums and digests, the second on its pre-tokenized copy
+    elsewhere, the third on its absolute path. Then other tokens: refused, and with restart_data_order taken."""
+    lines = _log_lines()
+    corpus = load_token_stream("text", Path("data/corpus"), ByteTokenizer(), 515)
+    (root / "moved").mkdir(parents=True)
+    corpus.tofile(root / "moved" / "corpus.tokens")
+    corpus[::-1].tofile(root / "other.tokens")  # as many tokens, others
+    tokens = ["--training.dataset", "tokens", "--training.dataset_path"]
+    straight = train(load_recipe(_argv(root / "straight", 8))).losses
+    parts = train(load_recipe(_argv(root / "run", 3, "--checkpoint.interval", "3"))).losses
+    _as_saved_before_checksums(root / "run" / "checkpoint" / "step-3")
+    parts += train(load_recipe(_argv(root / "run", 6, *tokens, str(root / "moved" / "corpus.tokens")))).losses
+    absolute = ["--training.dataset_path", str(Path("data/corpus").resolve())]
+    parts += train(load_recipe(_argv(root / "run", 8, *absolute))).losses
+    other = [*tokens, str(root / "other.tokens")]
+    refused = refusal(_argv(root / "run", 9, *other))
+    restart = ["--checkpoint.restart_data_order"]
+    restarted = [train(load_recipe(_argv(root / "run", n, *other, *restart))).losses for n in (9, 10)]
+    return straight, parts, refused, restarted, lines
+
+
+def test_data_is_known_by_its_tokens_and_old_checkpoints_still_resume(tmp_path):
+    ((straight, parts, refused, restarted, lines),) = run_distributed(
+        _data_known_by_content, 1, tmp_path, timeout_s=300
+    )
+    assert parts == straight
+    step_3 = tmp_path / "run" / "checkpoint" / "step-3"
+    for said in (
+        f"{step_3} has no checksums (saved before checkpoints carried them): its files are not verified",
+        f"{step_3} names its data by path (saved before data fingerprints held a digest of the tokens): "
+        "matched on token count, seq_len, global batch size and seed",
+        f"{step_3} does not record its LR schedule's settings (saved before it did): the schedule is the "
+        "recipe's (steps 6, warmup_steps 8, decay_type constant, min_lr_factor 0.1)",
+    ):
+        assert lines.count(said) == 1, (said, lines)
+    other_data = (
+        r"tokens: saved 465,725 tokens of '\S+/data/corpus' \(text, tokenizer bytes\), now 465,725 tokens of "
+        r"'\S+/other\.tokens' \(tokens, tokenizer bytes\) \(as many, other tokens\)"
+    )
+    assert re.fullmatch(
+        rf"\S+/step-8 saved its data position for other data \({other_data}\); resume on that data, or pass "
+        r"--checkpoint\.restart_data_order to start this data's order from its first batch",
+        refused,
+    ), refused
+    assert [len(losses) for losses in restarted] == [1, 1]
+    restarts = [line for line in lines if "its order starts from its first batch" in line]
+    assert len(restarts) == 1 and re.search(other_data, restarts[0]), restarts  # the rerun continues the new order

@@ -14,10 +14,13 @@ import pytest
 import torch
 
 from data import ByteTokenizer, HFTokenizer, build_dataloader, build_tokenizer, documents, parquet_documents
+from data import fingerprint as data_fingerprint
+from data.fingerprint import DIGEST
 from data.token_stream import document_batches, load_token_stream, tokenize_batches
 from tests.word_tokenizer import write_word_tokenizer
 
 EOS = ByteTokenizer.eos_id
+ROOT = Path(__file__).resolve().parents[1]
 
 # torchdata 0.11 calls a torch API that torch 2.13 deprecates; not ours to fix.
 pytestmark = pytest.mark.filterwarnings("ignore:'set_vital' is deprecated")
@@ -352,8 +355,65 @@ def test_state_from_another_data_config_is_refused(numbered_tokens):
     take(saved, 2)
     other = make_loader(numbered_tokens, dataset="tokens", seed=2)
     other.load_state_dict(saved.state_dict())
-    with pytest.raises(ValueError, match="different data config.*seed: saved 1, now 2"):
+    with pytest.raises(ValueError, match=r"saved for other data \(seed: saved 1, now 2\)"):
         take(other, 1)
+
+
+def test_a_position_resumes_on_the_same_tokens_however_they_are_read(tmp_path, monkeypatch):
+    """Saved on the corpus as text, a position continues exactly on its pre-tokenized copy, moved, and under
+    another spelling of its path; the same number of other tokens is refused."""
+    corpus = dict(seq_len=64, global_batch_size=4, vocab_size=512)
+    saved = make_loader("data/corpus", **corpus)
+    take(saved, 3)
+    state = copy.deepcopy(saved.state_dict())
+    uninterrupted = take(make_loader("data/corpus", **corpus), 5)
+    tokens = load_token_stream("text", Path("data/corpus"), ByteTokenizer(), 512)
+    write_token_file(tmp_path / "corpus.tokens", tokens)
+    monkeypatch.chdir(tmp_path)
+    for path, dataset in (("corpus.tokens", "tokens"), (str(ROOT / "data" / "corpus"), "text")):
+        resumed = make_loader(path, dataset=dataset, **corpus)
+        resumed.load_state_dict(state)
+        assert all(torch.equal(x, y) for x, y in zip(take(resumed, 2), uninterrupted[3:], strict=True)), path
+    write_token_file(tmp_path / "other.tokens", np.roll(tokens, 1))
+    other = make_loader("other.tokens", dataset="tokens", **corpus)
+    other.load_state_dict(state)
+    with pytest.raises(ValueError, match=r"tokens: saved 465,725 tokens of 'data/corpus' .*\(as many, other tokens\)"):
+        take(other, 1)
+
+
+def test_a_position_saved_with_the_data_path_is_matched_on_the_token_count(numbered_tokens):
+    """Checkpoints saved before the digest named the data by path: the count, seq_len, global batch size and
+    seed still decide."""
+    saved = make_loader(numbered_tokens, dataset="tokens")
+    take(saved, 2)
+    state = copy.deepcopy(saved.state_dict())
+    fingerprint = state["dataset_state"]["fingerprint"]
+    del fingerprint[DIGEST]
+    fingerprint.update(dataset="text", dataset_path="elsewhere/numbers.txt")
+    resumed = make_loader(numbered_tokens, dataset="tokens")
+    resumed.load_state_dict(state)
+    assert torch.equal(take(resumed, 1)[0], take(make_loader(numbered_tokens, dataset="tokens"), 3)[2])
+    fingerprint["num_tokens"] = 48
+    shorter = make_loader(numbered_tokens, dataset="tokens")
+    shorter.load_state_dict(state)
+    with pytest.raises(ValueError, match=r"tokens: saved 48 tokens of 'elsewhere/numbers.txt' \(text, "):
+        take(shorter, 1)
+
+
+def test_the_digest_reads_a_bounded_part_of_a_long_stream(monkeypatch):
+    """Both ends and evenly spread samples: a change there is seen, the work does not grow with the stream."""
+    monkeypatch.setattr(data_fingerprint, "EDGE_TOKENS", 100)
+    monkeypatch.setattr(data_fingerprint, "SAMPLES", 4)
+    monkeypatch.setattr(data_fingerprint, "SAMPLE_TOKENS", 10)
+    stream = np.arange(10_000, dtype=np.uint32)
+    read = []
+    monkeypatch.setattr(np, "ascontiguousarray", lambda a, dtype: read.append(len(a)) or a.astype(dtype))
+    digest = data_fingerprint.token_digest(stream)
+    assert read == [100, 10, 10, 10, 10, 100]
+    for position in (0, 9_999, 100):  # the ends and the first sample
+        changed = stream.copy()
+        changed[position] += 1
+        assert data_fingerprint.token_digest(changed) != digest
 
 
 # --- errors --------------------------------------------------------------------------------

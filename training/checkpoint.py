@@ -12,10 +12,18 @@ only after every rank finished; a folder without ``.metadata`` or still named
 ``.partial`` is never resumed from. An async save copies the state to CPU memory
 and writes it in a background thread; its rename waits until the write is done.
 
+Every file carries a crc32 computed while it is written (training/checksums.py), checked before a
+checkpoint is read: a damaged file is named, with the other complete steps to resume instead. A checkpoint
+saved before checksums existed is checked file by file against its ``.metadata`` once a load fails.
+
+A resume takes the state from the checkpoint and the settings from the recipe: the optimizer's
+hyperparameters and the LR schedule (training/optimizer.py), each change logged; the data position
+only if it was saved for the same tokens (data/fingerprint.py), else one line, or with
+``restart_data_order`` this data's order from its first batch.
+
 Resuming a step older than the newest complete one is a rollback: the newer checkpoints, another
 branch, are moved into ``abandoned-from-step-N-<time>/`` before the first save, so that pruning and
-the next rerun see only the new branch. A checkpoint that fails to load is checked file by file
-against its ``.metadata``, so that a damaged file is named rather than blamed on the model.
+the next rerun see only the new branch.
 
 A run whose folder holds no checkpoint yet may start from ``initial_load_path``:
 another run's checkpoint, or a Hugging Face folder read through DCP's
@@ -41,6 +49,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import HuggingFaceStorageReader
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -51,9 +60,12 @@ from torch.distributed.checkpoint.state_dict import (
 
 from config.errors import CheckpointError, ConfigError
 from config.job_config import Checkpoint
+from data.fingerprint import fingerprint_changes, names_by_path
 from models.args import ModelArgs
 from models.hf_adapter import config_mismatches, to_hf_name
+from training.checksums import ChecksummingWriter, damaged_files
 from training.hf_checkpoint import check_weight_files, is_hf_folder, read_hf_config
+from training.optimizer import keep_recipe_hyperparameters, recipe_hyperparameters, schedule_changes
 
 logger = logging.getLogger("train")
 
@@ -163,16 +175,47 @@ def _load_error(path: Path, err: BaseException, what: str, fix: str) -> Checkpoi
     return CheckpointError(f"{path} {what} ({_last_line(err)}); {fix}")
 
 
+def _read_metadata(path: Path, fix: str):
+    try:
+        return dcp.FileSystemReader(str(path)).read_metadata()
+    except Exception as err:
+        raise CheckpointError(f"{path} cannot be read ({_last_line(err)}); {fix}") from None
+
+
+def _check_files(path: Path, metadata, fix: str) -> None:
+    """Refuse a checkpoint any file of which differs from the checksum it was saved with (every rank, the same)."""
+    damaged = damaged_files(path, {info.relative_path for info in metadata.storage_data.values()})
+    if damaged is None:
+        logger.info(f"{path} has no checksums (saved before checkpoints carried them): its files are not verified")
+    elif damaged:
+        raise CheckpointError(f"{path} is corrupt ({', '.join(damaged)}); {fix}")
+
+
 def read_train_state(path: Path, extra: dict, fingerprint: dict[str, str], fix: str) -> None:
-    """Fill ``extra`` from the checkpoint's ``train`` entries; refuse a damaged checkpoint or one of another model.
+    """Check the checkpoint's files against their checksums, then fill ``extra`` with every ``train`` entry it
+    holds (what it holds depends on the version that saved it); refuse a damaged checkpoint or one of another
+    model. Every rank calls it: they share the checking.
 
     ``fix`` ends every error: what the user can do, which depends on where the path came from.
     """
+    metadata = _read_metadata(path, fix)
+    _check_files(path, metadata, fix)
+    entries = {
+        key: torch.empty(md.size, dtype=md.properties.dtype) if isinstance(md, TensorStorageMetadata) else None
+        for key, md in metadata.state_dict_metadata.items()
+        if key.startswith("train.")
+    }
     try:
-        dcp.load({"train": extra}, checkpoint_id=str(path))
+        dcp.load(entries, checkpoint_id=str(path))
     except (Exception, CheckpointException) as err:  # a damaged or foreign folder
         raise _load_error(path, err, "cannot be read", fix) from None
-    stored = json.loads(extra["fingerprint"])
+    for key, value in entries.items():  # "train.a.b" -> extra["a"]["b"]
+        *parents, name = key.split(".")[1:]
+        node = extra
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[name] = value
+    stored = json.loads(extra.get("fingerprint") or "{}")
     differs = {k: (stored.get(k), v) for k, v in fingerprint.items() if stored.get(k) != v}
     if differs:
         detail = ", ".join(f"{k}: checkpoint {a!r} vs recipe {b!r}" for k, (a, b) in differs.items())
@@ -287,36 +330,64 @@ class CheckpointManager:
         if dist.get_rank() == 0:
             shutil.rmtree(partial, ignore_errors=True)
         dist.barrier()
+        writer = ChecksummingWriter(partial)
         if self.async_group is not None:
-            self._pending = (dcp.async_save(state, checkpoint_id=str(partial), process_group=self.async_group), step)
+            future = dcp.async_save(state, storage_writer=writer, process_group=self.async_group)
+            self._pending = (future, step)
             return True
-        dcp.save(state, checkpoint_id=str(partial))
+        try:
+            dcp.save(state, storage_writer=writer)
+        except (Exception, CheckpointException) as err:  # on every rank: DCP gathers the ranks' failures
+            raise self._save_error(step, err) from None
         dist.barrier()
-        self._publish(step)
-        dist.barrier()
+        failure = _on_rank0(lambda: self._publish(step))
+        if failure is not None:
+            raise self._save_error(step, failure)
         return True
 
     def _publish(self, step: int) -> None:
-        """Rename a finished ``step-N.partial`` to ``step-N`` (rank 0; every rank's writes are done)."""
-        if dist.get_rank() == 0:
-            final = self.folder / f"step-{step}"
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(self.folder / f"step-{step}.partial", final)
-            self._prune()
-            logger.info(f"saved checkpoint {final}")
+        """Rename a finished ``step-N.partial`` to ``step-N`` and prune (rank 0; every rank's writes are done)."""
+        final = self.folder / f"step-{step}"
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(self.folder / f"step-{step}.partial", final)
+        self._prune()
+        logger.info(f"saved checkpoint {final}")
+
+    def _save_error(self, step: int, err: BaseException) -> BaseException:
+        """A save that the file system refused as one line naming the folder and the OS's reason; anything else
+        (a rank that died mid-save) as it is. The saved checkpoints are untouched: the run resumes the newest."""
+        failures = [err] + [f for f, _ in err.failures.values()] if isinstance(err, CheckpointException) else [err]
+        cause = next((f for f in failures if isinstance(f, OSError)), None)
+        if cause is None:
+            return err
+        return CheckpointError(
+            f"cannot save step-{step} in {self.folder} ({cause}); make it writable (or free space) and rerun, "
+            "which resumes the newest complete checkpoint"
+        )
 
     def _publish_finished(self, wait: bool) -> None:
         """Publish the async save in flight once it is written (``wait``: block until then).
 
         Rank 0's future completes only after every rank's data and the ``.metadata`` are written,
         so the ranks need no barrier here and rank 0 renames as soon as it sees its future done.
+        A failed save is raised only when waited for, where every rank is at the same step and
+        raises the same error (DCP gives every rank the failures of all).
         """
-        if self._pending is None or not (wait or self._pending[0].done()):
+        if self._pending is None:
             return
         future, step = self._pending
+        if not wait and not (future.done() and future.exception() is None):
+            return
         self._pending = None
-        future.result()  # raises what the writer thread raised
-        self._publish(step)
+        try:
+            future.result()
+        except (Exception, CheckpointException) as err:
+            raise self._save_error(step, err) from None
+        if dist.get_rank() == 0:
+            try:
+                self._publish(step)
+            except OSError as err:
+                raise self._save_error(step, err) from None
 
     def close(self, all_ranks: bool) -> None:
         """Finish an async save still in flight, so that nothing written is lost; call once the loop is over.
@@ -328,7 +399,7 @@ class CheckpointManager:
             return
         try:
             self._publish_finished(wait=True)
-        except Exception as err:  # the save failed too, e.g. a peer died; the error being raised says more
+        except (Exception, CheckpointException) as err:  # the save failed too (a peer died): the error raised says more
             if all_ranks:
                 raise
             logger.warning(f"the checkpoint being written in the background is lost: {err}")
@@ -366,6 +437,9 @@ class CheckpointManager:
         if step is not None:
             resumed = self._resume(self.folder / f"step-{step}", self._fix_own(step))
             self._set_aside_newer(step)
+            steps = self.schedulers[0].settings["steps"]
+            if resumed >= steps:
+                logger.info(f"step-{resumed} is at or past training.steps {steps}: nothing to train")
             return resumed
         if not self.cfg.initial_load_path:
             return 0
@@ -446,39 +520,68 @@ class CheckpointManager:
                 "resumed as a training run; start a run from it with checkpoint.initial_load_path "
                 "(and initial_load_model_only = true) in a checkpoint.folder with no checkpoint yet"
             )
-        extra = {
-            "step": 0,
-            "lr_scheduler": self.schedulers[0].state_dict(),
-            "dataloader": self.dataloader.state_dict(),
-            "rng": torch.get_rng_state(),
-            "fingerprint": "",
-        }
-        read_train_state(path, extra, self.fingerprint, fix)
+        saved: dict = {}
+        read_train_state(path, saved, self.fingerprint, fix)
+        restore_data = self._data_position_fits(path, saved["dataloader"]["dataset_state"]["fingerprint"])
         self._load_model(path, fix, hf=False)
         live = self._optimizer_states()
         optim = self._stored(live)
+        recipe = [recipe_hyperparameters(opt) for opt in self.optimizers]
         try:
             dcp.load({"optimizer": optim}, checkpoint_id=str(path))
         except (Exception, CheckpointException) as err:
             raise _load_error(path, err, "does not match this model", fix) from None
-        for part, opt, state in zip(self.parts, self.optimizers, live):
+        changed = {}
+        for part, opt, state, kept in zip(self.parts, self.optimizers, live, recipe):
             set_optimizer_state_dict(part, opt, self._restore(optim, part, state), options=_OPTIONS)
+            changed.update(keep_recipe_hyperparameters(opt, kept))
         for scheduler in self.schedulers:
-            scheduler.load_state_dict(extra["lr_scheduler"])
-        self.dataloader.load_state_dict(extra["dataloader"])  # checked when iteration starts: data_iterator()
-        torch.set_rng_state(extra["rng"])
-        logger.info(f"resumed from {path} (step {extra['step']})")
-        return extra["step"]
+            scheduler.load_state_dict(saved["lr_scheduler"])
+        self._log_changed_settings(path, changed, saved["lr_scheduler"].get("settings"))
+        if restore_data:
+            self.dataloader.load_state_dict(saved["dataloader"])
+        torch.set_rng_state(saved["rng"])
+        logger.info(f"resumed from {path} (step {saved['step']})")
+        return saved["step"]
+
+    def _log_changed_settings(self, path: Path, changed: dict[str, tuple], saved_schedule: Optional[dict]) -> None:
+        """One line per setting the recipe changed since the checkpoint was saved: the recipe's is in force."""
+        schedule = self.schedulers[0].settings
+        if saved_schedule is None:
+            logger.info(
+                f"{path} does not record its LR schedule's settings (saved before it did): the schedule is the "
+                f"recipe's ({', '.join(f'{k} {v}' for k, v in schedule.items())})"
+            )
+        else:
+            changed.update(schedule_changes(saved_schedule, schedule))
+        for key, (before, now) in changed.items():
+            logger.info(f"resuming with the recipe's {key} = {now!r} (the checkpoint's run had {before!r})")
+
+    def _data_position_fits(self, path: Path, saved: dict) -> bool:
+        """Whether to restore the saved data position: only on the data it was saved for (by content), else
+        one line, or with ``restart_data_order`` this data's order from its first batch."""
+        if names_by_path(saved):
+            logger.info(
+                f"{path} names its data by path (saved before data fingerprints held a digest of the tokens): "
+                "matched on token count, seq_len, global batch size and seed"
+            )
+        changes = fingerprint_changes(saved, self.dataloader.dataset.fingerprint)
+        if not changes:
+            return True
+        if self.cfg.restart_data_order:
+            logger.warning(
+                f"the data differs from {path.name}'s ({'; '.join(changes)}): its order starts from its first batch "
+                "(checkpoint.restart_data_order)"
+            )
+            return False
+        raise CheckpointError(
+            f"{path} saved its data position for other data ({'; '.join(changes)}); resume on that data, or pass "
+            "--checkpoint.restart_data_order to start this data's order from its first batch"
+        )
 
     def data_iterator(self):
-        """Start the data where the checkpoint left it; a position saved for other data is an error."""
-        try:
-            return iter(self.dataloader)
-        except ValueError as err:
-            raise CheckpointError(
-                f"the saved data position does not fit this recipe ({err}); keep the dataset, "
-                "seq_len and global batch size of the saved run"
-            ) from None
+        """The data from where the checkpoint left it (checked to be the same data when the checkpoint was read)."""
+        return iter(self.dataloader)
 
     def _restore(self, loaded: dict, part: nn.Module, live: dict) -> dict:
         """This part's entries (the keys of ``live``) of the loaded state, under its own names (a tied
