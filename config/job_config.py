@@ -12,7 +12,8 @@ from typing import Literal, Union
 DatasetFormat = Literal["text", "jsonl", "parquet", "tokens"]
 Dtype = Literal["bfloat16", "float32"]
 LossName = Literal["auto", "chunked", "cce", "cce_torch_compile", "cross_entropy"]
-PipelineSchedule = Literal["GPipe", "1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble"]
+PipelineSchedule = Literal["GPipe", "1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV"]
+Auto = Literal["auto"]
 AttnMaskType = Literal["causal", "block_causal"]
 
 
@@ -88,11 +89,22 @@ class Parallelism:
     data_parallel_replicate_degree: int = 1
     data_parallel_shard_degree: int = -1  # -1: whatever the other degrees leave
     pipeline_parallel_degree: int = 1
-    pipeline_parallel_schedule: PipelineSchedule = "1F1B"
-    pipeline_parallel_microbatch_size: int = 1
+    pipeline_parallel_schedule: Literal[Auto, PipelineSchedule] = "auto"
+    """The pipeline schedule. ``"auto"``: the candidate (schedule x virtual stages x microbatch size, over
+    the keys left at ``"auto"``) whose replay of torch's action lists with the predicted stage, transfer
+    and FSDP times gives the shortest step within the GPU's memory (planning/schedule_search.py); the
+    run log and ``--dry_run`` list the best candidates and why the winner won. GPipe, 1F1B: one stage
+    per rank; Interleaved1F1B, InterleavedZeroBubble: 2 or more; ZBVZeroBubble, DualPipeV: exactly 2,
+    in a V (rank r holds stages r and 2pp-1-r)."""
+    pipeline_parallel_microbatch_size: Union[int, Auto] = "auto"
+    """Sequences per pipeline microbatch (divides ``training.local_batch_size``); ``"auto"``: chosen with
+    the schedule, among the sizes that divide the local batch (and validation's)."""
     pipeline_parallel_layers_per_stage: int = 0  # 0: split evenly
     pipeline_parallel_stage_split_points: list[int] = field(default_factory=list)
-    pipeline_parallel_virtual_stages: int = 1  # stages per pipeline rank; >1 for interleaved schedules
+    pipeline_parallel_virtual_stages: Union[int, Auto] = "auto"
+    """Stages per pipeline rank when neither key above sets the stage count; ``"auto"``: chosen with the
+    schedule (1 for GPipe and 1F1B, 2 for the V schedules, 2 up to layers / pipeline degree for the
+    interleaved ones)."""
     fsdp_reshard_after_forward: Literal["default", "always", "never"] = "default"
     vocab_parallel: bool = False
     vocab_parallel_mesh_dim: Literal["dp_shard"] = "dp_shard"

@@ -225,13 +225,10 @@ def validate_config(cfg: JobConfig) -> None:
     validate_loss_options(cfg.loss.name, options)
 
     p = cfg.parallelism
-    for key in (
-        "data_parallel_replicate_degree",
-        "pipeline_parallel_degree",
-        "pipeline_parallel_microbatch_size",
-        "pipeline_parallel_virtual_stages",
-    ):
+    for key in ("data_parallel_replicate_degree", "pipeline_parallel_degree"):
         _require(getattr(p, key) >= 1, f"parallelism.{key}", "must be >= 1")
+    for key in ("pipeline_parallel_microbatch_size", "pipeline_parallel_virtual_stages"):
+        _require(getattr(p, key) == "auto" or getattr(p, key) >= 1, f"parallelism.{key}", "must be >= 1 or 'auto'")
     _require(
         p.data_parallel_shard_degree == -1 or p.data_parallel_shard_degree >= 1,
         "parallelism.data_parallel_shard_degree",
@@ -325,10 +322,10 @@ def _check_validation(cfg: JobConfig) -> None:
         "validation.seq_len",
         f"{v.seq_len} exceeds training.seq_len {cfg.training.seq_len}, the positions the model is built for",
     )
-    mbs = cfg.parallelism.pipeline_parallel_microbatch_size
+    mbs = cfg.parallelism.pipeline_parallel_microbatch_size  # "auto" picks one that divides both
     local = v.local_batch_size or cfg.training.local_batch_size
     _require(
-        cfg.parallelism.pipeline_parallel_degree == 1 or local % mbs == 0,
+        cfg.parallelism.pipeline_parallel_degree == 1 or mbs == "auto" or local % mbs == 0,
         "validation.local_batch_size",
         f"{local} is not a multiple of parallelism.pipeline_parallel_microbatch_size {mbs}",
     )
