@@ -192,6 +192,20 @@ def _held_at_peak(ops: tuple, stage_bytes: dict[int, float]) -> dict[int, int]:
     return at_peak
 
 
+def _most_held(ops: tuple) -> dict[int, int]:
+    """Per stage of a rank, the most of its microbatches in flight at any moment (counted as ``_held_at_peak``)."""
+    held: dict[int, int] = {}
+    most: dict[int, int] = {}
+    for action in ops:
+        s = action.stage_index
+        if action.computation_type == _ComputationType.FORWARD:
+            held[s] = held.get(s, 0) + 1
+            most[s] = max(most.get(s, 0), held[s])
+        elif action.computation_type in (_ComputationType.FULL_BACKWARD, _ComputationType.BACKWARD_WEIGHT):
+            held[s] -= 1
+    return most
+
+
 def _rank_ops(plan: PipelinePlan) -> tuple:
     return schedule_ops(plan.schedule, plan.pp_degree, plan.n_microbatches, plan.num_stages // plan.pp_degree)
 
@@ -243,7 +257,6 @@ class _Setting:
 
     cfg: JobConfig
     args: ModelArgs
-    model: Transformer  # on the meta device
     dp_shard: int
     sequences: int  # per microbatch (per micro-step without PP)
     tokens: int
@@ -257,7 +270,7 @@ class _Setting:
 
 @lru_cache(maxsize=4)
 def _meta_model(a: ModelArgs) -> Transformer:
-    """The model on the meta device, built once per process: a plan search asks it for every candidate."""
+    """The model on the meta device, built once per process."""
     with torch.device("meta"):
         return Transformer(a)
 
@@ -265,8 +278,7 @@ def _meta_model(a: ModelArgs) -> Transformer:
 def _setting(cfg: JobConfig, dims: ParallelDims, microbatch_size: Optional[int]) -> _Setting:
     """``microbatch_size``: sequences per pipeline microbatch (the plan's); None without PP."""
     t = cfg.training
-    a = build_model_args(cfg.model.name, cfg.model.flavor, cfg.model.vocab_size)
-    model = _meta_model(replace(a, max_seq_len=t.seq_len))
+    a = replace(build_model_args(cfg.model.name, cfg.model.flavor, cfg.model.vocab_size), max_seq_len=t.seq_len)
     pp = dims.pp > 1
     sequences = microbatch_size if pp else t.local_batch_size
     tokens = sequences * t.seq_len
@@ -274,14 +286,14 @@ def _setting(cfg: JobConfig, dims: ParallelDims, microbatch_size: Optional[int])
     compiled = cfg.compile.enable and "model" in cfg.compile.components
     # One block's backward: its activations recomputed (as without checkpointing) and its
     # gradients, plus without PP the fp32 copy FSDP reduce-scatters right away.
-    block_backward = layer_activation_bytes(a, "none", compiled, param_b) * tokens + (
-        param_b + (0 if pp else reduce_b)
-    ) * _numel(model.layers["0"])
+    block_backward = (
+        layer_activation_bytes(a, "none", compiled, param_b) * tokens
+        + (param_b + (0 if pp else reduce_b)) * _part_sizes(a)[0]
+    )
     mask = block_causal_mask_bytes(sequences, t.seq_len) if cfg.model.attn_mask_type == "block_causal" else 0.0
     return _Setting(
         cfg,
         a,
-        model,
         dims.dp_shard,
         sequences,
         tokens,
@@ -296,14 +308,15 @@ def _setting(cfg: JobConfig, dims: ParallelDims, microbatch_size: Optional[int])
 
 @lru_cache(maxsize=4)
 def _part_sizes(a: ModelArgs) -> tuple[int, int, int, int]:
-    """Parameters of (one block, the embedding, the final norm, the head): what a stage's count adds up."""
-    m = _meta_model(a)
+    """Parameters of (one block, the embedding, the final norm, the head): what a stage's count adds up,
+    from a one-block model (a schedule search asks before any whole model is needed)."""
+    m = _meta_model(replace(a, n_layers=1))
     return _numel(m.layers["0"]), _numel(m.tok_embeddings), _numel(m.norm), _numel(m.output)
 
 
 def _stage(st: _Setting, index: int, layers: int, num_stages: int) -> _Stage:
     """Stage ``index`` of ``num_stages`` holding ``layers`` blocks (as build_stage_module cuts it)."""
-    block, embedding, norm, head = _part_sizes(st.model.args)
+    block, embedding, norm, head = _part_sizes(st.args)
     first, last = index == 0, index == num_stages - 1
     params = layers * block + (embedding if first else 0) + (norm + head if last else 0)
     return _Stage(index, layers, params, first, last)
@@ -326,7 +339,7 @@ def _pipeline_rank(
     sharded = gathered = unreduced = buffers = vp_grad = loss = 0.0
     for s in stages:
         vp_head = s.last and p.vocab_parallel  # a vocab-sharded copy outside FSDP
-        fsdp = s.params - (_part_sizes(st.model.args)[3] if vp_head else 0)
+        fsdp = s.params - (_part_sizes(st.args)[3] if vp_head else 0)
         vp_rows = math.ceil(a.vocab_size / n) * a.dim if vp_head else 0
         sharded += math.ceil(fsdp / n) + vp_rows
         vp_grad += 4 * vp_rows
@@ -376,7 +389,7 @@ def _pipeline_rank(
 
 def _whole_model_rank(st: _Setting) -> RankMemory:
     """Every rank without PP: the whole model, FSDP groups as parallelisms/fsdp.py makes them."""
-    a, n, p, param_b, model = st.args, st.dp_shard, st.cfg.parallelism, st.param_b, st.model
+    a, n, p, param_b, model = st.args, st.dp_shard, st.cfg.parallelism, st.param_b, _meta_model(st.args)
     tied = model.output.weight is model.tok_embeddings.weight
     vp_head = p.vocab_parallel  # a vocab-sharded copy outside FSDP
     fsdp = _numel(model) - (_numel(model.output) if vp_head and not tied else 0)
@@ -430,18 +443,22 @@ def stage_fits(cfg: JobConfig, dims: ParallelDims, gpu_memory_gib: Optional[floa
     budget = (gpu_memory_gib - CUDA_OVERHEAD_GIB) * GIB
     settings: dict[int, _Setting] = {}
     most_held: dict[tuple, dict[int, int]] = {}  # (schedule, microbatches, stages) -> stage -> most in flight
+    answers: dict[tuple, bool] = {}  # a schedule search asks the same stages many times
 
     def fits(plan: PipelinePlan, stage: int, layers: int) -> bool:
+        question = (plan.schedule, plan.n_microbatches, plan.num_stages, plan.microbatch_size, stage, layers)
+        if question not in answers:
+            answers[question] = _fits(plan, stage, layers)
+        return answers[question]
+
+    def _fits(plan: PipelinePlan, stage: int, layers: int) -> bool:
         if plan.microbatch_size not in settings:
             settings[plan.microbatch_size] = _setting(cfg, dims, plan.microbatch_size)
         st = settings[plan.microbatch_size]
         key = (plan.schedule, plan.n_microbatches, plan.num_stages)
         if key not in most_held:
-            ops = _rank_ops(plan)
-            most_held[key] = {
-                s: _held_at_peak(ops[r], {s: 1.0})[s] for r in range(plan.pp_degree) for s in plan.stages_of(r)
-            }
-        rank = next(r for r in range(plan.pp_degree) if stage in plan.stages_of(r))
+            most_held[key] = {s: k for rank_ops in _rank_ops(plan) for s, k in _most_held(rank_ops).items()}
+        rank = next(r for r in range(plan.pp_degree) if stage in plan.stages_of(r))  # the plan's layout, not its split
         memory = _pipeline_rank(
             st,
             replace(plan, pp_rank=rank),
@@ -476,7 +493,7 @@ def estimate_memory(cfg: JobConfig, dims: ParallelDims, plan: Optional[PipelineP
 def stage_parameters(cfg: JobConfig, dims: ParallelDims, plan: PipelinePlan) -> list[int]:
     """Parameters FSDP manages in each stage of ``plan`` (a vocab-parallel head is outside FSDP)."""
     st = _setting(cfg, dims, plan.microbatch_size)
-    head = _part_sizes(st.model.args)[3] if cfg.parallelism.vocab_parallel else 0
+    head = _part_sizes(st.args)[3] if cfg.parallelism.vocab_parallel else 0
     return [
         _stage(st, s, end - start, plan.num_stages).params - (head if s == plan.num_stages - 1 else 0)
         for s, (start, end) in enumerate(plan.layer_ranges)

@@ -167,7 +167,9 @@ def balanced_splits(
         best = _fastest_split(n_layers, groups, cost)
         if fits is None or all(fits(plan, s, k) for s, k in enumerate(best)):
             return best
-        return balanced_split(n_layers, groups, lambda s, k: time(s, k).total_ms, lambda s, k: fits(plan, s, k))
+        return balanced_split(
+            n_layers, groups, lambda s, k: _stage_ms(cost, k, s == 0, s == last), lambda s, k: fits(plan, s, k)
+        )
 
     by_rank = split(tuple(tuple(sorted(plan.stages_of(r))) for r in range(plan.pp_degree)))
     by_stage = split(tuple((s,) for s in range(plan.num_stages)))
@@ -179,7 +181,12 @@ def _fastest_split(n_layers: int, groups: tuple[tuple[int, ...], ...], cost: Sta
     """``balanced_split`` without a memory bound; cached, as a schedule search asks for the same
     grouping under many schedules."""
     last = sum(map(len, groups)) - 1
-    return balanced_split(n_layers, groups, lambda s, k: stage_time(cost, k, s == 0, s == last).total_ms)
+    return balanced_split(n_layers, groups, lambda s, k: _stage_ms(cost, k, s == 0, s == last))
+
+
+@lru_cache(maxsize=4096)
+def _stage_ms(cost: StageCostInputs, layers: int, first: bool, last: bool) -> float:
+    return stage_time(cost, layers, first, last).total_ms
 
 
 def _with_split(plan: PipelinePlan, counts: tuple[int, ...]) -> PipelinePlan:

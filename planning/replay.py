@@ -119,18 +119,18 @@ def simulate_schedule(
 ) -> ScheduleTiming:
     """``ops[rank]``: that rank's compute actions (``schedule_ops``); ``stages[s]``: one microbatch
     through stage s."""
-    duration = {
-        _F: [s.forward for s in stages],
-        _B: [s.backward for s in stages],
-        _I: [s.backward_input for s in stages],
-        _W: [s.backward_weight for s in stages],
-    }
+    duration = (  # by action code
+        [s.forward for s in stages],
+        [s.backward for s in stages],
+        [s.backward_input for s in stages],
+        [s.backward_weight for s in stages],
+    )
     queues = _dependencies(tuple(map(tuple, ops)), len(stages))
     gathered = _gathers_done(queues, comm.gather_ms)
     remaining = defaultdict(int)  # stage -> its backward and weight actions not yet run
     for queue in queues:
-        for kind, stage, *_ in queue:
-            remaining[stage] += kind != _F
+        for code, stage, *_ in queue:
+            remaining[stage] += code != _FORWARD
     transfer = comm.transfer_ms
     done: dict[int, float] = {}  # an action's key -> its finish time
     free = [0.0] * len(ops)
@@ -141,7 +141,7 @@ def simulate_schedule(
         progressed = False
         for rank, queue in enumerate(queues):
             while position[rank] < len(queue):
-                kind, stage, first_forward, key, needs = queue[position[rank]]
+                code, stage, first_forward, key, needs = queue[position[rank]]
                 start = free[rank]
                 for need, elsewhere in needs:
                     if need not in done:
@@ -150,12 +150,12 @@ def simulate_schedule(
                 else:
                     if first_forward:
                         start = max(start, gathered.get(stage, 0.0))
-                    time = duration[kind][stage]
+                    time = duration[code][stage]
                     done[key] = free[rank] = start + time
                     busy[rank] += time
                     position[rank] += 1
                     progressed = True
-                    if kind != _F:
+                    if code != _FORWARD:
                         remaining[stage] -= 1
                         if comm.reduce_ms and remaining[stage] == 0:
                             reduced[rank] = max(reduced[rank], free[rank]) + comm.reduce_ms[stage]
@@ -166,34 +166,39 @@ def simulate_schedule(
     return ScheduleTiming(max(max(free), max(reduced)), tuple(busy))
 
 
+# Action codes: torch's computation types are str Enums, whose hashing and comparing cost Python calls.
+_FORWARD, _BACKWARD, _INPUT, _WEIGHT = range(4)
+_CODE = {_F: _FORWARD, _B: _BACKWARD, _I: _INPUT, _W: _WEIGHT}
+
+
 @lru_cache(maxsize=256)
 def _dependencies(ops: tuple, n_stages: int) -> list[list[tuple]]:
-    """Per rank, each action as (kind, stage, first forward of its stage, key, what it waits for:
-    (key, on another rank) pairs); keys number (kind, stage, microbatch), an input backward (I)
-    counting as the stage's backward. Cached: a search replays the same lists with many times."""
+    """Per rank, each action as (code, stage, first forward of its stage, key, what it waits for:
+    (key, on another rank) pairs). Keys number (code, stage, microbatch), an input backward
+    counting as the stage's backward: F(s, m) waits for F(s-1, m); a backward (or input
+    backward) of (s, m) for F(s, m) and the backward of (s+1, m); a weight backward for the
+    input backward of (s, m). Cached: a search replays the same lists with many times."""
     numbered = [_numbered(rank_ops) for rank_ops in ops]
     rank_of = {stage: rank for rank, queue in enumerate(numbered) for _, stage, _ in queue}
     last = n_stages - 1
 
-    def key(kind, stage: int, micro: int) -> int:
-        return ((_KINDS[_B if kind == _I else kind] * n_stages) + stage) * 1_000_000 + micro
+    def key(code: int, stage: int, micro: int) -> int:
+        return ((min(code, _BACKWARD) if code != _WEIGHT else _WEIGHT) * n_stages + stage) * 1_000_000 + micro
 
-    return [
-        [
-            (
-                kind,
-                stage,
-                kind == _F and micro == 0,
-                key(kind, stage, micro),
-                tuple((key(*n), rank_of.get(n[1]) != rank) for n in _inputs(kind, stage, micro, last)),
-            )
-            for kind, stage, micro in queue
-        ]
-        for rank, queue in enumerate(numbered)
-    ]
-
-
-_KINDS = {_F: 0, _B: 1, _W: 2}
+    queues = []
+    for rank, queue in enumerate(numbered):
+        out = []
+        for code, stage, micro in queue:
+            if code == _FORWARD:
+                needs = [(_FORWARD, stage - 1)] if stage > 0 else []
+            elif code == _WEIGHT:
+                needs = [(_BACKWARD, stage)]
+            else:
+                needs = [(_FORWARD, stage)] + ([(_BACKWARD, stage + 1)] if stage < last else [])
+            waits = tuple((key(c, s, micro), rank_of.get(s) != rank) for c, s in needs)
+            out.append((code, stage, code == _FORWARD and micro == 0, key(code, stage, micro), waits))
+        queues.append(out)
+    return queues
 
 
 def _gathers_done(queues: list[list[tuple]], gather_ms: tuple[float, ...]) -> dict[int, float]:
@@ -212,25 +217,15 @@ def _gathers_done(queues: list[list[tuple]], gather_ms: tuple[float, ...]) -> di
 
 
 def _numbered(rank_ops: Sequence[_Action]) -> list[tuple]:
-    """(kind, stage, microbatch) of each compute action. Each stage runs its microbatches in
+    """(code, stage, microbatch) of each compute action. Each stage runs its microbatches in
     order, so the i-th forward (input backward, weight backward) of a stage is microbatch i:
     torch's 1F1B table numbers the last rank's forwards from 1, which would leave it waiting
     forever. A full backward and an input backward share the count (DualPipeV mixes them)."""
     seen: dict[tuple, int] = defaultdict(int)
     out = []
     for action in rank_ops:
-        kind, stage = action.computation_type, action.stage_index
-        key = (_B if kind == _I else kind, stage)
-        out.append((kind, stage, seen[key]))
-        seen[key] += 1
+        code, stage = _CODE[action.computation_type], action.stage_index
+        counter = (_BACKWARD if code == _INPUT else code, stage)
+        out.append((code, stage, seen[counter]))
+        seen[counter] += 1
     return out
-
-
-def _inputs(kind, stage: int, micro: int, last: int) -> list[tuple]:
-    """The (kind, stage, microbatch) actions whose results this one reads; an input backward (I)
-    counts as the stage's backward (B) for the stage before it."""
-    if kind == _F:
-        return [(_F, stage - 1, micro)] if stage > 0 else []
-    if kind == _W:
-        return [(_B, stage, micro)]
-    return [(_F, stage, micro)] + ([(_B, stage + 1, micro)] if stage < last else [])

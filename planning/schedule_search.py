@@ -85,7 +85,7 @@ def recipe_plan(
 
 
 @functools.cache
-def _torch_splits_function_backward() -> bool:
+def torch_splits_function_backward() -> bool:
     """Whether this torch's zero-bubble backward (torch's own ``stage_backward_input``, then
     ``stage_backward_weight``) takes a weight gradient through a custom autograd.Function. torch
     2.11 cannot: the weight step's ``autograd.grad`` from the Function's node asks it for
@@ -113,7 +113,7 @@ def _torch_splits_function_backward() -> bool:
 
 def zero_bubble_problem(cfg: JobConfig, split: BackwardSplit) -> Optional[str]:
     """Why the zero-bubble schedules cannot run this recipe on the installed torch, or None."""
-    if not (split.blocks_whole or split.head_whole) or _torch_splits_function_backward():
+    if not (split.blocks_whole or split.head_whole) or torch_splits_function_backward():
         return None
     what = "the compiled blocks" if split.blocks_whole else "the loss"
     return (

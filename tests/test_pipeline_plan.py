@@ -173,7 +173,7 @@ def test_nothing_that_fits_is_one_config_line_naming_the_fix():
 
 
 def test_zero_bubble_schedules_are_left_out_where_torch_cannot_split_a_function(monkeypatch):
-    monkeypatch.setattr(schedule_search, "_torch_splits_function_backward", lambda: False)
+    monkeypatch.setattr(schedule_search, "torch_splits_function_backward", lambda: False)
     cfg, dims = _recipe("--training.local_batch_size", "8")
     choice = choose_pipeline(cfg, dims, 80)
     assert not {o.candidate.schedule for o in choice.outcomes} & {"InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV"}
@@ -209,5 +209,9 @@ def test_torch_runs_a_compiled_blocks_backward_whole_in_both_zero_bubble_actions
     y.grad_fn.register_prehook(lambda grads: runs.append(1))  # the compiled graph's backward node
     _, groups = stage_backward_input([y], [torch.ones_like(y)], [x], list(block.parameters()))
     assert len(runs) == 1
+    if not schedule_search.torch_splits_function_backward():  # torch 2.11: the search leaves them out
+        with pytest.raises(RuntimeError, match="_input_metadata"):
+            stage_backward_weight(list(block.parameters()), groups)
+        return
     stage_backward_weight(list(block.parameters()), groups)
     assert len(runs) == 2
