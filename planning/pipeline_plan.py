@@ -16,7 +16,7 @@ from torch.distributed.pipelining.schedules import PipelineScheduleMulti, Schedu
 from config.errors import ConfigError
 from config.job_config import Parallelism
 from parallelisms.pipeline import PIPELINE_SCHEDULES, V_SHAPED, PipelinePlan
-from planning.cost import StageCostInputs, StageTime, stage_time
+from planning.cost import StageCostInputs, stage_time
 from planning.memory import StageFits
 from planning.replay import StageDurations, schedule_ops, simulate_schedule
 from planning.split import balanced_split
@@ -157,9 +157,6 @@ def balanced_splits(
     """``plan`` with the split that balances its ranks' time and, when the stages of a rank may
     differ, the one that balances its stages' time (the first on a tie of the step they lead to)."""
     last = plan.num_stages - 1
-
-    def time(stage: int, layers: int) -> StageTime:
-        return stage_time(cost, layers, stage == 0, stage == last)
 
     def split(groups: tuple[tuple[int, ...], ...]) -> tuple[int, ...]:
         # The best split that fits is the best split when that one fits: the constrained search

@@ -172,13 +172,14 @@ def choose_pipeline(
     notes = ()
     if problem is not None:
         if p.pipeline_parallel_schedule in ZERO_BUBBLE:
-            raise ConfigError(
-                _KEY + "schedule", f"{problem}; choose Interleaved1F1B or 'auto', or turn compile off for the model"
-            )
+            raise ConfigError(_KEY + "schedule", f"{problem}; choose Interleaved1F1B or 'auto'")
         notes = (f"{', '.join(ZERO_BUBBLE)} left out: {problem}",)
     elif (split.blocks_whole or split.head_whole) and p.pipeline_parallel_schedule in ("auto", *ZERO_BUBBLE):
         whole = " and ".join(w for w, on in (("compiled blocks", split.blocks_whole), ("loss", split.head_whole)) if on)
-        notes = (f"zero-bubble schedules run the {whole}' backward whole in both the input and the weight action",)
+        notes = (
+            f"zero-bubble schedules: the input and the weight backward action each run the whole backward of the "
+            f"{whole} (one autograd node each; planning/timing.py BackwardSplit)",
+        )
     fits = stage_fits(cfg, dims, gpu_memory_gib)
     steps = accumulation_steps(cfg, dims)
 
@@ -311,7 +312,7 @@ def _why(choice: PipelineChoice) -> str:
     if not best.fits:
         return f"chosen: {best.candidate}, the closest to fitting; nothing fits"
     fitting = [o for o in choice.outcomes if o.fits]
-    why = f"chosen: {best.candidate}, the shortest predicted step of the {len(fitting)} that fit"
+    why = f"chosen: {best.candidate}, the shortest predicted step of the {len(fitting)} replayed that fit"
     if len(fitting) > 1:
         runner = fitting[1]
         why += f"; the next, {runner.candidate}, is {runner.step_ms - best.step_ms:.1f} ms slower"
