@@ -79,7 +79,7 @@ _ROWS: list[tuple[str, Callable[[RankMemory], str]]] = [
     ("unsharded gradients (FSDP)", lambda m: _gib(m.unsharded_grads)),
     ("pipeline receive buffers", lambda m: _gib(m.pipeline_buffers)),
     ("activations", lambda m: _gib(m.activations)),
-    ("block-causal masks", lambda m: _gib(m.masks)),
+    ("block-causal masks (MiB, not GiB)", lambda m: f"{m.masks / 2**20:.2f}"),
     ("  microbatches in flight", lambda m: str(m.in_flight)),
     ("loss workspace or one block's backward", lambda m: _gib(m.transient)),
 ]
