@@ -1,7 +1,7 @@
 """Predicted peak GPU memory of every pipeline rank, from the recipe and the layout alone.
 
 ``python train.py --config X --dry_run --world_size N`` prints it (planning/dry_run.py).
-No device memory, no process group: the stages are the run's own plan (``recipe_plan``),
+No device memory, no process group: the stages are the run's own plan (``choose_pipeline``),
 their parameters counted on a meta-device model, the microbatches in flight read off torch's
 own schedule tables, and the rest is byte counting. Every data-parallel
 rank of a pipeline rank holds the same, so there is one estimate per pipeline rank. The
@@ -472,7 +472,7 @@ def stage_fits(cfg: JobConfig, dims: ParallelDims, gpu_memory_gib: Optional[floa
 
 
 def estimate_memory(cfg: JobConfig, dims: ParallelDims, plan: Optional[PipelinePlan]) -> list[RankMemory]:
-    """One ``RankMemory`` per pipeline rank for the run's ``plan`` (``planning.pipeline_plan.recipe_plan``;
+    """One ``RankMemory`` per pipeline rank for the run's ``plan`` (``planning.schedule_search.choose_pipeline``;
     None without pipeline parallel): its schedule's microbatches in flight, of its microbatch size."""
     st = _setting(cfg, dims, plan.microbatch_size if plan is not None else None)
     if plan is None:

@@ -5,8 +5,8 @@ the keys set to ``"auto"``; a set key is kept as written) is split by ``plan_pip
 on torch's own action lists with the predicted stage, transfer and FSDP times
 (``planning/timing.py``) and held to the GPU's memory with its own microbatches in flight
 (``planning/memory.py``). The shortest step that fits wins; ties go to the earlier candidate
-(simpler schedule, fewer stages per rank, larger microbatch). ``recipe_plan`` is what the run
-(train.py) and its prediction (``--dry_run``) both ask: a pure function of the recipe, the
+(simpler schedule, fewer stages per rank, larger microbatch). ``choose_pipeline`` is what the
+run (train.py) and its prediction (``--dry_run``) both ask: a pure function of the recipe, the
 layout, the GPU size the run passes in and the installed torch, so every rank decides alike.
 """
 
@@ -71,17 +71,6 @@ class PipelineChoice:
 
     def plan_for(self, pp_rank: int) -> PipelinePlan:
         return replace(self.best.plan, pp_rank=pp_rank)
-
-
-def recipe_plan(
-    cfg: JobConfig, dims: ParallelDims, pp_rank: int, gpu_memory_gib: Optional[float] = None
-) -> PipelinePlan:
-    """The plan of pipeline rank ``pp_rank``; held to ``gpu_memory_gib`` when it is known (a ConfigError
-    naming the fix when nothing fits)."""
-    choice = choose_pipeline(cfg, dims, gpu_memory_gib)
-    if choice.problem is not None:
-        raise choice.problem
-    return choice.plan_for(pp_rank)
 
 
 @functools.cache

@@ -21,7 +21,7 @@ from planning.memory import (
     peaks_per_rank_gib,
     stage_fits,
 )
-from planning.schedule_search import recipe_plan
+from planning.schedule_search import choose_pipeline
 from training.config_loader import load_config
 
 ONE_GPU = "configs/qwen3_1p7b.toml"
@@ -77,7 +77,8 @@ MEASURED = [
 
 def _estimate(cfg, dims: ParallelDims, gpu_memory_gib=None):
     """The estimate for the plan the run would make (the dry run's)."""
-    return estimate_memory(cfg, dims, recipe_plan(cfg, dims, 0, gpu_memory_gib) if dims.pp > 1 else None)
+    plan = choose_pipeline(cfg, dims, gpu_memory_gib).plan_for(0) if dims.pp > 1 else None
+    return estimate_memory(cfg, dims, plan)
 
 
 def _predicted(config: str, overrides: list[str], world_size: int) -> list[float]:
@@ -253,3 +254,10 @@ def test_block_causal_adds_one_mask_per_microbatch_in_flight():
     for c, m in zip(causal, masked):
         assert c.masks == 0 and m.masks == m.in_flight * mask
         assert m.peak == pytest.approx(c.peak + m.masks)
+
+
+def test_dry_run_shows_the_table_and_the_line_the_run_would_stop_with(no_process_group, capsys):
+    assert train.main(["--config", PP4, "--dry_run", "--world_size", "8", "--gpu_memory_gib", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "fits 10 GiB" in out and "NO" in out
+    assert "the run would stop here: config error: parallelism.pipeline_parallel_schedule: no schedule" in out

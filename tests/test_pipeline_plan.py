@@ -15,7 +15,7 @@ from planning import schedule_search
 from planning.cost import stage_cost_inputs
 from planning.memory import CUDA_OVERHEAD_GIB, GIB, estimate_memory, stage_fits
 from planning.pipeline_plan import plan_pipeline
-from planning.schedule_search import choose_pipeline, recipe_plan
+from planning.schedule_search import choose_pipeline
 from planning.timing import predict_timing
 from training.config_loader import load_config
 
@@ -153,23 +153,22 @@ def test_explicit_keys_are_obeyed():
 
 def test_every_rank_reaches_the_same_plan():
     cfg, dims = _recipe()
-    plans = [recipe_plan(cfg, dims, r, 80) for r in range(4)]
+    plans = [choose_pipeline(cfg, dims, 80).plan_for(r) for r in range(4)]
     assert len({(p.schedule, p.microbatch_size, p.layer_ranges, p.n_microbatches) for p in plans}) == 1
     assert [p.pp_rank for p in plans] == [0, 1, 2, 3]
-    assert recipe_plan(*_recipe(), 0, 80) == plans[0]  # a pure function of recipe, layout and GPU size
+    assert choose_pipeline(*_recipe(), 80).plan_for(0) == plans[0]  # a pure function of recipe, layout and GPU
 
 
 def test_nothing_that_fits_is_one_config_line_naming_the_fix():
     cfg, dims = _recipe()
-    with pytest.raises(ConfigError, match="no schedule, stages per rank and microbatch size fit") as err:
-        recipe_plan(cfg, dims, 0, 10)
-    assert err.value.key == "parallelism.pipeline_parallel_schedule" and "activation_checkpoint.mode" in str(err.value)
+    err = choose_pipeline(cfg, dims, 10).problem  # what train.py raises
+    assert "no schedule, stages per rank and microbatch size fit" in str(err)
+    assert err.key == "parallelism.pipeline_parallel_schedule" and "activation_checkpoint.mode" in str(err)
     explicit = ["--parallelism.pipeline_parallel_schedule", "GPipe", "--parallelism.pipeline_parallel_virtual_stages"]
     cfg, dims = _recipe(*explicit, "1", "--parallelism.pipeline_parallel_microbatch_size", "1")
-    with pytest.raises(ConfigError, match="with the three keys 'auto' the run takes Interleaved1F1B") as err:
-        recipe_plan(cfg, dims, 0, 40)  # GPipe holds all 32 microbatches
-    assert err.value.key == "parallelism.pipeline_parallel_microbatch_size"
-    assert "\n" not in str(err.value)
+    err = choose_pipeline(cfg, dims, 40).problem  # GPipe holds all 32 microbatches
+    assert "with the three keys 'auto' the run takes Interleaved1F1B" in str(err)
+    assert err.key == "parallelism.pipeline_parallel_microbatch_size" and "\n" not in str(err)
 
 
 def test_zero_bubble_schedules_are_left_out_where_torch_cannot_split_a_function(monkeypatch):

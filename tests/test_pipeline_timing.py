@@ -5,7 +5,7 @@ import pytest
 from parallelisms.parallel_dims import ParallelDims
 from planning.comm import LINKS
 from planning.cost import head_in_layers, stage_cost_inputs, stage_time
-from planning.schedule_search import recipe_plan
+from planning.schedule_search import choose_pipeline
 from planning.timing import predict_timing, split_summary
 from training.config_loader import load_config
 
@@ -16,7 +16,7 @@ ONE_F_ONE_B = ["--parallelism.pipeline_parallel_schedule", "1F1B", "--training.l
 def _plan(*overrides):
     cfg = load_config(["--config", PP4, *overrides])
     dims = ParallelDims.from_config(cfg.parallelism, 8)
-    return cfg, dims, recipe_plan(cfg, dims, 0)
+    return cfg, dims, choose_pipeline(cfg, dims, None).plan_for(0)
 
 
 def test_split_summary_names_the_split_and_why():
