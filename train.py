@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
 from config.errors import CheckpointError, ConfigError
 from config.job_config import JobConfig
@@ -32,7 +33,7 @@ from parallelisms.pipeline import PipelinePlan, build_schedule, build_stage_modu
 from parallelisms.tied_embeddings import tied_embedding_sync
 from planning.batch import global_batch_size
 from planning.dry_run import dry_run_report, split_dry_run_args
-from planning.pipeline_plan import recipe_plan
+from planning.schedule_search import choice_lines, choose_pipeline
 from planning.timing import split_summary
 from training.checkpoint import CheckpointManager
 from training.faults import FaultWatch, is_collective_failure
@@ -98,9 +99,7 @@ def _train(
     check_output_folders(cfg)
     if rank == 0:
         log_run(dims, mesh, device)
-    plan = _plan_pipeline(cfg, dims, mesh["pp"].get_local_rank(), device) if dims.pp > 1 else None
-    if plan is not None and rank == 0:
-        logger.info(split_summary(cfg, dims, plan))
+    plan = _plan_pipeline(cfg, dims, mesh["pp"].get_local_rank(), device, rank == 0) if dims.pp > 1 else None
     tokenizer = _build_tokenizer(cfg, model_args.vocab_size)
     dataloader = _build_data(cfg, tokenizer, model_args.vocab_size, global_batch, dp_mesh, dims)
     # block_causal masks at the data's EOS: the tokenizer's, known only now.
@@ -126,11 +125,7 @@ def _train(
 
     loss = _build_training_loss(cfg, parts, mesh, dp_mesh, device, compute_dtype)
     tied = tied_embedding_sync(parts, plan, mesh, cfg.parallelism.vocab_parallel)
-    schedule = (
-        build_schedule(parts, plan, cfg.parallelism.pipeline_parallel_schedule, mesh["pp"].get_group(), device, loss)
-        if plan
-        else None
-    )
+    schedule = build_schedule(parts, plan, mesh["pp"].get_group(), device, loss) if plan else None
     # One optimizer and LR schedule per stage (TorchTitan's layout): checkpoints key their state by parameter name.
     optimizers = [build_optimizer(list(part.parameters()), cfg.optimizer, device) for part in parts]
     schedulers = [build_lr_scheduler(opt, t.steps, cfg.lr_scheduler) for opt in optimizers]
@@ -257,10 +252,30 @@ def _model_args(cfg: JobConfig) -> ModelArgs:
     return replace(args, max_seq_len=cfg.training.seq_len)
 
 
-def _plan_pipeline(cfg: JobConfig, dims: ParallelDims, pp_rank: int, device: torch.device) -> PipelinePlan:
-    """This rank's stages; the default split balances predicted stage time within the GPU's memory."""
-    gpu_gib = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else None
-    return recipe_plan(cfg, dims, pp_rank, gpu_gib)
+def _plan_pipeline(cfg: JobConfig, dims: ParallelDims, pp_rank: int, device: torch.device, log: bool) -> PipelinePlan:
+    """This rank's stages. The schedule, split and microbatches are chosen from the recipe, the layout
+    and the smallest GPU of the run, so every rank makes the same choice; checked, as a rank that
+    chose otherwise would hang the first step."""
+    gpu_gib = None
+    if device.type == "cuda":
+        smallest = torch.tensor(float(torch.cuda.get_device_properties(device).total_memory), device=device)
+        dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+        gpu_gib = smallest.item() / 2**30
+    choice = choose_pipeline(cfg, dims, gpu_gib)
+    if log:
+        for line in choice_lines(choice):
+            logger.info(line)
+    if choice.problem is not None:
+        raise choice.problem
+    plan = choice.plan_for(pp_rank)
+    decided = (plan.schedule, plan.microbatch_size, plan.layer_ranges)
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, decided)
+    if any(other != decided for other in everyone):
+        raise RuntimeError(f"the ranks chose different pipeline plans (torch versions differ?): {everyone}")
+    if log:
+        logger.info(split_summary(cfg, dims, plan))
+    return plan
 
 
 def _build_tokenizer(cfg: JobConfig, vocab_size: int) -> Tokenizer:

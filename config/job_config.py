@@ -16,7 +16,8 @@ from config.rules import NonEmpty, Range
 
 DatasetFormat = Literal["text", "jsonl", "parquet", "tokens"]
 Dtype = Literal["bfloat16", "float32"]
-PipelineSchedule = Literal["GPipe", "1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble"]
+PipelineSchedule = Literal["GPipe", "1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV"]
+Auto = Literal["auto"]
 AttnMaskType = Literal["causal", "block_causal"]
 
 POSITIVE_INTEGER = Range(gt=0, message="must be a positive integer")
@@ -302,8 +303,10 @@ class Parallelism:
     `--dry_run`'s `--gpu_memory_gib`), only splits whose every rank fits it by the memory estimate
     are considered (exact with one stage per rank; with several, each stage gets an equal share);
     if none fits, the balanced split is kept and the dry run shows the rank that does not. For the
-    PP=4 recipe this gives 8/8/8/4 layers with `cce` and with `chunked`. The explicit keys
-    win, exactly as written. `--dry_run` prints the split, why, and each rank's predicted time
+    PP=4 recipe under 1F1B this gives 8/8/8/4 layers with `cce` and with `chunked`. The explicit keys
+    win, exactly as written. With the schedule, the virtual stages or the microbatch size at `auto`,
+    every candidate gets its own balanced split and the shortest predicted step wins. `--dry_run` prints
+    the split, why, and each rank's predicted time
     ([performance.md](performance.md#balancing-the-pipeline-stages-predictions))."""
 
     data_parallel_replicate_degree: Annotated[int, AT_LEAST_ONE] = 1
@@ -321,16 +324,23 @@ class Parallelism:
     logits never cross a stage boundary. A tied embedding/head is split into two copies (first and last
     stage) whose gradients are summed after backward, as in Megatron."""
 
-    pipeline_parallel_schedule: PipelineSchedule = "1F1B"
-    """`GPipe`, `1F1B`: exactly one stage per rank. `Interleaved1F1B`, `InterleavedZeroBubble`: at least 2
-    stages per rank, rank `r` holds stages `r, r+pp, r+2pp, ...`. `ZBVZeroBubble`: exactly 2 stages per rank
-    in a V (rank `r` holds `r` and `2pp-1-r`, so the last stage sits on rank 0). Gradients are not rescaled
-    by the schedule: the loss already carries the global normalization."""
+    pipeline_parallel_schedule: Literal[Auto, PipelineSchedule] = "auto"
+    """`auto`: the candidate (schedule x virtual stages x microbatch size, over the keys left at `auto`)
+    whose replay of torch's action lists with the predicted stage, transfer and FSDP times gives the
+    shortest step within the GPU's memory (`planning/schedule_search.py`); the run log and `--dry_run` list
+    the best candidates and why the winner won. `GPipe`, `1F1B`: exactly one stage per rank.
+    `Interleaved1F1B`, `InterleavedZeroBubble`: at least 2 stages per rank, rank `r` holds stages
+    `r, r+pp, r+2pp, ...`. `ZBVZeroBubble`, `DualPipeV` (where the installed torch has it): exactly 2 stages
+    per rank in a V (rank `r` holds `r` and `2pp-1-r`, so the last stage sits on rank 0). A named schedule is
+    obeyed; one that cannot run (stage-count rules, microbatch count, memory, a torch that cannot split the
+    backward for the zero-bubble ones) stops the run with one line naming the fix. Gradients are not
+    rescaled by the schedule: the loss already carries the global normalization."""
 
-    pipeline_parallel_microbatch_size: Annotated[int, AT_LEAST_ONE] = 1
+    pipeline_parallel_microbatch_size: Annotated[Union[int, Auto], AT_LEAST_ONE] = "auto"
     """Sequences per pipeline microbatch, dividing `local_batch_size`; microbatches per step =
     `local_batch_size / microbatch_size`, which must be `>= pipeline_parallel_degree` for every schedule but
-    `GPipe`."""
+    `GPipe`. `auto`: chosen with the schedule, among the sizes that divide the local batch (and
+    validation's)."""
 
     pipeline_parallel_layers_per_stage: Annotated[
         int, Range(ge=0, message="must be >= 0 (0 splits the layers evenly)")
@@ -345,10 +355,11 @@ class Parallelism:
     `[7, 14, 21]` for 4 stages of a 28-layer model; `len + 1` stages. Set, it replaces the balanced default
     exactly as written (`[7, 14, 21]` is the old even split of Qwen3-1.7B)."""
 
-    pipeline_parallel_virtual_stages: Annotated[int, AT_LEAST_ONE] = 1
+    pipeline_parallel_virtual_stages: Annotated[Union[int, Auto], AT_LEAST_ONE] = "auto"
     """Stages per pipeline rank when neither of the two keys above is set; `2` or more for the interleaved
-    schedules, exactly `2` for `ZBVZeroBubble`. Ignored when the stage count comes from `layers_per_stage`
-    or `stage_split_points`."""
+    schedules, exactly `2` for the V schedules. `auto`: chosen with the schedule (1 for `GPipe` and `1F1B`,
+    2 for the V schedules, 2 up to layers / pipeline degree for the interleaved ones). Ignored when the stage
+    count comes from `layers_per_stage` or `stage_split_points`."""
 
     fsdp_reshard_after_forward: Literal["default", "always", "never"] = "default"
     """Whether FSDP2 frees the gathered parameters after forward (re-gathers in backward). `default`, as
@@ -671,7 +682,7 @@ class JobConfig:
         mbs = self.parallelism.pipeline_parallel_microbatch_size
         local = v.local_batch_size or self.training.local_batch_size
         require(
-            self.parallelism.pipeline_parallel_degree == 1 or local % mbs == 0,
+            self.parallelism.pipeline_parallel_degree == 1 or mbs == "auto" or local % mbs == 0,
             "validation.local_batch_size",
             f"{local} is not a multiple of parallelism.pipeline_parallel_microbatch_size {mbs}",
         )

@@ -30,7 +30,10 @@ class Range:
     message: str = ""
 
     def problem(self, value: float) -> Optional[str]:
-        """What is wrong with ``value``, or None."""
+        """What is wrong with ``value``, or None (a value of another alternative of the key's type, such
+        as ``"auto"``, is the type's to check)."""
+        if isinstance(value, (str, bool)):
+            return None
         inside = (
             (self.ge is None or value >= self.ge)
             and (self.gt is None or value > self.gt)

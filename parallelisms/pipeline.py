@@ -1,6 +1,6 @@
 """Pipeline parallel: cut the model into the stages a plan names and build its schedule.
 
-What the plan is (which layers each stage holds, which stages each rank runs, how many
+What the plan is (the schedule, which layers each stage holds, which stages each rank runs, the
 microbatches) is decided before anything is built, in ``planning/pipeline_plan.py``; this
 module applies it. The last stage ends at the final norm and returns hidden states; the
 schedule's ``loss_fn`` is the recipe's loss, so logits never cross a stage boundary.
@@ -14,6 +14,7 @@ from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import (
     PipelineScheduleMulti,
     Schedule1F1B,
+    ScheduleDualPipeV,
     ScheduleGPipe,
     ScheduleInterleaved1F1B,
     ScheduleInterleavedZeroBubble,
@@ -28,22 +29,32 @@ PIPELINE_SCHEDULES = {
     "Interleaved1F1B": ScheduleInterleaved1F1B,
     "InterleavedZeroBubble": ScheduleInterleavedZeroBubble,
     "ZBVZeroBubble": ScheduleZBVZeroBubble,
+    "DualPipeV": ScheduleDualPipeV,
 }
+# Two stages per rank in a V: rank r holds stages r and 2*pp-1-r, so the last stage sits on rank 0.
+V_SHAPED = ("ZBVZeroBubble", "DualPipeV")
+# Split each backward into an input-gradient and a weight-gradient action (I and W).
+ZERO_BUBBLE = ("InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV")
 
 
 @dataclass(frozen=True)
 class PipelinePlan:
-    """Which layers each stage holds and which stages this rank runs."""
+    """The schedule, which layers each stage holds and which stages this rank runs."""
 
     layer_ranges: tuple[tuple[int, int], ...]  # [start, end) per stage
     pp_degree: int
     pp_rank: int
-    v_shape: bool  # ZBV: rank r holds stages r and 2*pp-1-r; otherwise r, r+pp, r+2*pp, ...
+    schedule: str  # a key of PIPELINE_SCHEDULES
     n_microbatches: int
+    microbatch_size: int  # sequences per microbatch
 
     @property
     def num_stages(self) -> int:
         return len(self.layer_ranges)
+
+    @property
+    def v_shape(self) -> bool:
+        return self.schedule in V_SHAPED
 
     def stages_of(self, pp_rank: int) -> tuple[int, ...]:
         if self.v_shape:
@@ -70,12 +81,11 @@ def build_stage_module(model: Transformer, plan: PipelinePlan, stage: int) -> Tr
     return part
 
 
-def build_schedule(
-    modules: list[torch.nn.Module], plan: PipelinePlan, schedule_name: str, pp_group, device: torch.device, loss_fn
-):
-    """``loss_fn(hidden, labels)`` already carries the global normalization, so grads are not rescaled."""
+def build_schedule(modules: list[torch.nn.Module], plan: PipelinePlan, pp_group, device: torch.device, loss_fn):
+    """The plan's schedule over this rank's stage ``modules``. ``loss_fn(hidden, labels)`` already
+    carries the global normalization, so grads are not rescaled."""
     stages = [PipelineStage(m, s, plan.num_stages, device, group=pp_group) for m, s in zip(modules, plan.local_stages)]
-    schedule = PIPELINE_SCHEDULES[schedule_name]
+    schedule = PIPELINE_SCHEDULES[plan.schedule]
     if issubclass(schedule, PipelineScheduleMulti):
         return schedule(stages, n_microbatches=plan.n_microbatches, loss_fn=loss_fn, scale_grads=False)
     return schedule(stages[0], n_microbatches=plan.n_microbatches, loss_fn=loss_fn, scale_grads=False)

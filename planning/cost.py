@@ -3,12 +3,13 @@
 Each piece's work is counted (FLOPs for the matmul-bound pieces, bytes moved for the
 memory-bound ones) and divided by the rate that piece achieved alone on one GPU
 (``MEASURED``; benchmarks/stage_cost_bench.py times them and prints new values). What is
-left out, so these are compute times only: pipeline sends and receives, FSDP's gathers and
-reductions (once per step under PP), the tied-embedding sync, the optimizer, host overhead.
+left out, so these are compute times only: pipeline sends and receives and FSDP's gathers and
+reductions (once per step under PP) are planning/comm.py's; the tied-embedding sync, the
+optimizer and host overhead are not predicted.
 The rates are bf16 rates; a float32 run is not modelled.
 """
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Mapping
 
@@ -29,8 +30,9 @@ class AchievedRates:
     (``layer_flops``, ``head_flops``), GB/s the bytes it assigns (``*_bytes``)."""
 
     layer_tflops: float  # a compiled decoder block, fw + bw
-    # head + loss, fw + bw, keyed by the loss entries' rate keys (their facts' rate_key)
-    head_tflops: Mapping[str, float]
+    # head + loss, fw + bw, keyed by the loss entries' rate keys (their facts' rate_key); left out of the
+    # hash (a mapping has none), kept in equality
+    head_tflops: Mapping[str, float] = field(hash=False)
     logits_gbs: float  # the bytes an entry moves per logit beyond its GEMMs (its facts' logit_bytes)
     embedding_gbs: float
     norm_gbs: float
@@ -231,14 +233,15 @@ def loss_choice(cfg: JobConfig) -> LossChoice:
     )
 
 
-def stage_cost_inputs(cfg: JobConfig, dims: ParallelDims) -> StageCostInputs:
-    """The recipe's side of a stage's cost: model, microbatch, resolved loss, AC, vocab-parallel degree."""
+def stage_cost_inputs(cfg: JobConfig, dims: ParallelDims, microbatch_size: int) -> StageCostInputs:
+    """The recipe's side of a stage's cost: model, resolved loss, AC, vocab-parallel degree; ``microbatch_size``
+    sequences per microbatch (the plan's: the recipe's may be "auto")."""
     t, ac, p = cfg.training, cfg.activation_checkpoint, cfg.parallelism
     model = replace(build_model_args(cfg.model.name, cfg.model.flavor, cfg.model.vocab_size), max_seq_len=t.seq_len)
     return StageCostInputs(
         model,
         t.seq_len,
-        p.pipeline_parallel_microbatch_size,
+        microbatch_size,
         loss_choice(cfg).entry,
         ac.mode,
         ac.selective_ac_option,

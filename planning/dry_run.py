@@ -16,9 +16,10 @@ from config.job_config import JobConfig
 from models import build_model_args
 from parallelisms.parallel_dims import ParallelDims
 from planning.batch import accumulation_steps
+from planning.comm import LINKS
 from planning.cost import head_rate, logits_bytes, loss_choice
 from planning.memory import CUDA_OVERHEAD_GIB, GIB, RankMemory, estimate_memory, peaks_per_rank_gib
-from planning.pipeline_plan import recipe_plan
+from planning.schedule_search import PipelineChoice, choice_lines, choose_pipeline
 from planning.timing import PipelineTiming, predict_timing, why_this_split
 
 _VALUED = ("--world_size", "--gpu_memory_gib")
@@ -78,6 +79,7 @@ _ROWS: list[tuple[str, Callable[[RankMemory], str]]] = [
     ("unsharded gradients (FSDP)", lambda m: _gib(m.unsharded_grads)),
     ("pipeline receive buffers", lambda m: _gib(m.pipeline_buffers)),
     ("activations", lambda m: _gib(m.activations)),
+    ("block-causal masks (MiB, not GiB)", lambda m: f"{m.masks / 2**20:.2f}"),
     ("  microbatches in flight", lambda m: str(m.in_flight)),
     ("loss workspace or one block's backward", lambda m: _gib(m.transient)),
 ]
@@ -95,8 +97,18 @@ def dry_run_report(cfg: JobConfig, dry_run: DryRun) -> str:
     """``--dry_run``: the layout checks of a run, its plan and its predicted memory; no device, no process group."""
     dims = ParallelDims.from_config(cfg.parallelism, dry_run.world_size)
     accumulation = accumulation_steps(cfg, dims)
-    plan = recipe_plan(cfg, dims, 0, dry_run.gpu_memory_gib) if dims.pp > 1 else None
-    return format_report(cfg, dims, estimate_memory(cfg, dims, plan), accumulation, dry_run.gpu_memory_gib)
+    choice = choose_pipeline(cfg, dims, dry_run.gpu_memory_gib) if dims.pp > 1 else None
+    plan = choice.plan_for(0) if choice is not None else None
+    report = format_report(cfg, dims, estimate_memory(cfg, dims, plan), accumulation, dry_run.gpu_memory_gib)
+    return report + ("" if choice is None else "\n\n" + "\n".join(schedule_choice_lines(choice)))
+
+
+def schedule_choice_lines(choice: PipelineChoice) -> list[str]:
+    """How the plan's schedule was chosen, and the line the run would stop with when it does not fit."""
+    lines = choice_lines(choice)
+    if choice.problem is not None:
+        lines += ["", f"the run would stop here: {choice.problem}"]
+    return lines
 
 
 def format_report(
@@ -107,9 +119,10 @@ def format_report(
     t, p, ac = cfg.training, cfg.parallelism, cfg.activation_checkpoint
     a = build_model_args(cfg.model.name, cfg.model.flavor, cfg.model.vocab_size)
     pp = dims.pp > 1
-    microbatch = p.pipeline_parallel_microbatch_size if pp else t.local_batch_size
+    plan = estimates[0].plan
+    microbatch = plan.microbatch_size if pp else t.local_batch_size
     schedule = (
-        (f"{p.pipeline_parallel_schedule}, {t.local_batch_size // microbatch} microbatches of " if pp else "")
+        (f"{plan.schedule}, {plan.n_microbatches} microbatches of " if pp else "")
         + f"{microbatch} x {t.seq_len} tokens"
         + ("" if pp else " per micro-step")
     )
@@ -151,13 +164,13 @@ def format_report(
         f"predicted peak_memory_gib_per_rank: {peaks_per_rank_gib(estimates, dims)}",
     ]
     if pp:
-        lines += ["", *timing_lines(cfg, predict_timing(cfg, dims, estimates[0].plan), accumulation_steps)]
+        lines += ["", *timing_lines(cfg, predict_timing(cfg, dims, plan), accumulation_steps)]
     return "\n".join(lines)
 
 
 def timing_lines(cfg: JobConfig, timing: PipelineTiming, accumulation_steps: int) -> list[str]:
     """Per pipeline rank, one microbatch's predicted forward and backward; then the split, the
-    slowest/fastest ratio, the simulated bubble and the step's compute."""
+    slowest/fastest ratio, the simulated bubble and the step."""
     plan, cost, schedule = timing.plan, timing.cost, timing.schedule
     ranks = [timing.rank(r) for r in range(plan.pp_degree)]
     layers = [
@@ -165,8 +178,7 @@ def timing_lines(cfg: JobConfig, timing: PipelineTiming, accumulation_steps: int
         for r in range(plan.pp_degree)
     ]
     rates = cost.rates
-    name = cfg.parallelism.pipeline_parallel_schedule
-    zero_bubble = "ZeroBubble" in name
+    name = plan.schedule
     step = accumulation_steps * schedule.makespan_ms
     lines = [
         "Predicted compute per microbatch (a prediction, not a measurement: planning/cost.py; "
@@ -185,14 +197,22 @@ def timing_lines(cfg: JobConfig, timing: PipelineTiming, accumulation_steps: int
         f"split {'/'.join(str(e - s) for s, e in plan.layer_ranges)} layers over stages 0-{plan.num_stages - 1}, "
         f"{why_this_split(cfg, timing)}",
         f"slowest/fastest pp rank {timing.slowest_over_fastest:.2f}; {name} bubble {100 * schedule.bubble:.1f} % "
-        f"(torch's action lists for {plan.n_microbatches} microbatches replayed with these times"
-        + ("; a backward's input and weight halves take half its time each" if zero_bubble else "")
-        + ")",
-        f"predicted step compute {step:.0f} ms ({accumulation_steps} micro-step(s) x {schedule.makespan_ms:.0f} ms); "
+        f"(torch's action lists for {plan.n_microbatches} microbatches replayed with these times, the sends and "
+        "FSDP's collectives)",
+        f"predicted step {step:.0f} ms ({accumulation_steps} micro-step(s) x {schedule.makespan_ms:.0f} ms); "
         f"decoder layers at {rates.layer_tflops:g} TFLOP/s, head + {cost.loss} at "
         f"{head_rate(cost):g} TFLOP/s"
         + (" + its logits traffic" if any(logits_bytes(cost.model, cost.loss, 1)) else ""),
-        "compute only: sends and receives, FSDP's gathers and reductions, the optimizer and host overhead are "
-        "not in it",
+        *_communication_lines(timing),
+        "not in it: the tied-embedding sync, the optimizer and host overhead",
     ]
     return lines
+
+
+def _communication_lines(timing: PipelineTiming) -> list[str]:
+    comm = timing.comm
+    return [
+        f"sends {comm.transfer_ms:.2f} ms per microbatch between ranks ({LINKS.p2p_gbs:g} GB/s), FSDP "
+        f"{sum(comm.gather_ms):.1f} ms of gathers and {sum(comm.reduce_ms):.1f} ms of reductions per micro-step "
+        f"({LINKS.fsdp_gbs:g} GB/s; planning/comm.py's guesses, not measured)",
+    ]

@@ -1,7 +1,7 @@
 """Predicted peak GPU memory of every pipeline rank, from the recipe and the layout alone.
 
 ``python train.py --config X --dry_run --world_size N`` prints it (planning/dry_run.py).
-No device memory, no process group: the stages are the run's own plan (``recipe_plan``),
+No device memory, no process group: the stages are the run's own plan (``choose_pipeline``),
 their parameters counted on a meta-device model, the microbatches in flight read off torch's
 own schedule tables, and the rest is byte counting. Every data-parallel
 rank of a pipeline rank holds the same, so there is one estimate per pipeline rank. The
@@ -11,7 +11,8 @@ The peak is the larger of two moments of a steady-state step (the optimizer stat
 exists from step 1's update on):
 
 - backward: fp32 master shards + AdamW state + what FSDP holds gathered + the
-  activations of the microbatches in flight + the largest transient, either the
+  activations of the microbatches in flight (under the schedule the plan runs, which
+  ``"auto"`` may have chosen) and their block-causal masks + the largest transient, either the
   loss's workspace or one block's backward (its activations recomputed without
   checkpointing and its bf16 gradients). Gradient shards are freed by
   ``zero_grad(set_to_none=True)``, so they exist here only under gradient
@@ -26,6 +27,7 @@ run" lists the terms, the comparison and what is left out.
 
 import math
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from typing import Callable, Optional
 
 import torch
@@ -68,6 +70,7 @@ class RankMemory:
     unsharded_grads: float  # PP: accumulated over microbatches; no PP: a tied root's, reduced at the end
     pipeline_buffers: float  # the stage's receive buffers, one per microbatch
     activations: float
+    masks: float  # block_causal: the attention masks of the microbatches in flight
     in_flight: int  # (stage, microbatch) pairs whose activations are held at the peak
     transient: float  # the larger of the loss workspace and one block's backward
     plan: Optional[PipelinePlan] = None  # the split these figures are for (None without PP)
@@ -82,6 +85,7 @@ class RankMemory:
             + self.unsharded_grads
             + self.pipeline_buffers
             + self.activations
+            + self.masks
             + self.transient
         )
 
@@ -138,14 +142,30 @@ def loss_workspace(cfg: JobConfig, a: ModelArgs, tokens: int, dp_shard: int, hea
     return workspace(LossShape(v, n, d, param_b, cfg.loss.chunk_size, False, classifier_grad))
 
 
-def _in_flight(ops: list, stage_bytes: dict[int, float]) -> tuple[float, int]:
-    """Most activation bytes a rank's actions hold at once: a forward adds one microbatch of
-    its stage, the backward that finishes one (full, or weight for zero-bubble) frees it.
-    Counted per stage, not per microbatch id (torch's 1F1B table numbers the last rank's from 1)."""
+def block_causal_mask_bytes(batch: int, seq_len: int, device_type: str = "cuda") -> float:
+    """Bytes of one forward's block-causal mask (models/attention.py), which every block of a
+    stage shares and attention keeps for its backward, with the document ids it is built from.
+
+    CUDA: FlexAttention's ``BlockMask``, int32 block counts and indices of 128 x 128 blocks,
+    by rows and by columns, for the partial and the full blocks: 4 ``[batch, 1, n, n]`` and
+    4 ``[batch, 1, n]`` tensors, n = seq_len / 128. Elsewhere: SDPA's dense ``[batch, 1, seq,
+    seq]`` booleans."""
+    doc_ids = 4 * batch * seq_len
+    if device_type == "cuda":
+        blocks = math.ceil(seq_len / 128)
+        return 4 * 4 * batch * blocks * (blocks + 1) + doc_ids
+    return batch * seq_len * seq_len + doc_ids
+
+
+def _held_at_peak(ops: tuple, stage_bytes: dict[int, float]) -> dict[int, int]:
+    """Microbatches of each stage whose activations a rank's actions hold at its peak: a forward
+    adds one microbatch of its stage, the backward that finishes one (full, or weight for
+    zero-bubble) frees it. Counted per stage, not per microbatch id (torch's 1F1B table numbers
+    the last rank's from 1)."""
     held = dict.fromkeys(stage_bytes, 0)
-    peak, count = 0.0, 0
+    peak, at_peak = 0.0, dict(held)
     for action in ops:
-        if action is None:
+        if action.stage_index not in held:
             continue
         if action.computation_type == _ComputationType.FORWARD:
             held[action.stage_index] += 1
@@ -153,8 +173,26 @@ def _in_flight(ops: list, stage_bytes: dict[int, float]) -> tuple[float, int]:
             held[action.stage_index] -= 1
         total = sum(stage_bytes[s] * k for s, k in held.items())
         if total > peak:
-            peak, count = total, sum(held.values())
-    return peak, count
+            peak, at_peak = total, dict(held)
+    return at_peak
+
+
+def _most_held(ops: tuple) -> dict[int, int]:
+    """Per stage of a rank, the most of its microbatches in flight at any moment (counted as ``_held_at_peak``)."""
+    held: dict[int, int] = {}
+    most: dict[int, int] = {}
+    for action in ops:
+        s = action.stage_index
+        if action.computation_type == _ComputationType.FORWARD:
+            held[s] = held.get(s, 0) + 1
+            most[s] = max(most.get(s, 0), held[s])
+        elif action.computation_type in (_ComputationType.FULL_BACKWARD, _ComputationType.BACKWARD_WEIGHT):
+            held[s] -= 1
+    return most
+
+
+def _rank_ops(plan: PipelinePlan) -> tuple:
+    return schedule_ops(plan.schedule, plan.pp_degree, plan.n_microbatches, plan.num_stages // plan.pp_degree)
 
 
 def _numel(module: Optional[torch.nn.Module]) -> int:
@@ -204,44 +242,68 @@ class _Setting:
 
     cfg: JobConfig
     args: ModelArgs
-    model: Transformer  # on the meta device
     dp_shard: int
-    tokens: int  # per microbatch (per micro-step without PP)
+    sequences: int  # per microbatch (per micro-step without PP)
+    tokens: int
     param_b: int
     reduce_b: int
     compiled: bool
     block_backward: float  # the transient of one block's backward
     accumulation_steps: int  # micro-steps per optimizer step: gradient shards live through the backward when > 1
+    mask: float  # block_causal: one microbatch's attention mask; 0 when causal
 
 
-def _setting(cfg: JobConfig, dims: ParallelDims) -> _Setting:
-    t, p = cfg.training, cfg.parallelism
-    a = build_model_args(cfg.model.name, cfg.model.flavor, cfg.model.vocab_size)
+@lru_cache(maxsize=4)
+def _meta_model(a: ModelArgs) -> Transformer:
+    """The model on the meta device, built once per process."""
     with torch.device("meta"):
-        model = Transformer(replace(a, max_seq_len=t.seq_len))
+        return Transformer(a)
+
+
+def _setting(cfg: JobConfig, dims: ParallelDims, microbatch_size: Optional[int]) -> _Setting:
+    """``microbatch_size``: sequences per pipeline microbatch (the plan's); None without PP."""
+    t = cfg.training
+    a = replace(build_model_args(cfg.model.name, cfg.model.flavor, cfg.model.vocab_size), max_seq_len=t.seq_len)
     pp = dims.pp > 1
-    tokens = (p.pipeline_parallel_microbatch_size if pp else t.local_batch_size) * t.seq_len
+    sequences = microbatch_size if pp else t.local_batch_size
+    tokens = sequences * t.seq_len
     param_b, reduce_b = _BYTES[t.mixed_precision_param], _BYTES[t.mixed_precision_reduce]
     compiled = cfg.compile.enable and "model" in cfg.compile.components
     # One block's backward: its activations recomputed (as without checkpointing) and its
     # gradients, plus without PP the fp32 copy FSDP reduce-scatters right away.
-    block_backward = layer_activation_bytes(a, "none", compiled, param_b) * tokens + (
-        param_b + (0 if pp else reduce_b)
-    ) * _numel(model.layers["0"])
-    return _Setting(
-        cfg, a, model, dims.dp_shard, tokens, param_b, reduce_b, compiled, block_backward, accumulation_steps(cfg, dims)
+    block_backward = (
+        layer_activation_bytes(a, "none", compiled, param_b) * tokens
+        + (param_b + (0 if pp else reduce_b)) * _part_sizes(a)[0]
     )
+    mask = block_causal_mask_bytes(sequences, t.seq_len) if cfg.model.attn_mask_type == "block_causal" else 0.0
+    return _Setting(
+        cfg,
+        a,
+        dims.dp_shard,
+        sequences,
+        tokens,
+        param_b,
+        reduce_b,
+        compiled,
+        block_backward,
+        accumulation_steps(cfg, dims),
+        mask,
+    )
+
+
+@lru_cache(maxsize=4)
+def _part_sizes(a: ModelArgs) -> tuple[int, int, int, int]:
+    """Parameters of (one block, the embedding, the final norm, the head): what a stage's count adds up,
+    from a one-block model (a schedule search asks before any whole model is needed)."""
+    m = _meta_model(replace(a, n_layers=1))
+    return _numel(m.layers["0"]), _numel(m.tok_embeddings), _numel(m.norm), _numel(m.output)
 
 
 def _stage(st: _Setting, index: int, layers: int, num_stages: int) -> _Stage:
     """Stage ``index`` of ``num_stages`` holding ``layers`` blocks (as build_stage_module cuts it)."""
-    m = st.model
+    block, embedding, norm, head = _part_sizes(st.args)
     first, last = index == 0, index == num_stages - 1
-    params = (
-        layers * _numel(m.layers["0"])
-        + (_numel(m.tok_embeddings) if first else 0)
-        + (_numel(m.norm) + _numel(m.output) if last else 0)
-    )
+    params = layers * block + (embedding if first else 0) + (norm + head if last else 0)
     return _Stage(index, layers, params, first, last)
 
 
@@ -253,14 +315,16 @@ def _stage_activation_bytes(st: _Setting, layers: int) -> float:
 
 
 def _pipeline_rank(
-    st: _Setting, plan: PipelinePlan, stages: list[_Stage], activations: float, in_flight: int
+    st: _Setting, plan: PipelinePlan, stages: list[_Stage], held: dict[int, int], stage_activations: dict[int, float]
 ) -> RankMemory:
-    """The larger of the backward and optimizer-step moments of pipeline rank ``plan.pp_rank`` holding ``stages``."""
+    """The larger of the backward and optimizer-step moments of pipeline rank ``plan.pp_rank`` holding
+    ``stages``; ``held[s]`` microbatches of stage s in flight at the peak, ``stage_activations[s]``
+    bytes each."""
     a, n, p, param_b = st.args, st.dp_shard, st.cfg.parallelism, st.param_b
     sharded = gathered = unreduced = buffers = vp_grad = loss = 0.0
     for s in stages:
         vp_head = s.last and p.vocab_parallel  # a vocab-sharded copy outside FSDP
-        fsdp = s.params - (_numel(st.model.output) if vp_head else 0)
+        fsdp = s.params - (_part_sizes(st.args)[3] if vp_head else 0)
         vp_rows = math.ceil(a.vocab_size / n) * a.dim if vp_head else 0
         sharded += math.ceil(fsdp / n) + vp_rows
         vp_grad += 4 * vp_rows
@@ -288,8 +352,9 @@ def _pipeline_rank(
         gradients=grads if st.accumulation_steps > 1 else vp_grad,
         unsharded_params=gathered,
         unsharded_grads=unreduced,
-        activations=activations,
-        in_flight=in_flight,
+        activations=sum(stage_activations[s] * k for s, k in held.items()),
+        masks=st.mask * sum(held.values()),
+        in_flight=sum(held.values()),
         transient=max(loss, st.block_backward),
     )
     # The step starts with the accumulated gradients' reduce-scatter.
@@ -300,6 +365,7 @@ def _pipeline_rank(
         unsharded_params=0.0,
         unsharded_grads=unreduced,
         activations=0.0,
+        masks=0.0,
         in_flight=0,
         transient=0.0,
     )
@@ -308,7 +374,7 @@ def _pipeline_rank(
 
 def _whole_model_rank(st: _Setting) -> RankMemory:
     """Every rank without PP: the whole model, FSDP groups as parallelisms/fsdp.py makes them."""
-    a, n, p, param_b, model = st.args, st.dp_shard, st.cfg.parallelism, st.param_b, st.model
+    a, n, p, param_b, model = st.args, st.dp_shard, st.cfg.parallelism, st.param_b, _meta_model(st.args)
     tied = model.output.weight is model.tok_embeddings.weight
     vp_head = p.vocab_parallel  # a vocab-sharded copy outside FSDP
     fsdp = _numel(model) - (_numel(model.output) if vp_head and not tied else 0)
@@ -328,6 +394,7 @@ def _whole_model_rank(st: _Setting) -> RankMemory:
         unsharded_params=param_b * held,
         unsharded_grads=param_b * root_grad,
         activations=_stage_activation_bytes(st, a.n_layers),
+        masks=st.mask,
         in_flight=1,
         transient=max(loss, st.block_backward),
     )
@@ -338,6 +405,7 @@ def _whole_model_rank(st: _Setting) -> RankMemory:
         unsharded_params=0.0,
         unsharded_grads=0.0,
         activations=0.0,
+        masks=0.0,
         in_flight=0,
         transient=0.0,
     )
@@ -347,7 +415,8 @@ def _whole_model_rank(st: _Setting) -> RankMemory:
 def stage_fits(cfg: JobConfig, dims: ParallelDims, gpu_memory_gib: Optional[float]) -> Optional[StageFits]:
     """``fits(plan, stage, layers)`` for ``plan_pipeline``: whether the pipeline rank holding
     ``stage`` stays within ``gpu_memory_gib`` (the fixed CUDA overhead included) with ``layers``
-    blocks there. None without a size or without PP: no constraint.
+    blocks there, under the plan's schedule and microbatch size. None without a size or without
+    PP: no constraint.
 
     Exact with one stage per rank: the rank's predicted peak, as the report counts it. With
     several, each stage is held to an equal share of the budget, counting its own activations
@@ -356,45 +425,64 @@ def stage_fits(cfg: JobConfig, dims: ParallelDims, gpu_memory_gib: Optional[floa
     """
     if gpu_memory_gib is None or dims.pp == 1:
         return None
-    st = _setting(cfg, dims)
     budget = (gpu_memory_gib - CUDA_OVERHEAD_GIB) * GIB
-    tables: dict[tuple[int, int, int], list] = {}
+    settings: dict[int, _Setting] = {}
+    most_held: dict[tuple, dict[int, int]] = {}  # (schedule, microbatches, stages) -> stage -> most in flight
+    answers: dict[tuple, bool] = {}  # a schedule search asks the same stages many times
 
     def fits(plan: PipelinePlan, stage: int, layers: int) -> bool:
-        key = (plan.pp_degree, plan.n_microbatches, plan.num_stages)
-        if key not in tables:
-            tables[key] = schedule_ops(plan, st.cfg.parallelism.pipeline_parallel_schedule)
-        rank = next(r for r in range(plan.pp_degree) if stage in plan.stages_of(r))
-        local = plan.stages_of(rank)
-        own = {s: _stage_activation_bytes(st, layers) if s == stage else 0.0 for s in local}
-        activations, in_flight = _in_flight(tables[key][rank], own)
+        question = (plan.schedule, plan.n_microbatches, plan.num_stages, plan.microbatch_size, stage, layers)
+        if question not in answers:
+            answers[question] = _fits(plan, stage, layers)
+        return answers[question]
+
+    def _fits(plan: PipelinePlan, stage: int, layers: int) -> bool:
+        if plan.microbatch_size not in settings:
+            settings[plan.microbatch_size] = _setting(cfg, dims, plan.microbatch_size)
+        st = settings[plan.microbatch_size]
+        key = (plan.schedule, plan.n_microbatches, plan.num_stages)
+        if key not in most_held:
+            most_held[key] = {s: k for rank_ops in _rank_ops(plan) for s, k in _most_held(rank_ops).items()}
+        rank = next(r for r in range(plan.pp_degree) if stage in plan.stages_of(r))  # the plan's layout, not its split
         memory = _pipeline_rank(
             st,
             replace(plan, pp_rank=rank),
             [_stage(st, stage, layers, plan.num_stages)],
-            activations,
-            in_flight,
+            {stage: most_held[key][stage]},
+            {stage: _stage_activation_bytes(st, layers)},
         )
-        return memory.peak <= budget / len(local)
+        return memory.peak <= budget / len(plan.stages_of(rank))
 
     return fits
 
 
 def estimate_memory(cfg: JobConfig, dims: ParallelDims, plan: Optional[PipelinePlan]) -> list[RankMemory]:
-    """One ``RankMemory`` per pipeline rank for the run's ``plan`` (``planning.pipeline_plan.recipe_plan``;
-    None without pipeline parallel)."""
-    st = _setting(cfg, dims)
+    """One ``RankMemory`` per pipeline rank for the run's ``plan`` (``planning.schedule_search.choose_pipeline``;
+    None without pipeline parallel): its schedule's microbatches in flight, of its microbatch size."""
+    st = _setting(cfg, dims, plan.microbatch_size if plan is not None else None)
     if plan is None:
         return [_whole_model_rank(st)]
     stages = [_stage(st, s, end - start, plan.num_stages) for s, (start, end) in enumerate(plan.layer_ranges)]
-    ops = schedule_ops(plan, cfg.parallelism.pipeline_parallel_schedule)
+    ops = _rank_ops(plan)
     estimates = []
     for r in range(dims.pp):
         rank_plan = replace(plan, pp_rank=r)
         local = [stages[s] for s in rank_plan.local_stages]
-        activations, in_flight = _in_flight(ops[r], {s.index: _stage_activation_bytes(st, s.layers) for s in local})
-        estimates.append(_pipeline_rank(st, rank_plan, local, activations, in_flight))
+        # masks held alike by every stage's microbatch: counted with its activations for the peak
+        per_stage = {s.index: _stage_activation_bytes(st, s.layers) for s in local}
+        held = _held_at_peak(ops[r], {s: b + st.mask for s, b in per_stage.items()})
+        estimates.append(_pipeline_rank(st, rank_plan, local, held, per_stage))
     return estimates
+
+
+def stage_parameters(cfg: JobConfig, dims: ParallelDims, plan: PipelinePlan) -> list[int]:
+    """Parameters FSDP manages in each stage of ``plan`` (a vocab-parallel head is outside FSDP)."""
+    st = _setting(cfg, dims, plan.microbatch_size)
+    head = _part_sizes(st.args)[3] if cfg.parallelism.vocab_parallel else 0
+    return [
+        _stage(st, s, end - start, plan.num_stages).params - (head if s == plan.num_stages - 1 else 0)
+        for s, (start, end) in enumerate(plan.layer_ranges)
+    ]
 
 
 def peaks_per_rank_gib(estimates: list[RankMemory], dims: ParallelDims) -> list[float]:

@@ -59,41 +59,45 @@ def _over_ranks(n_layers, ranks, times, allowed) -> Optional[_Split]:
     n_stages = sum(map(len, ranks))
 
     def one_stage(s: int, k: int) -> Optional[_Split]:
-        return _Split((times[(s, k)],), (times[(s, k)],), ((s, k),)) if allowed[(s, k)] else None
+        return _Split((times[(s, k)],), (times[(s, k)],), ((s, k),)) if allowed.get((s, k)) else None
 
-    def one_rank(stages: Sequence[int], layers: int) -> Optional[_Split]:
-        best = _best(layers, stages, lambda s: 1, one_stage, key=lambda x: (round(sum(x.totals), 9), x.times))
-        return None if best is None else best._replace(totals=(round(sum(best.totals), 9),))
+    def rank_total(best: _Split) -> _Split:
+        return best._replace(totals=(round(sum(best.totals), 9),))
 
-    per_rank = {
-        r: {k: one_rank(stages, k) for k in range(len(stages), n_layers - n_stages + len(stages) + 1)}
-        for r, stages in enumerate(ranks)
-    }
-    return _best(
-        n_layers,
+    most = n_layers - n_stages  # layers beyond one per stage
+    per_rank = {}
+    for r, stages in enumerate(ranks):
+        table = _best(
+            stages, lambda s: 1, one_stage, key=lambda x: (round(sum(x.totals), 9), x.times), most=len(stages) + most
+        )
+        per_rank[r] = {k: rank_total(split) for k, split in table.items()}
+    best = _best(
         range(len(ranks)),
         lambda r: len(ranks[r]),
-        lambda r, k: per_rank[r][k],
+        lambda r, k: per_rank[r].get(k),
         key=lambda x: (x.totals, x.times),
+        most=n_layers,
     )
+    return best.get(n_layers)
 
 
-def _best(n: int, parts: Sequence, minimum: Callable, value: Callable, key: Callable) -> Optional[_Split]:
-    """The best way to give ``n`` layers to ``parts`` in order, each at least ``minimum(part)``:
-    ``value(part, layers)`` is that part's _Split (None: not allowed); smallest ``key`` wins,
-    and on a tie the earlier part keeps the larger share."""
+def _best(parts: Sequence, minimum: Callable, value: Callable, key: Callable, most: int) -> dict[int, _Split]:
+    """The best way to give each total of up to ``most`` layers to ``parts`` in order, each part at
+    least ``minimum(part)``: ``value(part, layers)`` is that part's _Split (None: not allowed);
+    smallest ``key`` wins, and on a tie the earlier part keeps the larger share. One table over
+    every total at once (total -> best split)."""
     parts = list(parts)
-    suffix: dict[int, _Split] = {n: _Split((), (), ())}  # first layer of the later parts -> their best split
+    suffix: dict[int, _Split] = {0: _Split((), (), ())}  # layers given to the later parts -> their best split
     for i in reversed(range(len(parts))):
-        before, after = sum(map(minimum, parts[:i])), sum(map(minimum, parts[i + 1 :]))
-        current: dict[int, _Split] = {}
-        for start in range(before, n - after - minimum(parts[i]) + 1):
-            for k in range(n - start - after, minimum(parts[i]) - 1, -1):  # the largest share first: ties keep it
-                rest, mine = suffix.get(start + k), value(parts[i], k)
-                if rest is None or mine is None:
+        current: dict[int, tuple] = {}  # total -> (key, -share of this part, split)
+        for rest, later in suffix.items():
+            for k in range(most - rest, minimum(parts[i]) - 1, -1):
+                mine = value(parts[i], k)
+                if mine is None:
                     continue
-                candidate = mine + rest
-                if start not in current or key(candidate) < key(current[start]):
-                    current[start] = candidate
-        suffix = current
-    return suffix.get(0)
+                candidate = mine + later
+                ranked = (key(candidate), -k)  # on a tie, this part's larger share
+                if rest + k not in current or ranked < current[rest + k][:2]:
+                    current[rest + k] = (*ranked, candidate)
+        suffix = {total: entry[2] for total, entry in current.items()}
+    return suffix

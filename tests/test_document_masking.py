@@ -138,7 +138,7 @@ def test_pipeline_stages_given_stage_kwargs_compose_to_the_whole_model():
     model = _model()
     g = torch.Generator().manual_seed(4)
     tokens = torch.stack([torch.cat(_documents([5, 12, 13], g)), torch.cat(_documents([20, 3, 7], g))])
-    plan = PipelinePlan(layer_ranges=((0, 2), (2, 4)), pp_degree=2, pp_rank=0, v_shape=False, n_microbatches=1)
+    plan = PipelinePlan(((0, 2), (2, 4)), pp_degree=2, pp_rank=0, schedule="1F1B", n_microbatches=1, microbatch_size=2)
     first, last = (build_stage_module(model, plan, stage) for stage in (0, 1))  # copies, weights included
     kwargs = model.stage_kwargs(tokens)
     with torch.no_grad():

@@ -1,23 +1,53 @@
 """The memory estimate of ``train.py --dry_run`` against measured peaks, and the dry run end to end."""
 
+import math
+
 import pytest
+import torch
 import torch.distributed as dist
+from torch.distributed.pipelining._schedule_visualizer import get_schedule_ops
+from torch.distributed.pipelining.schedules import _ComputationType
+from torch.nn.attention.flex_attention import create_block_mask
 
 import train
+from models.attention import dense_block_causal_mask, document_ids
 from parallelisms.parallel_dims import ParallelDims
-from planning.memory import CUDA_OVERHEAD_GIB, GIB, estimate_memory, peaks_per_rank_gib, stage_fits
-from planning.pipeline_plan import recipe_plan
+from parallelisms.pipeline import PIPELINE_SCHEDULES
+from planning.memory import (
+    CUDA_OVERHEAD_GIB,
+    GIB,
+    block_causal_mask_bytes,
+    estimate_memory,
+    peaks_per_rank_gib,
+    stage_fits,
+)
+from planning.schedule_search import choose_pipeline
 from training.recipe import load_recipe
 
 ONE_GPU = "configs/qwen3_1p7b.toml"
 PP4 = "configs/qwen3_1p7b_pp4.toml"
-# The runs below used the then-default even split; the default now balances the stages' time.
+# The runs below used 1F1B, one sequence per microbatch, 8 per rank and the then-default even split; the
+# recipe now chooses its schedule and microbatches and balances the stages' time.
 SPLIT = "--parallelism.pipeline_parallel_stage_split_points"
-EVEN4 = [SPLIT, "[7, 14, 21]"]
-PP2 = ["--parallelism.pipeline_parallel_degree", "2", SPLIT, "[14]"]
+AS_MEASURED = [
+    "--parallelism.pipeline_parallel_schedule",
+    "1F1B",
+    "--parallelism.pipeline_parallel_microbatch_size",
+    "1",
+    "--training.local_batch_size",
+    "8",
+]
+EVEN4 = [*AS_MEASURED, SPLIT, "[7, 14, 21]"]
+PP2 = [*AS_MEASURED, "--parallelism.pipeline_parallel_degree", "2", SPLIT, "[14]"]
 FSDP4 = ["--parallelism.pipeline_parallel_degree", "1", "--training.local_batch_size", "2"]
 VOCAB_PARALLEL = ["--parallelism.vocab_parallel", "--loss.name", "auto"]
-INTERLEAVED = ["--parallelism.pipeline_parallel_schedule", "Interleaved1F1B", SPLIT, "[4, 8, 12, 16, 19, 22, 25]"]
+INTERLEAVED = [
+    *AS_MEASURED,
+    "--parallelism.pipeline_parallel_schedule",
+    "Interleaved1F1B",
+    SPLIT,
+    "[4, 8, 12, 16, 19, 22, 25]",
+]
 
 # Measured torch.cuda.max_memory_allocated per rank, GiB, in rank order (memory.json's
 # peak_memory_gib_per_rank), as quoted in docs/performance.md: "Qwen3-1.7B on one H100 80GB"
@@ -47,7 +77,8 @@ MEASURED = [
 
 def _estimate(cfg, dims: ParallelDims, gpu_memory_gib=None):
     """The estimate for the plan the run would make (the dry run's)."""
-    return estimate_memory(cfg, dims, recipe_plan(cfg, dims, 0, gpu_memory_gib) if dims.pp > 1 else None)
+    plan = choose_pipeline(cfg, dims, gpu_memory_gib).plan_for(0) if dims.pp > 1 else None
+    return estimate_memory(cfg, dims, plan)
 
 
 def _predicted(config: str, overrides: list[str], world_size: int) -> list[float]:
@@ -66,9 +97,40 @@ def test_estimate_is_within_15_percent_of_every_measured_peak(label, config, ove
 
 @pytest.mark.parametrize("schedule, in_flight", [("1F1B", [4, 3, 2, 1]), ("GPipe", [8, 8, 8, 8])])
 def test_microbatches_in_flight_follow_the_schedule(schedule, in_flight):
-    cfg = load_recipe(["--config", PP4, "--parallelism.pipeline_parallel_schedule", schedule])
+    cfg = load_recipe(["--config", PP4, *AS_MEASURED, "--parallelism.pipeline_parallel_schedule", schedule])
     estimates = _estimate(cfg, ParallelDims.from_config(cfg.parallelism, 8))
     assert [m.in_flight for m in estimates] == in_flight
+
+
+def _most_in_flight(schedule: str, pp: int, microbatches: int, per_rank: int) -> list[int]:
+    """Per rank, the most microbatches whose forward ran and whose backward (or weight backward) did
+    not, counted on torch's visualizer tables, independently of planning/."""
+    most = []
+    for rank_ops in get_schedule_ops(PIPELINE_SCHEDULES[schedule], pp, microbatches, per_rank):
+        held = peak = 0
+        for action in rank_ops:
+            subs = (action.sub_actions or ()) if action is not None else ()
+            for a in subs or ([action] if action is not None else []):
+                if a.computation_type == _ComputationType.FORWARD:
+                    held += 1
+                elif a.computation_type in (_ComputationType.FULL_BACKWARD, _ComputationType.BACKWARD_WEIGHT):
+                    held -= 1
+                peak = max(peak, held)
+        most.append(peak)
+    return most
+
+
+def test_the_estimate_counts_the_schedule_the_plan_chose():
+    """The recipe leaves the schedule to the search: the estimate holds the chosen schedule's microbatches
+    in flight, not the recipe's literal value."""
+    cfg = load_recipe(["--config", PP4])
+    dims = ParallelDims.from_config(cfg.parallelism, 8)
+    estimates = _estimate(cfg, dims, gpu_memory_gib=80)
+    plan = estimates[0].plan
+    assert cfg.parallelism.pipeline_parallel_schedule == "auto" and plan.schedule == "Interleaved1F1B"
+    per_rank = plan.num_stages // plan.pp_degree
+    # the stages of a rank differ in size: the peak holds at least as many as any one table moment's count
+    assert [m.in_flight for m in estimates] == _most_in_flight(plan.schedule, 4, plan.n_microbatches, per_rank)
 
 
 def test_stage_fits_is_the_ranks_predicted_peak_with_one_stage_per_rank():
@@ -85,7 +147,7 @@ def test_stage_fits_is_the_ranks_predicted_peak_with_one_stage_per_rank():
 
 
 def test_a_gpu_budget_moves_layers_off_the_fullest_rank():
-    cfg = load_recipe(["--config", PP4])
+    cfg = load_recipe(["--config", PP4, *AS_MEASURED])
     dims = ParallelDims.from_config(cfg.parallelism, 4)
     free = _estimate(cfg, dims)
     fullest = max(range(4), key=lambda r: free[r].peak)
@@ -114,6 +176,7 @@ def test_dry_run_prints_the_table_and_exits_0_without_a_process_group(no_process
         "gradients (fp32 shards)",
         "optimizer state",
         "activations",
+        "block-causal masks",
         "loss workspace",
         "CUDA context",
         "total on the GPU",
@@ -126,11 +189,16 @@ def test_dry_run_prints_the_table_and_exits_0_without_a_process_group(no_process
     assert not list(tmp_path.iterdir())  # nothing written: no config.toml, no metrics
     # the same split's predicted compute, after the memory table
     timing = out[out.index("Predicted compute per microbatch") :]
-    for row in ("stages (layers)", "forward + backward", "1F1B bubble", "predicted step compute"):
+    for row in ("stages (layers)", "forward + backward", "Interleaved1F1B bubble", "predicted step", "sends"):
         assert row in timing, row
     cfg = load_recipe(["--config", PP4])
-    layers = "/".join(str(m.layers) for m in _estimate(cfg, ParallelDims.from_config(cfg.parallelism, 8)))
-    assert f"split {layers} layers over stages 0-3, chosen to balance the head (cce, " in timing
+    plan = _estimate(cfg, ParallelDims.from_config(cfg.parallelism, 8), 80)[0].plan
+    layers = "/".join(str(end - start) for start, end in plan.layer_ranges)
+    assert f"split {layers} layers over stages 0-7, chosen to balance the head (cce, " in timing
+    # how the schedule was chosen: the best candidates and why the winner won
+    choice = out[out.index("pipeline schedule: ") :]
+    assert "chosen: Interleaved1F1B, 2 stage(s) per rank, microbatch 1, the shortest predicted step" in choice
+    assert "  1F1B " in choice and "step ms" in choice and "bubble" in choice and "peak GiB" in choice
 
 
 def test_dry_run_world_size_comes_from_the_environment(no_process_group, capsys, monkeypatch):
@@ -157,3 +225,39 @@ def test_dry_run_config_errors_are_one_line(no_process_group, capsys, args, mess
     assert train.main(["--config", PP4, *args]) == 2
     err = capsys.readouterr().err
     assert err.startswith(message) and err.count("\n") == 1, err
+
+
+def test_block_causal_mask_bytes_are_those_of_the_masks_attention_keeps():
+    """Against the tensors models/attention.py builds (FlexAttention's BlockMask built eagerly on the CPU:
+    the same tensors CUDA's compiled builder returns) and their document ids."""
+    batch, seq = 2, 512
+    tokens = torch.randint(0, 50, (batch, seq), generator=torch.Generator().manual_seed(0))
+    doc_ids = document_ids(tokens, eos_id=0)
+
+    def same_document_causal(b, h, q, kv):
+        return (q >= kv) & (doc_ids[b, q] == doc_ids[b, kv])
+
+    block_mask = create_block_mask(same_document_causal, batch, None, seq, seq, device="cpu")
+    held = [t for t in block_mask.as_tuple() if isinstance(t, torch.Tensor)] + [doc_ids]
+    assert block_causal_mask_bytes(batch, seq, "cuda") == sum(t.numel() * t.element_size() for t in held)
+    dense = dense_block_causal_mask(doc_ids)
+    assert block_causal_mask_bytes(batch, seq, "cpu") == dense.numel() * dense.element_size() + 4 * doc_ids.numel()
+
+
+def test_block_causal_adds_one_mask_per_microbatch_in_flight():
+    cfg = load_recipe(["--config", PP4])
+    dims = ParallelDims.from_config(cfg.parallelism, 8)
+    causal = _estimate(cfg, dims, 80)
+    masked = _estimate(load_recipe(["--config", PP4, "--model.attn_mask_type", "block_causal"]), dims, 80)
+    mask = block_causal_mask_bytes(1, 4096)
+    assert mask == 4 * 4 * 32 * 33 + 4 * 4096 and math.isclose(mask, 33_280)
+    for c, m in zip(causal, masked):
+        assert c.masks == 0 and m.masks == m.in_flight * mask
+        assert m.peak == pytest.approx(c.peak + m.masks)
+
+
+def test_dry_run_shows_the_table_and_the_line_the_run_would_stop_with(no_process_group, capsys):
+    assert train.main(["--config", PP4, "--dry_run", "--world_size", "8", "--gpu_memory_gib", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "fits 10 GiB" in out and "NO" in out
+    assert "the run would stop here: config error: parallelism.pipeline_parallel_schedule: no schedule" in out

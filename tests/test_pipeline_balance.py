@@ -11,15 +11,13 @@ is found by trying every number of layers per rank.
 import itertools
 
 import pytest
-from torch.distributed.pipelining._schedule_visualizer import get_schedule_ops
 
 from config.job_config import Parallelism
 from models.flavors import LLAMA3_FLAVORS, QWEN3_FLAVORS
-from parallelisms.pipeline import PIPELINE_SCHEDULES
 from planning.cost import MEASURED as R
 from planning.cost import StageCostInputs
 from planning.pipeline_plan import plan_pipeline
-from planning.replay import simulate_schedule
+from planning.replay import StageDurations, schedule_ops, simulate_schedule
 
 # (name, model, seq_len, AC mode, what the recipe trains with)
 QWEN = ("Qwen3-1.7B", QWEN3_FLAVORS["1.7B"], 4096, "selective")  # configs/qwen3_1p7b_pp4.toml
@@ -78,9 +76,20 @@ def _best_with_even_middles(model, seq, ac, loss, n_stages):
     return tuple(-k for k in best[1])
 
 
+def _parallelism(**keys):
+    """The recipe's keys with a schedule, stages per rank and microbatch size set (1F1B, 1, 1 unless given)."""
+    keys = {
+        "pipeline_parallel_schedule": "1F1B",
+        "pipeline_parallel_virtual_stages": 1,
+        "pipeline_parallel_microbatch_size": 1,
+        **keys,
+    }
+    return Parallelism(**keys)
+
+
 def _planned(model, seq, ac, loss, pp, **parallelism):
     cost = StageCostInputs(model, seq, 1, loss, ac, "op")
-    plan = plan_pipeline(model.n_layers, Parallelism(pipeline_parallel_degree=pp, **parallelism), 0, 16, cost)
+    plan = plan_pipeline(model.n_layers, _parallelism(pipeline_parallel_degree=pp, **parallelism), 0, 16, cost)
     return tuple(b - a for a, b in plan.layer_ranges)
 
 
@@ -153,12 +162,14 @@ def test_virtual_stages_take_the_faster_of_rank_and_stage_balance(schedule, rank
 
     def makespan(counts):
         times = [_stage_fwd_bwd(model, seq, ac, loss, k, s == 0, s == 7) for s, k in enumerate(counts)]
-        ops = get_schedule_ops(PIPELINE_SCHEDULES[schedule], 4, microbatches, 2)
-        return round(simulate_schedule(ops, [f for f, _ in times], [b for _, b in times]).makespan_ms, 6)
+        ops = schedule_ops(schedule, 4, microbatches, 2)
+        return round(simulate_schedule(ops, [StageDurations.halves(f, b) for f, b in times]).makespan_ms, 6)
 
     rank_ms, stage_ms = makespan(by_rank), makespan(by_stage)
     cost = StageCostInputs(model, seq, 1, loss, ac, "op")
-    p = Parallelism(pipeline_parallel_degree=4, pipeline_parallel_schedule=schedule, pipeline_parallel_virtual_stages=2)
+    p = _parallelism(
+        pipeline_parallel_degree=4, pipeline_parallel_schedule=schedule, pipeline_parallel_virtual_stages=2
+    )
     plan = plan_pipeline(model.n_layers, p, 0, microbatches, cost)
     assert tuple(b - a for a, b in plan.layer_ranges) == (by_stage if stage_ms < rank_ms else by_rank)
 
@@ -173,13 +184,13 @@ def test_virtual_stages_take_the_faster_of_rank_and_stage_balance(schedule, rank
 def test_explicit_keys_win(keys, ranges):
     _, model, seq, ac = QWEN
     cost = StageCostInputs(model, seq, 1, "cce", ac, "op")
-    assert plan_pipeline(28, Parallelism(pipeline_parallel_degree=4, **keys), 0, 8, cost).layer_ranges == ranges
+    assert plan_pipeline(28, _parallelism(pipeline_parallel_degree=4, **keys), 0, 8, cost).layer_ranges == ranges
 
 
 def test_memory_predicate_bounds_the_split():
     _, model, seq, ac = QWEN
     cost = StageCostInputs(model, seq, 1, "cce", ac, "op")
-    p = Parallelism(pipeline_parallel_degree=4)
+    p = _parallelism(pipeline_parallel_degree=4)
     seen = set()
 
     def at_most_8_before_the_last(plan, stage, layers):
@@ -197,7 +208,7 @@ def test_memory_predicate_bounds_the_split():
 
 
 def test_without_costs_the_split_stays_even():
-    assert plan_pipeline(28, Parallelism(pipeline_parallel_degree=4), 0, 8).layer_ranges == (
+    assert plan_pipeline(28, _parallelism(pipeline_parallel_degree=4), 0, 8).layer_ranges == (
         (0, 7),
         (7, 14),
         (14, 21),

@@ -12,7 +12,6 @@ import pytest
 from config.errors import ConfigError
 from config.job_config import Parallelism
 from parallelisms.parallel_dims import ParallelDims
-from planning.pipeline_plan import plan_pipeline
 from training.metrics.records import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,57 +170,6 @@ def test_parallel_dims_validation(degrees, world, message):
 def test_parallel_dims_fill_the_shard_degree():
     dims = ParallelDims.from_config(Parallelism(pipeline_parallel_degree=4, data_parallel_replicate_degree=1), 8)
     assert (dims.pp, dims.dp_replicate, dims.dp_shard, dims.dp) == (4, 1, 2, 2)
-
-
-@pytest.mark.parametrize(
-    "overrides, local_batch, key, message",
-    [
-        (dict(pipeline_parallel_microbatch_size=3), 8, "microbatch_size", "does not divide"),
-        (dict(pipeline_parallel_microbatch_size=4), 4, "microbatch_size", "needs at least 2 microbatches"),
-        (dict(pipeline_parallel_schedule="Interleaved1F1B"), 8, "virtual_stages", "at least 2 stages per rank"),
-        (dict(pipeline_parallel_virtual_stages=2), 8, "pipeline_parallel_schedule", "one stage per rank"),
-        (dict(pipeline_parallel_layers_per_stage=3), 8, "layers_per_stage", "does not divide"),
-        (dict(pipeline_parallel_stage_split_points=[3, 2]), 8, "split_points", "strictly increasing"),
-        (
-            dict(pipeline_parallel_schedule="ZBVZeroBubble", pipeline_parallel_virtual_stages=4),
-            8,
-            "virtual_stages",
-            "exactly 2 stages per rank",
-        ),
-    ],
-)
-def test_pipeline_plan_errors(overrides, local_batch, key, message):
-    p = Parallelism(pipeline_parallel_degree=2, **overrides)
-    with pytest.raises(ConfigError, match=message) as err:
-        plan_pipeline(8, p, 0, local_batch)
-    assert key in err.value.key
-
-
-def test_pipeline_plan_splits():
-    even = plan_pipeline(8, Parallelism(pipeline_parallel_degree=4), 1, 4)
-    assert even.layer_ranges == ((0, 2), (2, 4), (4, 6), (6, 8)) and even.local_stages == (1,)
-    uneven = plan_pipeline(7, Parallelism(pipeline_parallel_degree=2), 0, 4)
-    assert uneven.layer_ranges == ((0, 4), (4, 7))
-    points = plan_pipeline(8, Parallelism(pipeline_parallel_degree=2, pipeline_parallel_stage_split_points=[3]), 1, 2)
-    assert points.layer_ranges == ((0, 3), (3, 8))
-    looped = plan_pipeline(
-        8,
-        Parallelism(
-            pipeline_parallel_degree=2, pipeline_parallel_virtual_stages=2, pipeline_parallel_schedule="Interleaved1F1B"
-        ),
-        1,
-        4,
-    )
-    assert looped.local_stages == (1, 3)
-    v_shape = plan_pipeline(
-        8,
-        Parallelism(
-            pipeline_parallel_degree=2, pipeline_parallel_virtual_stages=2, pipeline_parallel_schedule="ZBVZeroBubble"
-        ),
-        0,
-        4,
-    )
-    assert v_shape.local_stages == (0, 3)
 
 
 def test_vocab_parallel_without_ranks_to_shard_over_says_so(caplog):

@@ -107,7 +107,7 @@ class Validator:
         v = cfg.validation
         self.freq, self.batches, self.last_step = v.freq, v.steps, cfg.training.steps
         self.local_batch_size = v.local_batch_size or cfg.training.local_batch_size
-        self.microbatch_size = cfg.parallelism.pipeline_parallel_microbatch_size
+        self.microbatch_size = plan.microbatch_size if plan is not None else None
         self.ignore_index = cfg.loss.ignore_index
         self.parts, self.plan, self.loss_sum, self.validation_set = parts, plan, loss_sum, validation_set
         self.dp_group = dp_group
