@@ -20,6 +20,7 @@ import torch
 from config.errors import CheckpointError, ConfigError
 from config.job_config import JobConfig
 from data import build_dataloader, build_tokenizer
+from data.document_boundaries import missing_eos_warning
 from data.loader import check_tokenizer_fits
 from data.tokenizer import Tokenizer
 from losses import build_loss, recipe_options
@@ -90,6 +91,8 @@ def train(cfg: JobConfig, faults: Optional[FaultWatch] = None) -> TrainResult:
         logger.info(split_summary(cfg, dims, plan))
     tokenizer = _build_tokenizer(cfg, model_args.vocab_size)
     dataloader = _build_data(cfg, tokenizer, model_args.vocab_size, global_batch, dp_mesh, dims)
+    if cfg.model.attn_mask_type == "block_causal":
+        _check_eos_in_data(cfg, dataloader.dataset.windows, tokenizer.eos_id, rank)
     # block_causal masks at the data's EOS: the tokenizer's, known only now.
     model_args = replace(model_args, attn_mask_type=cfg.model.attn_mask_type, eos_id=tokenizer.eos_id)
 
@@ -248,6 +251,17 @@ def _build_data(cfg: JobConfig, tokenizer: Tokenizer, vocab_size: int, global_ba
         )
     except ValueError as err:
         raise ConfigError("training.dataset_path", str(err)) from None
+
+
+def _check_eos_in_data(cfg: JobConfig, windows, eos_id: int, rank: int) -> None:
+    """block_causal masks at the tokenizer's EOS: data without it is a config error, or a warning where
+    only its first windows were looked at."""
+    try:
+        warning = missing_eos_warning(windows, eos_id, cfg.training.dataset_path)
+    except ValueError as err:
+        raise ConfigError("model.attn_mask_type", str(err)) from None
+    if warning and rank == 0:
+        logger.warning(warning)
 
 
 def _build_training_loss(
