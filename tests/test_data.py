@@ -263,7 +263,7 @@ def test_corrupt_parquet_page_behind_a_good_footer(tmp_path):
 
 
 def test_folder_without_parquet_files(tmp_path):
-    (tmp_path / "a.txt").write_text("text")
+    (tmp_path / "a.csv").write_text("text")  # (*.txt files: test_a_file_named_for_another_format_is_refused_naming_it)
     with pytest.raises(ValueError, match=r"folder holds no \*.parquet files"):
         make_loader(tmp_path, dataset="parquet")
 
