@@ -171,10 +171,11 @@ def test_sigterm_leaves_no_file_and_no_worker_behind(tmp_path, target):
         while any(_alive(pid) for pid in workers):
             assert time.monotonic() < deadline, "a worker outlived pretokenize"
             time.sleep(0.05)
-    finally:
-        for pid in [proc.pid, *workers]:
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
+    finally:  # whatever went wrong, nothing of it is left running: it has a session and process group of its own
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         proc.wait()
 
 
