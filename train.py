@@ -93,10 +93,10 @@ def train(cfg: JobConfig, faults: Optional[FaultWatch] = None) -> TrainResult:
         logger.info(split_summary(cfg, dims, plan))
     tokenizer = _build_tokenizer(cfg, model_args.vocab_size)
     dataloader = _build_data(cfg, tokenizer, model_args.vocab_size, global_batch, dp_mesh, dims)
-    if cfg.model.attn_mask_type == "block_causal":
-        _check_eos_in_data(cfg, dataloader.dataset.windows, tokenizer.eos_id, rank)
     # block_causal masks at the data's EOS: the tokenizer's, known only now.
     model_args = replace(model_args, attn_mask_type=cfg.model.attn_mask_type, eos_id=tokenizer.eos_id)
+    if cfg.model.attn_mask_type == "block_causal":
+        _check_eos_in_data(cfg, dataloader.dataset.windows, tokenizer.eos_id, rank)
 
     validation_set = (
         build_validation_set(cfg, tokenizer, model_args.vocab_size, global_batch, dp_mesh.get_local_rank(), dims.dp)
