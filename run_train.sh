@@ -21,9 +21,16 @@ fi
 if [ -z "${NGPU:-}" ]; then
     NGPU=$("$PYTHON" -c "import torch; print(max(1, torch.cuda.device_count()))")
 fi
+case "$NGPU" in
+    '' | *[!0-9]* | 0*)
+        echo "run_train.sh: NGPU=$NGPU: expected the number of processes to start, a positive integer (e.g. NGPU=1)" >&2
+        exit 2 ;;
+esac
 LOG_RANK="${LOG_RANK:-0}"
 
-cmd=("$PYTHON" -m torch.distributed.run --nproc_per_node="$NGPU" --rdzv_backend c10d --rdzv_endpoint="localhost:0"
+# scripts/torchrun.py is torchrun that hands SIGTERM/SIGUSR1 to the ranks (they save and exit 0, README
+# "Preemption") instead of killing them and failing.
+cmd=("$PYTHON" -m scripts.torchrun --nproc_per_node="$NGPU" --rdzv_backend c10d --rdzv_endpoint="localhost:0"
      --local-ranks-filter "$LOG_RANK" --role rank --tee 3
      train.py --config "$CONFIG_FILE" "$@")
 echo "+ ${cmd[*]}"

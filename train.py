@@ -13,6 +13,7 @@ import time
 import traceback
 import warnings
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -21,7 +22,9 @@ import torch.distributed as dist
 from config.errors import CheckpointError, ConfigError
 from config.job_config import JobConfig
 from data import build_dataloader, build_tokenizer
+from data.document_boundaries import missing_eos_warning
 from data.loader import check_tokenizer_fits
+from data.token_stream import dataset_files
 from data.tokenizer import Tokenizer
 from losses import build_loss, recipe_options
 from models import ModelArgs, Transformer, build_model_args
@@ -32,7 +35,7 @@ from parallelisms.parallelize import parallelize
 from parallelisms.pipeline import PipelinePlan, build_schedule, build_stage_module
 from parallelisms.tied_embeddings import tied_embedding_sync
 from planning.batch import global_batch_size
-from planning.dry_run import dry_run_report, split_dry_run_args
+from planning.dry_run import check_output_folders_writable, dry_run_report, split_dry_run_args
 from planning.schedule_search import choice_lines, choose_pipeline
 from planning.timing import split_summary
 from training.checkpoint import CheckpointManager
@@ -104,6 +107,8 @@ def _train(
     dataloader = _build_data(cfg, tokenizer, model_args.vocab_size, global_batch, dp_mesh, dims)
     # block_causal masks at the data's EOS: the tokenizer's, known only now.
     model_args = replace(model_args, attn_mask_type=cfg.model.attn_mask_type, eos_id=tokenizer.eos_id)
+    if cfg.model.attn_mask_type == "block_causal":
+        _check_eos_in_data(cfg, dataloader.dataset.windows, tokenizer.eos_id, rank)
 
     validation_set = (
         build_validation_set(cfg, tokenizer, model_args.vocab_size, global_batch, dp_mesh.get_local_rank(), dims.dp)
@@ -308,6 +313,32 @@ def _build_data(cfg: JobConfig, tokenizer: Tokenizer, vocab_size: int, global_ba
         raise ConfigError("training.dataset_path", str(err)) from None
 
 
+def _check_eos_in_data(cfg: JobConfig, windows, eos_id: int, rank: int) -> None:
+    """block_causal masks at the tokenizer's EOS: data without it is a config error, or a warning where
+    only its first windows were looked at."""
+    try:
+        warning = missing_eos_warning(windows, eos_id, cfg.training.dataset_path)
+    except ValueError as err:
+        raise ConfigError("model.attn_mask_type", str(err)) from None
+    if warning and rank == 0:
+        logger.warning(warning)
+
+
+def _check_inputs(cfg: JobConfig) -> None:
+    """``--dry_run``: what the run would refuse at start-up in its folders, tokenizer and data files, with
+    the same one-line errors, found without writing anything or reading the data."""
+    check_output_folders_writable(cfg)
+    _build_tokenizer(cfg, _model_args(cfg).vocab_size)
+    data = [("training", cfg.training.dataset, cfg.training.dataset_path)]
+    if cfg.validation.enable:
+        data.append(("validation", cfg.validation.dataset, cfg.validation.dataset_path))
+    for section, dataset, path in data:
+        try:
+            dataset_files(dataset, Path(path))
+        except ValueError as err:
+            raise ConfigError(f"{section}.dataset_path", str(err)) from None
+
+
 def _build_training_loss(
     cfg: JobConfig, parts, mesh, dp_mesh, device: torch.device, dtype: torch.dtype
 ) -> GlobalTokenMeanLoss:
@@ -341,6 +372,7 @@ def main(argv: list[str]) -> int:
         dry_run, argv = split_dry_run_args(argv)
         cfg = load_recipe(argv)
         if dry_run is not None:
+            _check_inputs(cfg)
             report = dry_run_report(cfg, dry_run)
             if rank == 0:
                 print(report)

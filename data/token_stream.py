@@ -1,5 +1,6 @@
 """A dataset as one flat token stream: tokenized documents, or a memory-mapped token file."""
 
+import os
 from functools import partial
 from pathlib import Path
 from typing import Iterator
@@ -19,6 +20,8 @@ from data.tokenizer import Tokenizer
 
 DOCUMENT_SUFFIXES = {"text": ".txt", "jsonl": ".jsonl", "parquet": ".parquet"}
 FORMATS = (*DOCUMENT_SUFFIXES, "tokens")
+# The format a file name says: a file so named, or a folder of them, read as another format is refused.
+_FORMAT_OF_SUFFIX = {**{suffix: fmt for fmt, suffix in DOCUMENT_SUFFIXES.items()}, ".tokens": "tokens"}
 
 # Tokens scanned at a time when checking a token file, so checking never loads it whole.
 TOKEN_CHECK_CHUNK = 1 << 24
@@ -35,7 +38,7 @@ def load_token_stream(
     keyed by the files' size and mtime, so each rank's loader and every test re-building a loader
     tokenize the corpus once.
     """
-    files = [token_file(path)] if dataset == "tokens" else input_files(path, DOCUMENT_SUFFIXES[dataset])
+    files = dataset_files(dataset, path)
     key = (
         dataset,
         tokenizer.name,
@@ -49,6 +52,29 @@ def load_token_stream(
         else:
             _streams[key] = tokenize_batches(document_batches(dataset, files, text_column), tokenizer)
     return _streams[key]
+
+
+def dataset_files(dataset: str, path: Path) -> list[Path]:
+    """The readable files ``dataset`` (one of FORMATS) reads at ``path``: checked without reading them.
+
+    A file, or a folder of files, whose names say another format (``.txt``, ``.jsonl``, ``.parquet``,
+    ``.tokens``) is refused naming it: read as text, a JSONL file trains on its JSON syntax without a word.
+    """
+    named = [path] if path.is_file() else sorted(path.iterdir()) if path.is_dir() and dataset != "tokens" else []
+    others = sorted({f.suffix for f in named if f.is_file() and _FORMAT_OF_SUFFIX.get(f.suffix, dataset) != dataset})
+    if others and (path.is_file() or not any(f.suffix == DOCUMENT_SUFFIXES.get(dataset) for f in named)):
+        fmt = _FORMAT_OF_SUFFIX[others[0]]
+        what = f"a {others[0]} file" if path.is_file() else f"a folder of *{others[0]} files"
+        pretokenize = "" if fmt == "tokens" else f"; --format {fmt} for scripts.pretokenize"
+        raise ValueError(
+            f'{path}: {what}, read as dataset = "{dataset}"; set the format to "{fmt}" '
+            f"(--training.dataset {fmt}, or --validation.dataset {fmt}{pretokenize})"
+        )
+    files = [token_file(path)] if dataset == "tokens" else input_files(path, DOCUMENT_SUFFIXES[dataset])
+    for file in files:
+        if not os.access(file, os.R_OK):
+            raise ValueError(f"{file}: not readable (permission denied); make it readable to this user")
+    return files
 
 
 def document_batches(dataset: str, files: list[Path], text_column: str) -> Iterator[DocumentBatch]:

@@ -4,11 +4,14 @@ and under pipeline parallel each rank's predicted compute and the schedule's bub
     python train.py --config configs/qwen3_1p7b_pp4.toml --dry_run --world_size 8 [--gpu_memory_gib 80]
 
 The flags are taken out of the command line before the recipe is read; the
-estimates themselves are planning/memory.py and planning/timing.py.
+estimates themselves are planning/memory.py and planning/timing.py. Before the
+report, train.py stops at what the run would refuse at start-up (output folders,
+tokenizer, data files), with the run's one-line errors, writing nothing.
 """
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from config.errors import ConfigError
@@ -65,6 +68,26 @@ def split_dry_run_args(argv: Sequence[str]) -> tuple[Optional[DryRun], list[str]
         return None, rest
     world_size = _positive("--world_size", values.get("--world_size", os.environ.get("WORLD_SIZE", "1")), int)
     return DryRun(world_size, _positive("--gpu_memory_gib", values.get("--gpu_memory_gib", "80"), float)), rest
+
+
+def check_output_folders_writable(cfg: JobConfig) -> None:
+    """The folders the run writes to (``job.dump_folder``; with checkpoints on, ``checkpoint.folder``) can
+    be made and written: the run's check (training/run_log.py) without its probe file, so a dry run
+    leaves no trace. The nearest existing folder on each path must be a writable folder."""
+    folders = {"job.dump_folder": Path(cfg.job.dump_folder)}
+    if cfg.checkpoint.enable:
+        folders["checkpoint.folder"] = Path(cfg.job.dump_folder) / cfg.checkpoint.folder
+    for key, folder in folders.items():
+        existing = next(p for p in (folder, *folder.parents) if p.exists())
+        if not existing.is_dir():
+            problem = f"{existing} is a file, not a folder"
+        elif os.statvfs(existing).f_flag & os.ST_RDONLY:
+            problem = f"{existing} is on a read-only filesystem"
+        elif not os.access(existing, os.W_OK | os.X_OK):
+            problem = f"{existing} is not writable"
+        else:
+            continue
+        raise ConfigError(key, f"cannot write to {folder} ({problem}); point {key} at a writable place")
 
 
 def _gib(value: float) -> str:

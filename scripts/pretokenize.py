@@ -6,7 +6,9 @@
 Every rank tokenizes text/jsonl/parquet data at start-up, which stops being practical past a few GB.
 Here the trainer's own readers and tokenizing (data/) run once, in worker processes, and the batches
 are written in input order: the file holds exactly the stream the trainer would build in-process.
-It is written to <output>.partial and renamed when complete, so a file under the output name is whole.
+It is written to <output>.partial and renamed when complete, so a file under the output name is whole;
+Ctrl-C, SIGTERM or an error removes it. An --output that is a folder or one of the inputs is refused
+before any work, even with --force.
 """
 
 import argparse
@@ -16,49 +18,100 @@ import signal
 import sys
 import time
 from collections import deque
+from contextlib import closing
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
-from data.documents import DocumentBatch, input_files
-from data.token_stream import DOCUMENT_SUFFIXES, document_batches, tokenize_batch
+from data.documents import DocumentBatch
+from data.token_stream import DOCUMENT_SUFFIXES, dataset_files, document_batches, tokenize_batch
 from data.tokenizer import Tokenizer, build_tokenizer
 
-_worker_tokenizer: Tokenizer  # each worker process's, set by _start_worker
+
+class Terminated(BaseException):
+    """SIGTERM in the parent, raised where it is as Ctrl-C raises KeyboardInterrupt, so that the same clean-up runs."""
 
 
-def _start_worker(tokenizer: Tokenizer) -> None:
-    """Ctrl-C reaches the whole process group: only the parent handles it (and stops the workers)."""
-    global _worker_tokenizer
+def _raise_terminated(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one while cleaning up changes nothing
+    raise Terminated
+
+
+def _serve(own: int, pipes: list[tuple[Connection, Connection]], tokenizer: Tokenizer) -> None:
+    """A worker: the token ids (or the exception) of each batch of documents received, until None.
+
+    Ctrl-C and SIGTERM may reach the whole process group: only the parent acts on them, killing its
+    workers. Each worker keeps its own end of its own pipe only, so that the end of any process is
+    seen by the others as the end of their pipe, never as a wait."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _worker_tokenizer = tokenizer
-
-
-def _tokenize_in_worker(documents: list[str]) -> np.ndarray:
-    return tokenize_batch(documents, _worker_tokenizer)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for index, (parent_end, worker_end) in enumerate(pipes):
+        parent_end.close()
+        if index != own:
+            worker_end.close()
+    conn = pipes[own][1]
+    try:
+        while (documents := conn.recv()) is not None:
+            try:
+                conn.send(tokenize_batch(documents, tokenizer))
+            except Exception as err:  # re-raised in the parent, which stops and says so
+                conn.send(err)
+    except EOFError:  # the parent is gone
+        pass
 
 
 def tokenized_in_order(
     batches: Iterator[DocumentBatch], tokenizer: Tokenizer, workers: int
 ) -> Iterator[tuple[DocumentBatch, np.ndarray]]:
-    """Each batch with its token ids, in input order; at most two batches per worker are read ahead."""
+    """Each batch with its token ids, in input order; one batch per worker is read ahead.
+
+    Batch k goes to worker k % workers once that worker's previous batch, the oldest in flight, is
+    collected, so no worker is ever sent work while it writes a result (two full pipes, each side
+    waiting on the other). The workers are killed when this ends early (an error, Ctrl-C, SIGTERM).
+    """
     if workers == 1:
         for batch in batches:
             yield batch, tokenize_batch(batch.documents, tokenizer)
         return
     # fork, before any batch is read: the workers share the parent's imports and tokenizer instead of
     # re-importing torch each, and no reader thread exists yet to be cut off by the fork.
-    with multiprocessing.get_context("fork").Pool(workers, _start_worker, (tokenizer,)) as pool:
-        in_flight: deque = deque()
-        for batch in batches:
-            in_flight.append((batch, pool.apply_async(_tokenize_in_worker, (batch.documents,))))
-            if len(in_flight) == 2 * workers:
-                done, pending = in_flight.popleft()
-                yield done, pending.get()
+    context = multiprocessing.get_context("fork")
+    pipes = [context.Pipe() for _ in range(workers)]
+    processes = [context.Process(target=_serve, args=(w, pipes, tokenizer), daemon=True) for w in range(workers)]
+    conns = [parent_end for parent_end, _ in pipes]
+    try:
+        for process in processes:
+            process.start()
+        for _, worker_end in pipes:
+            worker_end.close()
+        in_flight: deque = deque()  # (batch, its worker), oldest first
+        for index, batch in enumerate(batches):
+            if len(in_flight) == workers:
+                yield _collect(*in_flight.popleft(), conns)
+            conns[index % workers].send(batch.documents)
+            in_flight.append((batch, index % workers))
         while in_flight:
-            done, pending = in_flight.popleft()
-            yield done, pending.get()
+            yield _collect(*in_flight.popleft(), conns)
+        for conn in conns:
+            conn.send(None)
+        for process in processes:
+            process.join()
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.kill()
+                process.join()
+        for conn in conns:
+            conn.close()
+
+
+def _collect(batch: DocumentBatch, worker: int, conns: list[Connection]) -> tuple[DocumentBatch, np.ndarray]:
+    ids = conns[worker].recv()
+    if isinstance(ids, Exception):
+        raise ids
+    return batch, ids
 
 
 class Progress:
@@ -126,9 +179,29 @@ def write_tokens(tokenized: Iterator[tuple[DocumentBatch, np.ndarray]], path: Pa
 
 def abandon(partial: Path, reason: str, exit_code: int) -> int:
     """Removes the unfinished file, so no file that looks complete is left behind, and says why in one line."""
+    removed = partial.exists()
     partial.unlink(missing_ok=True)
-    print(("\n" if sys.stderr.isatty() else "") + f"pretokenize: {reason}; removed {partial}", file=sys.stderr)
+    line = f"pretokenize: {reason}" + (f"; removed {partial}" if removed else "")
+    print(("\n" if sys.stderr.isatty() else "") + line, file=sys.stderr)
     return exit_code
+
+
+def check_output(output: Path, inputs: list[Path], force: bool) -> None:
+    """Refuse, before any work, an ``--output`` that would replace an input or cannot become a file."""
+    if output.is_dir():
+        raise ValueError(
+            f"{output}: is a folder; --output names the tokens file to write, e.g. {output / 'corpus.tokens'}"
+        )
+    for file in inputs:
+        if file.resolve() == output.resolve():
+            raise ValueError(
+                f"{output}: is an input file ({file}), which the tokens would replace; "
+                f"write them elsewhere, e.g. --output {output.with_suffix('.tokens')}"
+            )
+    if output.exists() and not force:
+        raise ValueError(f"{output}: already exists; pass --force to overwrite it, or choose another --output")
+    if not output.parent.is_dir():
+        raise ValueError(f"{output.parent}: no such folder for --output; create it first")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -157,23 +230,32 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     output = Path(args.output)
     partial = output.with_name(output.name + ".partial")
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        if output.exists() and not args.force:
-            raise ValueError(f"{output}: already exists; pass --force to overwrite it, or choose another --output")
-        if not output.parent.is_dir():
-            raise ValueError(f"{output.parent}: no such folder for --output; create it first")
+        return pretokenize(args, output, partial)
+    except KeyboardInterrupt:
+        return abandon(partial, "interrupted", 128 + signal.SIGINT)
+    except Terminated:
+        return abandon(partial, "terminated (SIGTERM)", 128 + signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def pretokenize(args: argparse.Namespace, output: Path, partial: Path) -> int:
+    """Check everything, then write ``partial`` and rename it to ``output``; the exit code."""
+    try:
+        files = dataset_files(args.format, Path(args.input))
+        check_output(output, files, args.force)
         tokenizer = build_tokenizer(args.tokenizer, args.eos_token)
-        files = input_files(Path(args.input), DOCUMENT_SUFFIXES[args.format])
         batches = document_batches(args.format, files, args.text_column)
     except ValueError as err:
         print(f"pretokenize: {err}", file=sys.stderr)
         return 2
     progress = Progress(sum(f.stat().st_size for f in files))
     try:
-        max_id = write_tokens(tokenized_in_order(batches, tokenizer, args.workers), partial, progress)
+        with closing(tokenized_in_order(batches, tokenizer, args.workers)) as tokenized:  # workers ended on any exit
+            max_id = write_tokens(tokenized, partial, progress)
         os.replace(partial, output)
-    except KeyboardInterrupt:
-        return abandon(partial, "interrupted", 130)
     except ValueError as err:  # a reader's: one line naming the file and the fix
         return abandon(partial, str(err), 1)
     except Exception as err:

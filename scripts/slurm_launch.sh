@@ -8,7 +8,8 @@
 # You may set: CONFIG_FILE (default configs/llama3_8b.toml), GPUS_PER_NODE (default SLURM_GPUS_ON_NODE),
 #   MASTER_PORT (the rendezvous port on the head node), LOG_DIR (per-rank logs, default outputs/logs/<job id>),
 #   LOG_RANK (which local rank of each node is shown on the console, default 0), PYTHON,
-#   DRY_RUN=1 (check and print the command, start nothing). Extra arguments go to train.py.
+#   DRY_RUN=1 (check the recipe as `train.py --dry_run` does for the job's world size, print the command,
+#   start nothing). Extra arguments go to train.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,6 +25,9 @@ CONFIG_FILE="${CONFIG_FILE:-configs/llama3_8b.toml}"
 
 GPUS_PER_NODE="${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-}}"
 [ -n "$GPUS_PER_NODE" ] || die "GPUS_PER_NODE is not set and Slurm gave no SLURM_GPUS_ON_NODE (sbatch --gpus-per-node=N)"
+positive() { case "$1" in '' | *[!0-9]* | 0*) return 1 ;; esac; }
+positive "$GPUS_PER_NODE" || die "GPUS_PER_NODE=$GPUS_PER_NODE: expected the processes per node, a positive integer (e.g. 8)"
+positive "$SLURM_NNODES" || die "SLURM_NNODES=$SLURM_NNODES: expected the number of nodes, a positive integer"
 
 PYTHON="${PYTHON:-${VIRTUAL_ENV:+$VIRTUAL_ENV/bin/python}}"
 PYTHON="${PYTHON:-.venv/bin/python}"
@@ -64,7 +68,9 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 export TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE='[rank${rank}]:'
 
 LOG_DIR="${LOG_DIR:-outputs/logs/$SLURM_JOB_ID}"
-cmd=("$PYTHON" -m torch.distributed.run
+# scripts/torchrun.py is torchrun that hands SIGTERM/SIGUSR1 to the ranks (they save and exit 0, README
+# "Preemption") instead of killing them and failing.
+cmd=("$PYTHON" -m scripts.torchrun
      --nnodes "$SLURM_NNODES" --nproc_per_node "$GPUS_PER_NODE"
      --rdzv_backend c10d --rdzv_endpoint "$HEAD_NODE:$MASTER_PORT" --rdzv_id "$SLURM_JOB_ID"
      # Node 0 hosts the rendezvous store; saying so beats torchrun's guess from hostnames, which fails
@@ -74,6 +80,11 @@ cmd=("$PYTHON" -m torch.distributed.run
      # (the job's .out file) gets local rank LOG_RANK of each node.
      --log-dir "$LOG_DIR/node$SLURM_NODEID" --tee 3 --local-ranks-filter "${LOG_RANK:-0}"
      train.py --config "$CONFIG_FILE" "$@")
+if [ "${DRY_RUN:-0}" = 1 ]; then
+    # The run's own checks (keys, layout, tokenizer, data files, output folders) and its memory prediction,
+    # for the whole job's world; a mistake is the one line the run would print.
+    "$PYTHON" train.py --config "$CONFIG_FILE" "$@" --dry_run --world_size $((SLURM_NNODES * GPUS_PER_NODE)) || exit $?
+fi
 echo "[node $SLURM_NODEID/$SLURM_NNODES $(hostname)] $(env | grep -E '^(NCCL_|OMP_NUM_THREADS=)' | sort | tr '\n' ' ')"
 echo "[node $SLURM_NODEID/$SLURM_NNODES $(hostname)] + ${cmd[*]}"
 [ "${DRY_RUN:-0}" = 1 ] && exit 0

@@ -11,6 +11,7 @@ import argparse
 import gzip
 import json
 import re
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -51,18 +52,35 @@ def summarize(events: list[dict]) -> dict:
     return {"wall_us": wall, "busy_us": busy, "by_kind": dict(by_kind), "by_name": dict(by_name)}
 
 
+_FIX = "pass a rank<r>_trace.json(.gz) that [profiling] wrote under <dump_folder>/profile_traces/iteration_<N>/"
+
+
 def _load(path: Path) -> list[dict]:
+    """The trace's events; a missing, unreadable or foreign file is a ValueError of one line naming it."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt") as f:
-        return json.load(f)["traceEvents"]
+    try:
+        with opener(path, "rt") as f:
+            trace = json.load(f)
+    except (OSError, EOFError) as err:  # missing, a folder, unreadable, not gzip or a cut gzip
+        raise ValueError(f"{path}: cannot be read ({getattr(err, 'strerror', None) or err}); {_FIX}") from None
+    except ValueError as err:  # not JSON, or not UTF-8
+        raise ValueError(f"{path}: not a JSON trace ({err}); {_FIX}") from None
+    if not isinstance(trace, dict) or not isinstance(trace.get("traceEvents"), list):
+        raise ValueError(f"{path}: no traceEvents list, so no profiler trace; {_FIX}")
+    return trace["traceEvents"]
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("trace", type=Path, help="a rank<r>_trace.json(.gz) from [profiling]")
     parser.add_argument("--top", type=int, default=15, help="how many of the longest kernels to list")
     args = parser.parse_args()
-    s = summarize(_load(args.trace))
+    try:
+        events = _load(args.trace)
+    except ValueError as err:
+        print(f"trace_summary: {err}", file=sys.stderr)
+        return 2
+    s = summarize(events)
     wall, busy = s["wall_us"], s["busy_us"]
     print(
         f"step wall {wall / 1e3:.1f} ms; GPU busy {busy / 1e3:.1f} ms"
@@ -74,7 +92,8 @@ def main() -> None:
     print(f"\n{'ms':>9} {'calls':>6}  kernel")
     for name, (us, calls) in sorted(s["by_name"].items(), key=lambda kv: -kv[1][0])[: args.top]:
         print(f"{us / 1e3:>9.1f} {calls:>6}  {name[:110]}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

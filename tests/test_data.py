@@ -13,8 +13,17 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from data import ByteTokenizer, HFTokenizer, build_dataloader, build_tokenizer, documents, parquet_documents
+from data import (
+    ByteTokenizer,
+    HFTokenizer,
+    build_dataloader,
+    build_tokenizer,
+    document_boundaries,
+    documents,
+    parquet_documents,
+)
 from data import fingerprint as data_fingerprint
+from data.document_boundaries import missing_eos_warning
 from data.fingerprint import DIGEST
 from data.token_stream import document_batches, load_token_stream, tokenize_batches
 from tests.word_tokenizer import write_word_tokenizer
@@ -257,7 +266,7 @@ def test_corrupt_parquet_page_behind_a_good_footer(tmp_path):
 
 
 def test_folder_without_parquet_files(tmp_path):
-    (tmp_path / "a.txt").write_text("text")
+    (tmp_path / "a.csv").write_text("text")  # (*.txt files: test_a_file_named_for_another_format_is_refused_naming_it)
     with pytest.raises(ValueError, match=r"folder holds no \*.parquet files"):
         make_loader(tmp_path, dataset="parquet")
 
@@ -438,6 +447,55 @@ def test_missing_path(tmp_path, dataset):
 def test_folder_without_text_files(tmp_path):
     with pytest.raises(ValueError, match=r"folder holds no \*.txt files"):
         make_loader(tmp_path)
+
+
+FORMAT_MIXUPS = {  # file (a folder where it ends in "/"), its contents, the format it is read as, the one it says
+    "jsonl_file_as_text": ("corpus.jsonl", '{"text": "hello world"}\n', "text", "jsonl"),
+    "jsonl_folder_as_text": ("corpus/part0.jsonl", '{"text": "hello world"}\n', "text", "jsonl"),
+    "text_file_as_jsonl": ("corpus.txt", "hello world\n", "jsonl", "text"),
+    "tokens_file_as_text": ("corpus.tokens", "hell", "text", "tokens"),  # 1 uint32 token, valid UTF-8 as text
+    "text_file_as_tokens": ("corpus.txt", "hello world!", "tokens", "text"),
+}
+
+
+@pytest.mark.parametrize("mixup", list(FORMAT_MIXUPS))
+def test_a_file_named_for_another_format_is_refused_naming_it(tmp_path, mixup):
+    name, contents, dataset, says = FORMAT_MIXUPS[mixup]
+    (tmp_path / name).parent.mkdir(exist_ok=True)
+    (tmp_path / name).write_text(contents)
+    path = tmp_path / name.split("/")[0]
+    what = f"a {path.suffix} file" if path.is_file() else f"a folder of *{Path(name).suffix} files"
+    message = f'{path}: {what}, read as dataset = "{dataset}"; set the format to "{says}" (--training.dataset {says}'
+    with pytest.raises(ValueError, match="^" + re.escape(message)):
+        make_loader(path, dataset=dataset)
+
+
+def test_a_folder_of_both_formats_reads_the_recipes(tmp_path):
+    (tmp_path / "a.txt").write_text("abc def\n")
+    (tmp_path / "b.jsonl").write_text('{"text": "ghi"}\n')
+    assert take(make_loader(tmp_path, shuffle=False, global_batch_size=2), 1)[0].tolist() == [
+        list(b"abc "),
+        list(b"def") + [EOS],
+    ]
+
+
+def test_block_causal_needs_the_tokenizers_eos_in_the_data(monkeypatch):
+    """An error when no window holds it; a warning when the first windows looked at hold none."""
+    windows = (np.arange(40, dtype=np.uint32) % 7).reshape(10, 4)  # ids 0..6
+    assert missing_eos_warning(windows, 6, "corpus.tokens") is None
+    message = (
+        r"^corpus.tokens holds no EOS \(id 9, the end of sequence of the run\'s tokenizer\) in any of its 10 windows, "
+        r'.*re-tokenize it .* set model.eos_token .*; else set model.attn_mask_type = "causal"$'
+    )
+    with pytest.raises(ValueError, match=message):
+        missing_eos_warning(windows, 9, "corpus.tokens")
+    monkeypatch.setattr(document_boundaries, "EOS_SCAN_TOKENS", 8)  # the first 2 windows
+    windows[5, 2] = 9
+    assert missing_eos_warning(windows, 9, "corpus.tokens").startswith(
+        "block_causal: no EOS (id 9, the run's tokenizer's) in the first 8 tokens of corpus.tokens, "
+    )
+    windows[1, 3] = 9
+    assert missing_eos_warning(windows, 9, "corpus.tokens") is None
 
 
 @pytest.mark.parametrize("dataset", ["text", "jsonl", "tokens"])

@@ -193,3 +193,38 @@ def test_block_causal_without_an_eos_token_stops_before_the_model_is_built(tmp_p
     assert result.returncode == 2
     assert result.stderr.startswith("config error: model.tokenizer: ") and result.stderr.count("\n") == 1
     assert "set model.eos_token" in result.stderr
+
+
+def test_block_causal_on_data_without_the_tokenizers_eos_stops_naming_it(tmp_path):
+    """Tokens written by another tokenizer (ids below 256, none the bytes tokenizer's EOS 256): one line."""
+    tokens = tmp_path / "other.tokens"
+    (torch.arange(2048, dtype=torch.int32) % 200).numpy().astype("<u4").tofile(tokens)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "train.py",
+            "--config",
+            "configs/debug.toml",
+            "--job.dump_folder",
+            str(tmp_path / "run"),
+            "--training.seq_len",
+            "32",
+            "--training.dataset",
+            "tokens",
+            "--training.dataset_path",
+            str(tokens),
+            "--model.attn_mask_type",
+            "block_causal",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr == (
+        f"config error: model.attn_mask_type: {tokens} holds no EOS (id 256, the end of sequence of the run's "
+        "tokenizer) in any of its 64 windows, so block_causal, which masks at EOS, would train exactly as causal; "
+        "if the data was tokenized with another tokenizer, re-tokenize it with the run's (scripts/pretokenize) or "
+        'set model.eos_token to the EOS it was written with; else set model.attn_mask_type = "causal"\n'
+    )

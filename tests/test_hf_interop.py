@@ -7,9 +7,11 @@ without it the export -> import round trip still checks every layout bitwise.
 import json
 import shutil
 from dataclasses import asdict, replace
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 
 from config.errors import CheckpointError, ConfigError
 from models import Transformer, build_model_args
@@ -23,6 +25,7 @@ from train import train
 from training.hf_checkpoint import INDEX, check_weight_files, read_hf_config, write_hf_folder
 from training.recipe import load_recipe
 
+ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 515
 PP_VP = ["--parallelism.pipeline_parallel_degree", "2", "--parallelism.vocab_parallel", "--loss.name", "auto"]
 # Llama 3.1's RoPE scaling, with an original context short enough that the debug flavor's 16-wide heads
@@ -218,18 +221,114 @@ def test_a_damaged_config_json_is_named(text, problem, tmp_path):
         read_hf_config(tmp_path)
 
 
-def test_export_refuses_a_non_empty_folder_without_replace(tmp_path, capsys):
-    out = tmp_path / "hf"
-    out.mkdir()
-    (out / "model.safetensors").write_bytes(b"an earlier export")
-    assert (
-        export_hf(["--checkpoint", str(tmp_path / "step-1"), "--config", "configs/debug.toml", "--output", str(out)])
-        == 2
-    )
+def _snapshot(folder):
+    """Every file under ``folder``, hidden ones included, with its bytes."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _a_run(tmp_path):
+    """A run's dump folder with a checkpoint step-10 (stand-in files: a refusal must come before any is read)."""
+    step = tmp_path / "run" / "checkpoint" / "step-10"
+    step.mkdir(parents=True)
+    (step / ".metadata").write_bytes(b"not read")
+    (tmp_path / "run" / "config.toml").write_text((ROOT / "configs" / "debug.toml").read_text())
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 10}\n')
+
+
+def _export_into(tmp_path, output, *extra):
+    run = tmp_path / "run"
+    argv = ["--checkpoint", str(run / "checkpoint" / "step-10"), "--config", str(run / "config.toml")]
+    return export_hf([*argv, "--output", output, *extra])
+
+
+def _earlier_export(folder, *added):
+    folder.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors", *added):
+        (folder / name).write_text(name)
+
+
+OUTPUT_REFUSALS = {  # name: (what is in tmp_path besides the run, --output relative to tmp_path, the error says)
+    "the_run_folder": (lambda t: None, "run", "run holds the checkpoint ({t}/run/checkpoint/step-10), which an export"),
+    "the_checkpoint_folder": (lambda t: None, "run/checkpoint", "run/checkpoint holds the checkpoint"),
+    "the_checkpoint": (lambda t: None, "run/checkpoint/step-10", "run/checkpoint/step-10 is the checkpoint"),
+    "the_current_folder": (lambda t: (t / "cwd").mkdir(), ".", ". is the current folder ({t}/cwd)"),
+    "a_folder_holding_it": (lambda t: (t / "home" / "cwd").mkdir(parents=True), "..", ".. holds the current folder"),
+    "an_export_with_a_tokenizer_added": (
+        lambda t: _earlier_export(t / "hf", "tokenizer.json"),
+        "hf",
+        "hf holds tokenizer.json, which is no export of export_hf (config.json + model*.safetensors alone)",
+    ),
+    "weights_of_unknown_origin": (
+        lambda t: (t / "hf").mkdir() or (t / "hf" / "model.safetensors").write_text("?"),
+        "hf",
+        "hf holds model.safetensors, which is no export of export_hf",
+    ),
+    "a_partial_folder_that_is_no_export": (
+        lambda t: (t / "hf.partial").mkdir() or (t / "hf.partial" / "notes.txt").write_text("mine"),
+        "hf",
+        "hf.partial exists and is not what an unfinished export leaves, so it is kept",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(OUTPUT_REFUSALS))
+def test_export_never_replaces_what_it_did_not_write(case, tmp_path, capsys, monkeypatch):
+    """Even with --replace, refused before anything is read, in one line that names what is there."""
+    prepare, output, says = OUTPUT_REFUSALS[case]
+    _a_run(tmp_path)
+    prepare(tmp_path)
+    monkeypatch.chdir(next(tmp_path.glob("**/cwd"), tmp_path))
+    before = _snapshot(tmp_path)
+    assert _export_into(tmp_path, output, "--replace") == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"{out} is not empty; pass --replace" in err
-    assert sorted(tmp_path.iterdir()) == [out] and [p.name for p in out.iterdir()] == ["model.safetensors"]
-    assert (out / "model.safetensors").read_bytes() == b"an earlier export"
+    assert err.startswith("export_hf: config error: --output: ") and err.count("\n") == 1, err
+    assert says.format(t=tmp_path) in err, err
+    assert _snapshot(tmp_path) == before
+
+
+def test_export_replaces_an_earlier_export_only_when_told(tmp_path, capsys):
+    _a_run(tmp_path)
+    _earlier_export(tmp_path / "hf")
+    before = _snapshot(tmp_path / "hf")
+    assert _export_into(tmp_path, str(tmp_path / "hf")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "hf holds an earlier export; pass --replace to replace it whole" in err
+    assert _snapshot(tmp_path / "hf") == before
+
+
+def _truncate(step, name):
+    file = step / name
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    return f"{name}: truncated" if name != ".metadata" else ".metadata: cannot be read"
+
+
+@pytest.mark.parametrize(
+    "mistake",
+    ["folder_of_the_run's_checkpoints", "data_file_truncated", "metadata_truncated", "shard_size_0", "shard_size_-1"],
+)
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # dcp.save in this one process, as meant
+def test_checkpoint_and_flag_mistakes_are_one_line_naming_the_fix(mistake, tmp_path, capsys, caplog):
+    run = tmp_path / "run" / "checkpoint"
+    for step in (3, 10):  # a real DCP checkpoint of something; only its files' state matters here
+        dcp.save({"x": torch.arange(4096.0)}, checkpoint_id=str(run / f"step-{step}"))
+    argv, says = ["--checkpoint", str(run / "step-10")], None
+    if mistake.startswith("folder"):
+        argv = ["--checkpoint", str(run)]
+        says = f"{run} holds checkpoints, one per step-N folder; pass one, e.g. --checkpoint {run / 'step-10'}"
+    elif mistake.endswith("truncated"):
+        damage = _truncate(run / "step-10", ".metadata" if mistake == "metadata_truncated" else "__0_0.distcp")
+        says = f"{run / 'step-10'} is damaged ({damage}"
+    else:
+        size = mistake.removeprefix("shard_size_")
+        argv += ["--max_shard_gib", size]
+        says = f"config error: --max_shard_gib: {size} is no file size; give one above 0, e.g. 5"
+    assert export_hf([*argv, "--config", "configs/debug.toml", "--output", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("export_hf: ") and err.count("\n") == 1 and says in err, err
+    if mistake.endswith("truncated"):
+        assert err.endswith("; export another step-N folder of the run, or copy this one again\n")
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+    assert not (tmp_path / "hf").exists()
 
 
 def _export_twice_then_import(rank, world_size, root):
@@ -256,7 +355,15 @@ def _export_twice_then_import(rank, world_size, root):
     assert export(1, "--max_shard_gib", str(SHARD_BYTES / 2**30)) == 0
     shutil.copytree(out, first)
     assert export(2, "--replace") == 0
+    run_files = _snapshot(run)
+    step = str(run / "checkpoint" / "step-2")
+    into_the_run = export_hf(
+        ["--checkpoint", step, "--config", str(run / "config.toml"), "--output", str(run), "--replace"]
+    )
+    run_kept = _snapshot(run) == run_files
     result = {
+        "into_the_run": into_the_run,
+        "run_kept": run_kept,
         "files": sorted(p.name for p in root.iterdir()),
         "exported": sorted(p.name for p in out.iterdir()),
         "step1": read_model(run / "checkpoint" / "step-1", None),
@@ -277,6 +384,7 @@ def _export_twice_then_import(rank, world_size, root):
 def test_an_export_with_replace_replaces_the_folder_whole(tmp_path):
     (out,) = run_distributed(_export_twice_then_import, 1, tmp_path, timeout_s=300)
     assert out["files"] == ["first", "hf", "run"]  # no .partial or .replaced folder left
+    assert out["into_the_run"] == 2 and out["run_kept"]  # the run it exports from is no earlier export
     assert out["exported"] == ["config.json", "model.safetensors"]
     imported = _merged([out["imported"]], tied=True)
     _assert_bitwise(out["step2"], imported, "import of the second export")

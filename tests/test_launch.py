@@ -92,22 +92,49 @@ def test_a_missing_recipe_is_refused_before_anything_starts(tmp_path, script):
     assert "srun" not in result.stderr
 
 
-def _dry_run(tmp_path, **env):
+def _dry_run(tmp_path, *args, returncode=0, **env):
     result = subprocess.run(
-        ["bash", str(LAUNCH), "--training.steps", "4"],
+        ["bash", str(LAUNCH), "--training.steps", "4", *args],
         cwd=ROOT,
         env=_slurm_env(tmp_path, DRY_RUN="1", **env),
         capture_output=True,
         text=True,
-        timeout=30,
+        timeout=120,
     )
-    assert result.returncode == 0, result.stderr
-    return result.stdout
+    assert result.returncode == returncode, result.stderr
+    return result.stdout if returncode == 0 else result.stderr
+
+
+def test_the_dry_run_checks_the_recipe_as_the_run_does(tmp_path):
+    """The check a batch script makes before any node starts: train.py's own, for the job's world size."""
+    err = _dry_run(tmp_path, "--training.stpes", "5", returncode=2)
+    assert err.startswith("config error: training.stpes: unknown key (did you mean 'steps'?)") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "variable, value", [("GPUS_PER_NODE", "0"), ("GPUS_PER_NODE", "eight"), ("SLURM_NNODES", "two")]
+)
+def test_a_process_count_that_is_not_a_positive_integer_is_one_line(tmp_path, variable, value):
+    err = _dry_run(tmp_path, returncode=2, **{variable: value})
+    assert err.startswith(f"slurm_launch.sh: {variable}") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("ngpu", ["0", "two"])
+def test_run_train_sh_refuses_a_process_count_that_is_not_a_positive_integer(ngpu):
+    result = subprocess.run(
+        ["./run_train.sh"], cwd=ROOT, env={**os.environ, "NGPU": ngpu}, capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == (
+        f"run_train.sh: NGPU={ngpu}: expected the number of processes to start, a positive integer (e.g. NGPU=1)\n"
+    )
 
 
 def test_the_head_node_is_the_first_host_of_the_allocation(tmp_path):
+    # PYTHON=true: the recipe check is test_the_dry_run_checks_the_recipe_as_the_run_does's.
     out = _dry_run(
         tmp_path,
+        PYTHON="true",
         SLURM_JOB_NODELIST="gpu[07-09,12],cpu1",
         SLURM_NODEID="1",
         SLURM_JOB_ID="4242",
@@ -123,16 +150,17 @@ def test_the_head_node_is_the_first_host_of_the_allocation(tmp_path):
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text("#!/bin/sh\nprintf 'node-a\\nnode-b\\n'\n")
     (bin_dir / "scontrol").chmod(0o755)
-    out = _dry_run(tmp_path, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_NODELIST="node-[a-b]")
+    out = _dry_run(tmp_path, PYTHON="true", PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_NODELIST="node-[a-b]")
     assert "--rdzv_endpoint node-a:" in out and "is_host=1" in out
 
 
-def test_the_batch_script_starts_one_launcher_per_node_through_srun_and_outlives_sigusr1(tmp_path):
+def test_the_batch_script_starts_one_launcher_per_node_through_srun_and_outlives_sigusr1_and_sigterm(tmp_path):
     # A fake srun that records its arguments, then runs until released and fails with status 3.
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "srun").write_text(f"""#!/bin/sh
 echo "srun $*" >> {tmp_path}/srun_args
+case "$*" in *--overlap*) exit 0 ;; esac
 while [ ! -e {tmp_path}/release ]; do sleep 0.05; done
 exit 3
 """)
@@ -151,11 +179,17 @@ exit 3
         while not (tmp_path / "srun_args").exists():  # the trap is set before srun starts
             assert batch.poll() is None and time.monotonic() < deadline, "srun was never started"
             time.sleep(0.05)
-        batch.send_signal(signal.SIGUSR1)  # what Slurm sends 120 s before the time limit
-        time.sleep(0.5)
+        for signum in (signal.SIGUSR1, signal.SIGTERM):  # before the time limit; at preemption or scancel
+            batch.send_signal(signum)
+            pkill = f"srun --overlap --ntasks-per-node=1 pkill -{signal.Signals(signum).name[3:]} -f train.py"
+            while pkill not in (tmp_path / "srun_args").read_text():
+                assert batch.poll() is None, f"the batch script ended on {signal.Signals(signum).name}"
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
         (tmp_path / "release").touch()
         out, err = batch.communicate(timeout=30)
     finally:
+        (tmp_path / "release").touch()  # the fake srun ends, whatever happened
         if batch.poll() is None:
             batch.kill()
     assert batch.returncode == 3, err  # srun's status, not the signal's
@@ -163,5 +197,5 @@ exit 3
         "srun --ntasks-per-node=1 --cpus-per-task=32 --kill-on-bad-exit=1 scripts/slurm_launch.sh --training.steps 4"
     ) in (tmp_path / "srun_args").read_text()
     assert out.count("--rdzv_backend c10d") == 1  # the resolved command, printed once before srun
-    assert "SIGUSR1" in out and "checkpoint and stop" in out
-    assert "srun --overlap --ntasks-per-node=1 pkill -USR1 -f train.py" in (tmp_path / "srun_args").read_text()
+    assert "world 4 = pp 1 x dp_replicate 1 x dp_shard 4" in out  # after train.py --dry_run for the whole job
+    assert "SIGUSR1" in out and "SIGTERM" in out and "checkpoint and stop" in out

@@ -2,8 +2,11 @@
 
 import io
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +94,98 @@ def test_an_existing_output_is_kept_without_force(tmp_path, capsys):
     )
     assert run(tmp_path, "--force") == 0
     assert (tmp_path / "corpus.tokens").stat().st_size == 4 * 20  # 14 words, 6 EOS
+
+
+OUTPUT_REFUSALS = {  # name: (--input and --output relative to tmp_path, the error after "pretokenize: <output>: ")
+    "the_input_file": ("corpus/part0.txt", "corpus/part0.txt", "is an input file ({t}/corpus/part0.txt)"),
+    "a_file_of_the_input_folder": ("corpus", "corpus/part1.txt", "is an input file ({t}/corpus/part1.txt)"),
+    "a_link_to_an_input": ("corpus", "link.txt", "is an input file ({t}/corpus/part0.txt)"),
+    "a_folder": ("corpus/part0.txt", "corpus", "is a folder; --output names the tokens file to write"),
+}
+
+
+@pytest.mark.parametrize("case", list(OUTPUT_REFUSALS))
+def test_an_output_that_would_replace_an_input_or_is_a_folder_is_refused_before_any_work(
+    tmp_path, monkeypatch, capsys, case
+):
+    corpus = write_corpus(tmp_path / "corpus", "text")
+    (tmp_path / "link.txt").symlink_to(corpus / "part0.txt")
+    before = {p.name: p.read_bytes() for p in corpus.iterdir()}
+    monkeypatch.setattr(pretokenize, "build_tokenizer", lambda *args: pytest.fail("work started"))
+    source, output, says = OUTPUT_REFUSALS[case]
+    argv = ["--tokenizer", "bytes", "--input", str(tmp_path / source), "--format", "text"]
+    assert pretokenize.main([*argv, "--output", str(tmp_path / output), "--force"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"pretokenize: {tmp_path / output}: " + says.format(t=tmp_path)) and err.count("\n") == 1
+    assert {p.name: p.read_bytes() for p in corpus.iterdir()} == before
+    assert not list(tmp_path.glob("*.partial")) and not list(corpus.glob("*.partial"))
+
+
+# pretokenize with the second file's first document held in a worker until the process is killed.
+_HELD_IN_A_WORKER = """
+import os, sys, time
+from data import documents
+from scripts import pretokenize
+
+documents.BATCH_BYTES = 1
+tokenize = pretokenize.tokenize_batch
+
+def tokenize_but_hold(docs, tokenizer):
+    if docs == ["world"]:
+        open(os.path.join(sys.argv[1], f"worker-{os.getpid()}"), "w").close()
+        time.sleep(60)
+    return tokenize(docs, tokenizer)
+
+pretokenize.tokenize_batch = tokenize_but_hold
+sys.exit(pretokenize.main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize("target", ["the_process", "its_process_group"])
+def test_sigterm_leaves_no_file_and_no_worker_behind(tmp_path, target):
+    """As Ctrl-C: the workers stopped, the .partial file removed, one line, the exit code of SIGTERM."""
+    corpus = write_corpus(tmp_path / "corpus", "text")
+    output, partial = tmp_path / "corpus.tokens", tmp_path / "corpus.tokens.partial"
+    argv = ["--tokenizer", "bytes", "--input", str(corpus), "--format", "text", "--output", str(output)]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HELD_IN_A_WORKER, str(tmp_path), *argv, "--workers", "2"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    workers = []
+    try:
+        deadline = time.monotonic() + 120
+        while not workers:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+            workers = [int(p.name.removeprefix("worker-")) for p in tmp_path.glob("worker-*")]
+        assert partial.exists()
+        (os.kill if target == "the_process" else os.killpg)(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 128 + signal.SIGTERM
+        assert err == f"pretokenize: terminated (SIGTERM); removed {partial}\n" and out == ""
+        assert not partial.exists() and not output.exists()
+        deadline = time.monotonic() + 10
+        while any(_alive(pid) for pid in workers):
+            assert time.monotonic() < deadline, "a worker outlived pretokenize"
+            time.sleep(0.05)
+    finally:  # whatever went wrong, nothing of it is left running: it has a session and process group of its own
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def test_interrupted_run_leaves_no_file(tmp_path, monkeypatch, capsys):

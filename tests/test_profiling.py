@@ -1,6 +1,12 @@
 """[profiling]: traces of every N-th step (training/profiling.py) and their summary (scripts/trace_summary.py)."""
 
+import gzip
 import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 
 from scripts.trace_summary import kind_of, summarize
 from tests.dist_utils import run_distributed
@@ -54,3 +60,25 @@ def test_summary_merges_overlapping_kernels_and_sorts_them_by_kind():
     assert s["wall_us"] == 100 and s["busy_us"] == 25 + 5 + 2 + 1  # [0, 25) merged from the gemm and nccl
     assert s["by_kind"] == {"matmul": 10, "communication": 20, "attention": 5, "triton": 2, "other": 1}
     assert kind_of("multi_tensor_apply_kernel<AdamFunctor>") == "optimizer"
+
+
+ROOT = Path(__file__).resolve().parents[1]
+BAD_TRACES = {  # file name, its bytes (None: no file), what the line says after "<path>: "
+    "missing": ("rank0_trace.json", None, "cannot be read (No such file or directory)"),
+    "not_json": ("rank0_trace.json", b"<html>", "not a JSON trace (Expecting value"),
+    "another_json": ("rank0_trace.json", b'{"loss": 1.0}', "no traceEvents list, so no profiler trace"),
+    "cut_gzip": ("rank0_trace.json.gz", gzip.compress(b'{"traceEvents": []}' * 50)[:30], "cannot be read (Compressed"),
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD_TRACES))
+def test_summary_of_a_missing_or_foreign_file_is_one_line(tmp_path, bad):
+    name, content, says = BAD_TRACES[bad]
+    if content is not None:
+        (tmp_path / name).write_bytes(content)
+    result = subprocess.run(
+        [sys.executable, "scripts/trace_summary.py", str(tmp_path / name)], cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith(f"trace_summary: {tmp_path / name}: {says}") and result.stderr.count("\n") == 1
+    assert result.stderr.endswith("wrote under <dump_folder>/profile_traces/iteration_<N>/\n")

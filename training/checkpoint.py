@@ -76,7 +76,7 @@ _ITEM_START = b"PK\x03\x04"  # every item DCP writes is a torch.save zip archive
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _steps(folder: Path) -> list[int]:
+def complete_steps(folder: Path) -> list[int]:
     """Steps of the complete checkpoints in ``folder``, oldest first."""
     if not folder.is_dir():
         return []
@@ -139,13 +139,14 @@ def _starts_items(file: Path, offsets: list[int]) -> bool:
     return True
 
 
-def _damaged_files(path: Path) -> list[str]:
+def broken_files(path: Path) -> list[str]:
     """``name: what is wrong`` for each file of checkpoint ``path`` that is missing, shorter than its
-    ``.metadata`` says, or holds something else where a saved item should start.
+    ``.metadata`` says, or holds something else where a saved item should start (what a checkpoint
+    saved before checksums, ``training/checksums.py``, can still be checked for).
 
-    Called once a load has failed, to tell a damaged checkpoint from one of another model. It reads a
-    few bytes per item, not the data, so every rank can afford it; the same files give every rank the
-    same answer, so no rank waits for another.
+    Called once a load has failed, to tell a damaged checkpoint from one of another model, and by
+    scripts/export_hf before it reads one. It reads a few bytes per item, not the data, so every rank
+    can afford it; the same files give every rank the same answer, so no rank waits for another.
     """
     try:
         storage = dcp.FileSystemReader(str(path)).read_metadata().storage_data
@@ -169,7 +170,7 @@ def _damaged_files(path: Path) -> list[str]:
 def _load_error(path: Path, err: BaseException, what: str, fix: str) -> CheckpointError:
     """Why ``dcp.load`` of checkpoint ``path`` failed: its damaged files if it has any, else ``what`` and DCP's
     cause; ``fix`` (what the user can do) depends on where the path came from."""
-    damaged = _damaged_files(path)
+    damaged = broken_files(path)
     if damaged:
         return CheckpointError(f"{path} is corrupt ({', '.join(damaged)}); {fix}")
     return CheckpointError(f"{path} {what} ({_last_line(err)}); {fix}")
@@ -411,13 +412,13 @@ class CheckpointManager:
         """Keep the newest ``keep_latest_k`` checkpoints: all of this branch, since a rollback set the newer ones
         of the abandoned branch aside (``_set_aside_newer``) before the first save."""
         if self.cfg.keep_latest_k > 0:
-            for old in _steps(self.folder)[: -self.cfg.keep_latest_k]:
+            for old in complete_steps(self.folder)[: -self.cfg.keep_latest_k]:
                 shutil.rmtree(self.folder / f"step-{old}")
 
     # -- load -------------------------------------------------------------------------------
     def _pick(self) -> Optional[int]:
         """The step to resume: ``load_step``, else the newest complete checkpoint's (None: there is none)."""
-        steps = _steps(self.folder)
+        steps = complete_steps(self.folder)
         if self.cfg.load_step >= 0:
             if self.cfg.load_step not in steps:
                 raise ConfigError(
@@ -471,7 +472,7 @@ class CheckpointManager:
         aside = self.folder / f"abandoned-from-step-{step}-{time.strftime('%Y%m%d-%H%M%S')}"
 
         def move() -> None:
-            newer = [s for s in _steps(self.folder) if s > step]
+            newer = [s for s in complete_steps(self.folder) if s > step]
             if newer:
                 aside.mkdir()
                 for s in newer:
@@ -491,7 +492,7 @@ class CheckpointManager:
 
     def _fix_own(self, step: int) -> str:
         """What to do about this run's own ``step-N`` that cannot be resumed: another complete one is the way out."""
-        others = ", ".join(str(s) for s in _steps(self.folder) if s != step)
+        others = ", ".join(str(s) for s in complete_steps(self.folder) if s != step)
         resume = f"resume another complete one with --checkpoint.load_step N (N: {others}), " if others else ""
         return f"{resume}delete it, or point checkpoint.folder or job.dump_folder elsewhere to start fresh"
 
