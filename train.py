@@ -36,6 +36,7 @@ from parallelisms.pipeline import PipelinePlan, build_schedule, build_stage_modu
 from parallelisms.tied_embeddings import tied_embedding_sync
 from planning.batch import global_batch_size
 from planning.dry_run import check_output_folders_writable, dry_run_report, split_dry_run_args
+from planning.gpu import for_device
 from planning.schedule_search import choice_lines, choose_pipeline
 from planning.timing import split_summary
 from training.checkpoint import CheckpointManager
@@ -258,15 +259,15 @@ def _model_args(cfg: JobConfig) -> ModelArgs:
 
 
 def _plan_pipeline(cfg: JobConfig, dims: ParallelDims, pp_rank: int, device: torch.device, log: bool) -> PipelinePlan:
-    """This rank's stages. The schedule, split and microbatches are chosen from the recipe, the layout
-    and the smallest GPU of the run, so every rank makes the same choice; checked, as a rank that
-    chose otherwise would hang the first step."""
-    gpu_gib = None
+    """This rank's stages. The schedule, split and microbatches are chosen from the recipe, the layout,
+    the GPU's rate table and the smallest GPU memory of the run, so every rank makes the same choice;
+    checked, as a rank that chose otherwise would hang the first step."""
+    gpu = for_device(None, None)
     if device.type == "cuda":
         smallest = torch.tensor(float(torch.cuda.get_device_properties(device).total_memory), device=device)
         dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
-        gpu_gib = smallest.item() / 2**30
-    choice = choose_pipeline(cfg, dims, gpu_gib)
+        gpu = for_device(torch.cuda.get_device_name(device), smallest.item() / 2**30)
+    choice = choose_pipeline(cfg, dims, gpu)
     if log:
         for line in choice_lines(choice):
             logger.info(line)
@@ -279,7 +280,7 @@ def _plan_pipeline(cfg: JobConfig, dims: ParallelDims, pp_rank: int, device: tor
     if any(other != decided for other in everyone):
         raise RuntimeError(f"the ranks chose different pipeline plans (torch versions differ?): {everyone}")
     if log:
-        logger.info(split_summary(cfg, dims, plan))
+        logger.info(split_summary(cfg, dims, plan, gpu.rates))
     return plan
 
 

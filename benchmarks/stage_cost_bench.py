@@ -4,6 +4,8 @@
     python benchmarks/stage_cost_bench.py --flavor 0.6B
     python benchmarks/stage_cost_bench.py --model llama3 --flavor 8B --seq-len 8192 --ac full
     python benchmarks/stage_cost_bench.py --out stage_cost.json
+    python benchmarks/stage_cost_bench.py --losses chunked,cce,cross_entropy,cce_torch_compile,liger --write
+    python benchmarks/stage_cost_bench.py --active-vocab 257 --losses cce --write   # cce's trained-model rate
 
 Each piece forward + backward in bf16, built from the repository's modules as a run builds
 them: one ``TransformerBlock`` with the recipe's activation checkpointing, compiled
@@ -13,8 +15,8 @@ final norm (eager, as in the model); the ``OutputHead`` with each loss entry
 which splits ``cross_entropy`` into its GEMMs and its logits traffic. Median of repeats
 (``triton.testing.do_bench``, else CUDA events) after warm-up calls (compilation is not
 timed). Prints each piece in ms and in decoder layers, the rate it achieved on the work the
-cost model assigns it, the model's current prediction, and the ``AchievedRates`` to paste
-into ``MEASURED`` (the vocab-parallel collective rate needs several GPUs: kept as it is).
+cost model assigns it, and the model's current prediction; ``--write`` puts the achieved rates
+into this GPU kind's table, ``planning/rates/<kind>.json`` (the cost model's rates for that GPU).
 
 The head's random logits (std ``--logit-std``) are spread out, so ``cce``'s gradient filter
 skips little; ``--active-vocab 257`` makes every id past the first 257 about 30 below the
@@ -23,6 +25,7 @@ rest, as a model trained with the byte tokenizer predicts, and draws targets amo
 
 import argparse
 import dataclasses
+import datetime
 import json
 import sys
 from pathlib import Path
@@ -42,7 +45,10 @@ from models.transformer import TransformerBlock
 from parallelisms.activation_checkpoint import apply_activation_checkpointing
 from parallelisms.compile import apply_compile
 from planning.cost import (
-    MEASURED,
+    DEFAULT_GPU,
+    RATES,
+    RATES_FOLDER,
+    AchievedRates,
     StageCostInputs,
     embedding_bytes,
     head_flops,
@@ -53,6 +59,7 @@ from planning.cost import (
     recomputed_blocks,
     stage_time,
 )
+from planning.gpu import gpu_kind
 
 DTYPE = torch.bfloat16
 LOSSES = tuple(ENTRIES)
@@ -176,23 +183,30 @@ def predicted(c: StageCostInputs, losses) -> dict[str, float]:
     return out
 
 
-def measured_constant(achieved: dict[str, float]) -> str:
-    """``MEASURED`` with the achieved rates in, as planning/cost.py spells it."""
-    head = dict(MEASURED.head_tflops)
-    fields = {f.name: getattr(MEASURED, f.name) for f in dataclasses.fields(MEASURED)}
+def write_table(path: Path, achieved: dict[str, float], gpu: str, memory_gib: float, how: str) -> list[str]:
+    """Put the achieved rates on ``gpu`` into its table ``path`` (planning/rates/<kind>.json), creating it, each
+    figure with ``how`` it was measured in the table's notes; returns the keys written. Rates this run did
+    not time (another run's losses, e.g. ``--active-vocab 257`` for cce) are kept as they are."""
+    table = json.loads(path.read_text()) if path.is_file() else {"head_tflops": {}, "notes": {}}
+    table["gpu"], table["memory_gib"] = gpu, round(memory_gib, 1)
+    table["notes"]["memory_gib"] = "total_memory as torch reports it"
+    written = []
     for key, value in achieved.items():
         if key.startswith("head_tflops["):
-            head[key[len("head_tflops[") : -1]] = value
+            name = key[len("head_tflops[") : -1]
+            table["head_tflops"][name] = float(round(value))
+            note = f"head_tflops.{name}"
         else:
-            fields[key] = value
-    fields["head_tflops"] = head
-    body = ",\n".join(
-        f"    {name}=MappingProxyType({ {k: float(round(v)) for k, v in value.items()}!r})"
-        if name == "head_tflops"
-        else f"    {name}={float(round(value))!r}"
-        for name, value in fields.items()
-    )
-    return f"MEASURED = AchievedRates(\n{body},\n)"
+            table[key] = float(round(value))
+            note = key
+        table["notes"][note] = how
+        written.append(note)
+    fields = [f.name for f in dataclasses.fields(AchievedRates)]
+    table = {k: table[k] for k in (*fields, "notes") if k in table}
+    if missing := set(fields) - set(table):
+        sys.exit(f"stage_cost_bench: {path} would lack {sorted(missing)}; time them in this run (--losses, defaults)")
+    path.write_text(json.dumps(table, indent=1) + "\n")
+    return written
 
 
 def report(c: StageCostInputs, ms: dict, achieved: dict, model: dict, title: str) -> list[str]:
@@ -208,11 +222,6 @@ def report(c: StageCostInputs, ms: dict, achieved: dict, model: dict, title: str
         if key == "logits_gbs":
             label += " (traffic)"
         lines.append(f"{label:<32}{value:>9.3f}{value / ms['layer']:>8.3f}{rate:>16}{model[piece]:>11.3f}")
-    lines += [
-        "",
-        "constants for planning/cost.py (collective_gbs kept: one GPU cannot time it):",
-        measured_constant(achieved),
-    ]
     for loss in [piece for piece in ms if piece in LOSSES]:
         lines.append(f"head + {loss} = {ms[loss] / ms['layer']:.2f} decoder layers (fw + bw) measured")
     return lines
@@ -229,6 +238,11 @@ def main() -> None:
     parser.add_argument("--logit-std", type=float, default=1.0)
     parser.add_argument("--active-vocab", type=int, default=0, help="e.g. 257 (see above); 0: all ids")
     parser.add_argument("--out", type=Path, help="also write the figures to this JSON file")
+    parser.add_argument(
+        "--write",
+        action="store_true",
+        help="put the achieved rates into this GPU's table, planning/rates/<h100|h200|...>.json (created if new)",
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("stage_cost_bench: needs a CUDA GPU (it times bf16 compiled blocks and cce's Triton kernels)")
@@ -237,11 +251,18 @@ def main() -> None:
         parser.error(f"--losses: unknown {sorted(unknown)}; choose from {','.join(LOSSES)}")
     device = torch.device("cuda")
     mode, option = _AC[args.ac]
+    env = versions(device)
+    kind = gpu_kind(env["gpu"])
     c = StageCostInputs(
-        build_model_args(args.model, args.flavor), args.seq_len, args.microbatch, "chunked", mode, option
+        build_model_args(args.model, args.flavor),
+        args.seq_len,
+        args.microbatch,
+        "chunked",
+        mode,
+        option,
+        rates=RATES.get(kind, RATES[DEFAULT_GPU]),  # "model now": this GPU's table, if it has one
     )
     torch.manual_seed(0)
-    env = versions(device)
     title = (
         f"{args.model} {args.flavor}, {args.microbatch} x {args.seq_len} tokens, AC {args.ac}, bf16, "
         f"logit std {args.logit_std}, active vocab {args.active_vocab or 'all'}; "
@@ -251,6 +272,11 @@ def main() -> None:
     achieved = rates(c, ms)
     model = predicted(c, losses)
     print("\n".join(report(c, ms, achieved, model, title)))
+    if args.write:
+        path = RATES_FOLDER / f"{kind}.json"
+        how = f"{title}; {datetime.date.today()}; python benchmarks/stage_cost_bench.py {' '.join(sys.argv[1:])}"
+        memory = torch.cuda.get_device_properties(device).total_memory / 2**30
+        print(f"wrote {', '.join(write_table(path, achieved, env['gpu'], memory, how))} to {path}")
     if args.out:
         args.out.write_text(
             json.dumps(

@@ -97,7 +97,7 @@ class LossFacts:
     logit_bytes: tuple[int, int] = UNSET
     """Bytes moved per logit beyond the GEMMs, (forward, backward); timed at the logits rate."""
     rate_key: str = UNSET
-    """The key of its head + loss rate in the cost model (``planning/cost.py``'s ``MEASURED.head_tflops``)."""
+    """The key of its head + loss rate in the cost model (``head_tflops`` of every table in ``planning/rates/``)."""
     workspace: Callable[[LossShape], float] = UNSET
     """Peak bytes of its forward + backward beyond its inputs (the hidden states and the classifier)."""
 

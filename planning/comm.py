@@ -1,4 +1,4 @@
-"""Predicted time of what a pipeline step moves between GPUs: the stages' sends and FSDP's collectives.
+"""Predicted time of what a step moves between GPUs: the stages' sends and the collectives.
 
 Bytes over a link rate, like planning/cost.py's compute (work over a measured rate). The rates
 are stated guesses for one node of NVLink-connected GPUs, not measurements (one GPU cannot
@@ -17,13 +17,15 @@ from models.args import ModelArgs
 @dataclass(frozen=True)
 class LinkRates:
     p2p_gbs: float  # one pipeline send (a microbatch's activations or their gradient) between two GPUs
-    fsdp_gbs: float  # FSDP's all-gather and reduce-scatter, bytes each rank receives per second
+    # NCCL's all-gather and reduce-scatter, bytes each rank receives per second: FSDP's, and the
+    # vocab-parallel head's gather of the hidden states and reduce-scatter of their gradient
+    collective_gbs: float
 
 
-# Guesses, not measured: NVLink 4 carries 450 GB/s each way; NCCL's all-gather and reduce-scatter
-# reach about two thirds of it, a single 16 MiB send of torch.distributed.pipelining (batched isend/irecv,
-# launched from the schedule's Python loop) about a third.
-LINKS = LinkRates(p2p_gbs=150.0, fsdp_gbs=300.0)
+# Guesses, not measured, for the H100 and the H200 alike (both NVLink 4, 450 GB/s each way): NCCL's
+# all-gather and reduce-scatter reach about two thirds of it, a single 16 MiB send of
+# torch.distributed.pipelining (batched isend/irecv, launched from the schedule's Python loop) about a third.
+LINKS = LinkRates(p2p_gbs=150.0, collective_gbs=300.0)
 
 
 def transfer_ms(a: ModelArgs, tokens: int, act_bytes: int, links: LinkRates = LINKS) -> float:
@@ -45,5 +47,5 @@ def fsdp_ms(
         shard_share * params * reduce_bytes
         + 2 * (dp_replicate - 1) / dp_replicate * math.ceil(params / dp_shard) * reduce_bytes
     )
-    per_ms = links.fsdp_gbs * 1e6
+    per_ms = links.collective_gbs * 1e6
     return gather / per_ms, reduce / per_ms

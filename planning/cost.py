@@ -2,14 +2,18 @@
 
 Each piece's work is counted (FLOPs for the matmul-bound pieces, bytes moved for the
 memory-bound ones) and divided by the rate that piece achieved alone on one GPU
-(``MEASURED``; benchmarks/stage_cost_bench.py times them and prints new values). What is
+(a table per GPU kind, ``planning/rates/``; benchmarks/stage_cost_bench.py times them and writes
+the table). What is
 left out, so these are compute times only: pipeline sends and receives and FSDP's gathers and
 reductions (once per step under PP) are planning/comm.py's; the tied-embedding sync, the
 optimizer and host overhead are not predicted.
 The rates are bf16 rates; a float32 run is not modelled.
 """
 
+import dataclasses
+import json
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from types import MappingProxyType
 from typing import Mapping
 
@@ -20,15 +24,20 @@ from losses import ENTRIES, LossChoice, choose_loss, recipe_options
 from models import build_model_args
 from models.args import ModelArgs
 from parallelisms.parallel_dims import ParallelDims
+from planning.comm import LINKS
 
 _BF16 = 2  # bytes per activation, gradient and gathered weight element
 
 
 @dataclass(frozen=True)
 class AchievedRates:
-    """What each piece achieved alone, in bf16. TFLOP/s count the FLOPs this module assigns
+    """What each piece achieved alone on one GPU kind, in bf16: one table per kind in
+    ``planning/rates/<kind>.json``, written by ``benchmarks/stage_cost_bench.py --write`` (the file's
+    ``notes`` say how each figure was measured). TFLOP/s count the FLOPs this module assigns
     (``layer_flops``, ``head_flops``), GB/s the bytes it assigns (``*_bytes``)."""
 
+    gpu: str  # the device the table was measured on, as torch names it
+    memory_gib: float  # its memory, as torch reports it: the default GPU size a plan for it is held to
     layer_tflops: float  # a compiled decoder block, fw + bw
     # head + loss, fw + bw, keyed by the loss entries' rate keys (their facts' rate_key); left out of the
     # hash (a mapping has none), kept in equality
@@ -36,36 +45,18 @@ class AchievedRates:
     logits_gbs: float  # the bytes an entry moves per logit beyond its GEMMs (its facts' logit_bytes)
     embedding_gbs: float
     norm_gbs: float
-    collective_gbs: float  # the vocab-parallel head's all-gather and reduce-scatter
+
+    @classmethod
+    def read(cls, path: Path) -> "AchievedRates":
+        table = json.loads(path.read_text())
+        values = {f.name: table[f.name] for f in dataclasses.fields(cls)}
+        return cls(**{**values, "head_tflops": MappingProxyType(dict(values["head_tflops"]))})
 
 
-# Measured on one H200 (torch 2.11.0+cu130, triton 3.6.0, cut-cross-entropy 25.1.1), 2026-12-02, Qwen3-1.7B at a
-# 1 x 4,096 microbatch, bf16, compiled blocks with op-level selective AC, median of repeats, by
-#   python benchmarks/stage_cost_bench.py --losses chunked,cce,cross_entropy
-#   python benchmarks/stage_cost_bench.py --active-vocab 257 --losses chunked,cce
-# (docs/performance.md has both tables):
-# - layer 500: 483 and 518 TFLOP/s (3.06 and 2.85 ms) in the two runs; their mean.
-# - chunked 556: both runs (13.76 ms = 4.5 layers).
-# - cce 813: with the byte tokenizer's 257 ids far above the rest (--active-vocab 257), as a trained model's
-#   peaked predictions make CCE's gradient filter skip most of its backward (12.54 ms = 4.4 layers); on
-#   uniform random logits it ran at 451 (22.6 ms = 7.4 layers), the cost of a run's first steps.
-# - head_matmul 668 (664, 672) and logits 4,011 GB/s: cross_entropy's 18.0 ms = its three GEMMs at the
-#   GEMM rate plus its fp32 logits traffic.
-# - embedding 1,700 GB/s (1,705, 1,697); norm 600 (747, 489): sub-millisecond pieces.
-# - cce_torch_compile 590: not in those runs; the H100 loss benchmark's 25.9 ms for 15.29 TFLOP.
-# - liger 272: not in those runs; the H200 loss benchmark in docs/performance.md ("The peers in the same
-#   run, one H200": Qwen3-1.7B, 8,192 tokens, liger-kernel 0.8.5): 56.3 ms for its three GEMMs' 15.29 TFLOP.
-# - collective 300 GB/s: not measured (one GPU cannot time it); a guess below NVLink's 450 GB/s per direction.
-MEASURED = AchievedRates(
-    layer_tflops=500.0,
-    head_tflops=MappingProxyType(
-        {"chunked": 556.0, "cce": 813.0, "cce_torch_compile": 590.0, "head_matmul": 668.0, "liger": 272.0}
-    ),
-    logits_gbs=4011.0,
-    embedding_gbs=1700.0,
-    norm_gbs=600.0,
-    collective_gbs=300.0,
-)
+RATES_FOLDER = Path(__file__).parent / "rates"
+# Every GPU kind measured, by the table's file name: "h100", "h200".
+RATES: dict[str, AchievedRates] = {path.stem: AchievedRates.read(path) for path in sorted(RATES_FOLDER.glob("*.json"))}
+DEFAULT_GPU = "h200"  # what a plan for no particular GPU (a CPU run, a GPU with no table) uses
 
 
 @dataclass(frozen=True)
@@ -79,7 +70,7 @@ class StageCostInputs:
     ac_mode: str = "none"  # "none", "full" or "selective"
     ac_option: str = "op"  # selective: "op", or N (every N-th block of a stage fully checkpointed)
     vocab_parallel_degree: int = 1  # ranks sharing the head by vocabulary rows; 1: no vocab-parallel head
-    rates: AchievedRates = MEASURED
+    rates: AchievedRates = RATES[DEFAULT_GPU]
 
     def __post_init__(self):
         if self.loss not in ENTRIES:
@@ -87,7 +78,7 @@ class StageCostInputs:
         if ENTRIES[self.loss].facts.rate_key not in self.rates.head_tflops:
             raise ValueError(
                 f"no head rate for loss {self.loss!r} (rate key {ENTRIES[self.loss].facts.rate_key!r}) in "
-                "planning/cost.py's MEASURED: time it with benchmarks/stage_cost_bench.py"
+                f"the {self.rates.gpu} table (planning/rates/): time it with benchmarks/stage_cost_bench.py --write"
             )
 
     @property
@@ -189,7 +180,7 @@ def head_time(c: StageCostInputs) -> StageTime:
     if any(ENTRIES[c.loss].facts.logit_bytes):
         time += _ms(logits_bytes(a, c.loss, c.tokens), r.logits_gbs * 1e9)
     if c.vocab_parallel_degree > 1:
-        time += _ms(vocab_parallel_bytes(a, c.tokens, c.vocab_parallel_degree), r.collective_gbs * 1e9)
+        time += _ms(vocab_parallel_bytes(a, c.tokens, c.vocab_parallel_degree), LINKS.collective_gbs * 1e9)
     return time
 
 
@@ -233,9 +224,11 @@ def loss_choice(cfg: JobConfig) -> LossChoice:
     )
 
 
-def stage_cost_inputs(cfg: JobConfig, dims: ParallelDims, microbatch_size: int) -> StageCostInputs:
+def stage_cost_inputs(
+    cfg: JobConfig, dims: ParallelDims, microbatch_size: int, rates: AchievedRates
+) -> StageCostInputs:
     """The recipe's side of a stage's cost: model, resolved loss, AC, vocab-parallel degree; ``microbatch_size``
-    sequences per microbatch (the plan's: the recipe's may be "auto")."""
+    sequences per microbatch (the plan's: the recipe's may be "auto"); ``rates`` of the GPU planned for."""
     t, ac, p = cfg.training, cfg.activation_checkpoint, cfg.parallelism
     model = replace(build_model_args(cfg.model.name, cfg.model.flavor, cfg.model.vocab_size), max_seq_len=t.seq_len)
     return StageCostInputs(
@@ -246,4 +239,5 @@ def stage_cost_inputs(cfg: JobConfig, dims: ParallelDims, microbatch_size: int) 
         ac.mode,
         ac.selective_ac_option,
         dims.dp_shard if p.vocab_parallel else 1,
+        rates,
     )

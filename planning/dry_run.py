@@ -1,7 +1,7 @@
 """``train.py --dry_run``: the predicted memory of every rank, printed before a job is queued,
 and under pipeline parallel each rank's predicted compute and the schedule's bubble.
 
-    python train.py --config configs/qwen3_1p7b_pp4.toml --dry_run --world_size 8 [--gpu_memory_gib 80]
+    python train.py --config configs/qwen3_1p7b_pp4.toml --dry_run --world_size 8 [--gpu h100|h200] [--gpu_memory_gib G]
 
 The flags are taken out of the command line before the recipe is read; the
 estimates themselves are planning/memory.py and planning/timing.py. Before the
@@ -20,18 +20,19 @@ from models import build_model_args
 from parallelisms.parallel_dims import ParallelDims
 from planning.batch import accumulation_steps
 from planning.comm import LINKS
-from planning.cost import head_rate, logits_bytes, loss_choice
+from planning.cost import DEFAULT_GPU, RATES, head_rate, logits_bytes, loss_choice
+from planning.gpu import GPU, of_kind
 from planning.memory import CUDA_OVERHEAD_GIB, GIB, RankMemory, estimate_memory, peaks_per_rank_gib
 from planning.schedule_search import PipelineChoice, choice_lines, choose_pipeline
 from planning.timing import PipelineTiming, predict_timing, why_this_split
 
-_VALUED = ("--world_size", "--gpu_memory_gib")
+_VALUED = ("--world_size", "--gpu", "--gpu_memory_gib")
 
 
 @dataclass(frozen=True)
 class DryRun:
     world_size: int  # default: $WORLD_SIZE (set by torchrun), else 1
-    gpu_memory_gib: float
+    gpu: GPU  # --gpu's rate table (default DEFAULT_GPU's), held to --gpu_memory_gib (default: that GPU's memory)
 
 
 def _positive(flag: str, text: str, kind: type) -> float:
@@ -45,7 +46,8 @@ def _positive(flag: str, text: str, kind: type) -> float:
 
 
 def split_dry_run_args(argv: Sequence[str]) -> tuple[Optional[DryRun], list[str]]:
-    """Take ``--dry_run [--world_size N] [--gpu_memory_gib G]`` out of ``argv``; the rest is the recipe's."""
+    """Take ``--dry_run [--world_size N] [--gpu KIND] [--gpu_memory_gib G]`` out of ``argv``; the rest is the
+    recipe's."""
     rest, values, dry_run, i = [], {}, False, 0
     while i < len(argv):
         name, has_value, text = argv[i].partition("=")
@@ -67,7 +69,13 @@ def split_dry_run_args(argv: Sequence[str]) -> tuple[Optional[DryRun], list[str]
             raise ConfigError(flag, "only goes with --dry_run; a run's world size is the number of processes launched")
         return None, rest
     world_size = _positive("--world_size", values.get("--world_size", os.environ.get("WORLD_SIZE", "1")), int)
-    return DryRun(world_size, _positive("--gpu_memory_gib", values.get("--gpu_memory_gib", "80"), float)), rest
+    kind = values.get("--gpu", DEFAULT_GPU).lower()
+    if kind not in RATES:
+        raise ConfigError("--gpu", f"no rate table for {kind!r}; planning/rates/ has {', '.join(RATES)}")
+    memory = values.get("--gpu_memory_gib")
+    return DryRun(
+        world_size, of_kind(kind, None if memory is None else _positive("--gpu_memory_gib", memory, float))
+    ), rest
 
 
 def check_output_folders_writable(cfg: JobConfig) -> None:
@@ -120,9 +128,9 @@ def dry_run_report(cfg: JobConfig, dry_run: DryRun) -> str:
     """``--dry_run``: the layout checks of a run, its plan and its predicted memory; no device, no process group."""
     dims = ParallelDims.from_config(cfg.parallelism, dry_run.world_size)
     accumulation = accumulation_steps(cfg, dims)
-    choice = choose_pipeline(cfg, dims, dry_run.gpu_memory_gib) if dims.pp > 1 else None
+    choice = choose_pipeline(cfg, dims, dry_run.gpu) if dims.pp > 1 else None
     plan = choice.plan_for(0) if choice is not None else None
-    report = format_report(cfg, dims, estimate_memory(cfg, dims, plan), accumulation, dry_run.gpu_memory_gib)
+    report = format_report(cfg, dims, estimate_memory(cfg, dims, plan), accumulation, dry_run.gpu)
     return report + ("" if choice is None else "\n\n" + "\n".join(schedule_choice_lines(choice)))
 
 
@@ -135,7 +143,7 @@ def schedule_choice_lines(choice: PipelineChoice) -> list[str]:
 
 
 def format_report(
-    cfg: JobConfig, dims: ParallelDims, estimates: list[RankMemory], accumulation_steps: int, gpu_memory_gib: float
+    cfg: JobConfig, dims: ParallelDims, estimates: list[RankMemory], accumulation_steps: int, gpu: GPU
 ) -> str:
     """A table with one column per pipeline rank, its notes, and the per-rank peaks as memory.json lists them;
     under pipeline parallel, the predicted compute of the same split (``timing_lines``)."""
@@ -157,6 +165,7 @@ def format_report(
         f"{schedule}, {accumulation_steps} micro-step(s) per optimizer step; activation checkpointing {ac_text}; "
         f"params {t.mixed_precision_param}, reduce {t.mixed_precision_reduce}",
         f"loss: {loss_choice(cfg).describe(p.vocab_parallel)}",
+        f"planned for {gpu.describe()} (--gpu, --gpu_memory_gib)",
         "",
     ]
     heads = [f"pp rank {m.pp_rank}" if pp else "every rank" for m in estimates]
@@ -172,8 +181,8 @@ def format_report(
         ("CUDA context, NCCL, allocator (guess)", [_gib(overhead) for _ in estimates]),
         ("total on the GPU", [_gib(m.peak + overhead) for m in estimates]),
         (
-            f"fits {gpu_memory_gib:g} GiB",
-            ["yes" if m.peak + overhead <= gpu_memory_gib * GIB else "NO" for m in estimates],
+            f"fits {gpu.memory_gib:g} GiB",
+            ["yes" if m.peak + overhead <= gpu.memory_gib * GIB else "NO" for m in estimates],
         ),
         ("peak during", [m.phase for m in estimates]),
     ]
@@ -187,7 +196,7 @@ def format_report(
         f"predicted peak_memory_gib_per_rank: {peaks_per_rank_gib(estimates, dims)}",
     ]
     if pp:
-        lines += ["", *timing_lines(cfg, predict_timing(cfg, dims, plan), accumulation_steps)]
+        lines += ["", *timing_lines(cfg, predict_timing(cfg, dims, plan, gpu.rates), accumulation_steps)]
     return "\n".join(lines)
 
 
@@ -237,5 +246,5 @@ def _communication_lines(timing: PipelineTiming) -> list[str]:
     return [
         f"sends {comm.transfer_ms:.2f} ms per microbatch between ranks ({LINKS.p2p_gbs:g} GB/s), FSDP "
         f"{sum(comm.gather_ms):.1f} ms of gathers and {sum(comm.reduce_ms):.1f} ms of reductions per micro-step "
-        f"({LINKS.fsdp_gbs:g} GB/s; planning/comm.py's guesses, not measured)",
+        f"({LINKS.collective_gbs:g} GB/s; planning/comm.py's guesses, not measured)",
     ]

@@ -7,7 +7,8 @@ on torch's own action lists with the predicted stage, transfer and FSDP times
 (``planning/memory.py``). The shortest step that fits wins; ties go to the earlier candidate
 (simpler schedule, fewer stages per rank, larger microbatch). ``choose_pipeline`` is what the
 run (train.py) and its prediction (``--dry_run``) both ask: a pure function of the recipe, the
-layout, the GPU size the run passes in and the installed torch, so every rank decides alike.
+layout, the GPU the run passes in (its memory and rate table) and the installed torch, so every rank
+decides alike.
 """
 
 import functools
@@ -25,6 +26,7 @@ from parallelisms.parallel_dims import ParallelDims
 from parallelisms.pipeline import PIPELINE_SCHEDULES, V_SHAPED, ZERO_BUBBLE, PipelinePlan
 from planning.batch import accumulation_steps
 from planning.cost import StageCostInputs, stage_cost_inputs, stage_time
+from planning.gpu import GPU
 from planning.memory import CUDA_OVERHEAD_GIB, GIB, estimate_memory, stage_fits
 from planning.pipeline_plan import balanced_splits, plan_pipeline, stage_count
 from planning.timing import BackwardSplit, predict_timing, step_lower_bound
@@ -62,7 +64,7 @@ class PipelineChoice:
     skipped: int  # candidates not replayed: a bound below their step exceeds the best ones' steps
     notes: tuple[str, ...]  # schedules left out, and why
     searched: tuple[str, ...]  # the keys that were "auto"
-    gpu_memory_gib: Optional[float]
+    gpu: GPU  # planned for: its memory, its rates
     problem: Optional[ConfigError]  # the best does not fit the GPU: what the run stops with
 
     @property
@@ -140,9 +142,7 @@ def _candidates(cfg: JobConfig, dims: ParallelDims, n_layers: int, excluded: tup
     return out
 
 
-def choose_pipeline(
-    cfg: JobConfig, dims: ParallelDims, gpu_memory_gib: Optional[float], shown: int = 5
-) -> PipelineChoice:
+def choose_pipeline(cfg: JobConfig, dims: ParallelDims, gpu: GPU, shown: int = 5) -> PipelineChoice:
     """Every candidate the recipe's keys allow, ranked by its replayed step (module docstring).
 
     Each candidate's split is found first, and with it a bound below its step
@@ -156,7 +156,7 @@ def choose_pipeline(
         for key in ("schedule", "virtual_stages", "microbatch_size")
         if getattr(p, "pipeline_parallel_" + key) == "auto"
     )
-    split = BackwardSplit.of(cfg, stage_cost_inputs(cfg, dims, 1))
+    split = BackwardSplit.of(cfg, stage_cost_inputs(cfg, dims, 1, gpu.rates))
     problem = zero_bubble_problem(cfg, split)
     notes = ()
     if problem is not None:
@@ -169,7 +169,7 @@ def choose_pipeline(
             f"zero-bubble schedules: the input and the weight backward action each run the whole backward of the "
             f"{whole} (one autograd node each; planning/timing.py BackwardSplit)",
         )
-    fits = stage_fits(cfg, dims, gpu_memory_gib)
+    fits = stage_fits(cfg, dims, gpu.memory_gib)
     steps = accumulation_steps(cfg, dims)
 
     bounded, refusals = [], []  # (bound, order, candidate, its splits)
@@ -186,10 +186,10 @@ def choose_pipeline(
             refusals.append(err)
             continue
         explicit = p.pipeline_parallel_stage_split_points or p.pipeline_parallel_layers_per_stage
-        cost = stage_cost_inputs(cfg, dims, candidate.microbatch_size)
+        cost = stage_cost_inputs(cfg, dims, candidate.microbatch_size, gpu.rates)
         splits = [even] if explicit else balanced_splits(even, n_layers, cost, None)
         if explicit or fits is None or all(fits(plan, s, k) for plan in splits for s, k in enumerate(_layers(plan))):
-            bound = min(step_lower_bound(cfg, dims, plan) for plan in splits)
+            bound = min(step_lower_bound(cfg, dims, plan, gpu.rates) for plan in splits)
         else:  # the memory-bound splits are searched only if it comes to that; no split has a faster rank
             splits, bound = None, even.n_microbatches * _slowest_rank_ms(splits[0], cost)
         bounded.append((bound, len(bounded), candidate, splits))
@@ -209,20 +209,22 @@ def choose_pipeline(
                 pipeline_parallel_microbatch_size=candidate.microbatch_size,
             )
             even = plan_pipeline(n_layers, keys, 0, local)
-            splits = balanced_splits(even, n_layers, stage_cost_inputs(cfg, dims, candidate.microbatch_size), fits)
-        timings = [predict_timing(cfg, dims, plan) for plan in splits]
+            splits = balanced_splits(
+                even, n_layers, stage_cost_inputs(cfg, dims, candidate.microbatch_size, gpu.rates), fits
+            )
+        timings = [predict_timing(cfg, dims, plan, gpu.rates) for plan in splits]
         timing = min(timings, key=lambda t: round(t.schedule.makespan_ms, 6))  # the first on a tie, as plan_pipeline
         memory = estimate_memory(cfg, dims, timing.plan)
         fullest = max(memory, key=lambda m: m.peak)
         peak = fullest.peak / GIB + CUDA_OVERHEAD_GIB
-        fits_gpu = gpu_memory_gib is None or peak <= gpu_memory_gib
+        fits_gpu = gpu.memory_gib is None or peak <= gpu.memory_gib
         step = steps * timing.schedule.makespan_ms
         outcomes.append(Outcome(candidate, timing.plan, step, timing.schedule.bubble, peak, fullest.pp_rank, fits_gpu))
     order = {b[2]: b[1] for b in bounded}
     # those that fit by their step; when none does, the one closest to fitting first
     outcomes.sort(key=lambda o: (not o.fits, round(o.step_ms if o.fits else o.peak_gib, 6), order[o.candidate]))
     skipped = len(bounded) - len(outcomes)
-    choice = PipelineChoice(tuple(outcomes), len(refusals), skipped, notes, searched, gpu_memory_gib, None)
+    choice = PipelineChoice(tuple(outcomes), len(refusals), skipped, notes, searched, gpu, None)
     return replace(choice, problem=_memory_problem(cfg, dims, choice))
 
 
@@ -250,7 +252,7 @@ def _memory_problem(cfg: JobConfig, dims: ParallelDims, choice: PipelineChoice) 
         return None
     over = (
         f"needs {best.peak_gib:.1f} GiB on pipeline rank {best.peak_rank} (predicted, see --dry_run), over the "
-        f"GPU's {choice.gpu_memory_gib:g} GiB"
+        f"GPU's {choice.gpu.memory_gib:g} GiB"
     )
     if choice.searched:
         return ConfigError(
@@ -260,7 +262,7 @@ def _memory_problem(cfg: JobConfig, dims: ParallelDims, choice: PipelineChoice) 
         )
     keys = ("schedule", "virtual_stages", "microbatch_size")
     auto = replace(cfg, parallelism=replace(cfg.parallelism, **{"pipeline_parallel_" + k: "auto" for k in keys}))
-    alternative = choose_pipeline(auto, dims, choice.gpu_memory_gib).best
+    alternative = choose_pipeline(auto, dims, choice.gpu).best
     fix = (
         f"with the three keys 'auto' the run takes {alternative.candidate} ({alternative.peak_gib:.1f} GiB)"
         if alternative.fits
@@ -273,13 +275,12 @@ def choice_lines(choice: PipelineChoice, shown: int = 5) -> list[str]:
     """The best candidates (step, bubble, the fullest rank's memory) and why the winner won: the run
     log's and ``--dry_run``'s account of the choice."""
     rows = choice.outcomes[:shown]
-    gpu = f"{choice.gpu_memory_gib:g} GiB" if choice.gpu_memory_gib is not None else "no GPU size given"
     lines = [
         f"pipeline schedule: {len(choice.outcomes)} candidate(s) replayed"
         + (f" over {', '.join(choice.searched)} = 'auto'" if choice.searched else " (every key set by the recipe)")
         + (f", {choice.skipped} skipped (a bound below their step exceeds these)" if choice.skipped else "")
         + (f", {choice.refused} refused by the stage-count and microbatch rules" if choice.refused else "")
-        + f"; memory held to {gpu}",
+        + f"; planned for {choice.gpu.describe()}",
         f"  {'schedule':<22}{'stages/rank':>12}{'microbatch':>11}  {'split':<28}{'step ms':>9}{'bubble':>8}"
         f"{'peak GiB':>10}  fits",
     ]

@@ -12,7 +12,15 @@ from config.job_config import JobConfig
 from parallelisms.parallel_dims import ParallelDims
 from parallelisms.pipeline import ZERO_BUBBLE, PipelinePlan
 from planning.comm import fsdp_ms, transfer_ms
-from planning.cost import StageCostInputs, StageTime, head_in_layers, head_time, stage_cost_inputs, stage_time
+from planning.cost import (
+    AchievedRates,
+    StageCostInputs,
+    StageTime,
+    head_in_layers,
+    head_time,
+    stage_cost_inputs,
+    stage_time,
+)
 from planning.memory import stage_parameters
 from planning.replay import Communication, ScheduleTiming, StageDurations, schedule_ops, simulate_schedule
 
@@ -77,8 +85,8 @@ def communication(cfg: JobConfig, dims: ParallelDims, plan: PipelinePlan, cost: 
     return Communication(transfer_ms(cost.model, cost.tokens, param_b), tuple(gather), tuple(reduce))
 
 
-def predict_timing(cfg: JobConfig, dims: ParallelDims, plan: PipelinePlan) -> PipelineTiming:
-    cost = stage_cost_inputs(cfg, dims, plan.microbatch_size)
+def predict_timing(cfg: JobConfig, dims: ParallelDims, plan: PipelinePlan, rates: AchievedRates) -> PipelineTiming:
+    cost = stage_cost_inputs(cfg, dims, plan.microbatch_size, rates)
     last = plan.num_stages - 1
     ranges = plan.layer_ranges
     stages = tuple(stage_time(cost, end - start, s == 0, s == last) for s, (start, end) in enumerate(ranges))
@@ -89,13 +97,13 @@ def predict_timing(cfg: JobConfig, dims: ParallelDims, plan: PipelinePlan) -> Pi
     return PipelineTiming(plan, cost, stages, comm, simulate_schedule(ops, durations, comm))
 
 
-def step_lower_bound(cfg: JobConfig, dims: ParallelDims, plan: PipelinePlan) -> float:
+def step_lower_bound(cfg: JobConfig, dims: ParallelDims, plan: PipelinePlan, rates: AchievedRates) -> float:
     """A bound below ``plan``'s replayed micro-step, from its split alone: each rank starts no earlier
     than the first microbatch's forward through the stages before its first, computes for all its
     microbatches and, unless the schedule ends on weight actions (zero-bubble), is followed by the
     last microbatch's backward through those stages. The schedule search replays only the
     candidates whose bound is below the steps they would have to beat."""
-    cost = stage_cost_inputs(cfg, dims, plan.microbatch_size)
+    cost = stage_cost_inputs(cfg, dims, plan.microbatch_size, rates)
     split, last = BackwardSplit.of(cfg, cost), plan.num_stages - 1
     d = [split.durations(cost, end - start, s == 0, s == last) for s, (start, end) in enumerate(plan.layer_ranges)]
     zero_bubble = plan.schedule in ZERO_BUBBLE
@@ -122,10 +130,10 @@ def why_this_split(cfg: JobConfig, timing: PipelineTiming) -> str:
     )
 
 
-def split_summary(cfg: JobConfig, dims: ParallelDims, plan: PipelinePlan) -> str:
+def split_summary(cfg: JobConfig, dims: ParallelDims, plan: PipelinePlan, rates: AchievedRates) -> str:
     """One line for the run log, e.g. "pipeline split 8/8/8/4 layers (stages 0-3), predicted fw + bw ms
     per microbatch 24/24/24/25, slowest/fastest 1.04, 1F1B bubble 28 %; chosen to balance the head ..."."""
-    t = predict_timing(cfg, dims, plan)
+    t = predict_timing(cfg, dims, plan, rates)
     layers = "/".join(str(end - start) for start, end in plan.layer_ranges)
     per_stage = [s.total_ms for s in t.stages]
     return (

@@ -20,7 +20,8 @@ from losses.registry import AUTO_PREFERENCE, registered
 from models.flavors import QWEN3_FLAVORS
 from models.output_head import OutputHead
 from parallelisms.parallel_dims import ParallelDims
-from planning.cost import MEASURED, StageCostInputs, head_time, stage_time
+from planning.cost import RATES, StageCostInputs, head_time, stage_time
+from planning.gpu import of_kind
 from planning.memory import estimate_memory, loss_workspace
 from planning.schedule_search import choose_pipeline
 from tests.reference import IGNORE, reference
@@ -106,7 +107,7 @@ def test_memory_model_counts_every_entry_as_measured(name):
 
     cfg = load_recipe(["--config", "configs/qwen3_1p7b_pp4.toml", "--loss.name", name])
     dims = ParallelDims.from_config(cfg.parallelism, 8)
-    plan = choose_pipeline(cfg, dims, 80.0).plan_for(0)
+    plan = choose_pipeline(cfg, dims, of_kind("h200", 80.0)).plan_for(0)
     estimates = estimate_memory(cfg, dims, plan)
     on_last = loss_workspace(cfg, QWEN, 4096, dims.dp_shard, head_reduced_at_once=False)
     assert on_last >= 2 * (V + 4096) * D
@@ -134,7 +135,7 @@ def test_cost_model_times_every_entry_as_measured(name):
     facts = ENTRIES[name].facts
     forward, backward = facts.head_gemms
     assert forward >= 1 and forward + backward >= 3  # the logits GEMM and both gradient GEMMs, at least
-    c = StageCostInputs(QWEN, 4096, 1, name, "selective", "op")
+    c = StageCostInputs(QWEN, 4096, 1, name, "selective", "op", rates=RATES["h200"])
     head = head_time(c)
     assert head.total_ms == pytest.approx(MEASURED_HEAD_MS[name], rel=0.05)
     last, middle = stage_time(c, 4, False, True), stage_time(c, 4, False, False)
@@ -142,7 +143,9 @@ def test_cost_model_times_every_entry_as_measured(name):
 
 
 def test_cost_model_refuses_an_entry_without_a_rate():
-    rates = dataclasses.replace(MEASURED, head_tflops={k: v for k, v in MEASURED.head_tflops.items() if k != "liger"})
+    rates = dataclasses.replace(
+        RATES["h200"], head_tflops={k: v for k, v in RATES["h200"].head_tflops.items() if k != "liger"}
+    )
     with pytest.raises(ValueError, match="no head rate for loss 'liger'"):
         StageCostInputs(QWEN, 4096, 1, "liger", rates=rates)
 
@@ -183,7 +186,7 @@ def test_liger_facts_and_options():
     assert LigerLoss.options == COMMON_OPTIONS and facts.bias and facts.vocab_parallel is None
     assert facts.devices == {"cuda"} and torch.float64 not in facts.forward_dtypes
     # docs/performance.md, one H200: 56.3 ms for Qwen3-1.7B's 8,192 tokens, three [T, D] x [D, V] GEMMs
-    assert MEASURED.head_tflops[facts.rate_key] == pytest.approx(3 * 2 * 8192 * D * V / 56.3e-3 / 1e12, abs=0.5)
+    assert RATES["h200"].head_tflops[facts.rate_key] == pytest.approx(3 * 2 * 8192 * D * V / 56.3e-3 / 1e12, abs=0.5)
 
 
 @pytest.mark.parametrize("key, value, able", [("chunk_size", 64, "'chunked'"), ("filter_eps", 0.1, "'cce'")])

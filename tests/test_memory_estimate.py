@@ -13,6 +13,8 @@ import train
 from models.attention import dense_block_causal_mask, document_ids
 from parallelisms.parallel_dims import ParallelDims
 from parallelisms.pipeline import PIPELINE_SCHEDULES
+from planning.cost import DEFAULT_GPU
+from planning.gpu import of_kind
 from planning.memory import (
     CUDA_OVERHEAD_GIB,
     GIB,
@@ -77,7 +79,7 @@ MEASURED = [
 
 def _estimate(cfg, dims: ParallelDims, gpu_memory_gib=None):
     """The estimate for the plan the run would make (the dry run's)."""
-    plan = choose_pipeline(cfg, dims, gpu_memory_gib).plan_for(0) if dims.pp > 1 else None
+    plan = choose_pipeline(cfg, dims, of_kind("h200", gpu_memory_gib)).plan_for(0) if dims.pp > 1 else None
     return estimate_memory(cfg, dims, plan)
 
 
@@ -170,6 +172,7 @@ def no_process_group(monkeypatch):
 def test_dry_run_prints_the_table_and_exits_0_without_a_process_group(no_process_group, capsys, tmp_path):
     code = train.main(["--config", PP4, "--dry_run", "--world_size", "8", "--job.dump_folder", str(tmp_path)])
     out = capsys.readouterr().out
+    gpu = of_kind(DEFAULT_GPU)  # what the dry run plans for without --gpu
     assert code == 0
     for row in (
         "parameters (fp32 shards)",
@@ -180,19 +183,21 @@ def test_dry_run_prints_the_table_and_exits_0_without_a_process_group(no_process
         "loss workspace",
         "CUDA context",
         "total on the GPU",
-        "fits 80 GiB",
+        f"fits {gpu.memory_gib:g} GiB",
+        f"planned for {gpu.describe()}",
         "pp rank 3",
     ):
         assert row in out, row
-    peaks = _predicted(PP4, [], 8)
+    cfg = load_recipe(["--config", PP4])
+    dims = ParallelDims.from_config(cfg.parallelism, 8)
+    plan = choose_pipeline(cfg, dims, gpu).plan_for(0)
+    peaks = peaks_per_rank_gib(estimate_memory(cfg, dims, plan), dims)
     assert f"predicted peak_memory_gib_per_rank: {peaks}" in out and len(peaks) == 8
     assert not list(tmp_path.iterdir())  # nothing written: no config.toml, no metrics
     # the same split's predicted compute, after the memory table
     timing = out[out.index("Predicted compute per microbatch") :]
     for row in ("stages (layers)", "forward + backward", "Interleaved1F1B bubble", "predicted step", "sends"):
         assert row in timing, row
-    cfg = load_recipe(["--config", PP4])
-    plan = _estimate(cfg, ParallelDims.from_config(cfg.parallelism, 8), 80)[0].plan
     layers = "/".join(str(end - start) for start, end in plan.layer_ranges)
     assert f"split {layers} layers over stages 0-7, chosen to balance the head (cce, " in timing
     # how the schedule was chosen: the best candidates and why the winner won

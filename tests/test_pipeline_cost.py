@@ -5,18 +5,20 @@ import dataclasses
 import pytest
 
 from models.flavors import QWEN3_FLAVORS
+from planning.comm import LINKS
 from planning.cost import AchievedRates, StageCostInputs, stage_time
 
 QWEN = QWEN3_FLAVORS["1.7B"]  # dim 2048, 16 heads of 128, 8 kv heads, ffn 6144, vocab 151,936
 T = 4096  # one sequence of 4,096 tokens
 # Rates of 1 TFLOP/s and 1 GB/s make milliseconds = FLOPs / 1e9 = bytes / 1e6.
 UNIT = AchievedRates(
+    gpu="unit",
+    memory_gib=80,
     layer_tflops=1,
     head_tflops={"chunked": 1, "cce": 1, "cce_torch_compile": 1, "head_matmul": 1, "liger": 1},
     logits_gbs=1,
     embedding_gbs=1,
     norm_gbs=1,
-    collective_gbs=1,
 )
 
 # By hand: weights of one block: wq, wo 2048 x 2048; wk, wv 2048 x 1024; w1, w2, w3 2048 x 6144.
@@ -94,10 +96,10 @@ def test_embedding_is_its_rows_forward_and_the_dense_gradient_backward():
 @pytest.mark.parametrize("degree", [2, 4, 8])
 def test_vocab_parallel_head_keeps_the_flops_and_adds_the_gather_and_reduce_scatter(degree):
     # Each rank: all n x T gathered tokens against V/n rows = the unsharded head's FLOPs;
-    # plus (n - 1) x T x D bf16 received by the all-gather and again by the reduce-scatter.
+    # plus (n - 1) x T x D bf16 received by the all-gather and again by the reduce-scatter, at the link rate.
     sharded = stage_time(_inputs(loss="cce", vocab_parallel_degree=degree), 1, first=False, last=True)
     whole = stage_time(_inputs(loss="cce"), 1, first=False, last=True)
-    moved = (degree - 1) * T * 2048 * 2 / 1e6
+    moved = (degree - 1) * T * 2048 * 2 / (LINKS.collective_gbs * 1e6)
     assert sharded.forward_ms - whole.forward_ms == pytest.approx(moved)
     assert sharded.backward_ms - whole.backward_ms == pytest.approx(moved)
 

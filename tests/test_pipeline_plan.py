@@ -12,7 +12,8 @@ from config.job_config import Parallelism
 from parallelisms.parallel_dims import ParallelDims
 from parallelisms.pipeline import PIPELINE_SCHEDULES
 from planning import schedule_search
-from planning.cost import stage_cost_inputs
+from planning.cost import RATES, stage_cost_inputs
+from planning.gpu import of_kind
 from planning.memory import CUDA_OVERHEAD_GIB, GIB, estimate_memory, stage_fits
 from planning.pipeline_plan import plan_pipeline
 from planning.schedule_search import choose_pipeline
@@ -85,10 +86,10 @@ def _recipe(*overrides, world=8):
 
 def test_the_headline_recipe_predicts_a_bubble_of_at_most_10_percent_within_80_gib():
     cfg, dims = _recipe()
-    best = choose_pipeline(cfg, dims, 80).best
+    best = choose_pipeline(cfg, dims, of_kind("h200", 80)).best
     assert best.fits and best.bubble <= 0.10
     assert all(m.peak / GIB + CUDA_OVERHEAD_GIB <= 80 for m in estimate_memory(cfg, dims, best.plan))
-    assert predict_timing(cfg, dims, best.plan).schedule.bubble == pytest.approx(best.bubble)
+    assert predict_timing(cfg, dims, best.plan, RATES["h200"]).schedule.bubble == pytest.approx(best.bubble)
 
 
 def _every_candidate(cfg, dims, gpu):
@@ -103,7 +104,7 @@ def _every_candidate(cfg, dims, gpu):
             pipeline_parallel_virtual_stages=per_rank,
             pipeline_parallel_microbatch_size=mbs,
         )
-        cost = stage_cost_inputs(cfg, dims, mbs)
+        cost = stage_cost_inputs(cfg, dims, mbs, RATES["h200"])
         try:
             plan = plan_pipeline(
                 n_layers,
@@ -112,13 +113,17 @@ def _every_candidate(cfg, dims, gpu):
                 cfg.training.local_batch_size,
                 cost,
                 stage_fits(cfg, dims, gpu),
-                lambda plan: predict_timing(cfg, dims, plan).schedule.makespan_ms,
+                lambda plan: predict_timing(cfg, dims, plan, RATES["h200"]).schedule.makespan_ms,
             )
         except ConfigError:
             continue
         peak = max(m.peak for m in estimate_memory(cfg, dims, plan)) / GIB + CUDA_OVERHEAD_GIB
         out.append(
-            (round(predict_timing(cfg, dims, plan).schedule.makespan_ms, 6), (schedule, per_rank, mbs), peak <= gpu)
+            (
+                round(predict_timing(cfg, dims, plan, RATES["h200"]).schedule.makespan_ms, 6),
+                (schedule, per_rank, mbs),
+                peak <= gpu,
+            )
         )
     return out
 
@@ -126,7 +131,7 @@ def _every_candidate(cfg, dims, gpu):
 @pytest.mark.parametrize("gpu", [80, 16])  # at 16 GiB the fastest candidates do not fit
 def test_the_winner_and_the_best_shown_are_the_fastest_that_fit_of_every_candidate(gpu):
     cfg, dims = _recipe("--training.local_batch_size", "8")
-    choice = choose_pipeline(cfg, dims, gpu)
+    choice = choose_pipeline(cfg, dims, of_kind("h200", gpu))
     brute = sorted((step, c) for step, c, fits in _every_candidate(cfg, dims, gpu) if fits)
     shown = [
         (round(o.step_ms, 6), (o.candidate.schedule, o.candidate.virtual_stages, o.candidate.microbatch_size))
@@ -139,34 +144,36 @@ def test_the_winner_and_the_best_shown_are_the_fastest_that_fit_of_every_candida
 
 def test_explicit_keys_are_obeyed():
     cfg, dims = _recipe("--parallelism.pipeline_parallel_schedule", "1F1B")
-    assert {o.candidate.schedule for o in choose_pipeline(cfg, dims, 80).outcomes} == {"1F1B"}
+    assert {o.candidate.schedule for o in choose_pipeline(cfg, dims, of_kind("h200", 80)).outcomes} == {"1F1B"}
     cfg, dims = _recipe("--parallelism.pipeline_parallel_microbatch_size", "2")
-    assert {o.candidate.microbatch_size for o in choose_pipeline(cfg, dims, 80).outcomes} == {2}
+    assert {o.candidate.microbatch_size for o in choose_pipeline(cfg, dims, of_kind("h200", 80)).outcomes} == {2}
     cfg, dims = _recipe("--parallelism.pipeline_parallel_virtual_stages", "3")
-    choice = choose_pipeline(cfg, dims, 80)
+    choice = choose_pipeline(cfg, dims, of_kind("h200", 80))
     assert {o.plan.num_stages for o in choice.outcomes} == {12} and choice.best.plan.schedule == "Interleaved1F1B"
     cfg, dims = _recipe("--parallelism.pipeline_parallel_stage_split_points", "[7, 14, 21]")
-    assert {o.plan.layer_ranges for o in choose_pipeline(cfg, dims, 80).outcomes} == {
+    assert {o.plan.layer_ranges for o in choose_pipeline(cfg, dims, of_kind("h200", 80)).outcomes} == {
         ((0, 7), (7, 14), (14, 21), (21, 28))
     }
 
 
 def test_every_rank_reaches_the_same_plan():
     cfg, dims = _recipe()
-    plans = [choose_pipeline(cfg, dims, 80).plan_for(r) for r in range(4)]
+    plans = [choose_pipeline(cfg, dims, of_kind("h200", 80)).plan_for(r) for r in range(4)]
     assert len({(p.schedule, p.microbatch_size, p.layer_ranges, p.n_microbatches) for p in plans}) == 1
     assert [p.pp_rank for p in plans] == [0, 1, 2, 3]
-    assert choose_pipeline(*_recipe(), 80).plan_for(0) == plans[0]  # a pure function of recipe, layout and GPU
+    assert (
+        choose_pipeline(*_recipe(), of_kind("h200", 80)).plan_for(0) == plans[0]
+    )  # a pure function of recipe, layout and GPU
 
 
 def test_nothing_that_fits_is_one_config_line_naming_the_fix():
     cfg, dims = _recipe()
-    err = choose_pipeline(cfg, dims, 10).problem  # what train.py raises
+    err = choose_pipeline(cfg, dims, of_kind("h200", 10)).problem  # what train.py raises
     assert "no schedule, stages per rank and microbatch size fit" in str(err)
     assert err.key == "parallelism.pipeline_parallel_schedule" and "activation_checkpoint.mode" in str(err)
     explicit = ["--parallelism.pipeline_parallel_schedule", "GPipe", "--parallelism.pipeline_parallel_virtual_stages"]
     cfg, dims = _recipe(*explicit, "1", "--parallelism.pipeline_parallel_microbatch_size", "1")
-    err = choose_pipeline(cfg, dims, 40).problem  # GPipe holds all 32 microbatches
+    err = choose_pipeline(cfg, dims, of_kind("h200", 40)).problem  # GPipe holds all 32 microbatches
     assert "with the three keys 'auto' the run takes Interleaved1F1B" in str(err)
     assert err.key == "parallelism.pipeline_parallel_microbatch_size" and "\n" not in str(err)
 
@@ -174,17 +181,17 @@ def test_nothing_that_fits_is_one_config_line_naming_the_fix():
 def test_zero_bubble_schedules_are_left_out_where_torch_cannot_split_a_function(monkeypatch):
     monkeypatch.setattr(schedule_search, "torch_splits_function_backward", lambda: False)
     cfg, dims = _recipe("--training.local_batch_size", "8")
-    choice = choose_pipeline(cfg, dims, 80)
+    choice = choose_pipeline(cfg, dims, of_kind("h200", 80))
     assert not {o.candidate.schedule for o in choice.outcomes} & {"InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV"}
     assert "cannot split the backward of the compiled blocks" in choice.notes[0]
     cfg, dims = _recipe("--parallelism.pipeline_parallel_schedule", "ZBVZeroBubble")
     with pytest.raises(ConfigError, match="cannot split the backward") as err:
-        choose_pipeline(cfg, dims, 80)
+        choose_pipeline(cfg, dims, of_kind("h200", 80))
     assert err.value.key == "parallelism.pipeline_parallel_schedule"
     # eager blocks and the materialized loss: plain autograd nodes, which any torch splits
     plain = ["--compile.enable", "false", "--loss.name", "cross_entropy", "--training.local_batch_size", "8"]
     cfg, dims = _recipe("--parallelism.pipeline_parallel_schedule", "ZBVZeroBubble", *plain)
-    assert choose_pipeline(cfg, dims, 80).best.plan.schedule == "ZBVZeroBubble"
+    assert choose_pipeline(cfg, dims, of_kind("h200", 80)).best.plan.schedule == "ZBVZeroBubble"
 
 
 class _Block(torch.nn.Module):
