@@ -5,7 +5,8 @@ Everything here works from the recipe and the layout alone: no device, no proces
 ``parallelisms/`` applies what it decided.
 
 - ``batch.py``: the global batch and its micro-steps.
-- ``cost.py``: predicted compute time of a stage's pieces (FLOPs or bytes over measured rates).
+- ``cost.py``: predicted compute time of a stage's pieces (FLOPs or bytes over the rates measured
+  per GPU kind, ``rates/<kind>.json``); ``gpu.py``: which table, and what memory, a run plans for.
 - ``comm.py``: predicted time of the pipeline's sends and FSDP's collectives (bytes over stated rates).
 - ``memory.py``: predicted peak memory of every pipeline rank; the memory constraint of a split.
 - ``split.py``: the contiguous layer split that balances the ranks' predicted time.

@@ -56,7 +56,7 @@ class AchievedRates:
 RATES_FOLDER = Path(__file__).parent / "rates"
 # Every GPU kind measured, by the table's file name: "h100", "h200".
 RATES: dict[str, AchievedRates] = {path.stem: AchievedRates.read(path) for path in sorted(RATES_FOLDER.glob("*.json"))}
-DEFAULT_GPU = "h200"  # what a plan for no particular GPU (a CPU run, a GPU with no table) uses
+DEFAULT_GPU = "h100"  # what a plan for no particular GPU (a CPU run, a GPU with no table) uses
 
 
 @dataclass(frozen=True)

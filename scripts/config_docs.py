@@ -63,10 +63,11 @@ python train.py --config configs/debug.toml                                     
 - Every mistake is a `ConfigError`: rank 0 prints one line,
   `config error: <section.key>: <what is wrong and the fix>`, and the process
   exits with status 2. An unknown section or key close to a real one gets a "did you mean".
-- `--dry_run [--world_size N] [--gpu_memory_gib G]` (not recipe keys) checks the recipe and
-  layout for N ranks (default: `$WORLD_SIZE`, else 1), prints the predicted peak memory per
-  rank against a G GiB GPU (default 80) and, under pipeline parallel, each rank's predicted
-  compute, the split and the schedule's bubble, and exits 0, with no GPU and no process group
+- `--dry_run [--world_size N] [--gpu h100|h200] [--gpu_memory_gib G]` (not recipe keys) checks
+  the recipe and layout for N ranks (default: `$WORLD_SIZE`, else 1), prints the predicted peak
+  memory per rank against the GPU (`--gpu`'s rate table and memory, default h100's 79.2 GiB; G
+  GiB instead) and, under pipeline parallel, each rank's predicted compute, the split and the
+  schedule's bubble, and exits 0, with no GPU and no process group
   ([docs/performance.md](performance.md#predicting-memory-before-a-run)).
 
 Where the checks run, all before any model weight or GPU memory exists unless
