@@ -172,8 +172,8 @@ def _train(
         model_name=cfg.model.name,
         model_args=model_args,
     )
-    start_step = checkpoint.load()
-    data_iter = checkpoint.data_iterator()
+    start_step = checkpoint.load()  # the data position too, checked to be this data's
+    data_iter = iter(dataloader)
     # Every check has passed (the last ones: the checkpoint's model and data position): only now does the
     # run leave its recipe and metrics in the folder.
     if rank == 0:

@@ -136,13 +136,14 @@ def _tensorboard_steps(folder: Path) -> list[int]:
 
 
 def _reruns(rank, world_size, folder):
-    """A run, its rollback to step 2, a refused run of another model, and a rerun from scratch in one folder."""
+    """A run, its rollback to step 2, a refused rollback by a run of another model (nothing moved aside), and a
+    rerun from scratch in one folder."""
     seen = {"first": train(load_recipe(_argv(folder))).losses}
     seen["rolled_back"] = train(load_recipe(_argv(folder, "--checkpoint.load_step", "2"))).losses
     seen["after_rollback"] = ((folder / "metrics.jsonl").read_text(), _tensorboard_steps(folder))
     before = _files(folder)
     try:
-        train(load_recipe(_argv(folder, "--model.name", "llama3")))
+        train(load_recipe(_argv(folder, "--model.name", "llama3", "--checkpoint.load_step", "2")))
     except CheckpointError as err:
         seen["refusal"] = str(err)
     after = _files(folder)

@@ -580,10 +580,6 @@ class CheckpointManager:
             "--checkpoint.restart_data_order to start this data's order from its first batch"
         )
 
-    def data_iterator(self):
-        """The data from where the checkpoint left it (checked to be the same data when the checkpoint was read)."""
-        return iter(self.dataloader)
-
     def _restore(self, loaded: dict, part: nn.Module, live: dict) -> dict:
         """This part's entries (the keys of ``live``) of the loaded state, under its own names (a tied
         head copy from the embedding)."""
