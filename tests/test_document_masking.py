@@ -8,7 +8,6 @@ test_parallel_equivalence.py.
 import copy
 import dataclasses
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from models.rope import apply_rope
 from parallelisms.activation_checkpoint import apply_activation_checkpointing
 from parallelisms.compile import apply_compile
 from parallelisms.pipeline import PipelinePlan, build_stage_module
+from tests.dist_utils import train_command
 from tests.word_tokenizer import write_word_tokenizer
 from training.checkpoint import model_fingerprint
 
@@ -173,18 +173,7 @@ def test_the_mask_is_no_part_of_a_checkpoints_model():
 def test_block_causal_without_an_eos_token_stops_before_the_model_is_built(tmp_path):
     tokenizer = write_word_tokenizer(tmp_path, eos_token="<END>")  # none of the common EOS names
     result = subprocess.run(
-        [
-            sys.executable,
-            "train.py",
-            "--config",
-            "configs/debug.toml",
-            "--job.dump_folder",
-            str(tmp_path),
-            "--model.tokenizer",
-            str(tokenizer),
-            "--model.attn_mask_type",
-            "block_causal",
-        ],
+        train_command(1, tmp_path, "--model.tokenizer", str(tokenizer), "--model.attn_mask_type", "block_causal"),
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -200,22 +189,12 @@ def test_block_causal_on_data_without_the_tokenizers_eos_stops_naming_it(tmp_pat
     tokens = tmp_path / "other.tokens"
     (torch.arange(2048, dtype=torch.int32) % 200).numpy().astype("<u4").tofile(tokens)
     result = subprocess.run(
-        [
-            sys.executable,
-            "train.py",
-            "--config",
-            "configs/debug.toml",
-            "--job.dump_folder",
-            str(tmp_path / "run"),
-            "--training.seq_len",
-            "32",
-            "--training.dataset",
-            "tokens",
-            "--training.dataset_path",
-            str(tokens),
-            "--model.attn_mask_type",
-            "block_causal",
-        ],
+        train_command(
+            1,
+            tmp_path / "run",
+            *("--training.dataset", "tokens", "--training.dataset_path", str(tokens)),
+            *("--model.attn_mask_type", "block_causal"),
+        ),
         cwd=ROOT,
         capture_output=True,
         text=True,
