@@ -5,6 +5,7 @@ import gc
 import os
 import socket
 import weakref
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -102,3 +103,16 @@ def set_pg_timeouts(timeout_seconds: int, device: torch.device, exclude: tuple =
     for group in list(c10d._world.pg_map):
         if group not in exclude:
             c10d._set_pg_timeout(timeout, group)
+
+
+def on_rank0(action: Callable[[], None]) -> Optional[OSError]:
+    """Run the file operation ``action`` on rank 0 and give every rank its error (None: done), so that every
+    rank raises the same error rather than the others waiting for rank 0 in the next collective."""
+    failure = [None]
+    if dist.get_rank() == 0:
+        try:
+            action()
+        except OSError as err:
+            failure[0] = err
+    dist.broadcast_object_list(failure, src=0)
+    return failure[0]

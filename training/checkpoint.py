@@ -41,7 +41,7 @@ import time
 from concurrent.futures import Future
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -63,6 +63,7 @@ from config.job_config import Checkpoint
 from data.fingerprint import fingerprint_changes, names_by_path
 from models.args import ModelArgs
 from models.hf_adapter import config_mismatches, to_hf_name
+from parallelisms.distributed import on_rank0
 from training.checksums import ChecksummingWriter, damaged_files
 from training.hf_checkpoint import check_weight_files, is_hf_folder, read_hf_config
 from training.optimizer import keep_recipe_hyperparameters, recipe_hyperparameters, schedule_changes
@@ -93,19 +94,6 @@ def _last_line(err: BaseException) -> str:
     return lines[-1].strip() if lines else type(err).__name__
 
 
-def _on_rank0(action: Callable[[], None]) -> Optional[OSError]:
-    """Run the file operation ``action`` on rank 0 and give every rank its error (None: done), so that every
-    rank raises the same error rather than the others waiting for rank 0 in the next collective."""
-    failure = [None]
-    if dist.get_rank() == 0:
-        try:
-            action()
-        except OSError as err:
-            failure[0] = err
-    dist.broadcast_object_list(failure, src=0)
-    return failure[0]
-
-
 def check_writable(folder: Path, key: str) -> None:
     """Create ``folder`` and a file in it now (rank 0; every rank raises the same error): a folder that
     cannot be written stops the run with one line naming ``key`` before anything is built, not at the
@@ -117,7 +105,7 @@ def check_writable(folder: Path, key: str) -> None:
         probe.touch()
         probe.unlink()
 
-    failure = _on_rank0(create_and_remove)
+    failure = on_rank0(create_and_remove)
     if failure is not None:
         raise ConfigError(key, f"cannot write to {folder} ({failure}); point {key} at a writable place")
 
@@ -341,7 +329,7 @@ class CheckpointManager:
         except (Exception, CheckpointException) as err:  # on every rank: DCP gathers the ranks' failures
             raise self._save_error(step, err) from None
         dist.barrier()
-        failure = _on_rank0(lambda: self._publish(step))
+        failure = on_rank0(lambda: self._publish(step))
         if failure is not None:
             raise self._save_error(step, failure)
         return True
@@ -483,7 +471,7 @@ class CheckpointManager:
                     "that branch instead"
                 )
 
-        failure = _on_rank0(move)
+        failure = on_rank0(move)
         if failure is not None:
             raise CheckpointError(
                 f"cannot move the checkpoints newer than step-{step} into {aside} ({failure}); "

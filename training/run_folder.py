@@ -30,7 +30,7 @@ from typing import Iterator, Optional
 
 from config.errors import ConfigError
 from config.job_config import Job
-from training.checkpoint import _on_rank0
+from parallelisms.distributed import on_rank0
 
 logger = logging.getLogger("train")
 
@@ -254,7 +254,7 @@ def hold(job: Job) -> Iterator[None]:
     def take_on_rank0() -> None:
         held.append(take(folder, job.force_unlock))
 
-    failure = _on_rank0(take_on_rank0)
+    failure = on_rank0(take_on_rank0)
     if isinstance(failure, FolderInUse):
         raise ConfigError("job.dump_folder", str(failure))
     if failure is not None:
