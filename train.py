@@ -30,6 +30,7 @@ from losses import build_loss, recipe_options
 from models import ModelArgs, Transformer, build_model_args
 from models.initialize import init_weights
 from parallelisms.distributed import close_distributed, init_distributed, resolve_device, set_pg_timeouts
+from parallelisms.float8 import check_float8, float8_scale_update
 from parallelisms.parallel_dims import ParallelDims
 from parallelisms.parallelize import parallelize
 from parallelisms.pipeline import PipelinePlan, build_schedule, build_stage_module
@@ -83,6 +84,7 @@ def train(cfg: JobConfig, faults: Optional[FaultWatch] = None) -> TrainResult:
     """
     check_backends(cfg.metrics)
     device = resolve_device(cfg.training.device)
+    check_float8(cfg.float8, device)
     rank, world_size = init_distributed(device, cfg.comm.init_timeout_seconds)
     if faults is not None:
         faults.start()
@@ -144,6 +146,7 @@ def _train(
         optimizers=optimizers,
         schedulers=schedulers,
         tied=tied,
+        float8_scales=float8_scale_update(cfg.float8, dims.dp_shard, parts),
         mesh=mesh,
         dp_group=dp_mesh.get_group(),
     )

@@ -9,7 +9,9 @@
 
 Each piece forward + backward in bf16, built from the repository's modules as a run builds
 them: one ``TransformerBlock`` with the recipe's activation checkpointing, compiled
-(``parallelisms/activation_checkpoint.py``, ``parallelisms/compile.py``); the embedding; the
+(``parallelisms/activation_checkpoint.py``, ``parallelisms/compile.py``), and again with
+``[float8]`` tensorwise linear layers (``parallelisms/float8.py``) where torchao and an sm_89+
+GPU allow; the embedding; the
 final norm (eager, as in the model); the ``OutputHead`` with each loss entry
 (``losses.build_loss``, reduction "sum" as train.py) and one plain [T, D] x [D, V] GEMM,
 which splits ``cross_entropy`` into its GEMMs and its logits traffic. Median of repeats
@@ -36,7 +38,7 @@ from torch import nn
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 from loss_bench import bench_ms, versions
 
-from config.job_config import ActivationCheckpoint
+from config.job_config import ActivationCheckpoint, Float8
 from losses import ENTRIES, build_loss
 from models import build_model_args
 from models.output_head import OutputHead
@@ -44,6 +46,7 @@ from models.rope import rope_cos_sin
 from models.transformer import TransformerBlock
 from parallelisms.activation_checkpoint import apply_activation_checkpointing
 from parallelisms.compile import apply_compile
+from parallelisms.float8 import check_float8, convert_to_float8
 from planning.cost import (
     DEFAULT_GPU,
     RATES,
@@ -74,10 +77,24 @@ def _time(fn, params) -> float:
     return bench_ms(fn, params, torch.device("cuda"))
 
 
-def time_layer(c: StageCostInputs, device) -> float:
+FLOAT8 = Float8(enable=True)  # tensorwise, as the recipes that turn it on
+
+
+def float8_problem(device) -> str | None:
+    """Why the float8 block cannot be timed here, or None."""
+    try:
+        check_float8(FLOAT8, device)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def time_layer(c: StageCostInputs, device, float8: bool = False) -> float:
     a = c.model
-    holder = nn.Module()  # the two helpers walk a model's .layers, as train.py applies them
+    holder = nn.Module()  # the helpers walk a model's .layers, as train.py applies them
     holder.layers = nn.ModuleDict({"0": TransformerBlock(a).to(device, DTYPE)})
+    if float8:
+        convert_to_float8(holder, FLOAT8, dp_shard=1)
     apply_activation_checkpointing(holder, ActivationCheckpoint(c.ac_mode, c.ac_option))
     apply_compile(holder)
     block = holder.layers["0"]
@@ -131,7 +148,12 @@ def time_head_gemm(c: StageCostInputs, head, hidden) -> float:
 
 def measure(c: StageCostInputs, device, logit_std: float, active_vocab: int, losses) -> dict[str, float]:
     """Median ms of every piece."""
-    ms = {"layer": time_layer(c, device), "embedding": time_embedding(c, device), "norm": time_norm(c, device)}
+    ms = {"layer": time_layer(c, device)}
+    if (problem := float8_problem(device)) is None:
+        ms["layer_float8"] = time_layer(c, device, float8=True)
+    else:
+        print(f"stage_cost_bench: float8 block not timed: {problem}")
+    ms |= {"embedding": time_embedding(c, device), "norm": time_norm(c, device)}
     head, hidden, labels = head_inputs(c, device, logit_std, active_vocab)
     ms["head_gemm"] = time_head_gemm(c, head, hidden)
     for loss in losses:
@@ -153,6 +175,11 @@ def rates(c: StageCostInputs, ms: dict[str, float]) -> dict[str, float]:
     fwd, bwd = layer_flops(a, c.seq_len, t)
     out = {
         "layer_tflops": (fwd + bwd + recomputed_blocks(c, 1) * fwd) / ms["layer"] / 1e9,
+        **(
+            {"layer_tflops_float8": (fwd + bwd + recomputed_blocks(c, 1) * fwd) / ms["layer_float8"] / 1e9}
+            if "layer_float8" in ms
+            else {}
+        ),
         "embedding_gbs": sum(embedding_bytes(a, t)) / ms["embedding"] / 1e6,
         "norm_gbs": sum(norm_bytes(a, t)) / ms["norm"] / 1e6,
         f"head_tflops[{GEMM_KEY}]": 2 * t * a.dim * a.vocab_size / ms["head_gemm"] / 1e9,
@@ -174,6 +201,7 @@ def predicted(c: StageCostInputs, losses) -> dict[str, float]:
     middle = stage_time(c, 1, False, False).total_ms
     out = {
         "layer": middle,
+        "layer_float8": stage_time(dataclasses.replace(c, float8=True), 1, False, False).total_ms,
         "embedding": stage_time(c, 1, True, False).total_ms - middle,
         "norm": sum(norm_bytes(c.model, c.tokens)) / c.rates.norm_gbs / 1e6,
         "head_gemm": 2 * c.tokens * c.model.dim * c.model.vocab_size / c.rates.head_tflops[GEMM_KEY] / 1e9,
@@ -203,21 +231,23 @@ def write_table(path: Path, achieved: dict[str, float], gpu: str, memory_gib: fl
         written.append(note)
     fields = [f.name for f in dataclasses.fields(AchievedRates)]
     table = {k: table[k] for k in (*fields, "notes") if k in table}
-    if missing := set(fields) - set(table):
+    required = {f.name for f in dataclasses.fields(AchievedRates) if f.default is dataclasses.MISSING}
+    if missing := required - set(table):
         sys.exit(f"stage_cost_bench: {path} would lack {sorted(missing)}; time them in this run (--losses, defaults)")
     path.write_text(json.dumps(table, indent=1) + "\n")
     return written
 
 
 def report(c: StageCostInputs, ms: dict, achieved: dict, model: dict, title: str) -> list[str]:
-    unit = {"layer": "layer_tflops", "embedding": "embedding_gbs", "norm": "norm_gbs"}
+    unit = {"layer": "layer_tflops", "layer_float8": "layer_tflops_float8", "embedding": "embedding_gbs"}
+    unit |= {"norm": "norm_gbs"}
     unit |= {"head_gemm": f"head_tflops[{GEMM_KEY}]"} | {loss: _head_key(loss) for loss in ENTRIES}
     lines = [title, f"{'piece (fw + bw)':<32}{'ms':>9}{'layers':>8}{'achieved':>16}{'model now':>11}"]
     for piece, value in ms.items():
         key = unit[piece]
         rate = f"{achieved[key]:,.0f} {'GB/s' if key.endswith('gbs') else 'TFLOP/s'}" if key in achieved else "-"
         label = {"head_gemm": "head GEMM [T,D]x[D,V] (fw)"}.get(
-            piece, piece if piece in ("layer", "embedding", "norm") else f"head + {piece}"
+            piece, piece if piece in ("layer", "layer_float8", "embedding", "norm") else f"head + {piece}"
         )
         if key == "logits_gbs":
             label += " (traffic)"

@@ -405,9 +405,10 @@ class ActivationCheckpoint:
 
     selective_ac_option: str = "2"
     """`"op"`, or a positive integer as a string (TOML needs the quotes: `"2"`); read only when
-    `mode = "selective"`. `"op"`: op-level selective AC inside every block, saving the outputs of `aten.mm`,
-    the SDPA kernels and FlexAttention (`block_causal` on CUDA) and recomputing the rest. `"N"`: full AC on
-    every N-th block (blocks `N-1, 2N-1, ...`, counted within each pipeline stage)."""
+    `mode = "selective"`. `"op"`: op-level selective AC inside every block, saving the outputs of `aten.mm`
+    (and `[float8]`'s `_scaled_mm`), the SDPA kernels and FlexAttention (`block_causal` on CUDA) and
+    recomputing the rest. `"N"`: full AC on every N-th block (blocks `N-1, 2N-1, ...`, counted within each
+    pipeline stage)."""
 
     def check(self) -> None:
         if self.mode == "selective":
@@ -430,6 +431,34 @@ class Compile:
     """`model`: `torch.compile(fullgraph=True)` each transformer block in place, after AC and before FSDP as
     TorchTitan does (parameter names unchanged). `loss`: sets `[loss] compile = true` for the entries that
     take it (`chunked`, and `auto` when it picks `chunked`); the others need no compiling."""
+
+
+@dataclass
+class Float8:
+    """Float8 matmuls in the transformer blocks' linear layers (torchao's `Float8Linear`, as TorchTitan's
+    float8 converter), on CUDA GPUs of compute capability 8.9 or newer (H100, H200, L40S, RTX 4090). The output
+    head stays in `training.mixed_precision_param`: it lives in the loss. Parameters, gradients, optimizer
+    state and checkpoints are unchanged (a float8 run's checkpoint resumes in a bf16 run and back); only the
+    matmuls' operands are cast. Needs `pip install torchao` (pinned in `requirements-cuda.txt`)."""
+
+    enable: bool = False
+    """Convert the blocks' `nn.Linear` layers whose both dimensions are multiples of 16 (`torch._scaled_mm`'s
+    rule) and that `filter_fqns` does not keep. Where it cannot run (no CUDA, a GPU below sm_89, torchao
+    missing) the run stops before anything is built, with one line."""
+
+    recipe: Literal["tensorwise", "rowwise"] = "tensorwise"
+    """Scaling granularity. `tensorwise`: one scale per tensor, the fastest; with `parallelism.dp_shard` > 1
+    FSDP all-gathers the weights in float8 (half the bytes) with scales computed once per step for all layers
+    after the optimizer step. `rowwise`: one scale per row, closer to bf16 numerically, slower (and gathered
+    in bf16)."""
+
+    filter_fqns: list[str] = field(default_factory=list)
+    """Linear layers kept in bf16: any whose name contains one of these strings, e.g. `["w2"]` or
+    `["layers.0."]`."""
+
+    emulate: bool = False
+    """Cast as float8 does but multiply in float32, on any device (the CPU included): for checking a float8
+    recipe's numerics and checkpoints without a GPU of sm_89; no speed-up."""
 
 
 @dataclass
@@ -656,6 +685,7 @@ class JobConfig:
     parallelism: Parallelism = field(default_factory=Parallelism)
     activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
     compile: Compile = field(default_factory=Compile)
+    float8: Float8 = field(default_factory=Float8)
     metrics: Metrics = field(default_factory=Metrics)
     profiling: Profiling = field(default_factory=Profiling)
     comm: Comm = field(default_factory=Comm)

@@ -16,6 +16,8 @@ _SAVE_OPS = {
     torch.ops.aten._scaled_dot_product_flash_attention.default,
     torch.ops.aten._scaled_dot_product_cudnn_attention.default,
     torch.ops.higher_order.flex_attention,  # block_causal on CUDA (models/attention.py)
+    torch.ops.aten._scaled_mm.default,  # [float8]: the linear layers' matmuls
+    torch.ops.aten.max.default,  # [float8]: a cast's absolute maximum, its scale (a scalar; TorchTitan saves it too)
 }
 
 

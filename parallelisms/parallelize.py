@@ -1,20 +1,24 @@
 """``parallelize``: everything applied to one model part (a pipeline stage, or the whole model), in order.
 
-The order is fixed: activation checkpointing wraps the blocks, ``torch.compile`` compiles
-the (wrapped) blocks, the vocab-parallel head replaces the classifier by its vocab shard,
-and FSDP shards what is left; each step relies on the ones before it (TorchTitan's order).
+The order is fixed: float8 swaps the blocks' linear layers, activation checkpointing wraps
+the blocks, ``torch.compile`` compiles the (wrapped) blocks, the vocab-parallel head replaces
+the classifier by its vocab shard, and FSDP shards what is left; each step relies on the ones
+before it (TorchTitan's order).
 """
 
 from config.job_config import JobConfig
 from models.transformer import Transformer
 from parallelisms.activation_checkpoint import apply_activation_checkpointing
 from parallelisms.compile import apply_compile
+from parallelisms.float8 import convert_to_float8
 from parallelisms.fsdp import apply_fsdp
 from parallelisms.vocab_parallel import shard_head_over_vocab
 
 
 def parallelize(part: Transformer, cfg: JobConfig, fsdp_mesh, param_dtype: str, pp_enabled: bool) -> None:
-    """Apply AC, compile, the vocab-parallel head and FSDP to ``part`` (still on the meta device)."""
+    """Apply float8, AC, compile, the vocab-parallel head and FSDP to ``part`` (still on the meta device)."""
+    if cfg.float8.enable:
+        convert_to_float8(part, cfg.float8, dp_shard=fsdp_mesh.size(fsdp_mesh.ndim - 1))
     apply_activation_checkpointing(part, cfg.activation_checkpoint)
     if cfg.compile.enable and "model" in cfg.compile.components:
         apply_compile(part)

@@ -7,7 +7,8 @@ the table). What is
 left out, so these are compute times only: pipeline sends and receives and FSDP's gathers and
 reductions (once per step under PP) are planning/comm.py's; the tied-embedding sync, the
 optimizer and host overhead are not predicted.
-The rates are bf16 rates; a float32 run is not modelled.
+The rates are bf16 rates, and the blocks' with ``[float8]`` where the table has one (else the bf16 rate, a
+prediction on the slow side); a float32 run is not modelled.
 """
 
 import dataclasses
@@ -15,7 +16,7 @@ import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Mapping
+from typing import Mapping, Optional
 
 import torch
 
@@ -45,11 +46,12 @@ class AchievedRates:
     logits_gbs: float  # the bytes an entry moves per logit beyond its GEMMs (its facts' logit_bytes)
     embedding_gbs: float
     norm_gbs: float
+    layer_tflops_float8: Optional[float] = None  # a compiled block with [float8] tensorwise linears; None: not measured
 
     @classmethod
     def read(cls, path: Path) -> "AchievedRates":
         table = json.loads(path.read_text())
-        values = {f.name: table[f.name] for f in dataclasses.fields(cls)}
+        values = {f.name: table[f.name] for f in dataclasses.fields(cls) if f.name in table}
         return cls(**{**values, "head_tflops": MappingProxyType(dict(values["head_tflops"]))})
 
 
@@ -71,6 +73,7 @@ class StageCostInputs:
     ac_option: str = "op"  # selective: "op", or N (every N-th block of a stage fully checkpointed)
     vocab_parallel_degree: int = 1  # ranks sharing the head by vocabulary rows; 1: no vocab-parallel head
     rates: AchievedRates = RATES[DEFAULT_GPU]
+    float8: bool = False  # the blocks' linear layers in float8 ([float8], not emulated)
 
     def __post_init__(self):
         if self.loss not in ENTRIES:
@@ -161,10 +164,17 @@ def _ms(forward_backward: tuple[float, float], per_second: float) -> StageTime:
     return StageTime(1e3 * forward / per_second, 1e3 * backward / per_second)
 
 
+def layer_rate(c: StageCostInputs) -> float:
+    """TFLOP/s of a block: the float8 one where the run has float8 linears and the table measured it."""
+    if c.float8 and c.rates.layer_tflops_float8 is not None:
+        return c.rates.layer_tflops_float8
+    return c.rates.layer_tflops
+
+
 def layer_time(c: StageCostInputs) -> StageTime:
     """One decoder block without recomputation. Op-level selective AC recomputes only
     pointwise ops: no FLOPs here; its cost is in the measured rate (the recipe's blocks use it)."""
-    return _ms(layer_flops(c.model, c.seq_len, c.tokens), c.rates.layer_tflops * 1e12)
+    return _ms(layer_flops(c.model, c.seq_len, c.tokens), layer_rate(c) * 1e12)
 
 
 def head_time(c: StageCostInputs) -> StageTime:
@@ -240,4 +250,5 @@ def stage_cost_inputs(
         ac.selective_ac_option,
         dims.dp_shard if p.vocab_parallel else 1,
         rates,
+        cfg.float8.enable and not cfg.float8.emulate,
     )

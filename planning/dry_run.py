@@ -20,7 +20,7 @@ from models import build_model_args
 from parallelisms.parallel_dims import ParallelDims
 from planning.batch import accumulation_steps
 from planning.comm import LINKS
-from planning.cost import DEFAULT_GPU, RATES, head_rate, logits_bytes, loss_choice
+from planning.cost import DEFAULT_GPU, RATES, StageCostInputs, head_rate, layer_rate, logits_bytes, loss_choice
 from planning.gpu import GPU, of_kind
 from planning.memory import CUDA_OVERHEAD_GIB, GIB, RankMemory, estimate_memory, peaks_per_rank_gib
 from planning.schedule_search import PipelineChoice, choice_lines, choose_pipeline
@@ -209,7 +209,6 @@ def timing_lines(cfg: JobConfig, timing: PipelineTiming, accumulation_steps: int
         ",".join(f"{s} ({plan.layer_ranges[s][1] - plan.layer_ranges[s][0]})" for s in plan.stages_of(r))
         for r in range(plan.pp_degree)
     ]
-    rates = cost.rates
     name = plan.schedule
     step = accumulation_steps * schedule.makespan_ms
     lines = [
@@ -232,13 +231,21 @@ def timing_lines(cfg: JobConfig, timing: PipelineTiming, accumulation_steps: int
         f"(torch's action lists for {plan.n_microbatches} microbatches replayed with these times, the sends and "
         "FSDP's collectives)",
         f"predicted step {step:.0f} ms ({accumulation_steps} micro-step(s) x {schedule.makespan_ms:.0f} ms); "
-        f"decoder layers at {rates.layer_tflops:g} TFLOP/s, head + {cost.loss} at "
+        f"decoder layers at {layer_rate(cost):g} TFLOP/s{_float8_rate_note(cost)}, head + {cost.loss} at "
         f"{head_rate(cost):g} TFLOP/s"
         + (" + its logits traffic" if any(logits_bytes(cost.model, cost.loss, 1)) else ""),
         *_communication_lines(timing),
         "not in it: the tied-embedding sync, the optimizer and host overhead",
     ]
     return lines
+
+
+def _float8_rate_note(cost: StageCostInputs) -> str:
+    if not cost.float8:
+        return ""
+    if cost.rates.layer_tflops_float8 is None:
+        return f" (bf16's: no float8 rate measured on the {cost.rates.gpu}, so slower than float8 will be)"
+    return " (float8)"
 
 
 def _communication_lines(timing: PipelineTiming) -> list[str]:

@@ -10,7 +10,8 @@ same terms give ``stage_fits``, the memory constraint of the default split.
 The peak is the larger of two moments of a steady-state step (the optimizer state
 exists from step 1's update on):
 
-- backward: fp32 master shards + AdamW state + what FSDP holds gathered + the
+- backward: fp32 master shards + AdamW state + what FSDP holds gathered (the blocks' float8
+  linear weights at one byte where ``[float8]`` gathers them in float8) + the
   activations of the microbatches in flight (under the schedule the plan runs, which
   ``"auto"`` may have chosen) and their block-causal masks + the largest transient, either the
   loss's workspace or one block's backward (its activations recomputed without
@@ -33,11 +34,12 @@ from typing import Callable, Optional
 import torch
 from torch.distributed.pipelining.schedules import _ComputationType
 
-from config.job_config import JobConfig
+from config.job_config import Float8, JobConfig
 from losses import ENTRIES
 from losses.facts import LossShape
 from models import Transformer, build_model_args
 from models.args import ModelArgs
+from parallelisms.float8 import converts, float8_all_gather
 from parallelisms.fsdp import fsdp_groups, tied_in_root
 from parallelisms.parallel_dims import ParallelDims
 from parallelisms.pipeline import PipelinePlan
@@ -199,8 +201,9 @@ def _numel(module: Optional[torch.nn.Module]) -> int:
     return sum(x.numel() for x in module.parameters()) if module is not None else 0
 
 
-def _gathered_without_pp(part: Transformer, p, vp_head: bool) -> tuple[int, int]:
-    """(parameters FSDP holds gathered during the backward, gradients it holds unreduced), no PP.
+def _gathered_without_pp(part: Transformer, p, vp_head: bool) -> tuple[int, int, int]:
+    """(parameters FSDP holds gathered during the backward, gradients it holds unreduced, blocks among the
+    gathered), no PP.
 
     From the groups parallelisms/fsdp.py shards: at most two blocks when blocks reshard
     (the one running and the one prefetched), every other group that is not resharded
@@ -214,14 +217,11 @@ def _gathered_without_pp(part: Transformer, p, vp_head: bool) -> tuple[int, int]
         "head": _numel(part.output),
         "root": _numel(part.norm) + (_numel(part.tok_embeddings) if tied else 0),
     }
-    blocks = _numel(part.layers)
-    held = (
-        min(2 * _numel(part.layers["0"]), blocks)
-        if any(g.reshard_after_forward for g in groups if g.kind == "block")
-        else blocks
-    )
+    resharded = any(g.reshard_after_forward for g in groups if g.kind == "block")
+    held_blocks = min(2, len(part.layers)) if resharded else len(part.layers)
+    held = held_blocks * _numel(part.layers["0"])
     held += sum(own[g.kind] for g in groups if g.kind != "block" and not g.reshard_after_forward)
-    return held, (_numel(part.tok_embeddings) if tied else 0)
+    return held, (_numel(part.tok_embeddings) if tied else 0), held_blocks
 
 
 @dataclass(frozen=True)
@@ -251,6 +251,7 @@ class _Setting:
     block_backward: float  # the transient of one block's backward
     accumulation_steps: int  # micro-steps per optimizer step: gradient shards live through the backward when > 1
     mask: float  # block_causal: one microbatch's attention mask; 0 when causal
+    float8_gather_saving: float  # bytes one gathered block saves where FSDP gathers its float8 linears in float8
 
 
 @lru_cache(maxsize=4)
@@ -276,6 +277,7 @@ def _setting(cfg: JobConfig, dims: ParallelDims, microbatch_size: Optional[int])
         + (param_b + (0 if pp else reduce_b)) * _part_sizes(a)[0]
     )
     mask = block_causal_mask_bytes(sequences, t.seq_len) if cfg.model.attn_mask_type == "block_causal" else 0.0
+    float8_saving = (param_b - 1) * _float8_linear_params(a, tuple(cfg.float8.filter_fqns))
     return _Setting(
         cfg,
         a,
@@ -288,6 +290,7 @@ def _setting(cfg: JobConfig, dims: ParallelDims, microbatch_size: Optional[int])
         block_backward,
         accumulation_steps(cfg, dims),
         mask,
+        float8_saving if float8_all_gather(cfg.float8, dims.dp_shard) else 0.0,
     )
 
 
@@ -297,6 +300,14 @@ def _part_sizes(a: ModelArgs) -> tuple[int, int, int, int]:
     from a one-block model (a schedule search asks before any whole model is needed)."""
     m = _meta_model(replace(a, n_layers=1))
     return _numel(m.layers["0"]), _numel(m.tok_embeddings), _numel(m.norm), _numel(m.output)
+
+
+@lru_cache(maxsize=4)
+def _float8_linear_params(a: ModelArgs, filter_fqns: tuple[str, ...]) -> int:
+    """Parameters of one block's linear layers that ``[float8]`` converts (parallelisms/float8.py's rule)."""
+    block = _meta_model(replace(a, n_layers=1))
+    rule = replace(Float8(), filter_fqns=list(filter_fqns))
+    return sum(m.weight.numel() for fqn, m in block.named_modules() if converts(fqn, m, rule))
 
 
 def _stage(st: _Setting, index: int, layers: int, num_stages: int) -> _Stage:
@@ -331,7 +342,7 @@ def _pipeline_rank(
         # The schedule turns resharding after backward off for all but the last microbatch,
         # so a stage's parameters stay gathered, and their gradients accumulate unsharded
         # in the reduce dtype until the step's one reduce-scatter.
-        gathered += param_b * fsdp
+        gathered += param_b * fsdp - s.layers * st.float8_gather_saving
         unreduced += max(param_b, st.reduce_b) * fsdp
         buffers += plan.n_microbatches * st.tokens * a.dim * param_b * ((not s.first) + (not s.last))
         if s.last:
@@ -380,7 +391,7 @@ def _whole_model_rank(st: _Setting) -> RankMemory:
     fsdp = _numel(model) - (_numel(model.output) if vp_head and not tied else 0)
     vp_rows = math.ceil(a.vocab_size / n) * a.dim if vp_head else 0
     sharded = math.ceil(fsdp / n) + vp_rows
-    held, root_grad = _gathered_without_pp(model, p, vp_head)
+    held, root_grad, held_blocks = _gathered_without_pp(model, p, vp_head)
     # a tied root's gradient is the classifier gradient the workspace counts: not twice
     loss = loss_workspace(st.cfg, a, st.tokens, n, head_reduced_at_once=not tied and not vp_head) - param_b * root_grad
     grads = 4 * sharded
@@ -391,7 +402,7 @@ def _whole_model_rank(st: _Setting) -> RankMemory:
         phase="backward",
         **common,
         gradients=grads if st.accumulation_steps > 1 else 4 * vp_rows,
-        unsharded_params=param_b * held,
+        unsharded_params=param_b * held - held_blocks * st.float8_gather_saving,
         unsharded_grads=param_b * root_grad,
         activations=_stage_activation_bytes(st, a.n_layers),
         masks=st.mask,

@@ -17,4 +17,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     fi
 fi
 .venv/bin/pip install -q -r requirements.txt
+if [ "${WITH_FLOAT8:-}" = 1 ] || .venv/bin/python -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+    .venv/bin/pip install -q -r requirements-cuda.txt
+fi
 echo "setup_env.sh: ready ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

@@ -15,6 +15,7 @@ from config.job_config import JobConfig
 from config.loader import dump_config
 from losses import choose_loss, recipe_options
 from models.args import ModelArgs
+from parallelisms.float8 import describe_float8
 from parallelisms.parallel_dims import ParallelDims
 from parallelisms.pipeline import PipelinePlan
 from planning.batch import accumulation_steps
@@ -79,6 +80,8 @@ def log_layout(
         vocab_parallel=vp,
     )
     logger.info(f"loss: {choice.describe(vp)}")
+    if cfg.float8.enable:
+        logger.info(describe_float8(cfg.float8, dims.dp_shard))
     warning = warmup_warning(t.steps, cfg.lr_scheduler)
     if warning is not None:
         logger.warning(warning)

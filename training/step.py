@@ -2,7 +2,8 @@
 
 Finishing is where the layouts differ: the vocab-parallel head's gradient is completed,
 a tied head copy is kept equal to the embedding, the whole model's gradient is clipped,
-the non-finite policy decides whether to step, and the optimizers step.
+the non-finite policy decides whether to step, the optimizers step, and float8 weights get
+their next scales.
 """
 
 import logging
@@ -15,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from config.job_config import JobConfig
+from parallelisms.float8 import Float8ScaleUpdate
 from parallelisms.grad_clip import clip_grad_norm_
 from parallelisms.parallel_dims import ParallelDims
 from parallelisms.tied_embeddings import TiedEmbeddingSync
@@ -59,6 +61,7 @@ class TrainStep:
         optimizers: list[torch.optim.Optimizer],
         schedulers: list,
         tied: Optional[TiedEmbeddingSync],
+        float8_scales: Optional[Float8ScaleUpdate],
         mesh,
         dp_group: dist.ProcessGroup,
     ):
@@ -66,6 +69,7 @@ class TrainStep:
         self.ignore_index = cfg.loss.ignore_index
         self.dims, self.parts, self.schedule, self.loss = dims, parts, schedule, loss
         self.optimizers, self.schedulers, self.tied = optimizers, schedulers, tied
+        self.float8_scales = float8_scales
         self.params = [p for part in parts for p in part.parameters()]
         self.head = next((p.output for p in parts if p.output is not None), None)
         self.vocab_parallel_head = self.head if cfg.parallelism.vocab_parallel else None
@@ -120,6 +124,8 @@ class TrainStep:
         if finite:
             for optimizer in self.optimizers:
                 optimizer.step()
+            if self.float8_scales is not None:
+                self.float8_scales()
         else:
             self.skipped += 1
             logger.warning(
