@@ -144,8 +144,9 @@ def test_float8_trains_near_plain_and_checkpoints_load_both_ways_exactly(tmp_pat
         assert torch.equal(plain_from_float8[name], float8_weights[name]), name
 
 
-def _pipeline_pair(rank, world_size, root):
-    extra = [
+def _layout_pairs(rank, world_size, root):
+    """Plain and float8 runs of each layout in turn: {layout: {kind: (losses, validation)}}."""
+    pipeline = [
         "--parallelism.pipeline_parallel_degree",
         "2",
         "--parallelism.vocab_parallel",
@@ -157,18 +158,26 @@ def _pipeline_pair(rank, world_size, root):
         "--validation.freq",
         "2",
     ]
-    runs = {name: _argv(root / name, 4, *extra, *more) for name, more in (("plain", []), ("float8", EMULATED))}
-    results = {name: train(load_recipe(argv)) for name, argv in runs.items()}
-    return {name: (result.losses, result.validation) for name, result in results.items()}
+    hsdp = ["--parallelism.data_parallel_replicate_degree", "2", "--parallelism.data_parallel_shard_degree", "2"]
+    out = {}
+    for layout, extra in (("pipeline", pipeline), ("hsdp", hsdp)):
+        for kind, more in (("plain", []), ("float8", EMULATED)):
+            result = train(load_recipe(_argv(root / f"{layout}_{kind}", 4, *extra, *more)))
+            out.setdefault(layout, {})[kind] = (result.losses, result.validation)
+    return out
 
 
 @needs_torchao
 @pytest.mark.multiprocess
-def test_float8_under_pipeline_stages_vocab_parallel_head_and_validation(tmp_path):
-    """pp 2 x dp_shard 2, the tied embedding across stages, the vocab-parallel head, validation every 2 steps."""
-    runs = run_distributed(_pipeline_pair, 4, tmp_path, timeout_s=300)[0]
-    (plain, plain_validation), (float8, float8_validation) = runs["plain"], runs["float8"]
-    assert len(plain) == 4 and float8 != plain and float8 == pytest.approx(plain, rel=FLOAT8_RTOL)
+def test_float8_under_pipeline_stages_vocab_parallel_head_validation_and_hsdp(tmp_path):
+    """pp 2 x dp_shard 2 with the tied embedding across stages, the vocab-parallel head and validation every 2
+    steps; HSDP 2 x 2 (float8 all-gather within each shard group)."""
+    runs = run_distributed(_layout_pairs, 4, tmp_path, timeout_s=300)[0]
+    for layout, kinds in runs.items():
+        (plain, plain_validation), (float8, float8_validation) = kinds["plain"], kinds["float8"]
+        assert len(plain) == 4 and float8 != plain, layout
+        assert float8 == pytest.approx(plain, rel=FLOAT8_RTOL), layout
+    (_, plain_validation), (_, float8_validation) = runs["pipeline"]["plain"], runs["pipeline"]["float8"]
     assert list(float8_validation) == list(plain_validation) == [2, 4]
     for step in (2, 4):
         got, want = float8_validation[step]["validation_loss"], plain_validation[step]["validation_loss"]
