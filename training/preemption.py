@@ -18,7 +18,10 @@ class StopRequest:
         self.signal = signal.Signals(signum).name
 
     def agreed(self, device: torch.device) -> bool:
-        """Ranks get the signal at different moments: stop together once any rank has it."""
+        """Ranks get the signal at different moments: stop together once any rank has it. A single process
+        asks no one (the collective's ``item()`` would wait for the GPU to drain every step)."""
+        if dist.get_world_size() == 1:
+            return self.signal is not None
         flag = torch.tensor([1.0 if self.signal else 0.0], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return flag.item() > 0
