@@ -27,9 +27,19 @@ def _like(param: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
     """``local`` as a state entry of ``param``: a DTensor laid out as ``param`` is, or ``local`` itself."""
     if not isinstance(param, DTensor):
         return local
-    return DTensor.from_local(
-        local, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
+    # A DTensor takes the storage offset of the tensor it is made from, and deepcopy (DCP's staging of an
+    # async save on the CPU) fails on one with a nonzero offset. So it is made from an empty tensor and then
+    # given ``local``, as DCP's staging and FSDP2 give a DTensor a new local tensor.
+    entry = DTensor.from_local(
+        local.new_empty(0),
+        param.device_mesh,
+        param.placements,
+        run_check=False,
+        shape=param.shape,
+        stride=param.stride(),
     )
+    entry._local_tensor = local
+    return entry
 
 
 class _Bucket:
