@@ -119,8 +119,9 @@ def main() -> int:
         start = [local_tensor(p).detach().clone() for p in params]
         rows, after = [], {}
         for implementation in ("torch", "flat"):
-            for p, s in zip(params, start):
-                local_tensor(p).copy_(s)
+            with torch.no_grad():
+                for p, s in zip(params, start):
+                    local_tensor(p).copy_(s)
             optimizer = build_optimizer(params, replace(cfg.optimizer, implementation=implementation), device)
             for _ in range(CHECK_STEPS):
                 optimizer.step()
