@@ -13,13 +13,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor
 
+from parallelisms.local_tensor import local_tensor
 from parallelisms.pipeline import PipelinePlan
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 class TiedEmbeddingSync:
@@ -51,12 +47,12 @@ class TiedEmbeddingSync:
 
     def sync_grads(self) -> None:
         if self.embedding is not None and self.head is not None:  # both ends on this rank (V schedule)
-            total = _local(self.embedding.grad) + _local(self.head.grad)
-            _local(self.embedding.grad).copy_(total)
-            _local(self.head.grad).copy_(total)
+            total = local_tensor(self.embedding.grad) + local_tensor(self.head.grad)
+            local_tensor(self.embedding.grad).copy_(total)
+            local_tensor(self.head.grad).copy_(total)
         elif self.group is not None:
             mine = self.embedding if self.embedding is not None else self.head
-            dist.all_reduce(_local(mine.grad), group=self.group)
+            dist.all_reduce(local_tensor(mine.grad), group=self.group)
 
 
 def tied_embedding_sync(

@@ -7,6 +7,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from config.job_config import LRScheduler, Optimizer
+from training.flat_adamw import FlatAdamW
 
 # What a param group holds besides its settings.
 _NOT_SETTINGS = ("params", "param_names")
@@ -19,20 +20,16 @@ _RECIPE_KEYS = {
 
 
 def build_optimizer(params: list[torch.nn.Parameter], cfg: Optimizer, device: torch.device) -> torch.optim.AdamW:
-    """Fused AdamW on CUDA (one kernel for all parameters), foreach elsewhere.
+    """The recipe's AdamW implementation (``optimizer.implementation``): ``FlatAdamW``, or torch's, fused on CUDA
+    (one kernel for all parameters) and foreach elsewhere.
 
     Weight decay applies to every parameter, as in TorchTitan.
     """
+    settings = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if cfg.implementation == "flat":
+        return FlatAdamW(params, **settings)
     fused = device.type == "cuda"
-    return torch.optim.AdamW(
-        params,
-        lr=cfg.lr,
-        betas=tuple(cfg.betas),
-        eps=cfg.eps,
-        weight_decay=cfg.weight_decay,
-        fused=fused,
-        foreach=not fused,
-    )
+    return torch.optim.AdamW(params, **settings, fused=fused, foreach=not fused)
 
 
 def lr_factor(step: int, total_steps: int, cfg: LRScheduler) -> float:

@@ -1,0 +1,157 @@
+"""AdamW whose state lives in flat buffers and whose step is one fused kernel call per (device, dtype).
+
+``torch.optim.AdamW(fused=True)`` over FSDP2's DTensor parameters reaches the kernel through
+DTensor's dispatch, with each moment a separate allocation. Here the kernel
+(``torch._fused_adamw_``, the one torch's fused AdamW calls, on CPU as on CUDA) gets the local shards
+directly, and each state (``exp_avg``, ``exp_avg_sq``, ``step``) is one buffer per (param group, device,
+dtype) that the per-parameter state entries are views of. Those entries are torch's: DTensors with
+their parameter's mesh, placements, shape and stride (plain tensors for plain parameters), so
+``state_dict``, DCP's ``get/set_optimizer_state_dict`` and checkpoints have torch's AdamW's format,
+and each loads the other's.
+"""
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from parallelisms.local_tensor import local_tensor
+
+# Where each parameter's slice of a buffer starts, in bytes: the CUDA caching allocator's block
+# alignment, so a view is as aligned as a tensor of its own.
+_ALIGN_BYTES = 512
+
+
+def _like(param: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """``local`` as a state entry of ``param``: a DTensor laid out as ``param`` is, or ``local`` itself."""
+    if not isinstance(param, DTensor):
+        return local
+    # A DTensor takes the storage offset of the tensor it is made from, and deepcopy (DCP's staging of an
+    # async save on the CPU) fails on one with a nonzero offset. So it is made from an empty tensor and then
+    # given ``local``, as DCP's staging and FSDP2 give a DTensor a new local tensor.
+    entry = DTensor.from_local(
+        local.new_empty(0),
+        param.device_mesh,
+        param.placements,
+        run_check=False,
+        shape=param.shape,
+        stride=param.stride(),
+    )
+    entry._local_tensor = local
+    return entry
+
+
+class _Bucket:
+    """The parameters of one param group on one (device, dtype): their steps and moments, views into flat buffers."""
+
+    def __init__(self, group_index: int, params: list[torch.Tensor]):
+        self.group_index, self.params = group_index, params
+        locals_ = [local_tensor(p) for p in params]
+        for p, local in zip(params, locals_):
+            if not local.is_contiguous():  # the kernel pairs the parameter's and its moments' elements in memory order
+                raise ValueError(f"FlatAdamW needs contiguous (local) parameters, got shape {tuple(p.shape)} strided")
+        device, dtype = locals_[0].device, locals_[0].dtype
+        align = max(1, _ALIGN_BYTES // dtype.itemsize)
+        starts, total = [], 0
+        for local in locals_:
+            starts.append(total)
+            total += -(-local.numel() // align) * align
+        moments = {name: torch.zeros(total, device=device, dtype=dtype) for name in ("exp_avg", "exp_avg_sq")}
+        # The fused kernel reads a float32 step per parameter from its device, as torch's fused AdamW keeps it.
+        steps = torch.zeros(len(params), device=device, dtype=torch.float32)
+        self.views = [
+            {
+                "step": steps[i],
+                **{name: flat[start : start + local.numel()].view(local.shape) for name, flat in moments.items()},
+            }
+            for i, (start, local) in enumerate(zip(starts, locals_))
+        ]
+        # What ``optimizer.state`` holds: the step a plain scalar tensor, as torch keeps it.
+        self.entries = [
+            {name: view if name == "step" else _like(p, view) for name, view in views.items()}
+            for p, views in zip(params, self.views)
+        ]
+
+    def step(self, group: dict[str, Any]) -> None:
+        """One AdamW update of the parameters that have a gradient (the others are left alone, as torch does),
+        with ``group``'s hyperparameters (the LR schedule changes its ``lr``)."""
+        chosen = [i for i, p in enumerate(self.params) if p.grad is not None]
+        if not chosen:
+            return
+        params = [self.params[i] for i in chosen]
+        for p in params:
+            if isinstance(p, DTensor) and p.grad.placements != p.placements:
+                raise ValueError(
+                    f"a gradient placed {p.grad.placements} for a parameter placed {p.placements}: "
+                    "their local tensors do not hold the same elements"
+                )
+        steps = [self.views[i]["step"] for i in chosen]
+        torch._foreach_add_(steps, 1)
+        beta1, beta2 = group["betas"]
+        torch._fused_adamw_(
+            [local_tensor(p) for p in params],
+            [local_tensor(p.grad) for p in params],
+            [self.views[i]["exp_avg"] for i in chosen],
+            [self.views[i]["exp_avg_sq"] for i in chosen],
+            [],
+            steps,
+            amsgrad=False,
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            weight_decay=group["weight_decay"],
+            eps=group["eps"],
+            maximize=False,
+            grad_scale=None,
+            found_inf=None,
+        )
+
+    def adopt(self, state: dict) -> None:
+        """Copy what ``Optimizer.load_state_dict`` put into ``state`` into the buffers (zeros for a parameter
+        without state: torch's AdamW makes it at its first gradient) and put the views back in its place."""
+        for p, views, entry in zip(self.params, self.views, self.entries):
+            loaded = state.get(p) or {}
+            for name, view in views.items():
+                if name in loaded:
+                    view.copy_(local_tensor(loaded[name]))
+                else:
+                    view.zero_()
+            state[p] = entry
+
+
+class FlatAdamW(torch.optim.AdamW):
+    """``torch.optim.AdamW`` (fused, no amsgrad, not maximizing) with its state in flat buffers, made for every
+    parameter at construction; a parameter without gradient is skipped, as torch does."""
+
+    def __init__(self, params, lr: float, betas: tuple[float, float], eps: float, weight_decay: float):
+        self._buckets: list[_Bucket] = []
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True)
+        self.register_load_state_dict_post_hook(FlatAdamW._adopt_loaded_state)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        by_kind = defaultdict(list)
+        for p in self.param_groups[-1]["params"]:
+            by_kind[(local_tensor(p).device, local_tensor(p).dtype)].append(p)
+        for params in by_kind.values():
+            bucket = _Bucket(len(self.param_groups) - 1, params)
+            self._buckets.append(bucket)
+            self.state.update(zip(params, bucket.entries))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for bucket in self._buckets:
+            bucket.step(self.param_groups[bucket.group_index])
+        return loss
+
+    @staticmethod
+    def _adopt_loaded_state(optimizer: "FlatAdamW") -> None:
+        """``load_state_dict`` replaced the state's tensors (and the param group dicts, which buckets know by
+        index): back into the buffers."""
+        for bucket in optimizer._buckets:
+            bucket.adopt(optimizer.state)
