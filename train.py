@@ -135,7 +135,7 @@ def _train(
     tied = tied_embedding_sync(parts, plan, mesh, cfg.parallelism.vocab_parallel)
     schedule = build_schedule(parts, plan, mesh["pp"].get_group(), device, loss) if plan else None
     # One optimizer and LR schedule per stage (TorchTitan's layout): checkpoints key their state by parameter name.
-    optimizers = [build_optimizer(list(part.parameters()), cfg.optimizer, device) for part in parts]
+    optimizers = [build_optimizer(list(part.parameters()), cfg.optimizer) for part in parts]
     schedulers = [build_lr_scheduler(opt, t.steps, cfg.lr_scheduler) for opt in optimizers]
     train_step = TrainStep(
         cfg=cfg,

@@ -122,7 +122,7 @@ def main() -> int:
             with torch.no_grad():
                 for p, s in zip(params, start):
                     local_tensor(p).copy_(s)
-            optimizer = build_optimizer(params, replace(cfg.optimizer, implementation=implementation), device)
+            optimizer = build_optimizer(params, replace(cfg.optimizer, implementation=implementation))
             for _ in range(CHECK_STEPS):
                 optimizer.step()
             after[implementation] = [local_tensor(p).detach().clone() for p in params]

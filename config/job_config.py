@@ -179,8 +179,8 @@ class Optimizer:
 
     implementation: Literal["flat", "torch"] = "flat"
     """`flat`: `training/flat_adamw.py`, torch's fused AdamW kernel called once per parameter dtype on the local
-    shards, its moments in one buffer each (on one H100, Qwen3-1.7B's step in about half the time of `torch`'s).
-    `torch`: `torch.optim.AdamW`, fused on CUDA, foreach elsewhere. The two agree to fp32 rounding and save the
+    shards, its moments in one buffer each (measured against `torch` in docs/performance.md).
+    `torch`: `torch.optim.AdamW(fused=True)` over the parameters. The two agree to fp32 rounding and save the
     same checkpoint format: a run resumes with either."""
 
     lr: Annotated[float, Range(gt=0)] = 3e-4

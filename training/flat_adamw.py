@@ -11,7 +11,7 @@ and each loads the other's.
 """
 
 from collections import defaultdict
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -73,9 +73,10 @@ class _Bucket:
             for p, views in zip(params, self.views)
         ]
 
-    def step(self, group: dict[str, Any]) -> None:
+    def step(self, group: dict[str, Any], found_inf: Optional[torch.Tensor]) -> None:
         """One AdamW update of the parameters that have a gradient (the others are left alone, as torch does),
-        with ``group``'s hyperparameters (the LR schedule changes its ``lr``)."""
+        with ``group``'s hyperparameters (the LR schedule changes its ``lr``); none where ``found_inf`` is
+        nonzero, decided by the kernel on the device."""
         chosen = [i for i, p in enumerate(self.params) if p.grad is not None]
         if not chosen:
             return
@@ -104,8 +105,10 @@ class _Bucket:
             eps=group["eps"],
             maximize=False,
             grad_scale=None,
-            found_inf=None,
+            found_inf=found_inf,
         )
+        if found_inf is not None:  # a skipped update is no step (torch's fused AdamW undoes the count the same way)
+            torch._foreach_sub_(steps, [found_inf] * len(steps))
 
     def adopt(self, state: dict) -> None:
         """Copy what ``Optimizer.load_state_dict`` put into ``state`` into the buffers (zeros for a parameter
@@ -145,8 +148,12 @@ class FlatAdamW(torch.optim.AdamW):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # Set by the caller as GradScaler sets it for torch's fused optimizers: nonzero skips this step.
+        found_inf = getattr(self, "found_inf", None)
         for bucket in self._buckets:
-            bucket.step(self.param_groups[bucket.group_index])
+            device = bucket.views[0]["step"].device
+            skip = None if found_inf is None else found_inf.to(device, torch.float32, non_blocking=True)
+            bucket.step(self.param_groups[bucket.group_index], skip)
         return loss
 
     @staticmethod

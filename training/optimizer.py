@@ -19,17 +19,17 @@ _RECIPE_KEYS = {
 }
 
 
-def build_optimizer(params: list[torch.nn.Parameter], cfg: Optimizer, device: torch.device) -> torch.optim.AdamW:
-    """The recipe's AdamW implementation (``optimizer.implementation``): ``FlatAdamW``, or torch's, fused on CUDA
-    (one kernel for all parameters) and foreach elsewhere.
+def build_optimizer(params: list[torch.nn.Parameter], cfg: Optimizer) -> torch.optim.AdamW:
+    """The recipe's AdamW implementation (``optimizer.implementation``): ``FlatAdamW``, or torch's, fused (one
+    kernel for all parameters, on CUDA and CPU). Both skip an update on the device when the caller sets
+    ``optimizer.found_inf`` nonzero (the non-finite policy, training/step.py), which foreach cannot.
 
     Weight decay applies to every parameter, as in TorchTitan.
     """
     settings = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
     if cfg.implementation == "flat":
         return FlatAdamW(params, **settings)
-    fused = device.type == "cuda"
-    return torch.optim.AdamW(params, **settings, fused=fused, foreach=not fused)
+    return torch.optim.AdamW(params, **settings, fused=True)
 
 
 def lr_factor(step: int, total_steps: int, cfg: LRScheduler) -> float:

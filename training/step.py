@@ -111,22 +111,26 @@ class TrainStep:
         if self.tied is not None:
             self.tied.sync_grads()
         duplicate = [self.tied.head_copy] if self.tied is not None and self.tied.head_copy is not None else []
-        grad_norm = float(clip_grad_norm_(self.params, self.t.max_norm, self.pp_group, skip=duplicate))
+        norm = clip_grad_norm_(self.params, self.t.max_norm, self.pp_group, skip=duplicate)
         # The loss lives on the last stage, one share per data-parallel rank: sum the shares.
         dist.all_reduce(step_loss, group=self.dp_group)
         if self.pp_group is not None:
             dist.all_reduce(step_loss, group=self.pp_group)
-        loss = step_loss.item() / self.dims.dp
+        # The update is queued before any figure is read, and skipped on the device where the loss or the
+        # gradient is not finite (the fused kernel's found_inf, as GradScaler sets it): the host does not wait
+        # for the backward to end before launching the optimizer.
+        nonfinite = (~(torch.isfinite(step_loss) & torch.isfinite(norm.to(step_loss.device)))).float()
+        for optimizer in self.optimizers:
+            optimizer.found_inf = nonfinite
+            optimizer.step()
+        if self.float8_scales is not None:
+            self.float8_scales()
+        loss, grad_norm = step_loss.item() / self.dims.dp, float(norm)
         finite = math.isfinite(loss) and math.isfinite(grad_norm)  # the same on every rank
         if not finite and (self.t.nonfinite_policy == "stop" or self.skipped == self.t.nonfinite_max_skips):
             after = f" after {self.skipped} skipped steps" if self.skipped else ""
             raise NonFiniteLossError(f"loss {loss}, grad norm {grad_norm} at step {step}{after}; {NONFINITE_ADVICE}")
-        if finite:
-            for optimizer in self.optimizers:
-                optimizer.step()
-            if self.float8_scales is not None:
-                self.float8_scales()
-        else:
+        if not finite:
             self.skipped += 1
             logger.warning(
                 f"step {step}: loss {loss}, grad norm {grad_norm}; update skipped "
