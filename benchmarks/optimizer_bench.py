@@ -1,0 +1,158 @@
+"""Time one optimizer step of a recipe's model on one GPU, against the memory-bandwidth floor.
+
+    python benchmarks/optimizer_bench.py                                 # Qwen3-1.7B (configs/qwen3_1p7b.toml)
+    python benchmarks/optimizer_bench.py --config configs/qwen3_1p7b.toml --reps 20 --warmup 3
+
+The model is built as train.py builds it on one rank (meta init, ``parallelize`` on a 1-rank mesh,
+``to_empty``, ``init_weights``) and its FSDP2 gradients come from one real forward and backward of a
+short batch (sum of squared hidden states), so the optimizer sees train.py's parameters and
+gradients. Timed with CUDA events around ``optimizer.step()`` (host dispatch included), median of
+``--reps`` after ``--warmup``:
+- ``torch``: ``torch.optim.AdamW(fused=True)`` over the DTensor parameters (``optimizer.implementation
+  = "torch"``);
+- ``flat``: ``training/flat_adamw.py`` (``"flat"``);
+- ``floor``: ``torch._fused_adamw_`` (and its step increment) on fresh plain tensors of the same shapes,
+  what the kernel takes without anything around it.
+GB moved per step: every element's parameter, gradient and two moments read, parameter and moments
+written, at their dtype's size. Also prints the largest parameter difference between ``torch`` and
+``flat`` after 3 steps from the same weights and gradients. Without CUDA it prints one line and exits 0.
+"""
+
+import argparse
+import statistics
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from config.job_config import JobConfig
+from models import Transformer, build_model_args
+from models.initialize import init_weights
+from parallelisms.distributed import close_distributed, init_distributed
+from parallelisms.local_tensor import local_tensor
+from parallelisms.parallel_dims import ParallelDims
+from parallelisms.parallelize import parallelize
+from training.optimizer import build_optimizer
+from training.recipe import load_recipe
+
+CHECK_STEPS = 3
+
+
+def build_model(cfg: JobConfig, device: torch.device) -> Transformer:
+    """The recipe's model on one rank, as train.py builds it, with gradients from one forward and backward."""
+    dims = ParallelDims.from_config(cfg.parallelism, 1)
+    mesh, _ = dims.build_mesh(device.type)
+    args = replace(build_model_args(cfg.model.name, cfg.model.flavor, cfg.model.vocab_size), max_seq_len=512)
+    with torch.device("meta"):
+        model = Transformer(args)
+    parallelize(model, cfg, dims.fsdp_mesh(mesh), cfg.training.mixed_precision_param, pp_enabled=False)
+    model.to_empty(device=device)
+    init_weights(model, cfg.training.seed, device)
+    tokens = torch.randint(0, args.vocab_size, (1, args.max_seq_len), device=device)
+    model(tokens).float().square().mean().backward()
+    return model
+
+
+def time_ms(step, reps: int, warmup: int) -> float:
+    """Median milliseconds of ``step()`` between CUDA events."""
+    times = []
+    for _ in range(warmup + reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times[warmup:])
+
+
+def floor_step(params: list[torch.Tensor], cfg: JobConfig):
+    """A step of ``torch._fused_adamw_`` on fresh plain tensors shaped as ``params``' local shards."""
+    locals_ = [local_tensor(p).detach().clone() for p in params]
+    grads = [local_tensor(p.grad).clone() for p in params]
+    exp_avgs, exp_avg_sqs = [torch.zeros_like(t) for t in locals_], [torch.zeros_like(t) for t in locals_]
+    steps = [torch.zeros((), device=t.device) for t in locals_]
+    o = cfg.optimizer
+
+    def step() -> None:
+        torch._foreach_add_(steps, 1)
+        torch._fused_adamw_(
+            locals_,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            [],
+            steps,
+            amsgrad=False,
+            lr=o.lr,
+            beta1=o.betas[0],
+            beta2=o.betas[1],
+            weight_decay=o.weight_decay,
+            eps=o.eps,
+            maximize=False,
+            grad_scale=None,
+            found_inf=None,
+        )
+
+    return step
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/qwen3_1p7b.toml")
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("optimizer_bench: no CUDA device, nothing timed")
+        return 0
+    device = torch.device("cuda", 0)
+    torch.cuda.set_device(device)
+    init_distributed(device, 600)
+    try:
+        # Nothing is compiled: the forward only makes the gradients.
+        cfg = load_recipe(["--config", args.config, "--compile.enable", "false"])
+        model = build_model(cfg, device)
+        params = list(model.parameters())
+        start = [local_tensor(p).detach().clone() for p in params]
+        rows, after = [], {}
+        for implementation in ("torch", "flat"):
+            with torch.no_grad():
+                for p, s in zip(params, start):
+                    local_tensor(p).copy_(s)
+            optimizer = build_optimizer(params, replace(cfg.optimizer, implementation=implementation), device)
+            for _ in range(CHECK_STEPS):
+                optimizer.step()
+            after[implementation] = [local_tensor(p).detach().clone() for p in params]
+            rows.append((implementation, time_ms(optimizer.step, args.reps, args.warmup)))
+            del optimizer
+        difference = max((a - b).abs().max().item() for a, b in zip(after["torch"], after["flat"]))
+        largest = max(t.abs().max().item() for t in after["torch"])
+        del start, after
+        rows.append(("floor", time_ms(floor_step(params, cfg), args.reps, args.warmup)))
+        # Parameter and both moments read and written, the gradient read.
+        moved = sum(
+            local_tensor(p).numel() * (6 * local_tensor(p).element_size() + local_tensor(p.grad).element_size())
+            for p in params
+        )
+        print(
+            f"{cfg.model.name} {cfg.model.flavor}: {sum(p.numel() for p in params) / 1e9:.3f} B parameters in "
+            f"{len(params)} tensors, {torch.cuda.get_device_name(device)}, torch {torch.__version__}; "
+            f"median of {args.reps} steps"
+        )
+        print(f"{'optimizer':<10}{'ms':>8}{'GB moved':>10}{'GB/s':>8}")
+        for name, ms in rows:
+            print(f"{name:<10}{ms:>8.2f}{moved / 1e9:>10.1f}{moved / 1e6 / ms:>8.0f}")
+        print(
+            f"max |torch - flat| over the parameters after {CHECK_STEPS} steps: {difference:.3g} "
+            f"(largest |parameter| {largest:.3g})"
+        )
+    finally:
+        close_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
