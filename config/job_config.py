@@ -179,7 +179,8 @@ class Optimizer:
 
     implementation: Literal["flat", "torch"] = "flat"
     """`flat`: `training/flat_adamw.py`, torch's fused AdamW kernel called once per parameter dtype on the local
-    shards, its moments in one buffer each (measured against `torch` in docs/performance.md).
+    shards, its moments in one buffer each (Qwen3-1.7B on one H100: 19.1 ms a step against `torch`'s 24.0, the
+    kernel alone 18.8; docs/performance.md).
     `torch`: `torch.optim.AdamW(fused=True)` over the parameters. The two agree to fp32 rounding and save the
     same checkpoint format: a run resumes with either."""
 
