@@ -146,18 +146,10 @@ def test_float8_trains_near_plain_and_checkpoints_load_both_ways_exactly(tmp_pat
 
 def _layout_pairs(rank, world_size, root):
     """Plain and float8 runs of each layout in turn: {layout: {kind: (losses, validation)}}."""
-    pipeline = [
-        "--parallelism.pipeline_parallel_degree",
-        "2",
-        "--parallelism.vocab_parallel",
-        "--validation.enable",
-        "--validation.dataset_path",
-        "data/corpus",
-        "--validation.steps",
-        "2",
-        "--validation.freq",
-        "2",
-    ]
+    pipeline = (
+        "--parallelism.pipeline_parallel_degree 2 --parallelism.vocab_parallel --validation.enable "
+        "--validation.dataset_path data/corpus --validation.steps 2 --validation.freq 2"
+    ).split()
     hsdp = ["--parallelism.data_parallel_replicate_degree", "2", "--parallelism.data_parallel_shard_degree", "2"]
     out = {}
     for layout, extra in (("pipeline", pipeline), ("hsdp", hsdp)):
