@@ -9,7 +9,9 @@ and exited 0. train.py's ranks answer SIGTERM and SIGUSR1 by finishing the step,
 waiting, and ends as they do: 0 when every rank exited 0. A scheduler that signals every process of
 the job reaches the ranks directly as well; a second signal changes nothing. One that comes while no
 rank runs (before they start, after they end) ends the launcher as it ends any process. Ctrl-C
-(SIGINT), SIGHUP and SIGQUIT keep torchrun's own handling.
+(SIGINT), SIGHUP and SIGQUIT keep torchrun's own handling. A rank that fails has said why (a config
+error's one line, or its traceback): the launch ends with that rank's exit code and one line naming it,
+not torchrun's traceback of its own.
 """
 
 import os
@@ -17,6 +19,7 @@ import signal
 import sys
 from pathlib import Path
 
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import main as torchrun
 
 PASSED_ON = (signal.SIGTERM, signal.SIGUSR1)
@@ -55,7 +58,12 @@ def main(argv: list[str]) -> None:
     for signum in PASSED_ON:
         signal.signal(signum, _pass_on)
     # torchrun installs its own handler (the one that raises SignalException) for the signals listed here only.
-    torchrun(["--signals-to-handle", "SIGINT,SIGHUP,SIGQUIT", *argv])
+    try:
+        torchrun(["--signals-to-handle", "SIGINT,SIGHUP,SIGQUIT", *argv])
+    except ChildFailedError as err:
+        rank, failure = err.get_first_failure()
+        print(f"torchrun: rank {rank} exited {failure.exitcode}; its output above says why", file=sys.stderr)
+        sys.exit(failure.exitcode if failure.exitcode > 0 else 1)
 
 
 if __name__ == "__main__":

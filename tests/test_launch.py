@@ -2,6 +2,7 @@
 "nodes" on this machine meeting over loopback, gloo on the CPU."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -199,3 +200,21 @@ exit 3
     assert out.count("--rdzv_backend c10d") == 1  # the resolved command, printed once before srun
     assert "world 4 = pp 1 x dp_replicate 1 x dp_shard 4" in out  # after train.py --dry_run for the whole job
     assert "SIGUSR1" in out and "SIGTERM" in out and "checkpoint and stop" in out
+
+
+@pytest.mark.multiprocess
+def test_a_bad_recipe_under_the_launcher_is_the_ranks_line_and_its_exit_code(tmp_path):
+    """scripts/torchrun.py ends as the failed rank did, naming it, without torchrun's own traceback."""
+    result = subprocess.run(
+        ["./run_train.sh", "--training.stpes", "5", "--job.dump_folder", str(tmp_path / "run")],
+        cwd=ROOT,
+        env={**os.environ, "NGPU": "2"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-3000:]
+    assert "config error: training.stpes: unknown key (did you mean 'steps'?)" in output
+    assert re.search(r"^torchrun: rank \d exited 2; its output above says why$", result.stderr, re.M), output[-3000:]
+    assert "Traceback" not in output
