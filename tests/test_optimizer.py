@@ -65,9 +65,9 @@ def _train(optimizer, params, steps) -> None:
 def _assert_same(flat, flat_params, ref, ref_params) -> None:
     for i, (p, q) in enumerate(zip(flat_params, ref_params)):
         torch.testing.assert_close(p, q, **CLOSE, msg=lambda m, i=i: f"parameter {i}: {m}")
-        mine = flat.state[p]
+        mine = flat.state.get(p)
         if q not in ref.state:  # never stepped: torch has no state yet, FlatAdamW's is still zero
-            assert i == NEVER_GRAD and mine["step"] == 0 and not mine["exp_avg"].any()
+            assert i == NEVER_GRAD and (mine is None or (mine["step"] == 0 and not mine["exp_avg"].any()))
             continue
         for name, value in ref.state[q].items():
             torch.testing.assert_close(mine[name].float(), value.float(), **CLOSE, msg=f"{name} of parameter {i}")
@@ -279,3 +279,23 @@ def test_every_layout_trains_alike_with_either_implementation(world_size, tmp_pa
             torch.testing.assert_close(
                 value, torch_params[key], rtol=1e-6, atol=1e-6, msg=lambda m, n=name, k=key: f"{n} {k}: {m}"
             )
+
+
+@pytest.mark.parametrize("kind", ["flat", "fused"])
+def test_a_step_with_found_inf_changes_nothing(kind):
+    """training/step.py skips a non-finite step on the device: parameters, moments and step counts stay, and the
+    next steps are those of an optimizer that never saw it."""
+    params, ref_params = _params(), _params()
+    optimizer, ref = _optimizer(kind, params), _optimizer(kind, ref_params)
+    _train(optimizer, params, range(3))
+    _train(ref, ref_params, range(3))
+    for p in params:
+        if p.grad is not None:
+            p.grad.fill_(float("nan"))
+    optimizer.found_inf = torch.ones(())
+    optimizer.step()
+    _assert_same(optimizer, params, ref, ref_params)
+    optimizer.found_inf = ref.found_inf = torch.zeros(())
+    _train(optimizer, params, range(3, 6))
+    _train(ref, ref_params, range(3, 6))
+    _assert_same(optimizer, params, ref, ref_params)
