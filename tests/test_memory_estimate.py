@@ -1,6 +1,7 @@
 """The memory estimate of ``train.py --dry_run`` against measured peaks, and the dry run end to end."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from torch.distributed.pipelining.schedules import _ComputationType
 from torch.nn.attention.flex_attention import create_block_mask
 
 import train
+from models import build_model_args
 from models.attention import dense_block_causal_mask, document_ids
 from parallelisms.parallel_dims import ParallelDims
 from parallelisms.pipeline import PIPELINE_SCHEDULES
@@ -59,6 +61,13 @@ MEASURED = [
     ("1 H100, cce, 2 sequences", ONE_GPU, [], 1, [30.7]),
     ("1 H100, cross_entropy, 2 sequences", ONE_GPU, ["--loss.name", "cross_entropy"], 1, [43.6]),
     ("1 H100, cce, 4 sequences", ONE_GPU, ["--training.local_batch_size", "4"], 1, [40.7]),
+    (
+        "1 H100, cce, 4 sequences, float8",
+        ONE_GPU,
+        ["--training.local_batch_size", "4", "--float8.enable"],
+        1,
+        [40.6],
+    ),
     ("PP=4, cce", PP4, EVEN4, 4, [16.4, 10.1, 8.9, 13.3]),
     ("PP=4, cross_entropy", PP4, [*EVEN4, "--loss.name", "cross_entropy"], 4, [16.4, 10.1, 8.9, 19.6]),
     ("PP=4, 16 sequences, cce", PP4, [*EVEN4, "--training.local_batch_size", "16"], 4, [16.6, 10.3, 9.1, 13.5]),
@@ -266,3 +275,23 @@ def test_dry_run_shows_the_table_and_the_line_the_run_would_stop_with(no_process
     out = capsys.readouterr().out
     assert "fits 10 GiB" in out and "NO" in out
     assert "the run would stop here: config error: parallelism.pipeline_parallel_schedule: no schedule" in out
+
+
+@pytest.mark.parametrize(
+    "overrides, world, float8_bytes",
+    [([], 4, 1), (["--float8.recipe", "rowwise"], 4, 2), ([], 1, 2)],
+    ids=["tensorwise, sharded", "rowwise", "nothing sharded"],
+)
+def test_float8_all_gather_holds_the_gathered_blocks_linear_weights_at_one_byte(overrides, world, float8_bytes):
+    """FSDP gathers two blocks at a time; with tensorwise float8 on sharded weights their linear layers'
+    weights come gathered in float8 (torchao's all-gather); rowwise, or a single rank, gathers them in bf16."""
+    args = [*FSDP4, *overrides]
+    cfg = load_recipe(["--config", PP4, *args])
+    dims = ParallelDims.from_config(cfg.parallelism, world)
+    (plain,) = set(estimate_memory(cfg, dims, None))
+    (float8,) = set(estimate_memory(load_recipe(["--config", PP4, *args, "--float8.enable"]), dims, None))
+    a = build_model_args("qwen3", "1.7B")
+    q, kv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+    linears = a.dim * (q + 2 * kv) + q * a.dim + 3 * a.dim * a.ffn_dim  # wq, wk, wv; wo; w1, w2, w3
+    assert plain.unsharded_params - float8.unsharded_params == 2 * linears * (2 - float8_bytes)
+    assert replace(float8, unsharded_params=plain.unsharded_params) == plain
