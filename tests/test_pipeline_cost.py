@@ -112,3 +112,14 @@ def test_unresolved_loss_is_refused():
 def test_microbatch_scales_tokens_not_attention_length():
     two = stage_time(dataclasses.replace(_inputs(), microbatch_size=2), 1, first=False, last=False)
     assert two.forward_ms == pytest.approx(2 * _ms(LAYER_FWD))
+
+
+def test_float8_blocks_run_at_the_tables_float8_rate_and_at_bf16s_where_it_has_none():
+    plain = stage_time(_inputs(), 1, False, False)
+    assert stage_time(_inputs(float8=True), 1, False, False) == plain  # UNIT has no float8 rate
+    faster = dataclasses.replace(UNIT, layer_tflops_float8=2.0)
+    float8 = stage_time(_inputs(rates=faster, float8=True), 1, False, False)
+    assert float8.forward_ms == pytest.approx(_ms(LAYER_FWD) / 2) and float8.backward_ms == pytest.approx(
+        _ms(LAYER_BWD) / 2
+    )
+    assert stage_time(_inputs(rates=faster), 1, False, False) == plain  # a bf16 run keeps the bf16 rate
