@@ -9,16 +9,24 @@ level) and so must what ``fn`` returns; tensors come back through ``torch.save``
 
 Each rank then shuts down as ``train.py`` does (``close_distributed``) and fails
 if a gloo worker thread outlives it: such a thread can abort the process at exit.
+
+The ranks are forked from a fork server that imported torch and ``train`` once per test
+session: a freshly spawned rank spent about 5 s of CPU on those imports, more than most
+tests' training, and on 2 cores 4 ranks wait for each other's. A forked rank is still a
+new process with nothing of another test's: it gets the caller's environment, standard
+output and error, and working directory, as a spawned one would.
 """
 
 import datetime
 import glob
+import multiprocessing
 import os
 import socket
 import sys
 import tempfile
 import time
 import traceback
+from multiprocessing import reduction
 from typing import Any, Callable
 
 import torch
@@ -35,15 +43,41 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+# Imported by the fork server before it forks any rank (an import that fails there is made by the rank).
+multiprocessing.set_forkserver_preload(["train"])
+
+
+class _CallersStreams:
+    """The caller's standard output and error, for a forked rank to write to as a spawned one would (the fork
+    server's own are those of whichever test started it)."""
+
+    def __init__(self, fds: tuple = ()):
+        self.fds = fds
+
+    def __reduce__(self):  # the rank receives duplicates of the caller's descriptors
+        return _CallersStreams, ((reduction.DupFd(1), reduction.DupFd(2)),)
+
+    def adopt(self) -> None:
+        for target, inherited in zip((1, 2), self.fds):
+            fd = inherited.detach()
+            os.dup2(fd, target)
+            os.close(fd)
+
+
 def _run_rank(
     rank: int,
     world_size: int,
     port: int,
     result_dir: str,
     timeout_s: float,
+    environment: dict[str, str],
+    streams: _CallersStreams,
     fn: Callable[..., Any],
     args: tuple,
 ) -> None:
+    streams.adopt()
+    os.environ.clear()
+    os.environ.update(environment)
     # N processes share the test machine's cores; one thread each avoids oversubscription.
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -83,10 +117,10 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
     with tempfile.TemporaryDirectory() as result_dir:
         context = mp.start_processes(
             _run_rank,
-            args=(world_size, free_port(), result_dir, timeout_s, fn, args),
+            args=(world_size, free_port(), result_dir, timeout_s, dict(os.environ), _CallersStreams(), fn, args),
             nprocs=world_size,
             join=False,
-            start_method="spawn",
+            start_method="forkserver",
         )
         deadline = time.monotonic() + timeout_s
         # join() re-raises a failed rank's exception with its traceback.
