@@ -12,7 +12,10 @@ import pytest
 from config.errors import ConfigError
 from config.job_config import Parallelism
 from parallelisms.parallel_dims import ParallelDims
+from tests.dist_utils import run_distributed
+from train import train
 from training.metrics.records import read_metrics
+from training.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,10 +23,6 @@ ROOT = Path(__file__).resolve().parents[1]
 def _train(tmp_path, *overrides, timeout=600):
     cmd = [sys.executable, "train.py", "--config", "configs/debug.toml", "--job.dump_folder", str(tmp_path), *overrides]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-
-
-def _losses(folder):
-    return [r["loss"] for r in read_metrics(Path(folder) / "metrics.jsonl")]
 
 
 def test_run_train_sh_trains_the_default_recipe_and_the_loss_falls(tmp_path):
@@ -53,46 +52,54 @@ def test_run_train_sh_trains_the_default_recipe_and_the_loss_falls(tmp_path):
     assert (tmp_path / "config.toml").is_file() and (tmp_path / "memory.json").is_file()
 
 
+def _losses_of_each(rank, world_size, root, runs):
+    """Each run of ``runs`` ({name: overrides of configs/debug.toml}) trained in turn in this process: its losses."""
+    return {
+        name: train(
+            load_recipe(["--config", "configs/debug.toml", "--job.dump_folder", str(root / name), *overrides])
+        ).losses
+        for name, overrides in runs.items()
+    }
+
+
 def test_loss_entries_train_identically(tmp_path):
     """Same seed, fp32 CPU: the first 5 step losses of every CPU entry agree within 1e-4 relative."""
-    runs = {}
-    for name in ("cross_entropy", "chunked", "cce_torch_compile"):
-        result = _train(tmp_path / name, "--training.steps", "5", "--loss.name", name)
-        assert result.returncode == 0, result.stderr[-3000:]
-        runs[name] = _losses(tmp_path / name)
-    reference = runs.pop("cross_entropy")
+    names = ("cross_entropy", "chunked", "cce_torch_compile")
+    runs = {name: ["--training.steps", "5", "--loss.name", name] for name in names}
+    (losses,) = run_distributed(_losses_of_each, 1, tmp_path, runs, timeout_s=300)
+    reference = losses.pop("cross_entropy")
     assert len(reference) == 5, reference
-    for name, losses in runs.items():
-        assert len(losses) == len(reference), (name, losses, reference)
-        for got, want in zip(losses, reference):
-            assert abs(got - want) <= 1e-4 * abs(want), (name, losses, reference)
+    for name, got in losses.items():
+        assert len(got) == len(reference), (name, got, reference)
+        for g, want in zip(got, reference):
+            assert abs(g - want) <= 1e-4 * abs(want), (name, got, reference)
 
 
 def test_activation_checkpointing_and_compile_do_not_change_the_numbers(tmp_path):
-    base = _train(tmp_path / "base", "--training.steps", "3")
-    assert base.returncode == 0, base.stderr[-3000:]
-    reference = _losses(tmp_path / "base")
-    assert len(reference) == 3, reference
-    for label, overrides, rtol in [
-        ("full_ac", ["--activation_checkpoint.mode", "full"], 1e-6),
-        (
-            "selective_op",
+    """Every wrapping against the plain run, all in one process (start-up would be most of each run's time)."""
+    variants = {
+        "full_ac": (["--activation_checkpoint.mode", "full"], 1e-6),
+        "selective_op": (
             ["--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option", "op"],
             1e-6,
         ),
-        (
-            "every_2nd",
+        "every_2nd": (
             ["--activation_checkpoint.mode", "selective", "--activation_checkpoint.selective_ac_option", "2"],
             1e-6,
         ),
-        ("compiled", ["--compile.enable", "--activation_checkpoint.mode", "full"], 1e-4),
-    ]:
-        result = _train(tmp_path / label, "--training.steps", "3", *overrides)
-        assert result.returncode == 0, (label, result.stderr[-3000:])
-        losses = _losses(tmp_path / label)
-        assert len(losses) == len(reference), (label, losses, reference)
-        for got, want in zip(losses, reference):
-            assert abs(got - want) <= rtol * abs(want), (label, got, want)
+        "compiled": (["--compile.enable", "--activation_checkpoint.mode", "full"], 1e-4),
+    }
+    runs = {"base": [], **{label: overrides for label, (overrides, _) in variants.items()}}
+    (losses,) = run_distributed(
+        _losses_of_each, 1, tmp_path, {name: ["--training.steps", "3", *o] for name, o in runs.items()}, timeout_s=300
+    )
+    reference = losses["base"]
+    assert len(reference) == 3, reference
+    for label, (_, rtol) in variants.items():
+        got = losses[label]
+        assert len(got) == len(reference), (label, got, reference)
+        for g, want in zip(got, reference):
+            assert abs(g - want) <= rtol * abs(want), (label, g, want)
 
 
 def test_non_finite_loss_stops_with_the_step_and_what_to_try(tmp_path):
