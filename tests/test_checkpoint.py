@@ -84,36 +84,65 @@ def _validate_every(freq):
     ]
 
 
-def _losses_and_validation(rank, world_size, argv):
-    result = train(load_recipe(argv))
-    return result.losses, {step: figures["validation_loss"] for step, figures in result.validation.items()}
+def _losses_and_validation_of_each(rank, world_size, argvs):
+    """Each recipe trained in turn in this launch: its losses and {step: validation loss}."""
+    results = [train(load_recipe(argv)) for argv in argvs]
+    return [
+        (result.losses, {step: figures["validation_loss"] for step, figures in result.validation.items()})
+        for result in results
+    ]
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_resume_is_bitwise_identical(layout, tmp_path):
     """With validation on, at other steps in the two runs (every 2 steps; every 3 and at the end of each part):
     the training losses stay bitwise equal, and at the steps both validate (the same weights) so do the
-    validation losses."""
+    validation losses. One launch trains the first part, then the straight run, then resumes the first part's
+    checkpoint: what the process holds at the resume is the end of a 10-step run, not the saved step's."""
     world, extra = LAYOUTS[layout]
 
-    def run(folder, steps, freq):
-        argv = _argv(tmp_path / folder, steps, *extra, *_validate_every(freq))
-        return run_distributed(_losses_and_validation, world, argv, timeout_s=300)[0]
+    def argv(folder, steps, freq):
+        return _argv(tmp_path / folder, steps, *extra, *_validate_every(freq))
 
-    straight, straight_validation = run("straight", 10, 2)
-    first, first_validation = run("resumed", 5, 3)
-    second, second_validation = run("resumed", 10, 3)
+    runs = [argv("resumed", 5, 3), argv("straight", 10, 2), argv("resumed", 10, 3)]
+    runs = run_distributed(_losses_and_validation_of_each, world, runs, timeout_s=300)[0]
+    (first, first_validation), (straight, straight_validation), (second, second_validation) = runs
     assert first + second == straight
     assert list(straight_validation) == [2, 4, 6, 8, 10]
     assert list(first_validation) == [3, 5] and list(second_validation) == [6, 9, 10]
     assert [second_validation[s] for s in (6, 10)] == [straight_validation[s] for s in (6, 10)]
 
 
-def _continue_elsewhere(tmp_path, source, expected, targets):
-    for name, world, extra in targets:
-        target = tmp_path / name
-        shutil.copytree(source / "checkpoint" / "step-5", target / "checkpoint" / "step-5")
-        (next_loss,) = _run(world, _argv(target, 6, *extra))
+def _train_each(rank, world_size, runs):
+    """Each (argv, copy) of ``runs`` trained in turn in this launch, ``copy`` (a checkpoint and where to, or
+    None) copied by rank 0 first: their losses."""
+    losses = []
+    for argv, copy in runs:
+        if copy is not None:
+            if rank == 0:
+                shutil.copytree(*copy)
+            dist.barrier()
+        losses.append(train(load_recipe(argv)).losses)
+    return losses
+
+
+def _saved_then_continued_elsewhere(tmp_path, world, extra, targets):
+    """A source run of ``world`` ranks saves step 5 and resumes it to step 6; each (name, world, extra) of
+    ``targets`` continues a copy of its step-5 checkpoint to step 6 and must give the same step-6 loss.
+    The targets of the source's world size continue in its launch, after it."""
+    source = tmp_path / "source"
+    launches = {world: [(_argv(source, 5, *extra), None), (_argv(source, 6, *extra), None)]}
+    names = {world: ["source", "source resumed"]}
+    for name, target_world, target_extra in targets:
+        copy = (source / "checkpoint" / "step-5", tmp_path / name / "checkpoint" / "step-5")
+        launches.setdefault(target_world, []).append((_argv(tmp_path / name, 6, *target_extra), copy))
+        names.setdefault(target_world, []).append(name)
+    losses = {}
+    for launch_world, runs in launches.items():  # the source's first
+        losses.update(zip(names[launch_world], run_distributed(_train_each, launch_world, runs, timeout_s=300)[0]))
+    (expected,) = losses["source resumed"]
+    for name, _, _ in targets:
+        (next_loss,) = losses[name]
         assert next_loss == pytest.approx(expected, rel=1e-6), name
 
 
@@ -132,19 +161,13 @@ def _split(point: int) -> list[str]:
 def test_pipeline_checkpoint_loads_into_other_layouts_and_splits(tmp_path):
     """Saved by pp=2 x dp_shard=2 with 1/3 layers per stage and the vocab-parallel head; continued by one
     process, by dp_shard=4 with the vocab-parallel head, and by pp=2 with the other split (3/1)."""
-    source = tmp_path / "source"
-    _run(4, _argv(source, 5, *_split(1), *VP))
-    (expected,) = _run(4, _argv(source, 6, *_split(1), *VP))
-    _continue_elsewhere(
-        tmp_path, source, expected, [("single", 1, []), ("dp_shard4_vp", 4, VP), ("pp2_split_3", 2, _split(3))]
+    _saved_then_continued_elsewhere(
+        tmp_path, 4, [*_split(1), *VP], [("single", 1, []), ("dp_shard4_vp", 4, VP), ("pp2_split_3", 2, _split(3))]
     )
 
 
 def test_vocab_parallel_checkpoint_over_4_ranks_loads_into_2_and_into_no_vocab_parallel(tmp_path):
-    source = tmp_path / "source"
-    _run(4, _argv(source, 5, *VP))
-    (expected,) = _run(4, _argv(source, 6, *VP))
-    _continue_elsewhere(tmp_path, source, expected, [("dp_shard2_vp", 2, VP), ("single", 1, [])])
+    _saved_then_continued_elsewhere(tmp_path, 4, VP, [("dp_shard2_vp", 2, VP), ("single", 1, [])])
 
 
 def _overwrite_4kb(file: Path) -> None:
