@@ -21,12 +21,15 @@ import datetime
 import glob
 import multiprocessing
 import os
+import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import time
 import traceback
 from multiprocessing import reduction
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -34,6 +37,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from parallelisms.distributed import close_distributed
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -155,3 +160,48 @@ def train_command(nproc: int, folder, *overrides: str) -> list[str]:
     )
     recipe = ["--config", "configs/debug.toml", "--training.seq_len", "32", "--job.dump_folder", str(folder)]
     return [*launcher, "train.py", *recipe, *overrides]
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes that ``pid`` started, and theirs (torchrun starts its ranks in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])  # after "pid (command)": state, parent
+        except (OSError, IndexError, ValueError):  # the process ended meanwhile
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+class Launched:
+    """``command`` started now from the repository root, its output going to ``logs``.out and .err (a pipe
+    that nobody reads until the end could fill and stall it): several can go on at once, each start-up
+    (~5 s of imports on one core) beside the others' work. ``result()`` waits for it; ``stop()`` ends what
+    is left of it and of the processes it started."""
+
+    def __init__(self, command: list[str], logs: Path, env: dict[str, str] | None = None):
+        self.out, self.err = logs.with_name(logs.name + ".out"), logs.with_name(logs.name + ".err")
+        with open(self.out, "w") as out, open(self.err, "w") as err:
+            self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=err, text=True)
+
+    def result(self, timeout: float = 600) -> subprocess.CompletedProcess:
+        try:
+            code = self.process.wait(timeout=timeout)
+        finally:
+            self.stop()
+        return subprocess.CompletedProcess(self.process.args, code, self.out.read_text(), self.err.read_text())
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            for pid in [self.process.pid, *_descendants(self.process.pid)]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            self.process.wait()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.dist_utils import train_command
+from tests.dist_utils import Launched, train_command
 from training.metrics.records import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,29 +46,32 @@ def _signal_after_step_2(proc, folder, signum):
     [(1, signal.SIGUSR1, "train.py"), (2, signal.SIGTERM, "the launcher")],  # the ranks get it from the launcher
 )
 def test_signal_checkpoints_and_the_rerun_continues_exactly(tmp_path, nproc, signum, to):
-    straight = subprocess.run(
-        _command(tmp_path / "straight", nproc), cwd=ROOT, capture_output=True, text=True, timeout=600
-    )
-    assert straight.returncode == 0, straight.stderr[-2000:]
+    """The straight run, the reference, goes on beside the preempted one and its rerun: they share only the
+    cores, and its start-up overlaps theirs."""
+    straight = Launched(_command(tmp_path / "straight", nproc), tmp_path / "straight")
+    try:
+        folder = tmp_path / "preempted"
+        proc = subprocess.Popen(
+            _command(folder, nproc, launcher=to == "the launcher"),
+            cwd=ROOT,
+            env={**os.environ, "NGPU": str(nproc)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        _signal_after_step_2(proc, folder, signum)
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-2000:]
+        assert "stopping after step" in out + err
+        assert "Traceback" not in out + err and "SignalException" not in out + err
+        saved = [p.name for p in (folder / "checkpoint").iterdir()]
+        assert len(saved) == 1 and saved[0] != f"step-{STEPS}", saved
+        assert not (folder / "run.lock").exists()  # released on the way out
 
-    folder = tmp_path / "preempted"
-    proc = subprocess.Popen(
-        _command(folder, nproc, launcher=to == "the launcher"),
-        cwd=ROOT,
-        env={**os.environ, "NGPU": str(nproc)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    _signal_after_step_2(proc, folder, signum)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-2000:]
-    assert "stopping after step" in out + err
-    assert "Traceback" not in out + err and "SignalException" not in out + err
-    saved = [p.name for p in (folder / "checkpoint").iterdir()]
-    assert len(saved) == 1 and saved[0] != f"step-{STEPS}", saved
-    assert not (folder / "run.lock").exists()  # released on the way out
-
-    rerun = subprocess.run(_command(folder, nproc), cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert rerun.returncode == 0, rerun.stderr[-2000:]
+        rerun = subprocess.run(_command(folder, nproc), cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert rerun.returncode == 0, rerun.stderr[-2000:]
+        finished = straight.result()
+        assert finished.returncode == 0, finished.stderr[-2000:]
+    finally:
+        straight.stop()
     assert _losses(folder) == _losses(tmp_path / "straight")
