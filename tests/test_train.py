@@ -3,53 +3,71 @@
 import json
 import os
 import re
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from config.errors import ConfigError
 from config.job_config import Parallelism
 from parallelisms.parallel_dims import ParallelDims
-from tests.dist_utils import run_distributed
+from tests.dist_utils import Launched, run_distributed
 from train import train
 from training.metrics.records import read_metrics
 from training.recipe import load_recipe
 
-ROOT = Path(__file__).resolve().parents[1]
+
+def _train_py(folder, *overrides) -> list[str]:
+    return [sys.executable, "train.py", "--config", "configs/debug.toml", "--job.dump_folder", str(folder), *overrides]
 
 
-def _train(tmp_path, *overrides, timeout=600):
-    cmd = [sys.executable, "train.py", "--config", "configs/debug.toml", "--job.dump_folder", str(tmp_path), *overrides]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-
-
-def test_run_train_sh_trains_the_default_recipe_and_the_loss_falls(tmp_path):
-    env = {**os.environ, "NGPU": "1"}
-    result = subprocess.run(
-        [
-            "./run_train.sh",
-            "--training.steps",
-            "12",
-            "--job.dump_folder",
-            str(tmp_path),
-            "--metrics.enable_tensorboard",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
+def _out_of_memory_at_the_first_forward(folder) -> list[str]:
+    script = (
+        "import sys, torch\n"
+        "from models.transformer import Transformer\n"
+        "def oom(self, x):\n    raise torch.cuda.OutOfMemoryError('CUDA out of memory')\n"
+        "Transformer.forward = oom\n"
+        "import train\n"
+        f"sys.exit(train.main(['--config', 'configs/debug.toml', '--job.dump_folder', r'{folder}']))\n"
     )
+    return [sys.executable, "-c", script]
+
+
+NON_FINITE = ["--optimizer.lr", "1e30", "--training.max_norm", "0"]
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """{name: (its launch, its dump folder)}: every command of this module, as a user starts it, all started
+    together when the first test asks. Each spends ~5 s importing on one core; the others, and the in-process
+    comparisons below, use the other core meanwhile."""
+    root = tmp_path_factory.mktemp("launched")
+    commands = {
+        "run_train_sh": ["./run_train.sh", "--training.steps", "12", "--job.dump_folder", str(root / "run_train_sh")]
+        + ["--metrics.enable_tensorboard"],
+        "non_finite": _train_py(root / "non_finite", "--training.steps", "5", *NON_FINITE),
+        "non_finite_skip": _train_py(root / "non_finite_skip", "--training.steps", "8", *NON_FINITE)
+        + ["--training.nonfinite_policy", "skip", "--training.nonfinite_max_skips", "2"],
+        "out_of_memory": _out_of_memory_at_the_first_forward(root / "out_of_memory"),
+        "world_size": _train_py(root / "world_size", "--parallelism.pipeline_parallel_degree", "2"),
+    }
+    env = {**os.environ, "NGPU": "1"}  # run_train.sh's process count; train.py does not read it
+    launches = {name: (Launched(command, root / name, env=env), root / name) for name, command in commands.items()}
+    yield launches
+    for launch, _ in launches.values():
+        launch.stop()
+
+
+def test_run_train_sh_trains_the_default_recipe_and_the_loss_falls(launched):
+    launch, folder = launched["run_train_sh"]
+    result = launch.result()
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    rows = read_metrics(tmp_path / "metrics.jsonl")
+    rows = read_metrics(folder / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, 13))
     assert set(rows[0]) == {"step", "loss", "lr", "grad_norm", "tokens_per_second", "mfu_percent", "peak_memory_gib"}
     assert rows[-1]["loss"] < rows[0]["loss"] - 1.0
     assert "step 12/12" in result.stdout
-    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
-    assert (tmp_path / "config.toml").is_file() and (tmp_path / "memory.json").is_file()
+    assert list((folder / "tensorboard").glob("events.out.tfevents.*"))
+    assert (folder / "config.toml").is_file() and (folder / "memory.json").is_file()
 
 
 def _losses_of_each(rank, world_size, root, runs):
@@ -102,33 +120,22 @@ def test_activation_checkpointing_and_compile_do_not_change_the_numbers(tmp_path
             assert abs(g - want) <= rtol * abs(want), (label, g, want)
 
 
-def test_non_finite_loss_stops_with_the_step_and_what_to_try(tmp_path):
-    result = _train(tmp_path, "--training.steps", "5", "--optimizer.lr", "1e30", "--training.max_norm", "0")
+def test_non_finite_loss_stops_with_the_step_and_what_to_try(launched):
+    result = launched["non_finite"][0].result()
     assert result.returncode == 1
     assert "at step" in result.stderr and "optimizer.lr" in result.stderr
     assert "Traceback" not in result.stderr
 
 
-def test_nonfinite_skip_mode_counts_then_stops(tmp_path):
-    result = _train(
-        tmp_path,
-        "--training.steps",
-        "8",
-        "--optimizer.lr",
-        "1e30",
-        "--training.max_norm",
-        "0",
-        "--training.nonfinite_policy",
-        "skip",
-        "--training.nonfinite_max_skips",
-        "2",
-    )
+def test_nonfinite_skip_mode_counts_then_stops(launched):
+    launch, folder = launched["non_finite_skip"]
+    result = launch.result()
     assert result.returncode == 1
     assert len(re.findall(r"update skipped \([12]/2\)", result.stdout)) == 2
     assert "after 2 skipped steps" in result.stderr
     # metrics.jsonl stays strict JSON: the skipped steps' non-finite figures are null, and their
     # console lines say which and why
-    rows = [json.loads(line, parse_constant=_no_nan) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line, parse_constant=_no_nan) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     skipped = [r for r in rows[1:] if r["grad_norm"] is None]  # after the run's start record
     assert len(skipped) == 2 and all(r["lr"] is not None for r in skipped)
     assert len(re.findall(r"\(non-finite [a-z_, ]*grad_norm[a-z_, ]*: update skipped", result.stdout)) == 2
@@ -138,28 +145,21 @@ def _no_nan(constant: str):
     raise AssertionError(f"metrics.jsonl holds a bare {constant}")
 
 
-def test_out_of_memory_names_the_knobs_that_reduce_memory(tmp_path):
-    script = (
-        "import sys, torch\n"
-        "from models.transformer import Transformer\n"
-        "def oom(self, x):\n    raise torch.cuda.OutOfMemoryError('CUDA out of memory')\n"
-        "Transformer.forward = oom\n"
-        "import train\n"
-        f"sys.exit(train.main(['--config', 'configs/debug.toml', '--job.dump_folder', r'{tmp_path}']))\n"
-    )
-    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+def test_out_of_memory_names_the_knobs_that_reduce_memory(launched):
+    result = launched["out_of_memory"][0].result()
     assert result.returncode == 1
     for knob in ("local_batch_size", "activation_checkpoint.mode", "loss.name = 'cce'", "vocab_parallel"):
         assert knob in result.stderr
     assert "Traceback" not in result.stderr
 
 
-def test_a_world_size_that_does_not_factor_fails_before_training(tmp_path):
-    result = _train(tmp_path, "--parallelism.pipeline_parallel_degree", "2")
+def test_a_world_size_that_does_not_factor_fails_before_training(launched):
+    launch, folder = launched["world_size"]
+    result = launch.result()
     assert result.returncode == 2
     assert result.stderr.strip().startswith("config error: parallelism.pipeline_parallel_degree:")
     assert "does not divide the world size 1" in result.stderr
-    assert not (tmp_path / "metrics.jsonl").exists()
+    assert not (folder / "metrics.jsonl").exists()
 
 
 @pytest.mark.parametrize(
