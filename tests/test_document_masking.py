@@ -7,8 +7,6 @@ test_parallel_equivalence.py.
 
 import copy
 import dataclasses
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,11 +20,10 @@ from models.rope import apply_rope
 from parallelisms.activation_checkpoint import apply_activation_checkpointing
 from parallelisms.compile import apply_compile
 from parallelisms.pipeline import PipelinePlan, build_stage_module
-from tests.dist_utils import train_command
+from tests.dist_utils import Launched, train_command
 from tests.word_tokenizer import write_word_tokenizer
 from training.checkpoint import model_fingerprint
 
-ROOT = Path(__file__).resolve().parents[1]
 EOS, VOCAB = 0, 97
 
 
@@ -170,36 +167,43 @@ def test_the_mask_is_no_part_of_a_checkpoints_model():
     assert "attn_mask_type" not in model_fingerprint(args)
 
 
-def test_block_causal_without_an_eos_token_stops_before_the_model_is_built(tmp_path):
-    tokenizer = write_word_tokenizer(tmp_path, eos_token="<END>")  # none of the common EOS names
-    result = subprocess.run(
-        train_command(1, tmp_path, "--model.tokenizer", str(tokenizer), "--model.attn_mask_type", "block_causal"),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+@pytest.fixture(scope="module")
+def refusals(tmp_path_factory):
+    """Both train.py launches below, started together: each spends ~5 s importing on one core."""
+    root = tmp_path_factory.mktemp("refusals")
+    tokenizer = write_word_tokenizer(root, eos_token="<END>")  # none of the common EOS names
+    tokens = root / "other.tokens"  # written by another tokenizer: ids below 256, none the bytes tokenizer's EOS 256
+    (torch.arange(2048, dtype=torch.int32) % 200).numpy().astype("<u4").tofile(tokens)
+    block_causal = ["--model.attn_mask_type", "block_causal"]
+    commands = {
+        "no_eos_token": train_command(1, root / "no_eos_token", "--model.tokenizer", str(tokenizer), *block_causal),
+        "no_eos_in_data": train_command(
+            1,
+            root / "no_eos_in_data",
+            "--training.dataset",
+            "tokens",
+            "--training.dataset_path",
+            str(tokens),
+            *block_causal,
+        ),
+    }
+    launches = {name: Launched(command, root / name) for name, command in commands.items()}
+    yield launches, tokens
+    for launch in launches.values():
+        launch.stop()
+
+
+def test_block_causal_without_an_eos_token_stops_before_the_model_is_built(refusals):
+    result = refusals[0]["no_eos_token"].result()
     assert result.returncode == 2
     assert result.stderr.startswith("config error: model.tokenizer: ") and result.stderr.count("\n") == 1
     assert "set model.eos_token" in result.stderr
 
 
-def test_block_causal_on_data_without_the_tokenizers_eos_stops_naming_it(tmp_path):
+def test_block_causal_on_data_without_the_tokenizers_eos_stops_naming_it(refusals):
     """Tokens written by another tokenizer (ids below 256, none the bytes tokenizer's EOS 256): one line."""
-    tokens = tmp_path / "other.tokens"
-    (torch.arange(2048, dtype=torch.int32) % 200).numpy().astype("<u4").tofile(tokens)
-    result = subprocess.run(
-        train_command(
-            1,
-            tmp_path / "run",
-            *("--training.dataset", "tokens", "--training.dataset_path", str(tokens)),
-            *("--model.attn_mask_type", "block_causal"),
-        ),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    launches, tokens = refusals
+    result = launches["no_eos_in_data"].result()
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr == (
         f"config error: model.attn_mask_type: {tokens} holds no EOS (id 256, the end of sequence of the run's "
