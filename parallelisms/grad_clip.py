@@ -8,13 +8,10 @@ from torch.distributed.tensor import DTensor
 
 
 @torch.no_grad()
-def clip_grad_norm_(
-    params: list[torch.Tensor],
-    max_norm: float,
-    pp_group: Optional[dist.ProcessGroup],
-    skip: Iterable[torch.Tensor] = (),
+def total_grad_norm(
+    params: list[torch.Tensor], pp_group: Optional[dist.ProcessGroup], skip: Iterable[torch.Tensor] = ()
 ) -> torch.Tensor:
-    """Clip ``params`` to the norm of the whole model's gradient; returns that norm.
+    """The whole model's gradient norm.
 
     Each rank's sharded (DTensor) norm is completed over its shard group, then
     the squares are summed over the pipeline ranks. ``skip`` holds duplicates
@@ -30,6 +27,11 @@ def clip_grad_norm_(
         total = total.to(device) ** 2
         dist.all_reduce(total, group=pp_group)
         total = total.sqrt()
-    if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_([p for p in params if p.grad is not None], max_norm, total, foreach=True)
     return total
+
+
+def clip_divisor(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """What the gradients are divided by to clip them to ``max_norm`` (``torch.nn.utils.clip_grad_norm_``'s
+    coefficient, inverted): handed to the fused AdamW kernel as its ``grad_scale``, so clipping costs no
+    separate pass over the gradients."""
+    return ((norm + 1e-6) / max_norm).clamp(min=1.0)

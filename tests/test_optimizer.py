@@ -299,3 +299,21 @@ def test_a_step_with_found_inf_changes_nothing(kind):
     _train(optimizer, params, range(3, 6))
     _train(ref, ref_params, range(3, 6))
     _assert_same(optimizer, params, ref, ref_params)
+
+
+@pytest.mark.parametrize("kind", ["flat", "fused"])
+def test_grad_scale_divides_the_gradients(kind):
+    """training/step.py clips through the kernel's grad_scale: the update is torch's (foreach) AdamW on gradients
+    divided beforehand, as ``clip_grad_norm_`` would leave them."""
+    params, ref_params = _params(), _params()
+    optimizer, ref = _optimizer(kind, params), _optimizer("foreach", ref_params)
+    for step in range(4):
+        divisor = torch.tensor(1.0 + 0.7 * step)
+        g = torch.Generator().manual_seed(200 + step)
+        for p, q in zip(params, ref_params):
+            p.grad = torch.randn(p.shape, generator=g) * 5
+            q.grad = p.grad / divisor
+        optimizer.grad_scale = divisor
+        optimizer.step()
+        ref.step()
+    _assert_same(optimizer, params, ref, ref_params)

@@ -73,10 +73,12 @@ class _Bucket:
             for p, views in zip(params, self.views)
         ]
 
-    def step(self, group: dict[str, Any], found_inf: Optional[torch.Tensor]) -> None:
+    def step(
+        self, group: dict[str, Any], grad_scale: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]
+    ) -> None:
         """One AdamW update of the parameters that have a gradient (the others are left alone, as torch does),
-        with ``group``'s hyperparameters (the LR schedule changes its ``lr``); none where ``found_inf`` is
-        nonzero, decided by the kernel on the device."""
+        with ``group``'s hyperparameters (the LR schedule changes its ``lr``), each gradient divided by
+        ``grad_scale``; none where ``found_inf`` is nonzero, decided by the kernel on the device."""
         chosen = [i for i, p in enumerate(self.params) if p.grad is not None]
         if not chosen:
             return
@@ -104,7 +106,7 @@ class _Bucket:
             weight_decay=group["weight_decay"],
             eps=group["eps"],
             maximize=False,
-            grad_scale=None,
+            grad_scale=grad_scale,
             found_inf=found_inf,
         )
         if found_inf is not None:  # a skipped update is no step (torch's fused AdamW undoes the count the same way)
@@ -148,12 +150,15 @@ class FlatAdamW(torch.optim.AdamW):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        # Set by the caller as GradScaler sets it for torch's fused optimizers: nonzero skips this step.
-        found_inf = getattr(self, "found_inf", None)
+        # Set by the caller as GradScaler sets them for torch's fused optimizers: the gradients are divided by
+        # grad_scale, and a nonzero found_inf skips this step.
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         for bucket in self._buckets:
             device = bucket.views[0]["step"].device
-            skip = None if found_inf is None else found_inf.to(device, torch.float32, non_blocking=True)
-            bucket.step(self.param_groups[bucket.group_index], skip)
+            scale, skip = (
+                None if t is None else t.to(device, torch.float32, non_blocking=True) for t in (grad_scale, found_inf)
+            )
+            bucket.step(self.param_groups[bucket.group_index], scale, skip)
         return loss
 
     @staticmethod

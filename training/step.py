@@ -17,7 +17,7 @@ from torch import nn
 
 from config.job_config import JobConfig
 from parallelisms.float8 import Float8ScaleUpdate
-from parallelisms.grad_clip import clip_grad_norm_
+from parallelisms.grad_clip import clip_divisor, total_grad_norm
 from parallelisms.parallel_dims import ParallelDims
 from parallelisms.tied_embeddings import TiedEmbeddingSync
 from parallelisms.vocab_parallel import finalize_head_grads
@@ -111,17 +111,19 @@ class TrainStep:
         if self.tied is not None:
             self.tied.sync_grads()
         duplicate = [self.tied.head_copy] if self.tied is not None and self.tied.head_copy is not None else []
-        norm = clip_grad_norm_(self.params, self.t.max_norm, self.pp_group, skip=duplicate)
+        norm = total_grad_norm(self.params, self.pp_group, skip=duplicate)
         # The loss lives on the last stage, one share per data-parallel rank: sum the shares.
         dist.all_reduce(step_loss, group=self.dp_group)
         if self.pp_group is not None:
             dist.all_reduce(step_loss, group=self.pp_group)
         # The update is queued before any figure is read, and skipped on the device where the loss or the
         # gradient is not finite (the fused kernel's found_inf, as GradScaler sets it): the host does not wait
-        # for the backward to end before launching the optimizer.
+        # for the backward to end before launching the optimizer. The kernel also clips, dividing each
+        # gradient by its grad_scale as it reads it.
         nonfinite = (~(torch.isfinite(step_loss) & torch.isfinite(norm.to(step_loss.device)))).float()
+        divisor = clip_divisor(norm, self.t.max_norm) if self.t.max_norm > 0 else None
         for optimizer in self.optimizers:
-            optimizer.found_inf = nonfinite
+            optimizer.found_inf, optimizer.grad_scale = nonfinite, divisor
             optimizer.step()
         if self.float8_scales is not None:
             self.float8_scales()
