@@ -79,10 +79,11 @@ def main() -> None:
         default="",
         help="';'-separated label=overrides, e.g. 'cce=--loss.name cce;ce=--loss.name cross_entropy'",
     )
-    parser.add_argument("--log-dir", default=os.environ.get("OUT", "."))
+    parser.add_argument("--log-dir", default=os.environ.get("OUT", "."), help="each variant's train.py output")
     parser.add_argument("extra", nargs="*", help="overrides applied to every variant (after --)")
     args = parser.parse_args()
     variants = [v.split("=", 1) for v in args.variants.split(";") if v] or [["run", ""]]
+    Path(args.log_dir).mkdir(parents=True, exist_ok=True)
     results = []
     for label, overrides in variants:
         result = run(
