@@ -245,6 +245,11 @@ def _float8_rate_note(cost: StageCostInputs) -> str:
         return ""
     if cost.rates.layer_tflops_float8 is None:
         return f" (bf16's: no float8 rate measured on the {cost.rates.gpu}, so slower than float8 will be)"
+    if cost.rates.layer_tflops_float8 < cost.rates.layer_tflops:
+        return (
+            f" (float8, below bf16's {cost.rates.layer_tflops:g}: the {cost.rates.gpu}'s table times one 4,096-token "
+            'sequence, where float8 loses; longer microbatches gain: docs/performance.md "Float8")'
+        )
     return " (float8)"
 
 

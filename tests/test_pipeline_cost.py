@@ -7,6 +7,7 @@ import pytest
 from models.flavors import QWEN3_FLAVORS
 from planning.comm import LINKS
 from planning.cost import AchievedRates, StageCostInputs, stage_time
+from planning.dry_run import _float8_rate_note
 
 QWEN = QWEN3_FLAVORS["1.7B"]  # dim 2048, 16 heads of 128, 8 kv heads, ffn 6144, vocab 151,936
 T = 4096  # one sequence of 4,096 tokens
@@ -123,3 +124,12 @@ def test_float8_blocks_run_at_the_tables_float8_rate_and_at_bf16s_where_it_has_n
         _ms(LAYER_BWD) / 2
     )
     assert stage_time(_inputs(rates=faster), 1, False, False) == plain  # a bf16 run keeps the bf16 rate
+
+
+@pytest.mark.parametrize("float8_rate, says", [(None, "no float8 rate"), (0.5, "below bf16's 1"), (2.0, "(float8)")])
+def test_the_dry_run_says_which_block_rate_a_float8_run_got(float8_rate, says):
+    """A float8 recipe is told when its GPU's table has no float8 rate, or one below bf16's (the H100's, timed
+    at one 4,096-token sequence, is): the prediction is then no faster than bf16's."""
+    rates = dataclasses.replace(UNIT, layer_tflops_float8=float8_rate)
+    assert says in _float8_rate_note(_inputs(rates=rates, float8=True))
+    assert _float8_rate_note(_inputs(rates=rates)) == ""
