@@ -2,7 +2,7 @@
 
 Reads a trace written by ``[profiling]`` (``training/profiling.py``) and prints the step's
 wall time, the GPU's busy time (kernels and copies, overlaps merged) and the idle rest, GPU
-time by kind of kernel (matmul, attention, communication, Triton, optimizer, other) and the
+time by kind of kernel (matmul, attention, communication, Triton, optimizer, casts, other) and the
 longest kernels. Communication overlaps compute on its own stream, so kinds add up to more
 than the busy time when it is hidden.
 """
@@ -21,6 +21,8 @@ KINDS = [  # (kind, pattern on the kernel name), first match wins
     ("matmul", r"gemm|nvjet|cutlass|xmma|sm\d+_.*(h|b)mma|matmul"),
     ("optimizer", r"multi_tensor|adam"),
     ("triton", r"^triton|_kernel$"),
+    # dtype casts and copy kernels: FSDP's per-block casts of the parameters and its gradient concatenation
+    ("casts", r"_copy_kernel|chunk_cat|split_with_sizes_copy"),
 ]
 
 

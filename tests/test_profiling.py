@@ -60,6 +60,11 @@ def test_summary_merges_overlapping_kernels_and_sorts_them_by_kind():
     assert s["wall_us"] == 100 and s["busy_us"] == 25 + 5 + 2 + 1  # [0, 25) merged from the gemm and nccl
     assert s["by_kind"] == {"matmul": 10, "communication": 20, "attention": 5, "triton": 2, "other": 1}
     assert kind_of("multi_tensor_apply_kernel<AdamFunctor>") == "optimizer"
+    # FSDP's casts of the parameters and its gradient concatenation, as an H100 trace names them
+    assert (
+        kind_of("void at::native::vectorized_elementwise_kernel<8, at::native::bfloat16_copy_kernel_cuda(") == "casts"
+    )
+    assert kind_of("void at::native::detail::chunk_cat_cuda_kernel<float, c10::BFloat16>(") == "casts"
 
 
 ROOT = Path(__file__).resolve().parents[1]
