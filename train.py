@@ -51,7 +51,7 @@ from training.profiling import start_profiler
 from training.recipe import load_recipe
 from training.run_folder import hold as hold_run_folder
 from training.run_log import check_output_folders, log_layout, log_run, report_memory, write_config
-from training.step import NonFiniteLossError, StepOutcome, TrainStep
+from training.step import NonFiniteLossError, QueuedStep, StepOutcome, TrainStep
 from training.token_normalization import GlobalTokenMeanLoss
 from training.validation import Validator, build_validation_set
 
@@ -191,20 +191,35 @@ def _train(
     profiler = start_profiler(cfg.profiling, cfg.job.dump_folder, rank, start_step, t.steps)
     run_start, throughput, finished = time.perf_counter(), Throughput(device, world_size), False
     try:
-        for step in range(start_step + 1, t.steps + 1):
-            if faults is not None:
-                faults.at_step(step)
-            outcome = train_step(next(data_iter)["input_ids"].to(device), step)
+        unread: Optional[QueuedStep] = None  # a step queued on the device whose figures are not read yet
+
+        def settle(queued: QueuedStep) -> None:
+            """Read a queued step (the non-finite policy may stop the run here), its figures into the run's
+            lists, and its log line on a logged step."""
+            outcome = train_step.settle(queued)
             losses.append(outcome.loss)
             grad_norms.append(outcome.grad_norm)
             throughput.add(global_batch * t.seq_len)
+            step = outcome.step
             if step % cfg.metrics.log_freq == 0 or step == t.steps:
                 eta = (time.perf_counter() - run_start) / (step - start_step) * (t.steps - step)
                 note = "" if outcome.updated else "update skipped (training.nonfinite_policy = 'skip')"
-                metrics.log(
-                    step, t.steps, _figures(outcome, throughput.read(), model_args, plan, mesh, device), eta, note
-                )
-            if validator is not None and validator.due(step):
+                rate = throughput.read(until=queued.done)
+                metrics.log(step, t.steps, _figures(outcome, rate, model_args, plan, mesh, device), eta, note)
+
+        for step in range(start_step + 1, t.steps + 1):
+            if faults is not None:
+                faults.at_step(step)
+            queued = train_step(_to_device(next(data_iter)["input_ids"], device), step)
+            if unread is not None:  # the step before, read while this one runs
+                settle(unread)
+            unread = queued
+            stop = step < t.steps and stop_request.agreed(device)
+            validate = validator is not None and validator.due(step)
+            if step == t.steps or stop or validate or checkpoint.due(step, last=step == t.steps):
+                settle(queued)  # what is saved, validated or ended on is known good
+                unread = None
+            if validate:
                 with throughput.paused():  # not training: kept out of tokens/s
                     validation[step] = validator.run()
                 metrics.log_validation(step, t.steps, validation[step])
@@ -213,7 +228,7 @@ def _train(
             if profiler is not None:
                 profiler.step()
             saved = checkpoint.maybe_save(step, last=step == t.steps)
-            if step < t.steps and stop_request.agreed(device):
+            if stop:
                 if not saved and not checkpoint.maybe_save(step, last=False, force=True):
                     logger.warning("checkpoint.enable is off: nothing saved, this run cannot resume")
                 logger.info(f"stopping after step {step} on a signal; rerun the same command to resume")
@@ -227,6 +242,14 @@ def _train(
         checkpoint.close(all_ranks=finished)
     report_memory(cfg.job.dump_folder, device, plan, rank)
     return TrainResult(losses, grad_norms, stopped_at, parts, validation)
+
+
+def _to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The batch on ``device``; to a GPU through pinned memory, since a copy from pageable memory makes the host
+    wait for the GPU to finish all it was given (the step before, here)."""
+    if device.type != "cuda":
+        return batch.to(device)
+    return batch.pin_memory().to(device, non_blocking=True)
 
 
 def _figures(

@@ -6,6 +6,7 @@ import re
 import sys
 
 import pytest
+import torch
 
 from config.errors import ConfigError
 from config.job_config import Parallelism
@@ -14,6 +15,7 @@ from tests.dist_utils import Launched, run_distributed
 from train import train
 from training.metrics.records import read_metrics
 from training.recipe import load_recipe
+from training.step import UpdatesToSkip
 
 
 def _train_py(folder, *overrides) -> list[str]:
@@ -139,6 +141,22 @@ def test_nonfinite_skip_mode_counts_then_stops(launched):
     skipped = [r for r in rows[1:] if r["grad_norm"] is None]  # after the run's start record
     assert len(skipped) == 2 and all(r["lr"] is not None for r in skipped)
     assert len(re.findall(r"\(non-finite [a-z_, ]*grad_norm[a-z_, ]*: update skipped", result.stdout)) == 2
+
+
+@pytest.mark.parametrize(
+    "policy, max_skips, nonfinite, skipped",
+    [
+        ("stop", 10, [0, 1, 0, 0], [0, 1, 1, 1]),
+        ("skip", 1, [0, 1, 0, 1, 0, 0], [0, 1, 0, 1, 1, 1]),
+        ("skip", 0, [1, 0], [1, 1]),
+    ],
+)
+def test_no_update_after_the_step_that_ends_the_run(policy, max_skips, nonfinite, skipped):
+    """The host reads a step's loss after queuing the next, so the policy also runs on the device: a step that
+    ends the run (any non-finite one under "stop", the one past the allowed skips under "skip") skips its
+    update and every later one, and the run raises when the host reads it, its model as before that step."""
+    rule = UpdatesToSkip(policy, max_skips)
+    assert [rule(torch.tensor(float(x))).item() for x in nonfinite] == skipped
 
 
 def _no_nan(constant: str):

@@ -302,6 +302,10 @@ class CheckpointManager:
         return {"model": model, "optimizer": self._stored(self._optimizer_states()), "train": train}
 
     # -- save -------------------------------------------------------------------------------
+    def due(self, step: int, last: bool) -> bool:
+        """Whether ``maybe_save`` saves this step (unless forced)."""
+        return self.cfg.enable and (last or step % self.cfg.interval == 0)
+
     def maybe_save(self, step: int, last: bool, force: bool = False) -> bool:
         """Save at the interval, at ``last`` (the final step) and when ``force``d; returns whether this step is saved.
 
@@ -311,7 +315,7 @@ class CheckpointManager:
         if not self.cfg.enable:
             return False
         self._publish_finished(wait=False)
-        if not (last or force or step % self.cfg.interval == 0):
+        if not (force or self.due(step, last)):
             return False
         self._publish_finished(wait=True)  # one save in flight at a time
         state = self._state(step, model_only=last and self.cfg.last_save_model_only)

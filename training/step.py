@@ -36,15 +36,49 @@ class NonFiniteLossError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class QueuedStep:
+    """A step whose work is queued on the device; ``TrainStep.settle`` reads its figures."""
+
+    step: int
+    loss: torch.Tensor  # float64, this rank's share summed over the data-parallel ranks
+    grad_norm: torch.Tensor
+    lr: float
+    done: Optional[torch.cuda.Event]  # recorded after the step's last kernel, on CUDA
+
+
+@dataclass(frozen=True)
 class StepOutcome:
+    step: int
     loss: float  # the global batch's token mean, the same on every rank
     grad_norm: float  # the whole model's, before clipping
     lr: float  # the learning rate the step used
     updated: bool  # False: the non-finite policy skipped the update
 
 
+class UpdatesToSkip:
+    """The non-finite policy on the device: ``found_inf`` for each step's update, 1 where the step is not finite
+    and for every step after one that ends the run, so that steps queued before the host reads that one
+    change nothing (``TrainStep.settle`` raises when it reads it)."""
+
+    def __init__(self, policy: str, max_skips: int):
+        self.policy, self.max_skips = policy, max_skips
+        self.skipped: Optional[torch.Tensor] = None  # non-finite steps so far
+        self.halted: Optional[torch.Tensor] = None  # 1 once the run has ended
+
+    def __call__(self, nonfinite: torch.Tensor) -> torch.Tensor:
+        """``nonfinite``: 1.0 or 0.0 for this step, a float tensor on the device."""
+        if self.halted is None:
+            self.halted, self.skipped = torch.zeros_like(nonfinite), torch.zeros_like(nonfinite)
+        ends_run = nonfinite if self.policy == "stop" else nonfinite * (self.skipped >= self.max_skips)
+        torch.maximum(self.halted, ends_run, out=self.halted)
+        self.skipped += nonfinite
+        return torch.maximum(nonfinite, self.halted)
+
+
 class TrainStep:
-    """``step(local_batch)`` runs one optimizer step of this rank's share of the global batch.
+    """``step(local_batch)`` queues one optimizer step of this rank's share of the global batch; ``settle``
+    reads what it did. Nothing in between makes the host wait for the GPU, so the training loop can queue
+    the next step before reading this one and the GPU never idles while the host prepares it.
 
     ``parts`` are this rank's model stages; ``schedule`` the pipeline schedule (None
     without PP); ``loss`` the global-token-mean loss on the last stage's hidden states.
@@ -76,9 +110,10 @@ class TrainStep:
         self.has_first_stage = any(p.tok_embeddings is not None for p in parts)
         self.fsdp_mesh, self.dp_group = dims.fsdp_mesh(mesh), dp_group
         self.pp_group = mesh["pp"].get_group() if schedule is not None else None
-        self.skipped = 0  # updates dropped for a non-finite loss or gradient
+        self.skipped = 0  # updates dropped for a non-finite loss or gradient, as settled
+        self.updates_to_skip = UpdatesToSkip(cfg.training.nonfinite_policy, cfg.training.nonfinite_max_skips)
 
-    def __call__(self, local_batch: torch.Tensor, step: int) -> StepOutcome:
+    def __call__(self, local_batch: torch.Tensor, step: int) -> QueuedStep:
         self.loss.set_global_batch(local_batch, self.ignore_index)
         step_loss = torch.zeros((), device=local_batch.device, dtype=torch.float64)
         for micro in local_batch.split(self.t.local_batch_size):
@@ -105,7 +140,7 @@ class TrainStep:
             else torch.zeros((), dtype=torch.float64, device=micro.device)
         )
 
-    def _finish(self, step_loss: torch.Tensor, step: int) -> StepOutcome:
+    def _finish(self, step_loss: torch.Tensor, step: int) -> QueuedStep:
         if self.vocab_parallel_head is not None:
             finalize_head_grads(self.vocab_parallel_head.weight, self.fsdp_mesh, self.dims.dp)
         if self.tied is not None:
@@ -116,30 +151,44 @@ class TrainStep:
         dist.all_reduce(step_loss, group=self.dp_group)
         if self.pp_group is not None:
             dist.all_reduce(step_loss, group=self.pp_group)
-        # The update is queued before any figure is read, and skipped on the device where the loss or the
-        # gradient is not finite (the fused kernel's found_inf, as GradScaler sets it): the host does not wait
-        # for the backward to end before launching the optimizer. The kernel also clips, dividing each
-        # gradient by its grad_scale as it reads it.
-        nonfinite = (~(torch.isfinite(step_loss) & torch.isfinite(norm.to(step_loss.device)))).float()
+        # The update is skipped on the device where the loss or the gradient is not finite (the fused
+        # kernel's found_inf, as GradScaler sets it), and the kernel clips, dividing each gradient by its
+        # grad_scale as it reads it: no figure is read here.
+        found_inf = self.updates_to_skip(
+            (~(torch.isfinite(step_loss) & torch.isfinite(norm.to(step_loss.device)))).float()
+        )
         divisor = clip_divisor(norm, self.t.max_norm) if self.t.max_norm > 0 else None
         for optimizer in self.optimizers:
-            optimizer.found_inf, optimizer.grad_scale = nonfinite, divisor
+            optimizer.found_inf, optimizer.grad_scale = found_inf, divisor
             optimizer.step()
         if self.float8_scales is not None:
             self.float8_scales()
-        loss, grad_norm = step_loss.item() / self.dims.dp, float(norm)
-        finite = math.isfinite(loss) and math.isfinite(grad_norm)  # the same on every rank
-        if not finite and (self.t.nonfinite_policy == "stop" or self.skipped == self.t.nonfinite_max_skips):
-            after = f" after {self.skipped} skipped steps" if self.skipped else ""
-            raise NonFiniteLossError(f"loss {loss}, grad norm {grad_norm} at step {step}{after}; {NONFINITE_ADVICE}")
-        if not finite:
-            self.skipped += 1
-            logger.warning(
-                f"step {step}: loss {loss}, grad norm {grad_norm}; update skipped "
-                f"({self.skipped}/{self.t.nonfinite_max_skips})"
-            )
         lr = self.schedulers[0].get_last_lr()[0]
         for scheduler in self.schedulers:
             scheduler.step()
             scheduler.optimizer.zero_grad(set_to_none=True)
-        return StepOutcome(loss, grad_norm, lr, finite)
+        done = None
+        if step_loss.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record()
+        return QueuedStep(step, step_loss, norm, lr, done)
+
+    def settle(self, queued: QueuedStep) -> StepOutcome:
+        """Wait for ``queued``'s step to end on the device, read its loss and gradient norm, and apply the
+        non-finite policy: raise ``NonFiniteLossError`` or count the skipped update."""
+        if queued.done is not None:
+            queued.done.synchronize()
+        loss, grad_norm = float(queued.loss) / self.dims.dp, float(queued.grad_norm)
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)  # the same on every rank
+        if not finite and (self.t.nonfinite_policy == "stop" or self.skipped == self.t.nonfinite_max_skips):
+            after = f" after {self.skipped} skipped steps" if self.skipped else ""
+            raise NonFiniteLossError(
+                f"loss {loss}, grad norm {grad_norm} at step {queued.step}{after}; {NONFINITE_ADVICE}"
+            )
+        if not finite:
+            self.skipped += 1
+            logger.warning(
+                f"step {queued.step}: loss {loss}, grad norm {grad_norm}; update skipped "
+                f"({self.skipped}/{self.t.nonfinite_max_skips})"
+            )
+        return StepOutcome(queued.step, loss, grad_norm, queued.lr, finite)

@@ -27,13 +27,15 @@ class GlobalTokenMeanLoss:
     def __init__(self, loss_sum: Optional[torch.nn.Module], dp_group: dist.ProcessGroup):
         self.loss_sum = loss_sum
         self.dp_group = dp_group
-        self.denominator = 1.0
+        self.denominator = torch.ones((), dtype=torch.float64)
 
     def set_global_batch(self, labels: Tensor, ignore_index: int) -> None:
-        """``labels``: this rank's whole local batch for the coming step."""
+        """``labels``: this rank's whole local batch for the coming step. The count stays on the device:
+        reading it would make the host wait for the GPU to finish the step before."""
         count = (shift_targets(labels, 1, ignore_index) != ignore_index).sum().to(torch.float64)
         dist.all_reduce(count, group=self.dp_group)
-        self.denominator = max(1.0, count.item()) / dist.get_world_size(self.dp_group)
+        self.denominator = count.clamp(min=1.0) / dist.get_world_size(self.dp_group)
 
     def __call__(self, hidden: Tensor, labels: Tensor) -> Tensor:
-        return self.loss_sum(hidden, labels) / self.denominator
+        loss = self.loss_sum(hidden, labels)
+        return loss / self.denominator.to(loss.dtype)
