@@ -193,31 +193,32 @@ def _train(
     try:
         unread: Optional[QueuedStep] = None  # a step queued on the device whose figures are not read yet
 
-        def settle(queued: QueuedStep) -> None:
+        def settle(queued: QueuedStep, log: bool) -> None:
             """Read a queued step (the non-finite policy may stop the run here), its figures into the run's
-            lists, and its log line on a logged step."""
+            lists, and its log line if ``log``."""
             outcome = train_step.settle(queued)
             losses.append(outcome.loss)
             grad_norms.append(outcome.grad_norm)
             throughput.add(global_batch * t.seq_len)
-            step = outcome.step
-            if step % cfg.metrics.log_freq == 0 or step == t.steps:
+            if log:  # tokens/s is timed to this step's end: the host waits for the device (throughput.read)
+                step = outcome.step
                 eta = (time.perf_counter() - run_start) / (step - start_step) * (t.steps - step)
                 note = "" if outcome.updated else "update skipped (training.nonfinite_policy = 'skip')"
-                rate = throughput.read(until=queued.done)
-                metrics.log(step, t.steps, _figures(outcome, rate, model_args, plan, mesh, device), eta, note)
+                figures = _figures(outcome, throughput.read(), model_args, plan, mesh, device)
+                metrics.log(step, t.steps, figures, eta, note)
 
         for step in range(start_step + 1, t.steps + 1):
             if faults is not None:
                 faults.at_step(step)
             queued = train_step(_to_device(next(data_iter)["input_ids"], device), step)
             if unread is not None:  # the step before, read while this one runs
-                settle(unread)
+                settle(unread, log=False)
             unread = queued
             stop = step < t.steps and stop_request.agreed(device)
             validate = validator is not None and validator.due(step)
-            if step == t.steps or stop or validate or checkpoint.due(step, last=step == t.steps):
-                settle(queued)  # what is saved, validated or ended on is known good
+            log = step % cfg.metrics.log_freq == 0 or step == t.steps
+            if log or stop or validate or checkpoint.due(step, last=step == t.steps):
+                settle(queued, log)  # at once: what is saved, validated or ended on is known good
                 unread = None
             if validate:
                 with throughput.paused():  # not training: kept out of tokens/s

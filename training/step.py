@@ -43,7 +43,6 @@ class QueuedStep:
     loss: torch.Tensor  # float64, this rank's share summed over the data-parallel ranks
     grad_norm: torch.Tensor
     lr: float
-    done: Optional[torch.cuda.Event]  # recorded after the step's last kernel, on CUDA
 
 
 @dataclass(frozen=True)
@@ -167,17 +166,11 @@ class TrainStep:
         for scheduler in self.schedulers:
             scheduler.step()
             scheduler.optimizer.zero_grad(set_to_none=True)
-        done = None
-        if step_loss.device.type == "cuda":
-            done = torch.cuda.Event()
-            done.record()
-        return QueuedStep(step, step_loss, norm, lr, done)
+        return QueuedStep(step, step_loss, norm, lr)
 
     def settle(self, queued: QueuedStep) -> StepOutcome:
-        """Wait for ``queued``'s step to end on the device, read its loss and gradient norm, and apply the
+        """Read ``queued``'s loss and gradient norm (waiting for the device to compute them) and apply the
         non-finite policy: raise ``NonFiniteLossError`` or count the skipped update."""
-        if queued.done is not None:
-            queued.done.synchronize()
         loss, grad_norm = float(queued.loss) / self.dims.dp, float(queued.grad_norm)
         finite = math.isfinite(loss) and math.isfinite(grad_norm)  # the same on every rank
         if not finite and (self.t.nonfinite_policy == "stop" or self.skipped == self.t.nonfinite_max_skips):

@@ -55,11 +55,8 @@ class Throughput:
     def add(self, tokens: int) -> None:
         self.tokens += tokens
 
-    def read(self, until: Optional[torch.cuda.Event] = None) -> float:
-        """``until``: recorded after the last counted step's kernels (a later step may be queued already)."""
-        if until is not None:
-            until.synchronize()
-        elif self.device.type == "cuda":
+    def read(self) -> float:
+        if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the steps' kernels are done, not just queued
         rate = self.tokens / (time.perf_counter() - self.start) / self.world_size
         self.start, self.tokens = time.perf_counter(), 0
