@@ -7,13 +7,14 @@ float8's casts add noise of that order (TorchTitan and torchao report loss curve
 broken float8 path (no learning, or diverging) is far off both. The figures are printed.
 """
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from training.metrics.records import read_metrics
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -45,8 +46,7 @@ def _losses(folder: Path, *extra: str) -> list[float]:
     ]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r]
+    return [r["loss"] for r in read_metrics(folder / "metrics.jsonl") if "loss" in r]
 
 
 def _smoothed(losses: list[float]) -> list[float]:
