@@ -280,11 +280,14 @@ class Loss:
     its Triton kernels run instead. Collectives stay eager. Also switched on by `[compile] enable` with
     `"loss"` in `components`; applies to `auto` too."""
 
-    filter_eps: Union[str, float] = "high"
-    """`"high"`, `"auto"`, or a number `>= 0`. `cce` only: gradient blocks whose entries are all below this
-    are skipped in the backward. `"high"` and `"auto"` are the same in 25.1.1: `finfo(dtype).eps / 32`
-    (2.44e-4 for bf16). `0` skips nothing. cut-cross-entropy's "no filtering" (`None`) cannot be written in
-    TOML."""
+    filter_eps: Union[str, float] = "default"
+    """`"default"`, `"high"`, `"auto"`, or a number `>= 0`: the gradient filter of `cce` and `chunked`, which
+    leaves out of the backward the logit gradients whose entries are all below this. `"default"` is each
+    entry's own: `cce` filters at `"high"` (cut-cross-entropy's default), `chunked` is exact. `"high"` and
+    `"auto"` are the same: `finfo(dtype).eps / 32` (2.44e-4 for bf16). `0` skips nothing. `cce` skips
+    blocks of tokens x vocabulary in its backward kernel; `chunked` skips a token chunk's slab of 4,096
+    vocabulary entries in both gradient GEMMs (waiting for the GPU once per chunk to read which). The loss
+    itself stays exact; what filtering did to a real run's loss is in [performance.md](performance.md)."""
 
 
 @dataclass

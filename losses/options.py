@@ -9,6 +9,8 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import torch
+
 from config.job_config import Loss
 
 # Returns what is wrong with a value, or None when it is valid.
@@ -57,10 +59,22 @@ def _boolean(value: object) -> Optional[str]:
     return None if isinstance(value, bool) else f"must be true or false, got {value!r}"
 
 
-# What cut_cross_entropy 25.1.1 accepts (its "auto" and "high" are the same threshold).
-FILTER_EPS_NAMES = ("high", "auto")
+# "default": each entry's own (cce: CCE_FILTER_EPS; chunked: exact); then what cut_cross_entropy 25.1.1
+# accepts (its "auto" and "high" are the same threshold).
+FILTER_EPS_NAMES = ("default", "high", "auto")
+CCE_FILTER_EPS = "high"  # cut-cross-entropy's own default
 _DEFAULTS = Loss()  # the recipe's defaults are every entry's defaults
 DEFAULT_FILTER_EPS = _DEFAULTS.filter_eps
+
+
+def filter_threshold(value: object, dtype: torch.dtype) -> Optional[float]:
+    """``chunked``'s threshold for a ``filter_eps`` value: None (exact) for "default", None and 0;
+    "high" and "auto" as cut-cross-entropy reads them, ``finfo(dtype).eps / 32``."""
+    if value in (None, "default") or value == 0:
+        return None
+    if value in ("high", "auto"):
+        return torch.finfo(dtype).eps / 32
+    return float(value)
 
 
 def _filter_eps(value: object) -> Optional[str]:

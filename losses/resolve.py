@@ -43,7 +43,8 @@ def vocab_parallel_entries() -> list[str]:
 
 def check_vocab_parallel(name: str, options: Mapping[str, object]) -> None:
     """The vocab-parallel head's rules for a recipe's ``[loss]``, a ``ConfigError`` for the first broken one:
-    it runs ``auto`` or an entry with a vocab-parallel function, and takes no chunk_size or compile yet.
+    it runs ``auto`` or an entry with a vocab-parallel function, and takes no chunk_size, compile or filter_eps
+    yet.
     What a chosen entry cannot compute there is ``choose_loss``'s to say (its facts)."""
     runs = [AUTO, *vocab_parallel_entries()]
     if name not in runs:
@@ -51,6 +52,12 @@ def check_vocab_parallel(name: str, options: Mapping[str, object]) -> None:
     chunk_size, compile = options.get("chunk_size", OPTIONS["chunk_size"].default), options.get("compile", False)
     if chunk_size != OPTIONS["chunk_size"].default or compile:
         raise ConfigError("loss.chunk_size", "the vocab-parallel head does not take chunk_size or compile yet")
+    if options.get("filter_eps", OPTIONS["filter_eps"].default) != OPTIONS["filter_eps"].default:
+        raise ConfigError(
+            "loss.filter_eps",
+            'the vocab-parallel head does not take filter_eps yet (cce filters at "high" there, chunked is exact); '
+            'remove it or set "default"',
+        )
 
 
 def _why_not(name: str, setting: LossSetting) -> Optional[str]:

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from losses.functional import IGNORE_INDEX, shift_targets
-from losses.options import DEFAULT_FILTER_EPS
+from losses.options import CCE_FILTER_EPS
 from losses.registry import ENTRIES
 from losses.resolve import choose_loss
 
@@ -84,7 +84,7 @@ def vocab_parallel_linear_cross_entropy(
     z_loss_weight: float = 0.0,
     label_smoothing: float = 0.0,
     impl: str = "auto",
-    filter_eps: float | str | None = DEFAULT_FILTER_EPS,
+    filter_eps: float | str | None = CCE_FILTER_EPS,
 ) -> Tensor:
     """Cross-entropy of ``e [..., D]`` against ``targets [...]`` with the classifier sharded by rows.
 

@@ -18,7 +18,7 @@ pytest.importorskip("triton")
 CHECK = r"""
 import json, torch
 from losses.kernels import chunked_triton as chunk_kernels
-from losses.kernels.chunked import _chunk_logit_grad, _chunk_row_stats
+from losses.kernels.chunked import FILTER_SLAB, _chunk_logit_grad, _chunk_row_stats
 
 errors = {}
 gen = torch.Generator().manual_seed(0)
@@ -38,12 +38,19 @@ for vocab in (5000, 300):
         grad = chunk_kernels.logit_grad(raw.clone(), lse.float(), col, owned, weight, 2 * vocab, softcap, z_loss,
                                         smoothing)
         ref_grad = _chunk_logit_grad(capped, lse, col, owned, weight.double(), 2 * vocab, softcap, z_loss, smoothing)
+        # The gradient filter's per-slab maxima (unweighted, over the rows whose weight is not 0).
+        slab_max, ref_slab_max = torch.zeros(-(-vocab // FILTER_SLAB)), torch.zeros(-(-vocab // FILTER_SLAB)).double()
+        chunk_kernels.logit_grad(raw.clone(), lse.float(), col, owned, weight, 2 * vocab, softcap, z_loss, smoothing,
+                                 slab_max)
+        _chunk_logit_grad(capped, lse, col, owned, weight.double(), 2 * vocab, softcap, z_loss, smoothing,
+                          ref_slab_max)
         key = f"vocab={vocab} softcap={softcap} smoothing={smoothing} z_loss={z_loss}"
         errors[key] = {
             "max": ((row_max.double() - ref_max).abs().max() / ref_max.abs().max()).item(),
             "sums": ((sums.double() - ref_sums).abs().amax(1) / ref_sums.abs().amax(1)).max().item(),
             "grad": ((grad.double() - ref_grad).abs().max() / ref_grad.abs().max()).item(),
             "grad_ignored_row": grad[2].abs().max().item(),
+            "slab_max": ((slab_max.double() - ref_slab_max).abs() / ref_slab_max).max().item(),
         }
 print(json.dumps(errors))
 """
@@ -60,3 +67,4 @@ def test_kernels_match_the_pytorch_ops_in_the_interpreter():
         # fp32 arithmetic on fp32 logits against float64: relative errors near 1e-7.
         assert err["max"] < 1e-6 and err["sums"] < 1e-5 and err["grad"] < 1e-5, (case, err)
         assert err["grad_ignored_row"] == 0.0, case
+        assert err["slab_max"] < 1e-5, case

@@ -115,6 +115,15 @@ def test_memory_model_counts_every_entry_as_measured(name):
     assert with_head.transient >= on_last and all(m.peak > 0 for m in estimates)
 
 
+@pytest.mark.parametrize("name", ["cce", "chunked"])
+def test_the_vocab_parallel_head_refuses_a_filter_eps_it_would_not_apply(name):
+    argv = ["--config", "configs/qwen3_1p7b_fsdp.toml", "--loss.name", name, "--parallelism.vocab_parallel"]
+    with pytest.raises(ConfigError, match="does not take filter_eps") as err:
+        load_recipe([*argv, "--loss.filter_eps", "0"])
+    assert err.value.key == "loss.filter_eps"
+    load_recipe([*argv, "--loss.filter_eps", "default"])
+
+
 @pytest.mark.parametrize("name", [name for name in ENTRIES if ENTRIES[name].facts.vocab_parallel is not None])
 def test_memory_model_counts_every_vocab_parallel_entry(name):
     cfg = load_recipe(["--config", "configs/qwen3_1p7b_fsdp.toml", "--loss.name", name, "--parallelism.vocab_parallel"])
@@ -189,7 +198,9 @@ def test_liger_facts_and_options():
     assert RATES["h200"].head_tflops[facts.rate_key] == pytest.approx(3 * 2 * 8192 * D * V / 56.3e-3 / 1e12, abs=0.5)
 
 
-@pytest.mark.parametrize("key, value, able", [("chunk_size", 64, "'chunked'"), ("filter_eps", 0.1, "'cce'")])
+@pytest.mark.parametrize(
+    "key, value, able", [("chunk_size", 64, "'chunked'"), ("filter_eps", 0.1, "'chunked' or 'cce'")]
+)
 def test_liger_refuses_options_it_does_not_take(key, value, able):
     with pytest.raises(ConfigError, match=f"'liger' cannot .*; use {able}"):
         validate_loss_options("liger", {key: value})

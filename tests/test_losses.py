@@ -248,7 +248,7 @@ def test_loss_names_and_options():
     assert set(LOSS_NAMES) == {"cross_entropy", "chunked", "cce", "cce_torch_compile", "liger", "auto"}
     common = {"ignore_index", "z_loss_weight", "label_smoothing", "logit_softcap"}
     assert loss_option_names("cross_entropy") == common
-    assert loss_option_names("chunked") == common | {"chunk_size", "compile"}
+    assert loss_option_names("chunked") == common | {"chunk_size", "compile", "filter_eps"}
     assert loss_option_names("cce") == {"ignore_index", "logit_softcap", "filter_eps"}
     assert loss_option_names("cce_torch_compile") == {"ignore_index", "logit_softcap"}
     assert loss_option_names("liger") == common
@@ -287,15 +287,17 @@ def test_unknown_option_suggests_the_closest():
         ("chunked", "ignore_index", 1.5),
         ("cce", "filter_eps", "low"),
         ("cce", "filter_eps", -1.0),
+        ("chunked", "filter_eps", "off"),
     ],
 )
 def test_bad_values_are_rejected(name, key, value):
     assert config_error(name, {key: value}).key == f"loss.{key}"
 
 
-@pytest.mark.parametrize("value", ["high", "auto", 0.0, 1e-4, 0, None])
-def test_filter_eps_values(value):
-    validate_loss_options("cce", {"filter_eps": value})
+@pytest.mark.parametrize("name", ["cce", "chunked"])
+@pytest.mark.parametrize("value", ["default", "high", "auto", 0.0, 1e-4, 0, None])
+def test_filter_eps_values(name, value):
+    validate_loss_options(name, {"filter_eps": value})
 
 
 def test_unsupported_option_names_the_entries_that_can():
@@ -308,7 +310,7 @@ def test_unsupported_option_names_the_entries_that_can():
         config_error("cce_torch_compile", {"label_smoothing": 0.1})
     )
     assert "use 'chunked'" in str(config_error("auto", {"chunk_size": 64}))
-    assert "use 'cce'" in str(config_error("cce_torch_compile", {"filter_eps": 1e-3}))
+    assert "use 'chunked' or 'cce'" in str(config_error("cce_torch_compile", {"filter_eps": 1e-3}))
 
 
 def test_unsupported_option_at_its_default_is_accepted():

@@ -16,7 +16,7 @@ from losses.base import OutputLoss
 from losses.facts import LossFacts, LossShape, fixed_kernels, gradients_held
 from losses.functional import mean_divisor
 from losses.kernels.cce_vocab_parallel import cce_kernels, vocab_parallel_cce
-from losses.options import DEFAULT_FILTER_EPS
+from losses.options import CCE_FILTER_EPS, DEFAULT_FILTER_EPS
 
 
 @functools.cache
@@ -110,6 +110,7 @@ class CCELoss(CutCrossEntropy):
     def __init__(self, head: nn.Module, *, filter_eps: float | str | None = DEFAULT_FILTER_EPS, **common):
         super().__init__(head, **common)
         # 25.1.1 matches a threshold as float(); TOML may give an int such as 0.
+        filter_eps = CCE_FILTER_EPS if filter_eps == "default" else filter_eps
         self.filter_eps = float(filter_eps) if isinstance(filter_eps, int) else filter_eps
 
     def linear_loss(self, e: Tensor, c: Tensor, bias: Optional[Tensor], targets: Tensor) -> Tensor:

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 from losses.base import OutputLoss
 from losses.facts import LossFacts, LossSetting, LossShape, gradients_held
 from losses.kernels.chunked import DEFAULT_CHUNK_SIZE, auto_chunk_size, chunked_kernels, chunked_linear_cross_entropy
-from losses.options import COMMON_OPTIONS
+from losses.options import COMMON_OPTIONS, DEFAULT_FILTER_EPS, filter_threshold
 
 
 def _kernels(s: LossSetting) -> tuple[str, str]:
@@ -50,7 +50,7 @@ class ChunkedCrossEntropy(OutputLoss):
     """
 
     name = "chunked"
-    options = COMMON_OPTIONS | {"chunk_size", "compile"}
+    options = COMMON_OPTIONS | {"chunk_size", "compile", "filter_eps"}
     facts = LossFacts(
         devices=None,
         forward_dtypes=None,
@@ -71,11 +71,13 @@ class ChunkedCrossEntropy(OutputLoss):
         *,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         compile: bool = False,
+        filter_eps: float | str = DEFAULT_FILTER_EPS,
         **common,
     ):
         super().__init__(head, **common)
         self.chunk_size = chunk_size
         self.compile_chunk_math = compile  # not "compile": that would hide nn.Module.compile()
+        self.filter_eps = filter_eps  # "default": exact
 
     def linear_loss(self, e: Tensor, c: Tensor, bias: Optional[Tensor], targets: Tensor) -> Tensor:
         kernels = self.kernels or chunked_kernels(e.device.type, e.dtype, self.compile_chunk_math)[0]
@@ -91,7 +93,9 @@ class ChunkedCrossEntropy(OutputLoss):
             label_smoothing=self.label_smoothing,
             reduction=self.reduction,
             kernels=kernels,
+            filter_eps=filter_threshold(self.filter_eps, e.dtype),
         )
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, chunk_size={self.chunk_size}, kernels={self.kernels}"
+        own = f"chunk_size={self.chunk_size}, kernels={self.kernels}, filter_eps={self.filter_eps!r}"
+        return f"{super().extra_repr()}, {own}"

@@ -44,7 +44,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from losses.functional import IGNORE_INDEX, REDUCTIONS
-from losses.options import DEFAULT_FILTER_EPS
+from losses.options import CCE_FILTER_EPS
 
 SUPPORTED_VERSION = "25.1.1"
 # What each 25.1.1 kernel this module calls takes, in order: later releases reordered and renamed them.
@@ -192,7 +192,7 @@ def vocab_parallel_cce(
     ignore_index: int = IGNORE_INDEX,
     softcap: float = 0.0,
     reduction: str = "mean",
-    filter_eps: float | str | None = DEFAULT_FILTER_EPS,
+    filter_eps: float | str | None = CCE_FILTER_EPS,
 ) -> Tensor:
     """Cross-entropy of ``e [N, D]`` against ``targets [N]`` with a classifier sharded by rows:
     ``c`` is rows ``[vocab_start, vocab_start + V_local)`` of it, the others are on ``group``'s

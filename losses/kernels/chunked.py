@@ -40,6 +40,11 @@ def auto_chunk_size(local_vocab: int, bytes_per_logit: int) -> int:
     return max(128, LOGITS_BLOCK_BYTES // (local_vocab * bytes_per_logit) // 128 * 128)
 
 
+# The gradient filter keeps or skips a chunk's vocabulary columns in slabs this wide (the Triton
+# kernels' block): a skipped slab is left out of both gradient GEMMs.
+FILTER_SLAB = 4096
+
+
 # Dtypes the Triton kernels take.
 TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -110,12 +115,15 @@ def _chunk_logit_grad(
     softcap: float,
     z_loss_weight: float,
     label_smoothing: float,
+    slab_max: Optional[Tensor] = None,
 ) -> Tensor:
     """d(token_weight . loss)/d(pre-softcap logits) for this shard's columns.
 
     ``softmax * (1 + 2 w_z lse) - (1-eps) onehot(y) - eps/V``, scaled per token;
     ``token_weight`` is 0 on ignored tokens. The softcap's derivative is
-    ``1 - (z/cap)^2`` in terms of the capped logits ``z``.
+    ``1 - (z/cap)^2`` in terms of the capped logits ``z``. ``slab_max`` (one per
+    ``FILTER_SLAB`` columns) gets each slab's largest unweighted magnitude over the tokens
+    whose weight is not 0, for the gradient filter.
     """
     grad = (logits - lse[:, None]).exp_()  # in place from here: one [chunk, V] buffer
     if z_loss_weight > 0:
@@ -124,10 +132,13 @@ def _chunk_logit_grad(
         grad.sub_(label_smoothing / vocab_size)
     target_step = (label_smoothing - 1) * owned.to(grad.dtype)
     grad.scatter_add_(1, target_col[:, None], target_step[:, None])
-    grad.mul_(token_weight[:, None])
     if softcap > 0:
         grad.mul_(1 - (logits / softcap).square())
-    return grad
+    if slab_max is not None:
+        column_max = grad.abs().where(token_weight[:, None] != 0, 0.0).amax(0)
+        slabs = torch.nn.functional.pad(column_max, (0, -column_max.shape[0] % FILTER_SLAB)).view(-1, FILTER_SLAB)
+        slab_max.copy_(slabs.amax(1))
+    return grad.mul_(token_weight[:, None])
 
 
 class _ChunkOps(NamedTuple):
@@ -182,6 +193,7 @@ class _Params:
     reduction: str
     grad_enabled: bool
     ops: _ChunkOps
+    filter_eps: Optional[float]  # None: exact gradients
 
 
 def _all_reduce(tensor: Tensor, op: dist.ReduceOp, group: Optional[dist.ProcessGroup]) -> None:
@@ -209,29 +221,46 @@ class _Grads:
     def __init__(self, e: Tensor, c: Tensor, bias: Optional[Tensor], needs: tuple[bool, ...], p: "_Params"):
         acc = torch.promote_types(e.dtype, torch.float32) if p.group is not None and p.reduce_e_grad else e.dtype
         self.e = torch.empty(e.shape, dtype=acc, device=e.device) if needs[0] else None
-        self.c = torch.empty_like(c) if needs[1] else None
-        self.c_written = False  # the first chunk writes c's gradient, the others add to it
+        # The first chunk writes c's gradient and the others add to it; with the gradient filter
+        # a chunk may skip rows, so it starts from zeros.
+        filtering = p.filter_eps is not None
+        self.c = (torch.zeros_like(c) if filtering else torch.empty_like(c)) if needs[1] else None
+        self.c_written = filtering
         self.bias = (
             torch.zeros(c.shape[0], dtype=torch.promote_types(bias.dtype, torch.float32), device=c.device)
             if bias is not None and needs[2]
             else None
         )
 
-    def add_chunk(self, rows: slice, logit_grad: Tensor, e_chunk: Tensor, c: Tensor) -> None:
+    def add_chunk(self, rows: slice, logit_grad: Tensor, e_chunk: Tensor, c: Tensor, columns: list) -> None:
+        """The chunk's gradients from its logit gradient, over the runs ``[(start, stop)]`` of
+        vocabulary columns in ``columns`` (all of them, or those the gradient filter kept)."""
         low = logit_grad.to(c.dtype)
         if self.e is not None:
-            if self.e.dtype == low.dtype:
-                torch.mm(low, c, out=self.e[rows])
-            else:
-                self.e[rows] = low @ c
+            e_rows = self.e[rows]
+            if not columns:
+                e_rows.zero_()
+            for i, (lo, hi) in enumerate(columns):
+                if self.e.dtype != low.dtype:  # accumulated in fp32 for the vocab group's all-reduce
+                    part = low[:, lo:hi] @ c[lo:hi]
+                    if i:
+                        e_rows.add_(part)
+                    else:
+                        e_rows.copy_(part)
+                elif i:
+                    e_rows.addmm_(low[:, lo:hi], c[lo:hi])
+                else:
+                    torch.mm(low[:, lo:hi], c[lo:hi], out=e_rows)
         if self.c is not None:
-            if self.c_written:
-                self.c.addmm_(low.T, e_chunk)
-            else:
-                torch.mm(low.T, e_chunk, out=self.c)
-                self.c_written = True
+            for lo, hi in columns:
+                if self.c_written:
+                    self.c[lo:hi].addmm_(low[:, lo:hi].T, e_chunk)
+                else:
+                    torch.mm(low[:, lo:hi].T, e_chunk, out=self.c[lo:hi])
+            self.c_written = True
         if self.bias is not None:
-            self.bias += logit_grad.sum(0)
+            for lo, hi in columns:
+                self.bias[lo:hi] += logit_grad[:, lo:hi].sum(0)
 
     def finish(self, e: Tensor, bias: Optional[Tensor], p: _Params, reduce_e: bool = True):
         """The gradients in the inputs' dtypes; the hidden states' reduced over the vocab group
@@ -251,11 +280,32 @@ def _reduced_e_grad(grad_e: Tensor, dtype: torch.dtype, p: _Params) -> Tensor:
 
 
 def _backprop_chunk(grads, rows, e_chunk, c, logits, lse, col, owned, token_weight, p):
+    vocab = c.shape[0]
+    slab_max = None
+    if p.filter_eps is not None:
+        slab_max = torch.zeros(-(-vocab // FILTER_SLAB), dtype=torch.float32, device=c.device)
     logit_grad = p.ops.logit_grad(
         logits, lse, col, owned, token_weight,
-        p.vocab_size, p.softcap, p.z_loss_weight, p.label_smoothing,
+        p.vocab_size, p.softcap, p.z_loss_weight, p.label_smoothing, slab_max,
     )  # fmt: skip
-    grads.add_chunk(rows, logit_grad, e_chunk, c)
+    columns = [(0, vocab)] if slab_max is None else _kept_columns(slab_max, p.filter_eps, vocab)
+    grads.add_chunk(rows, logit_grad, e_chunk, c, columns)
+
+
+def _kept_columns(slab_max: Tensor, filter_eps: float, vocab: int) -> list[tuple[int, int]]:
+    """Runs ``(start, stop)`` of the columns in slabs with a gradient of at least ``filter_eps``.
+
+    Reading them waits for the GPU once per chunk: the GEMMs' shapes depend on them."""
+    runs = []
+    for slab, kept in enumerate((slab_max >= filter_eps).tolist()):
+        lo, hi = slab * FILTER_SLAB, min((slab + 1) * FILTER_SLAB, vocab)
+        if not kept:
+            continue
+        if runs and runs[-1][1] == lo:
+            runs[-1] = (runs[-1][0], hi)
+        else:
+            runs.append((lo, hi))
+    return runs
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -354,6 +404,7 @@ def chunked_linear_cross_entropy(
     label_smoothing: float = 0.0,
     reduction: str = "mean",
     kernels: Optional[str] = None,
+    filter_eps: Optional[float] = None,
 ) -> Tensor:
     """Cross-entropy of ``e [N, D] @ c.T`` against ``targets [N]``, ``chunk_size`` tokens at a time.
 
@@ -367,6 +418,9 @@ def chunked_linear_cross_entropy(
     gradient. ``kernels`` runs the per-chunk math in the Triton kernels of
     ``chunked_triton.py`` ("triton"), in PyTorch ops ("torch") or in PyTorch ops through
     ``torch.compile`` ("compile"); None takes what ``chunked_kernels`` picks for ``e``.
+    ``filter_eps`` (None or 0: exact) leaves a chunk's slab of ``FILTER_SLAB`` vocabulary columns
+    out of both gradient GEMMs when every token's unweighted logit gradient in it is below it
+    (CCE's ``filter_eps``, on slabs of the chunk instead of its kernel's tiles); the loss is exact.
 
     Returns a scalar for "mean"/"sum" and ``[N]`` for "none", in fp32 (fp64 for fp64
     inputs). "mean" divides by the number of non-ignored targets, and is 0 with zero
@@ -383,6 +437,8 @@ def chunked_linear_cross_entropy(
         raise ValueError(f"e and c must share a dtype, got {e.dtype} and {c.dtype}")
     if bias is not None and bias.shape != c.shape[:1]:
         raise ValueError(f"bias must be [{c.shape[0]}], got {list(bias.shape)}")
+    if filter_eps is not None and not filter_eps >= 0:
+        raise ValueError(f"filter_eps must be None or >= 0, got {filter_eps}")
     kernels = _check_kernels(kernels, e)
     if chunk_size == 0:  # the Triton kernels keep the block in the GEMM's dtype, PyTorch in >= fp32
         chunk_size = auto_chunk_size(c.shape[0], e.element_size() if kernels == "triton" else max(4, e.element_size()))
@@ -401,6 +457,7 @@ def chunked_linear_cross_entropy(
         reduction=reduction,
         grad_enabled=torch.is_grad_enabled(),
         ops=_chunk_ops(kernels),
+        filter_eps=filter_eps or None,
     )
     return _ChunkedLinearCrossEntropy.apply(e, c, bias, targets.long(), params)
 

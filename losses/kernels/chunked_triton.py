@@ -22,7 +22,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-_BLOCK = 4096  # logits per program step; a row of V logits takes ceil(V / _BLOCK) steps
+from losses.kernels.chunked import FILTER_SLAB
+
+_BLOCK = FILTER_SLAB  # logits per program step; a row of V logits takes ceil(V / _BLOCK) steps
 # The vocabulary (of this shard) is a compile-time constant: one model has one or two
 # sizes, and Triton 3.6's interpreter cannot loop to a run-time bound.
 
@@ -83,20 +85,22 @@ def _logit_grad_kernel(
     col_ptr,
     owned_ptr,
     weight_ptr,
+    slab_max_ptr,
     softcap,
     z_loss_weight,
     label_smoothing,
     total_vocab,
     HAS_SOFTCAP: tl.constexpr,
+    FILTER: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0)
     base = logits_ptr + row.to(tl.int64) * stride
     lse = tl.load(lse_ptr + row)
     weight = tl.load(weight_ptr + row)
-    softmax_scale = weight * (1 + 2 * z_loss_weight * lse)
-    uniform = weight * label_smoothing / total_vocab  # the global vocabulary under vocab parallelism
-    target_step = weight * (1 - label_smoothing)
+    softmax_scale = 1 + 2 * z_loss_weight * lse
+    uniform = label_smoothing / total_vocab  # the global vocabulary under vocab parallelism
+    target_step = 1 - label_smoothing
     col = tl.where(tl.load(owned_ptr + row) != 0, tl.load(col_ptr + row), -1)
     for start in range(0, vocab, BLOCK):
         offs = start + tl.arange(0, BLOCK)
@@ -105,7 +109,9 @@ def _logit_grad_kernel(
         grad = tl.exp(z - lse) * softmax_scale - uniform - tl.where(offs == col, target_step, 0.0)
         if HAS_SOFTCAP:
             grad *= 1 - (z / softcap) * (z / softcap)
-        tl.store(base + offs, grad.to(logits_ptr.dtype.element_ty), mask=mask)
+        if FILTER:  # the slab's largest unweighted gradient among the tokens that count
+            tl.atomic_max(slab_max_ptr + start // BLOCK, tl.max(tl.where(mask, tl.abs(grad), 0.0), 0), mask=weight != 0)
+        tl.store(base + offs, (grad * weight).to(logits_ptr.dtype.element_ty), mask=mask)
 
 
 def linear_logits_raw(e: Tensor, w: Tensor, bias: Optional[Tensor], softcap: float) -> Tensor:
@@ -148,8 +154,11 @@ def logit_grad(
     softcap: float,
     z_loss_weight: float,
     label_smoothing: float,
+    slab_max: Optional[Tensor] = None,
 ) -> Tensor:
-    """The gradient of the weighted loss w.r.t. the raw logits, written over ``logits``."""
+    """The gradient of the weighted loss w.r.t. the raw logits, written over ``logits``;
+    ``slab_max`` (zeros, one per ``FILTER_SLAB`` columns) gets the largest unweighted magnitude
+    in each slab over the tokens whose weight is not 0, for the gradient filter."""
     n, vocab = logits.shape
     _logit_grad_kernel[(n,)](
         logits,
@@ -159,11 +168,13 @@ def logit_grad(
         col,
         owned,
         token_weight.float(),
+        lse if slab_max is None else slab_max,  # not read without FILTER
         softcap,
         z_loss_weight,
         label_smoothing,
         vocab_size or vocab,
         HAS_SOFTCAP=softcap > 0,
+        FILTER=slab_max is not None,
         BLOCK=_BLOCK,
     )
     return logits
