@@ -21,9 +21,12 @@ two baselines, "materialized (eager)" = ``F.cross_entropy(F.linear(h, w).float()
 the same function under ``torch.compile``, and two peers, each skipped with the reason where it
 cannot run: a TorchTitan-style loop over 8 token chunks (logits materialized per chunk, kept for the
 backward), and PyTorch's own ``F.linear_cross_entropy`` with ``LinearCrossEntropyOptions()``
-(its chunked path; torch 2.13 has it, 2.11 does not). Inputs are random: hidden ~ N(0, 1), weight scaled so the
-logits have std ``--logit-std``; cce's backward skips blocks whose softmax is below its
-``filter_eps``, so its time depends on how peaked the softmax is.
+(its chunked path; torch 2.13 has it, 2.11 does not). ``chunked_filter`` is ``chunked`` with its gradient
+filter on (``filter_eps="high"``). Inputs are random: hidden ~ N(0, 1), weight scaled so the logits have std
+``--logit-std``; the gradient filters (cce's by default, ``chunked_filter``'s) skip blocks whose softmax is
+below their ``filter_eps``, so their time depends on how peaked the softmax is: random logits skip almost
+nothing. On CUDA, after the rows of each shape and token count, where one chunk of ``chunked`` spends its
+time (``benchmarks/chunk_phases.py``: each GEMM's ms and TFLOP/s, each pass's ms and GB/s).
 
 Run (GPU, bf16):    python benchmarks/loss_bench.py [--shapes gemma2_2b --tokens 8192 ...]
 Smoke (CPU, fp32):  python benchmarks/loss_bench.py --smoke
@@ -48,6 +51,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.chunk_phases import print_phases
 from config.errors import ConfigError
 from losses import LOSS_NAMES, build_loss
 from models.output_head import OutputHead
@@ -72,6 +76,7 @@ BASELINES = {
     "materialized_compile": "materialized (torch.compile)",
     "torchtitan_chunks": "TorchTitan-style 8 chunks",
     "torch_linear_ce": "F.linear_cross_entropy",
+    "chunked_filter": "chunked filter_eps=high",
 }
 PEER_CHUNKS = 8
 
@@ -127,14 +132,16 @@ class Entry:
             return lambda hidden, labels: torchtitan_chunks(hidden, head.weight, labels)
         if self.key == "torch_linear_ce":
             return torch_linear_ce(head.weight)
+        if self.key == "chunked_filter":
+            return build_loss("chunked", head, {**self.options, "filter_eps": "high"}, device=device)
         return build_loss(self.key, head, self.options, device=device)
 
 
 def entries(loss_keys, chunk_sizes):
     out = []
     for key in loss_keys:
-        if key == "chunked" and chunk_sizes:
-            out += [Entry(f"chunked cs={cs}", key, {"chunk_size": cs}) for cs in chunk_sizes]
+        if key.startswith("chunked") and chunk_sizes:
+            out += [Entry(f"{BASELINES.get(key, key)} cs={cs}", key, {"chunk_size": cs}) for cs in chunk_sizes]
         else:
             out.append(Entry(BASELINES.get(key, key), key, {}))
     return out
@@ -269,6 +276,8 @@ def bench_case(name, head, n, args, device, skipped):
                 torch.cuda.empty_cache()
             print(fmt_row(row) + f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
             yield row
+    if device.type == "cuda" and triton is not None and any(key.startswith("chunked") for key in args.losses):
+        print_phases(hidden[0].detach(), head.weight.detach(), shifted_targets(labels), IGNORE_INDEX, bench_ms, device)
 
 
 COLUMNS = [  # (key, header, width, format)
