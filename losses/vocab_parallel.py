@@ -85,6 +85,7 @@ def vocab_parallel_linear_cross_entropy(
     label_smoothing: float = 0.0,
     impl: str = "auto",
     filter_eps: float | str | None = CCE_FILTER_EPS,
+    vocab_size: Optional[int] = None,
 ) -> Tensor:
     """Cross-entropy of ``e [..., D]`` against ``targets [...]`` with the classifier sharded by rows.
 
@@ -95,7 +96,9 @@ def vocab_parallel_linear_cross_entropy(
     targets and is 0 when there are none. ``options`` may also be the installed
     ``cut_cross_entropy``'s own ``VocabParallelOptions``, where it has one. ``impl``: the
     backend, an entry whose facts give a vocab-parallel function ("chunked", "cce"), or
-    "auto" for what ``losses/resolve.py`` picks for these tensors.
+    "auto" for what ``losses/resolve.py`` picks for these tensors. ``vocab_size``: the classifier's
+    rows over all shards, which label smoothing needs; None all-reduces it on every call (a wait for
+    the GPU).
 
     Gradients follow upstream CCE: a rank's upstream gradient weighs its own shard's part, so
     with different upstream gradients g_r the hidden states get sum_r g_r * (shard r's part).
@@ -128,6 +131,7 @@ def vocab_parallel_linear_cross_entropy(
         reduction=reduction,
         filter_eps=filter_eps,
         kernels=kernels,
+        vocab_size=vocab_size,
     )
     if reduction != "none":
         return loss

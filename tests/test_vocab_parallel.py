@@ -6,10 +6,12 @@ builds the inputs and the reference, the ranks return their loss and gradients.
 """
 
 from dataclasses import dataclass
+from unittest import mock
 
 import pytest
 import torch
 
+from losses.kernels import chunked
 from losses.kernels.chunked import chunked_linear_cross_entropy
 from losses.vocab_parallel import VocabParallelOptions, vocab_parallel_linear_cross_entropy, vocab_shard_range
 from tests.dist_utils import run_distributed
@@ -20,7 +22,7 @@ D = 24
 
 def make_case(
     seed, *, vocab, batch_shape=(48,), ignored=0.0, target_below=None, bias=False,
-    reduce_e_grad=True, chunk_size=None, **kwargs,
+    reduce_e_grad=True, chunk_size=None, vocab_given=False, **kwargs,
 ):  # fmt: skip
     """Inputs plus the loss options (``kwargs``) shared by both sides of the comparison."""
     gen = torch.Generator().manual_seed(seed)
@@ -30,7 +32,7 @@ def make_case(
     targets[torch.rand(batch_shape, generator=gen) < ignored] = IGNORE
     case = dict(
         e=e, c=c, targets=targets, bias=torch.randn(vocab, generator=gen) if bias else None,
-        reduce_e_grad=reduce_e_grad, chunk_size=chunk_size, kwargs=kwargs,
+        reduce_e_grad=reduce_e_grad, chunk_size=chunk_size, kwargs=kwargs, vocab_given=vocab_given,
     )  # fmt: skip
     out_shape = reference(e, c, targets, case["bias"], **kwargs).shape
     case["grad_out"] = torch.rand(out_shape, generator=gen) + 0.5
@@ -45,6 +47,8 @@ CASES = {
     "targets_on_first_rank_only": make_case(3, vocab=101, target_below=10, reduction="sum"),
     "zloss_softcap_none": make_case(4, vocab=101, ignored=0.2, z_loss_weight=1e-2, softcap=3.0, reduction="none"),
     "smoothing_bias": make_case(5, vocab=101, ignored=0.2, label_smoothing=0.1, bias=True),
+    # The training head passes the vocabulary's size: nothing all-reduces it (a GPU wait per call).
+    "smoothing_vocab_given": make_case(9, vocab=101, ignored=0.2, label_smoothing=0.1, vocab_given=True),
     "partial_e_grad": make_case(6, vocab=101, ignored=0.2, z_loss_weight=1e-2, reduce_e_grad=False),
     "multi_chunk_kernel": make_case(7, vocab=101, batch_shape=(45,), ignored=0.2, softcap=3.0, chunk_size=7),
 }
@@ -71,7 +75,12 @@ def _run_cases_in_group(group, cases):
         e = case["e"].clone().requires_grad_()
         c_shard = case["c"][options.start : options.stop].clone().requires_grad_()
         bias = None if case["bias"] is None else case["bias"][options.start : options.stop].clone().requires_grad_()
-        if case["chunk_size"] is None:
+        if case["vocab_given"]:
+            with mock.patch.object(chunked, "_global_vocab_size", side_effect=AssertionError("all-reduced")):
+                loss = vocab_parallel_linear_cross_entropy(
+                    e, c_shard, case["targets"], options, bias=bias, vocab_size=case["c"].shape[0], **kwargs
+                )
+        elif case["chunk_size"] is None:
             loss = vocab_parallel_linear_cross_entropy(e, c_shard, case["targets"], options, bias=bias, **kwargs)
         else:  # the kernel directly, to cross chunk boundaries with collectives in each
             loss = chunked_linear_cross_entropy(

@@ -37,9 +37,11 @@ def _cut_cross_entropy_problem() -> Optional[str]:
     return None
 
 
-def _vocab_parallel(e, c, targets, bias, options, group, *, z_loss_weight, label_smoothing, kernels, **loss_options):
+def _vocab_parallel(
+    e, c, targets, bias, options, group, *, z_loss_weight, label_smoothing, kernels, vocab_size, **loss_options
+):
     """Its loss on this rank's rows of the classifier (the vocab-parallel head's backend)."""
-    del bias, z_loss_weight, label_smoothing, kernels  # none of them: refused by its facts
+    del bias, z_loss_weight, label_smoothing, kernels, vocab_size  # none of them: refused by its facts
     return vocab_parallel_cce(
         e, c, targets, vocab_start=options.start, group=group, reduce_e_grad=options.reduce_e_grad, **loss_options
     )

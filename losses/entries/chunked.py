@@ -15,8 +15,9 @@ def _kernels(s: LossSetting) -> tuple[str, str]:
 
 
 def _vocab_parallel(e, c, targets, bias, options, group, *, filter_eps, kernels, **loss_options) -> Tensor:
-    """Its loss on this rank's rows of the classifier (the vocab-parallel head's backend)."""
-    del filter_eps  # exact: nothing to filter
+    """Its loss on this rank's rows of the classifier (the vocab-parallel head's backend), exact: the
+    head takes no filter_eps, and the function's default is cut-cross-entropy's, meant for cce."""
+    del filter_eps
     return chunked_linear_cross_entropy(
         e,
         c,

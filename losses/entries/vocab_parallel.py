@@ -57,6 +57,7 @@ class VocabParallelLoss(OutputLoss):
             z_loss_weight=self.z_loss_weight,
             label_smoothing=self.label_smoothing,
             impl=self.backend,
+            vocab_size=self.head.weight.shape[0],  # the DTensor's global rows: no all-reduce to learn it
         )
         # The value is this rank's share of the group's sum; the gradient is the whole sum's.
         return total.detach() / dist.get_world_size(group) + (total - total.detach())
