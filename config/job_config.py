@@ -287,7 +287,8 @@ class Loss:
     `"auto"` are the same: `finfo(dtype).eps / 32` (2.44e-4 for bf16). `0` skips nothing. `cce` skips
     blocks of tokens x vocabulary in its backward kernel; `chunked` skips a token chunk's slab of 4,096
     vocabulary entries in both gradient GEMMs (waiting for the GPU once per chunk to read which). The loss
-    itself stays exact; what filtering did to a real run's loss is in [performance.md](performance.md)."""
+    itself stays exact; what filtering did to a real run's loss is in [performance.md](performance.md). The
+    vocab-parallel head takes only `"default"`."""
 
 
 @dataclass

@@ -43,8 +43,7 @@ def vocab_parallel_entries() -> list[str]:
 
 def check_vocab_parallel(name: str, options: Mapping[str, object]) -> None:
     """The vocab-parallel head's rules for a recipe's ``[loss]``, a ``ConfigError`` for the first broken one:
-    it runs ``auto`` or an entry with a vocab-parallel function, and takes no chunk_size, compile or filter_eps
-    yet.
+    it runs ``auto`` or an entry with a vocab-parallel function, and takes no chunk_size, compile or filter_eps yet.
     What a chosen entry cannot compute there is ``choose_loss``'s to say (its facts)."""
     runs = [AUTO, *vocab_parallel_entries()]
     if name not in runs:
