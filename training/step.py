@@ -7,7 +7,6 @@ their next scales.
 """
 
 import logging
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -43,6 +42,7 @@ class QueuedStep:
     loss: torch.Tensor  # float64, this rank's share summed over the data-parallel ranks
     grad_norm: torch.Tensor
     lr: float
+    verdict: torch.Tensor  # the non-finite policy's, from UpdatesToSkip: [update skipped, run ended]
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ class TrainStep:
         self.has_first_stage = any(p.tok_embeddings is not None for p in parts)
         self.fsdp_mesh, self.dp_group = dims.fsdp_mesh(mesh), dp_group
         self.pp_group = mesh["pp"].get_group() if schedule is not None else None
-        self.skipped = 0  # updates dropped for a non-finite loss or gradient, as settled
+        self.skipped = 0  # updates dropped for a non-finite loss or gradient, as settled (for the messages)
         self.updates_to_skip = UpdatesToSkip(cfg.training.nonfinite_policy, cfg.training.nonfinite_max_skips)
 
     def __call__(self, local_batch: torch.Tensor, step: int) -> QueuedStep:
@@ -156,6 +156,7 @@ class TrainStep:
         found_inf = self.updates_to_skip(
             (~(torch.isfinite(step_loss) & torch.isfinite(norm.to(step_loss.device)))).float()
         )
+        verdict = torch.stack((found_inf, self.updates_to_skip.halted))  # a copy: halted changes in place later
         divisor = clip_divisor(norm, self.t.max_norm) if self.t.max_norm > 0 else None
         for optimizer in self.optimizers:
             optimizer.found_inf, optimizer.grad_scale = found_inf, divisor
@@ -166,22 +167,22 @@ class TrainStep:
         for scheduler in self.schedulers:
             scheduler.step()
             scheduler.optimizer.zero_grad(set_to_none=True)
-        return QueuedStep(step, step_loss, norm, lr)
+        return QueuedStep(step, step_loss, norm, lr, verdict)
 
     def settle(self, queued: QueuedStep) -> StepOutcome:
-        """Read ``queued``'s loss and gradient norm (waiting for the device to compute them) and apply the
-        non-finite policy: raise ``NonFiniteLossError`` or count the skipped update."""
+        """Read ``queued``'s loss and gradient norm (waiting for the device to compute them) and what the
+        non-finite policy decided on the device: raise ``NonFiniteLossError`` or count the skipped update."""
         loss, grad_norm = float(queued.loss) / self.dims.dp, float(queued.grad_norm)
-        finite = math.isfinite(loss) and math.isfinite(grad_norm)  # the same on every rank
-        if not finite and (self.t.nonfinite_policy == "stop" or self.skipped == self.t.nonfinite_max_skips):
+        skipped, ended = queued.verdict.tolist()  # the same on every rank
+        if ended:
             after = f" after {self.skipped} skipped steps" if self.skipped else ""
             raise NonFiniteLossError(
                 f"loss {loss}, grad norm {grad_norm} at step {queued.step}{after}; {NONFINITE_ADVICE}"
             )
-        if not finite:
+        if skipped:
             self.skipped += 1
             logger.warning(
                 f"step {queued.step}: loss {loss}, grad norm {grad_norm}; update skipped "
                 f"({self.skipped}/{self.t.nonfinite_max_skips})"
             )
-        return StepOutcome(queued.step, loss, grad_norm, queued.lr, finite)
+        return StepOutcome(queued.step, loss, grad_norm, queued.lr, not skipped)
