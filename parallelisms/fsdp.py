@@ -77,7 +77,12 @@ def apply_fsdp(
     pp_enabled: bool,
 ) -> None:
     """Shard ``model`` group by group as ``fsdp_groups`` describes."""
-    mp = MixedPrecisionPolicy(param_dtype=getattr(torch, param_dtype), reduce_dtype=getattr(torch, reduce_dtype))
+    # Forward inputs are not cast: the blocks' hidden states already come in param_dtype (the embedding's
+    # output, a stage's receive buffer), and the rope table stays fp32, as parallelisms/compute_weights.py
+    # leaves it where no FSDP runs.
+    mp = MixedPrecisionPolicy(
+        param_dtype=getattr(torch, param_dtype), reduce_dtype=getattr(torch, reduce_dtype), cast_forward_inputs=False
+    )
     vp_head = model.output is not None and isinstance(model.output.weight, DTensor)  # parallelisms/vocab_parallel.py
     ignored = {model.output.weight} if vp_head else None
     for group in fsdp_groups(model, reshard_after_forward, pp_enabled, vp_head):
