@@ -29,6 +29,7 @@ from data.tokenizer import Tokenizer
 from losses import build_loss, recipe_options
 from models import ModelArgs, Transformer, build_model_args
 from models.initialize import init_weights
+from parallelisms.compute_weights import ComputeWeights
 from parallelisms.distributed import close_distributed, init_distributed, resolve_device, set_pg_timeouts
 from parallelisms.float8 import check_float8, float8_scale_update
 from parallelisms.parallel_dims import ParallelDims
@@ -130,6 +131,7 @@ def _train(
         part.to_empty(device=device)
         init_weights(part, t.seed, device)
         part.train()
+    compute_weights = ComputeWeights(parts if dims.dp == 1 else [], compute_dtype)  # FSDP's work where it runs
 
     loss = _build_training_loss(cfg, parts, mesh, dp_mesh, device, compute_dtype)
     tied = tied_embedding_sync(parts, plan, mesh, cfg.parallelism.vocab_parallel)
@@ -141,6 +143,7 @@ def _train(
         cfg=cfg,
         dims=dims,
         parts=parts,
+        compute_weights=compute_weights,
         schedule=schedule,
         loss=loss,
         optimizers=optimizers,
@@ -154,6 +157,7 @@ def _train(
         Validator(
             cfg=cfg,
             parts=parts,
+            compute_weights=compute_weights,
             plan=plan,
             loss_sum=loss.loss_sum,
             validation_set=validation_set,

@@ -4,11 +4,11 @@
     python benchmarks/optimizer_bench.py --config configs/qwen3_1p7b.toml --reps 20 --warmup 3
 
 The model is built as train.py builds it on one rank (meta init, ``parallelize`` on a 1-rank mesh,
-``to_empty``, ``init_weights``) and its FSDP2 gradients come from one real forward and backward of a
-short batch (sum of squared hidden states), so the optimizer sees train.py's parameters and
-gradients. Timed with CUDA events around ``optimizer.step()`` (host dispatch included), median of
-``--reps`` after ``--warmup``:
-- ``torch``: ``torch.optim.AdamW(fused=True)`` over the DTensor parameters (``optimizer.implementation
+``to_empty``, ``init_weights``: plain fp32 parameters, no FSDP) and its gradients come from one real
+forward and backward of a short batch on its bf16 ``ComputeWeights`` (sum of squared hidden states),
+so the optimizer sees train.py's parameters and gradients. Timed with CUDA events around
+``optimizer.step()`` (host dispatch included), median of ``--reps`` after ``--warmup``:
+- ``torch``: ``torch.optim.AdamW(fused=True)`` over the parameters (``optimizer.implementation
   = "torch"``);
 - ``flat``: ``training/flat_adamw.py`` (``"flat"``);
 - ``floor``: ``torch._fused_adamw_`` (and its step increment) on fresh plain tensors of the same shapes,
@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from config.job_config import JobConfig
 from models import Transformer, build_model_args
 from models.initialize import init_weights
+from parallelisms.compute_weights import ComputeWeights
 from parallelisms.distributed import close_distributed, init_distributed
 from parallelisms.local_tensor import local_tensor
 from parallelisms.parallel_dims import ParallelDims
@@ -51,7 +52,8 @@ def build_model(cfg: JobConfig, device: torch.device) -> Transformer:
     model.to_empty(device=device)
     init_weights(model, cfg.training.seed, device)
     tokens = torch.randint(0, args.vocab_size, (1, args.max_seq_len), device=device)
-    model(tokens).float().square().mean().backward()
+    with ComputeWeights([model], getattr(torch, cfg.training.mixed_precision_param)):
+        model(tokens).float().square().mean().backward()
     return model
 
 

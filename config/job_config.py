@@ -150,12 +150,14 @@ class Training:
 
     mixed_precision_param: Dtype = "bfloat16"
     """FSDP2 `MixedPrecisionPolicy.param_dtype`: the dtype parameters are all-gathered and computed in; the
-    sharded master weights and AdamW state stay float32. Forced to `float32` on a non-CUDA device (the
+    sharded master weights and AdamW state stay float32. With one data-parallel rank there is no FSDP: each
+    step casts the float32 parameters once into copies of this dtype for the forward and backward
+    (`parallelisms/compute_weights.py`, the same numbers). Forced to `float32` on a non-CUDA device (the
     start-up log shows `params float32`). The `cce` loss needs `bfloat16` here."""
 
     mixed_precision_reduce: Dtype = "float32"
-    """FSDP2 `reduce_dtype`: the dtype of the gradient reduce-scatter (and the HSDP all-reduce). Applies on
-    every device."""
+    """FSDP2 `reduce_dtype`: the dtype of the gradient reduce-scatter (and the HSDP all-reduce); with one
+    data-parallel rank, the dtype gradients accumulate in. Applies on every device."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """`auto`: `cuda:LOCAL_RANK` when CUDA is available, else the CPU. NCCL on CUDA, gloo on the CPU; a plain
@@ -379,7 +381,9 @@ class Parallelism:
     stays gathered from the loss's forward to its backward except under `always`; a tied embedding/head (no
     pipeline) lives in the root group, which is then never resharded after forward. `always`: everything
     else reshards too, the last block and the head included (least memory, most all-gathers). `never`:
-    nothing reshards (ZeRO-2-like memory)."""
+    nothing reshards (ZeRO-2-like memory). With one data-parallel rank there is no FSDP and no key to obey:
+    the step's bf16 copy of every parameter is held from the forward to the end of the backward, like
+    `never`."""
 
     vocab_parallel: bool = False
     """The last stage's classifier stays sharded by vocabulary rows over `vocab_parallel_mesh_dim` (never

@@ -106,7 +106,7 @@ _ROWS: list[tuple[str, Callable[[RankMemory], str]]] = [
     ("parameters (fp32 shards)", lambda m: _gib(m.parameters)),
     ("gradients (fp32 shards)", lambda m: _gib(m.gradients)),
     ("optimizer state (AdamW, 2 x fp32)", lambda m: _gib(m.optimizer)),
-    ("gathered parameters (FSDP)", lambda m: _gib(m.unsharded_params)),
+    ("FSDP-gathered params or bf16 copies", lambda m: _gib(m.unsharded_params)),
     ("unsharded gradients (FSDP)", lambda m: _gib(m.unsharded_grads)),
     ("pipeline receive buffers", lambda m: _gib(m.pipeline_buffers)),
     ("activations", lambda m: _gib(m.activations)),

@@ -11,7 +11,8 @@ The peak is the larger of two moments of a steady-state step (the optimizer stat
 exists from step 1's update on):
 
 - backward: fp32 master shards + AdamW state + what FSDP holds gathered (the blocks' float8
-  linear weights at one byte where ``[float8]`` gathers them in float8) + the
+  linear weights at one byte where ``[float8]`` gathers them in float8), or with one
+  data-parallel rank the bf16 copy of every parameter (parallelisms/compute_weights.py) + the
   activations of the microbatches in flight (under the schedule the plan runs, which
   ``"auto"`` may have chosen) and their block-causal masks + the largest transient, either the
   loss's workspace or one block's backward (its activations recomputed without
@@ -68,7 +69,7 @@ class RankMemory:
     parameters: float  # fp32 master shards
     gradients: float  # fp32 gradient shards (and the vocab-parallel head's) alive at the peak
     optimizer: float  # AdamW exp_avg and exp_avg_sq, fp32 shards
-    unsharded_params: float  # gathered by FSDP and not yet resharded
+    unsharded_params: float  # gathered by FSDP and not yet resharded; one data-parallel rank: the bf16 copies
     unsharded_grads: float  # PP: accumulated over microbatches; no PP: a tied root's, reduced at the end
     pipeline_buffers: float  # the stage's receive buffers, one per microbatch
     activations: float
@@ -193,6 +194,11 @@ def _most_held(ops: tuple) -> dict[int, int]:
     return most
 
 
+def _copy_bytes(param_b: int) -> int:
+    """Bytes per parameter of ComputeWeights' copy: none where parameters compute in fp32, their own dtype."""
+    return 0 if param_b == 4 else param_b
+
+
 def _rank_ops(plan: PipelinePlan) -> tuple:
     return schedule_ops(plan.schedule, plan.pp_degree, plan.n_microbatches, plan.num_stages // plan.pp_degree)
 
@@ -250,6 +256,7 @@ class _Setting:
     compiled: bool
     block_backward: float  # the transient of one block's backward
     accumulation_steps: int  # micro-steps per optimizer step: gradient shards live through the backward when > 1
+    one_rank: bool  # data-parallel degree 1: no FSDP; ComputeWeights' copies, gradients straight into fp32 .grad
     mask: float  # block_causal: one microbatch's attention mask; 0 when causal
     float8_gather_saving: float  # bytes one gathered block saves where FSDP gathers its float8 linears in float8
 
@@ -289,6 +296,7 @@ def _setting(cfg: JobConfig, dims: ParallelDims, microbatch_size: Optional[int])
         compiled,
         block_backward,
         accumulation_steps(cfg, dims),
+        dims.dp == 1,
         mask,
         float8_saving if float8_all_gather(cfg.float8, dims.dp_shard) else 0.0,
     )
@@ -334,19 +342,22 @@ def _pipeline_rank(
     a, n, p, param_b = st.args, st.dp_shard, st.cfg.parallelism, st.param_b
     sharded = gathered = unreduced = buffers = vp_grad = loss = 0.0
     for s in stages:
+        buffers += plan.n_microbatches * st.tokens * a.dim * param_b * ((not s.first) + (not s.last))
+        if s.last:
+            loss = loss_workspace(st.cfg, a, st.tokens, n, head_reduced_at_once=False)
         vp_head = s.last and p.vocab_parallel  # a vocab-sharded copy outside FSDP
         fsdp = s.params - (_part_sizes(st.args)[3] if vp_head else 0)
         vp_rows = math.ceil(a.vocab_size / n) * a.dim if vp_head else 0
         sharded += math.ceil(fsdp / n) + vp_rows
         vp_grad += 4 * vp_rows
+        if st.one_rank:  # the copies for every microbatch; gradients accumulate in the fp32 .grad (counted below)
+            gathered += _copy_bytes(param_b) * fsdp
+            continue
         # The schedule turns resharding after backward off for all but the last microbatch,
         # so a stage's parameters stay gathered, and their gradients accumulate unsharded
         # in the reduce dtype until the step's one reduce-scatter.
         gathered += param_b * fsdp - s.layers * st.float8_gather_saving
         unreduced += max(param_b, st.reduce_b) * fsdp
-        buffers += plan.n_microbatches * st.tokens * a.dim * param_b * ((not s.first) + (not s.last))
-        if s.last:
-            loss = loss_workspace(st.cfg, a, st.tokens, n, head_reduced_at_once=False)
     grads = 4 * sharded
     common = dict(
         pp_rank=plan.pp_rank,
@@ -360,7 +371,7 @@ def _pipeline_rank(
     backward = RankMemory(
         phase="backward",
         **common,
-        gradients=grads if st.accumulation_steps > 1 else vp_grad,
+        gradients=grads if st.accumulation_steps > 1 or st.one_rank else vp_grad,
         unsharded_params=gathered,
         unsharded_grads=unreduced,
         activations=sum(stage_activations[s] * k for s, k in held.items()),
@@ -384,14 +395,18 @@ def _pipeline_rank(
 
 
 def _whole_model_rank(st: _Setting) -> RankMemory:
-    """Every rank without PP: the whole model, FSDP groups as parallelisms/fsdp.py makes them."""
+    """Every rank without PP: the whole model, FSDP groups as parallelisms/fsdp.py makes them (none on one rank)."""
     a, n, p, param_b, model = st.args, st.dp_shard, st.cfg.parallelism, st.param_b, _meta_model(st.args)
     tied = model.output.weight is model.tok_embeddings.weight
     vp_head = p.vocab_parallel  # a vocab-sharded copy outside FSDP
     fsdp = _numel(model) - (_numel(model.output) if vp_head and not tied else 0)
     vp_rows = math.ceil(a.vocab_size / n) * a.dim if vp_head else 0
     sharded = math.ceil(fsdp / n) + vp_rows
-    held, root_grad, held_blocks = _gathered_without_pp(model, p, vp_head)
+    if st.one_rank:  # no FSDP: ComputeWeights' copy of every parameter; a tied one's gradient is held to the end
+        gathered, root_grad = _copy_bytes(param_b) * fsdp, (_numel(model.tok_embeddings) if tied else 0)
+    else:
+        held, root_grad, held_blocks = _gathered_without_pp(model, p, vp_head)
+        gathered = param_b * held - held_blocks * st.float8_gather_saving
     # a tied root's gradient is the classifier gradient the workspace counts: not twice
     loss = loss_workspace(st.cfg, a, st.tokens, n, head_reduced_at_once=not tied and not vp_head) - param_b * root_grad
     grads = 4 * sharded
@@ -402,7 +417,7 @@ def _whole_model_rank(st: _Setting) -> RankMemory:
         phase="backward",
         **common,
         gradients=grads if st.accumulation_steps > 1 else 4 * vp_rows,
-        unsharded_params=param_b * held - held_blocks * st.float8_gather_saving,
+        unsharded_params=gathered,
         unsharded_grads=param_b * root_grad,
         activations=_stage_activation_bytes(st, a.n_layers),
         masks=st.mask,

@@ -11,7 +11,7 @@ from torch.distributed.pipelining.schedules import _ComputationType
 from torch.nn.attention.flex_attention import create_block_mask
 
 import train
-from models import build_model_args
+from models import Transformer, build_model_args
 from models.attention import dense_block_causal_mask, document_ids
 from parallelisms.parallel_dims import ParallelDims
 from parallelisms.pipeline import PIPELINE_SCHEDULES
@@ -295,3 +295,23 @@ def test_float8_all_gather_holds_the_gathered_blocks_linear_weights_at_one_byte(
     linears = a.dim * (q + 2 * kv) + q * a.dim + 3 * a.dim * a.ffn_dim  # wq, wk, wv; wo; w1, w2, w3
     assert plain.unsharded_params - float8.unsharded_params == 2 * linears * (2 - float8_bytes)
     assert replace(float8, unsharded_params=plain.unsharded_params) == plain
+
+
+def test_one_data_parallel_rank_holds_a_bf16_copy_of_every_parameter_and_no_fsdp_terms():
+    """Without FSDP (parallelisms/compute_weights.py) the step's copies are b bytes a parameter, none in fp32;
+    under PP the gradients accumulate in the fp32 ``.grad`` from the first microbatch, not unsharded."""
+    cfg = load_recipe(["--config", ONE_GPU])
+    with torch.device("meta"):
+        params = sum(p.numel() for p in Transformer(build_model_args("qwen3", "1.7B")).parameters())
+    dims = ParallelDims.from_config(cfg.parallelism, 1)
+    (bf16,) = estimate_memory(cfg, dims, None)
+    assert bf16.unsharded_params == 2 * params and bf16.parameters == 4 * params
+    fp32 = load_recipe(["--config", ONE_GPU, "--training.mixed_precision_param", "float32", "--loss.name", "chunked"])
+    (plain,) = estimate_memory(fp32, dims, None)
+    assert plain.unsharded_params == 0
+
+    cfg = load_recipe(["--config", PP4, *EVEN4])
+    dims = ParallelDims.from_config(cfg.parallelism, 4)
+    for rank in _estimate(cfg, dims):
+        assert rank.unsharded_grads == 0
+        assert rank.unsharded_params == 2 * rank.parameters / 4 and rank.gradients == rank.parameters

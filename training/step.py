@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 from config.job_config import JobConfig
+from parallelisms.compute_weights import ComputeWeights
 from parallelisms.float8 import Float8ScaleUpdate
 from parallelisms.grad_clip import clip_divisor, total_grad_norm
 from parallelisms.parallel_dims import ParallelDims
@@ -79,7 +80,8 @@ class TrainStep:
     reads what it did. Nothing in between makes the host wait for the GPU, so the training loop can queue
     the next step before reading this one and the GPU never idles while the host prepares it.
 
-    ``parts`` are this rank's model stages; ``schedule`` the pipeline schedule (None
+    ``parts`` are this rank's model stages, run on ``compute_weights`` (a no-op under FSDP); ``schedule`` the
+    pipeline schedule (None
     without PP); ``loss`` the global-token-mean loss on the last stage's hidden states.
     """
 
@@ -89,6 +91,7 @@ class TrainStep:
         cfg: JobConfig,
         dims: ParallelDims,
         parts: list[nn.Module],
+        compute_weights: ComputeWeights,
         schedule,
         loss: GlobalTokenMeanLoss,
         optimizers: list[torch.optim.Optimizer],
@@ -101,6 +104,7 @@ class TrainStep:
         self.t = cfg.training
         self.ignore_index = cfg.loss.ignore_index
         self.dims, self.parts, self.schedule, self.loss = dims, parts, schedule, loss
+        self.compute_weights = compute_weights
         self.optimizers, self.schedulers, self.tied = optimizers, schedulers, tied
         self.float8_scales = float8_scales
         self.params = [p for part in parts for p in part.parameters()]
@@ -115,8 +119,9 @@ class TrainStep:
     def __call__(self, local_batch: torch.Tensor, step: int) -> QueuedStep:
         self.loss.set_global_batch(local_batch, self.ignore_index)
         step_loss = torch.zeros((), device=local_batch.device, dtype=torch.float64)
-        for micro in local_batch.split(self.t.local_batch_size):
-            step_loss += self._forward_backward(micro)
+        with self.compute_weights:
+            for micro in local_batch.split(self.t.local_batch_size):
+                step_loss += self._forward_backward(micro)
         return self._finish(step_loss, step)
 
     def _forward_backward(self, micro: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,7 @@ from config.job_config import JobConfig
 from data import Tokenizer, build_dataloader
 from data.packed_dataset import PackedWindowDataset
 from losses.functional import shift_targets
+from parallelisms.compute_weights import ComputeWeights
 from parallelisms.pipeline import PipelinePlan
 from parallelisms.pipeline_forward import pipeline_forward
 
@@ -87,7 +88,8 @@ def build_validation_set(
 class Validator:
     """``run()``: the validation loss and perplexity at the current weights, the same on every rank.
 
-    ``parts`` are this rank's stages, ``plan`` the pipeline plan (None without PP), ``loss_sum``
+    ``parts`` are this rank's stages, run on ``compute_weights`` as in training, ``plan`` the pipeline plan
+    (None without PP), ``loss_sum``
     the recipe's loss with reduction "sum" (None on pipeline ranks without the last stage),
     ``hidden_dtype`` the dtype of the hidden states between stages.
     """
@@ -97,6 +99,7 @@ class Validator:
         *,
         cfg: JobConfig,
         parts: list[nn.Module],
+        compute_weights: ComputeWeights,
         plan: Optional[PipelinePlan],
         loss_sum: Optional[nn.Module],
         validation_set: PackedWindowDataset,
@@ -110,6 +113,7 @@ class Validator:
         self.microbatch_size = plan.microbatch_size if plan is not None else None
         self.ignore_index = cfg.loss.ignore_index
         self.parts, self.plan, self.loss_sum, self.validation_set = parts, plan, loss_sum, validation_set
+        self.compute_weights = compute_weights
         self.dp_group = dp_group
         self.pp_group = mesh["pp"].get_group() if plan is not None else None
         self.hidden_dtype = hidden_dtype
@@ -126,20 +130,21 @@ class Validator:
             total[0] += self.loss_sum(hidden, tokens).double()
             total[1] += (shift_targets(tokens, 1, self.ignore_index) != self.ignore_index).sum()
 
-        for i in range(self.batches):
-            for chunk in self.validation_set.local_batch(i)["input_ids"].to(device).split(self.local_batch_size):
-                if self.plan is None:
-                    add(self.parts[0](chunk), chunk)
-                else:
-                    pipeline_forward(
-                        self.parts,
-                        self.plan,
-                        self.pp_group,
-                        list(chunk.split(self.microbatch_size)),
-                        self.parts[0].args.dim,
-                        self.hidden_dtype,
-                        add,
-                    )
+        with self.compute_weights:
+            for i in range(self.batches):
+                for chunk in self.validation_set.local_batch(i)["input_ids"].to(device).split(self.local_batch_size):
+                    if self.plan is None:
+                        add(self.parts[0](chunk), chunk)
+                    else:
+                        pipeline_forward(
+                            self.parts,
+                            self.plan,
+                            self.pp_group,
+                            list(chunk.split(self.microbatch_size)),
+                            self.parts[0].args.dim,
+                            self.hidden_dtype,
+                            add,
+                        )
         dist.all_reduce(total, group=self.dp_group)
         if self.pp_group is not None:
             dist.all_reduce(total, group=self.pp_group)
