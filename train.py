@@ -131,7 +131,10 @@ def _train(
         part.to_empty(device=device)
         init_weights(part, t.seed, device)
         part.train()
-    compute_weights = ComputeWeights(parts if dims.dp == 1 else [], compute_dtype)  # FSDP's work where it runs
+    # On one data-parallel rank, FSDP's casts without its copies (parallelisms/compute_weights.py).
+    compute_weights = ComputeWeights(
+        parts if dims.dp == 1 else [], compute_dtype, cfg.parallelism.fsdp_reshard_after_forward, plan is not None
+    )
 
     loss = _build_training_loss(cfg, parts, mesh, dp_mesh, device, compute_dtype)
     tied = tied_embedding_sync(parts, plan, mesh, cfg.parallelism.vocab_parallel)

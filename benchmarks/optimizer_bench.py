@@ -52,7 +52,8 @@ def build_model(cfg: JobConfig, device: torch.device) -> Transformer:
     model.to_empty(device=device)
     init_weights(model, cfg.training.seed, device)
     tokens = torch.randint(0, args.vocab_size, (1, args.max_seq_len), device=device)
-    with ComputeWeights([model], getattr(torch, cfg.training.mixed_precision_param)):
+    dtype, reshard = getattr(torch, cfg.training.mixed_precision_param), cfg.parallelism.fsdp_reshard_after_forward
+    with ComputeWeights([model], dtype, reshard, pp_enabled=False):
         model(tokens).float().square().mean().backward()
     return model
 

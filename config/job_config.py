@@ -381,9 +381,9 @@ class Parallelism:
     stays gathered from the loss's forward to its backward except under `always`; a tied embedding/head (no
     pipeline) lives in the root group, which is then never resharded after forward. `always`: everything
     else reshards too, the last block and the head included (least memory, most all-gathers). `never`:
-    nothing reshards (ZeRO-2-like memory). With one data-parallel rank there is no FSDP and no key to obey:
-    the step's bf16 copy of every parameter is held from the forward to the end of the backward, like
-    `never`."""
+    nothing reshards (ZeRO-2-like memory). With one data-parallel rank there is no FSDP, and this chooses the
+    same for the step's bf16 copies of the parameters (`parallelisms/compute_weights.py`): freed after the
+    forward and cast again when the backward starts."""
 
     vocab_parallel: bool = False
     """The last stage's classifier stays sharded by vocabulary rows over `vocab_parallel_mesh_dim` (never

@@ -5,10 +5,14 @@ into an all-gather buffer and copies it out (twice per block that reshards after
 copies the bf16 gradients into an fp32 reduce-scatter buffer, 22 ms of Qwen3-1.7B's 408 ms step on an
 H100 that move nothing between GPUs (docs/performance.md). Here the fp32 parameters stay the model's
 own, so the state dict, the optimizer, checkpoints and clipping see them as ever. ``ComputeWeights``
-casts them once per step into bf16 parameters that it puts in their place for the forward and backward
-(FSDP2's parameter swap, without the buffers), and as autograd finishes each bf16 gradient it is added
-in fp32 to the fp32 parameter's ``.grad``. Those are the numbers FSDP2 computes on one rank: the same
-casts, the same fp32 accumulation over micro-steps.
+casts them into bf16 parameters that it puts in their place for the forward and backward (FSDP2's
+parameter swap, without the buffers), and as autograd finishes each bf16 gradient it is added in fp32
+to the fp32 parameter's ``.grad``. Those are the numbers FSDP2 computes on one rank: the same casts,
+the same fp32 accumulation over micro-steps.
+
+What FSDP would reshard after its forward (``fsdp_groups``: by default every block but the last) has
+its copy freed after the forward and cast again when its backward starts, as FSDP frees and
+re-gathers it, so the memory is FSDP's; the rest is cast once at the start of the step.
 """
 
 from functools import partial
@@ -16,44 +20,121 @@ from functools import partial
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
+from torch.utils._pytree import tree_leaves
+
+from models.transformer import Transformer
+from parallelisms.fsdp import fsdp_groups
 
 
-def _accumulate_into(master: nn.Parameter, compute: nn.Parameter) -> None:
+class _Copies:
+    """The bf16 copies of one group's parameters (of a module FSDP would shard on its own), and whether they
+    hold their values now."""
+
+    def __init__(self, masters: list[nn.Parameter], copies: list[nn.Parameter], resharded: bool):
+        self.masters, self.copies, self.resharded = masters, copies, resharded
+        self.active = False  # inside ``with compute_weights``: the model runs on the copies
+        self.held = False
+        self.pending = 0  # gradients of this backward still to come before the copies may go
+
+    def cast(self) -> None:
+        if self.held:
+            return
+        for copy in self.copies:
+            copy.untyped_storage().resize_(copy.numel() * copy.itemsize)
+        # Through ``.data``: the backward may have saved a copy that was freed after its forward, and refilling
+        # it is no change autograd must refuse (FSDP2 refills its gathered parameters the same way).
+        torch._foreach_copy_([copy.data for copy in self.copies], self.masters)
+        self.held, self.pending = True, len(self.copies)
+
+    def free(self) -> None:
+        for copy in self.copies:
+            copy.untyped_storage().resize_(0)
+        self.held = False
+
+    @torch._dynamo.disable
+    def before_forward(self, module: nn.Module, args) -> None:
+        if self.active:
+            self.cast()
+
+    @torch._dynamo.disable
+    def after_forward(self, module: nn.Module, args, output):
+        if not self.active:
+            return output
+        if torch.is_grad_enabled():  # cast again when the backward reaches this module's outputs
+            for t in tree_leaves(output):
+                if isinstance(t, torch.Tensor) and t.requires_grad:
+                    t.register_hook(self._before_backward)
+        self.free()
+        return output
+
+    def _before_backward(self, grad: torch.Tensor) -> torch.Tensor:
+        self.cast()
+        return grad
+
+    def gradient_done(self) -> None:
+        """One of the copies' gradients is accumulated: after the last, a resharded group lets them go."""
+        self.pending -= 1
+        if self.resharded and self.pending == 0:
+            self.free()
+
+
+def _accumulate_into(master: nn.Parameter, group: _Copies, compute: nn.Parameter) -> None:
     """``compute``'s gradient, now complete for this backward, added to ``master``'s in ``master``'s dtype."""
     if master.grad is None:
         master.grad = compute.grad.to(master.dtype)
     else:
         master.grad += compute.grad
     compute.grad = None
+    group.gradient_done()
 
 
 class ComputeWeights:
     """``with compute_weights:`` runs the model parts' forward and backward on ``dtype`` copies of their
     parameters; outside it they hold their own. A parameter already in ``dtype`` (fp32 training on CPU)
     or a DTensor (the vocab-parallel head, kept fp32 as FSDP keeps it) is used as it is, so with nothing
-    to cast this is a no-op."""
+    to cast this is a no-op. ``reshard_after_forward`` and ``pp_enabled`` choose what is freed after its
+    forward, as for FSDP (``parallelism.fsdp_reshard_after_forward``)."""
 
-    def __init__(self, parts: list[nn.Module], dtype: torch.dtype):
+    def __init__(self, parts: list[Transformer], dtype: torch.dtype, reshard_after_forward: str, pp_enabled: bool):
         self._slots: list[tuple[nn.Module, str, nn.Parameter, nn.Parameter]] = []  # module, name, master, compute
-        copies: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}  # id -> (master, compute); a tied weight has
-        # one copy, put in each of its places
+        self._groups: list[_Copies] = []
+        copies: dict[int, nn.Parameter] = {}  # id(master) -> its copy; a tied weight has one, in each place
         for part in parts:
-            for module in part.modules():
-                for name, master in module._parameters.items():
-                    if master is None or master.dtype == dtype or isinstance(master, DTensor):
+            taken: set[int] = set()  # modules of the groups made so far (children before the root)
+            for group in fsdp_groups(part, reshard_after_forward, pp_enabled, vocab_parallel_head=False):
+                module = part.get_submodule(group.name)
+                masters, computes = [], []
+                for owner in module.modules():
+                    if id(owner) in taken:
                         continue
-                    if id(master) not in copies:
-                        compute = nn.Parameter(torch.empty_like(master, dtype=dtype), master.requires_grad)
-                        compute.register_post_accumulate_grad_hook(partial(_accumulate_into, master))
-                        copies[id(master)] = (master, compute)
-                    self._slots.append((module, name, master, copies[id(master)][1]))
-        self._masters = [master for master, _ in copies.values()]
-        self._copies = [compute for _, compute in copies.values()]
+                    taken.add(id(owner))
+                    for name, master in owner._parameters.items():
+                        if master is None or master.dtype == dtype or isinstance(master, DTensor):
+                            continue
+                        if id(master) not in copies:
+                            copies[id(master)] = nn.Parameter(
+                                torch.empty_like(master, dtype=dtype), master.requires_grad
+                            )
+                            masters.append(master)
+                            computes.append(copies[id(master)])
+                        self._slots.append((owner, name, master, copies[id(master)]))
+                if not computes:
+                    continue
+                resharded = group.reshard_after_forward and group.kind != "root"
+                copies_of_group = _Copies(masters, computes, resharded)
+                for master, compute in zip(masters, computes):
+                    compute.register_post_accumulate_grad_hook(partial(_accumulate_into, master, copies_of_group))
+                if resharded:
+                    copies_of_group.free()
+                    module.register_forward_pre_hook(copies_of_group.before_forward)
+                    module.register_forward_hook(copies_of_group.after_forward)
+                self._groups.append(copies_of_group)
 
     def __enter__(self) -> "ComputeWeights":
-        if self._copies:
-            with torch.no_grad():
-                torch._foreach_copy_(self._copies, self._masters)
+        for group in self._groups:
+            group.active = True
+            if not group.resharded:  # the others are cast before their forward
+                group.cast()
         for module, name, _, compute in self._slots:
             module._parameters[name] = compute
         return self
@@ -61,3 +142,8 @@ class ComputeWeights:
     def __exit__(self, *exc) -> None:
         for module, name, master, _ in self._slots:
             module._parameters[name] = master
+        for group in self._groups:
+            group.active = False
+            if group.resharded:  # normally freed already, unless one of its parameters had no gradient
+                group.free()
+            group.held = False  # cast again at the next step: the optimizer changes the parameters

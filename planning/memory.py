@@ -12,7 +12,7 @@ exists from step 1's update on):
 
 - backward: fp32 master shards + AdamW state + what FSDP holds gathered (the blocks' float8
   linear weights at one byte where ``[float8]`` gathers them in float8), or with one
-  data-parallel rank the bf16 copy of every parameter (parallelisms/compute_weights.py) + the
+  data-parallel rank the bf16 copies held instead (parallelisms/compute_weights.py) + the
   activations of the microbatches in flight (under the schedule the plan runs, which
   ``"auto"`` may have chosen) and their block-causal masks + the largest transient, either the
   loss's workspace or one block's backward (its activations recomputed without
@@ -402,10 +402,10 @@ def _whole_model_rank(st: _Setting) -> RankMemory:
     fsdp = _numel(model) - (_numel(model.output) if vp_head and not tied else 0)
     vp_rows = math.ceil(a.vocab_size / n) * a.dim if vp_head else 0
     sharded = math.ceil(fsdp / n) + vp_rows
-    if st.one_rank:  # no FSDP: ComputeWeights' copy of every parameter; a tied one's gradient is held to the end
-        gathered, root_grad = _copy_bytes(param_b) * fsdp, (_numel(model.tok_embeddings) if tied else 0)
+    held, root_grad, held_blocks = _gathered_without_pp(model, p, vp_head)
+    if st.one_rank:  # no FSDP: ComputeWeights holds and frees its copies as FSDP would
+        gathered = _copy_bytes(param_b) * held
     else:
-        held, root_grad, held_blocks = _gathered_without_pp(model, p, vp_head)
         gathered = param_b * held - held_blocks * st.float8_gather_saving
     # a tied root's gradient is the classifier gradient the workspace counts: not twice
     loss = loss_workspace(st.cfg, a, st.tokens, n, head_reduced_at_once=not tied and not vp_head) - param_b * root_grad

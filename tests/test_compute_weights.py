@@ -1,15 +1,18 @@
 """``ComputeWeights`` against FSDP2 on a one-rank mesh, the path it replaces: bf16 forward and backward
 from fp32 parameters, gradients accumulated in fp32 over micro-steps, the same parameters bitwise
-after several optimizer steps, tied weights included; and outside it the model holds its fp32
-parameters, as a checkpoint sees them.
+after several optimizer steps, tied weights and activation checkpointing included, under each of
+FSDP's reshard settings (a resharded block's copy is freed after its forward and cast again for its
+backward); outside it the model holds its fp32 parameters, as a checkpoint sees them.
 """
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from config.job_config import ActivationCheckpoint
 from models import Transformer, build_model_args
 from models.initialize import init_weights
+from parallelisms.activation_checkpoint import apply_activation_checkpointing
 from parallelisms.compute_weights import ComputeWeights
 from parallelisms.distributed import init_mesh
 from parallelisms.fsdp import apply_fsdp
@@ -17,84 +20,93 @@ from tests.dist_utils import run_distributed
 from training.flat_adamw import FlatAdamW
 
 STEPS, MICRO_STEPS, SEQ = 3, 2, 32
+CASES = [  # model (tied or untied head), fsdp_reshard_after_forward, activation checkpointing
+    ("qwen3", "default", "none"),
+    ("llama3", "default", "none"),
+    ("qwen3", "always", "selective"),
+    ("llama3", "always", "full"),
+    ("llama3", "never", "none"),
+]
 
 
-def _model(name: str, fsdp_mesh=None) -> Transformer:
+def _model(name: str, reshard: str, ac: str, fsdp_mesh=None) -> Transformer:
     args = build_model_args(name, "debug")
     with torch.device("meta"):
         model = Transformer(args)
+    apply_activation_checkpointing(model, ActivationCheckpoint(mode=ac, selective_ac_option="op"))
     if fsdp_mesh is not None:
-        apply_fsdp(model, fsdp_mesh, "bfloat16", "float32", "default", pp_enabled=False)
+        apply_fsdp(model, fsdp_mesh, "bfloat16", "float32", reshard, pp_enabled=False)
     model.to_empty(device="cpu")
     init_weights(model, seed=0, device=torch.device("cpu"))
     return model
 
 
-def _step(model: Transformer, optimizer: torch.optim.Optimizer, step: int) -> None:
-    """Micro-steps of a materialized-logits loss in fp32 from the model's bf16 hidden states, then AdamW."""
+def _micro_steps(model: Transformer, step: int) -> None:
+    """Forward and backward of a materialized-logits loss in fp32 from the model's bf16 hidden states."""
     g = torch.Generator().manual_seed(step)
     for _ in range(MICRO_STEPS):
         tokens = torch.randint(0, model.args.vocab_size, (2, SEQ), generator=g)
         hidden = model(tokens)
         logits = model.output(hidden, lambda h, w, b: F.linear(h, w, b).float())
         F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()).backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def _compare(rank: int, world_size: int, name: str) -> list[str]:
-    """Names of the parameters that differ between the two paths after ``STEPS`` optimizer steps."""
+def _compare(rank: int, world_size: int, name: str, reshard: str, ac: str) -> dict[str, list[str]]:
+    """Names of the parameters whose first-step gradients, and whose values after ``STEPS`` AdamW steps,
+    differ between FSDP2 and ComputeWeights."""
     mesh = init_mesh("cpu", (1,), ("dp_shard",))
-    fsdp, plain = _model(name, mesh), _model(name)
-    weights = ComputeWeights([plain], torch.bfloat16)
+    fsdp, plain = _model(name, reshard, ac, mesh), _model(name, reshard, ac)
+    weights = ComputeWeights([plain], torch.bfloat16, reshard, pp_enabled=False)
     optimizers = [
         FlatAdamW(m.parameters(), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1) for m in (fsdp, plain)
     ]
-    differ = []
+    differ = {"gradients": [], "parameters": []}
     for step in range(STEPS):
-        _step(fsdp, optimizers[0], step)
+        _micro_steps(fsdp, step)
         with weights:
-            _step(plain, optimizers[1], step)
+            _micro_steps(plain, step)
+        if step == 0:
+            for (n, p), q in zip(fsdp.named_parameters(), plain.parameters()):
+                if q.grad is None or q.grad.dtype != torch.float32 or not torch.equal(_full(p.grad), q.grad):
+                    differ["gradients"].append(n)
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
     for (n, p), q in zip(fsdp.named_parameters(), plain.parameters()):
         if q.dtype != torch.float32 or not torch.equal(_full(p.detach()), q.detach()):
-            differ.append(n)
+            differ["parameters"].append(n)
     return differ
 
 
-def _compare_grads(rank: int, world_size: int, name: str) -> list[str]:
-    """Names of the parameters whose fp32 gradients differ after one step's micro-steps."""
-    mesh = init_mesh("cpu", (1,), ("dp_shard",))
-    fsdp, plain = _model(name, mesh), _model(name)
-    weights = ComputeWeights([plain], torch.bfloat16)
-    noop = type("NoStep", (), {"step": lambda self: None, "zero_grad": lambda self, set_to_none: None})()
-    _step(fsdp, noop, 0)
+@pytest.mark.parametrize("name, reshard, ac", CASES, ids=["-".join(c) for c in CASES])
+def test_training_equals_fsdp_on_one_rank(name, reshard, ac):
+    assert run_distributed(_compare, 1, name, reshard, ac) == [{"gradients": [], "parameters": []}]
+
+
+def test_a_resharded_block_holds_its_copy_only_from_its_forward_or_backward_on():
+    model = _model("llama3", "default", "none")
+    weights = ComputeWeights([model], torch.bfloat16, "default", pp_enabled=False)
+    first, last = model.layers["0"], model.layers["3"]
+    seen = {}
+    first.register_forward_hook(lambda m, a, out: seen.update(after=m.attention.wq.weight))
     with weights:
-        _step(plain, noop, 0)
-    return [
-        n
-        for (n, p), q in zip(fsdp.named_parameters(), plain.parameters())
-        if q.grad is None or q.grad.dtype != torch.float32 or not torch.equal(_full(p.grad), q.grad)
-    ]
-
-
-@pytest.mark.parametrize("name", ["qwen3", "llama3"])  # tied and untied embedding and head
-def test_gradients_equal_fsdp_on_one_rank(name):
-    assert run_distributed(_compare_grads, 1, name) == [[]]
-
-
-@pytest.mark.parametrize("name", ["qwen3", "llama3"])
-def test_training_equals_fsdp_on_one_rank(name):
-    assert run_distributed(_compare, 1, name) == [[]]
+        hidden = model(torch.randint(0, 2048, (1, SEQ)))
+        copy = seen["after"]
+        assert copy.dtype == torch.bfloat16 and copy.untyped_storage().size() == 0  # freed after its forward
+        assert last.attention.wq.weight.untyped_storage().size() > 0  # the last block is kept, as FSDP keeps it
+        hidden.float().square().mean().backward()
+        assert copy.untyped_storage().size() == 0  # cast for the backward, freed after its gradients
+    assert first.attention.wq.weight.grad.dtype == torch.float32
 
 
 def test_outside_the_context_the_model_holds_its_fp32_parameters():
-    model = _model("qwen3")
+    model = _model("qwen3", "default", "none")
     before = dict(model.named_parameters())
-    weights = ComputeWeights([model], torch.bfloat16)
+    weights = ComputeWeights([model], torch.bfloat16, "never", pp_enabled=False)
     with weights:
         inside = dict(model.named_parameters(remove_duplicate=False))
         assert all(p.dtype == torch.bfloat16 for p in inside.values())
@@ -110,7 +122,7 @@ def test_outside_the_context_the_model_holds_its_fp32_parameters():
 
 
 def test_nothing_to_cast_is_a_no_op():
-    model = _model("llama3")
+    model = _model("llama3", "default", "none")
     before = dict(model.named_parameters())
-    with ComputeWeights([model], torch.float32):
+    with ComputeWeights([model], torch.float32, "default", pp_enabled=False):
         assert dict(model.named_parameters()) == before

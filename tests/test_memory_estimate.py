@@ -297,18 +297,24 @@ def test_float8_all_gather_holds_the_gathered_blocks_linear_weights_at_one_byte(
     assert replace(float8, unsharded_params=plain.unsharded_params) == plain
 
 
-def test_one_data_parallel_rank_holds_a_bf16_copy_of_every_parameter_and_no_fsdp_terms():
-    """Without FSDP (parallelisms/compute_weights.py) the step's copies are b bytes a parameter, none in fp32;
-    under PP the gradients accumulate in the fp32 ``.grad`` from the first microbatch, not unsharded."""
-    cfg = load_recipe(["--config", ONE_GPU])
+def test_one_data_parallel_rank_holds_bf16_copies_where_fsdp_holds_gathered_ones():
+    """Without FSDP (parallelisms/compute_weights.py) the copies are held and freed as FSDP would gather and
+    reshard them, b bytes a parameter, none in fp32; under PP the gradients accumulate in the fp32 ``.grad``
+    from the first microbatch, not unsharded."""
     with torch.device("meta"):
-        params = sum(p.numel() for p in Transformer(build_model_args("qwen3", "1.7B")).parameters())
-    dims = ParallelDims.from_config(cfg.parallelism, 1)
-    (bf16,) = estimate_memory(cfg, dims, None)
-    assert bf16.unsharded_params == 2 * params and bf16.parameters == 4 * params
-    fp32 = load_recipe(["--config", ONE_GPU, "--training.mixed_precision_param", "float32", "--loss.name", "chunked"])
-    (plain,) = estimate_memory(fp32, dims, None)
-    assert plain.unsharded_params == 0
+        model = Transformer(build_model_args("qwen3", "1.7B"))
+    params, block = (sum(p.numel() for p in m.parameters()) for m in (model, model.layers["0"]))
+    dims = ParallelDims.from_config(load_recipe(["--config", ONE_GPU]).parallelism, 1)
+
+    def one_rank(*overrides: str):
+        (estimate,) = estimate_memory(load_recipe(["--config", ONE_GPU, *overrides]), dims, None)
+        return estimate
+
+    never = one_rank("--parallelism.fsdp_reshard_after_forward", "never")
+    assert never.unsharded_params == 2 * params and never.parameters == 4 * params
+    assert one_rank().unsharded_params == never.unsharded_params - 2 * 26 * block  # all blocks but two freed
+    fp32 = one_rank("--training.mixed_precision_param", "float32", "--loss.name", "chunked")
+    assert fp32.unsharded_params == 0
 
     cfg = load_recipe(["--config", PP4, *EVEN4])
     dims = ParallelDims.from_config(cfg.parallelism, 4)
