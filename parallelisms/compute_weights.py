@@ -12,7 +12,8 @@ the same fp32 accumulation over micro-steps.
 
 What FSDP would reshard after its forward (``fsdp_groups``: by default every block but the last) has
 its copy freed after the forward and cast again when its backward starts, as FSDP frees and
-re-gathers it, so the memory is FSDP's; the rest is cast once at the start of the step.
+re-gathers it, so the memory is FSDP's; the rest is cast once at the start of the step. All are freed
+at its end, before the optimizer step.
 """
 
 from functools import partial
@@ -142,8 +143,6 @@ class ComputeWeights:
     def __exit__(self, *exc) -> None:
         for module, name, master, _ in self._slots:
             module._parameters[name] = master
-        for group in self._groups:
+        for group in self._groups:  # the optimizer changes the parameters: cast again at the next step
             group.active = False
-            if group.resharded:  # normally freed already, unless one of its parameters had no gradient
-                group.free()
-            group.held = False  # cast again at the next step: the optimizer changes the parameters
+            group.free()  # as FSDP reshards after the backward: the optimizer step needs none of them

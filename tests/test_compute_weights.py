@@ -114,11 +114,12 @@ def test_outside_the_context_the_model_holds_its_fp32_parameters():
         assert inside["output.weight"] is inside["tok_embeddings.weight"]
         hidden = model(torch.randint(0, 2048, (1, SEQ)))
         assert hidden.dtype == torch.bfloat16
+        torch.testing.assert_close(
+            inside["layers.0.attention.wq.weight"].float(), before["layers.0.attention.wq.weight"], rtol=2**-8, atol=0
+        )
     assert dict(model.named_parameters()) == before
     assert all(p.dtype == torch.float32 for p in model.state_dict().values() if p.is_floating_point())
-    torch.testing.assert_close(
-        inside["layers.0.attention.wq.weight"].float(), before["layers.0.attention.wq.weight"], rtol=2**-8, atol=0
-    )
+    assert all(p.untyped_storage().size() == 0 for p in inside.values())  # freed for the optimizer step
 
 
 def test_nothing_to_cast_is_a_no_op():

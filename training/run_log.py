@@ -64,10 +64,11 @@ def log_layout(
 ) -> None:
     """The model, the rank layout, the batch and what the loss computes with (and why); rank 0 only."""
     t, vp = cfg.training, cfg.parallelism.vocab_parallel
+    one_rank = "" if dims.dp > 1 else "; one data-parallel rank: no FSDP (parallelisms/compute_weights.py)"
     logger.info(
         f"{cfg.model.name} {cfg.model.flavor}: {args.num_params() / 1e6:,.1f}M parameters, vocab {args.vocab_size:,}; "
         f"world {dims.world_size} = pp {dims.pp} x dp_replicate {dims.dp_replicate} x dp_shard {dims.dp_shard}; "
-        f"device {device}; params {param_dtype}"
+        f"device {device}; params {param_dtype}{one_rank}"
     )
     logger.info(
         f"global batch {global_batch} x {t.seq_len} tokens, {accumulation_steps(cfg, dims)} accumulation step(s)"
