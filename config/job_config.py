@@ -151,9 +151,10 @@ class Training:
     mixed_precision_param: Dtype = "bfloat16"
     """FSDP2 `MixedPrecisionPolicy.param_dtype`: the dtype parameters are all-gathered and computed in; the
     sharded master weights and AdamW state stay float32. With one data-parallel rank there is no FSDP: each
-    step casts the float32 parameters once into copies of this dtype for the forward and backward
-    (`parallelisms/compute_weights.py`, the same numbers). Forced to `float32` on a non-CUDA device (the
-    start-up log shows `params float32`). The `cce` loss needs `bfloat16` here."""
+    step casts the float32 parameters into copies of this dtype for the forward and backward, freed and cast
+    again where FSDP would reshard and re-gather (`parallelisms/compute_weights.py`, the same numbers).
+    Forced to `float32` on a non-CUDA device (the start-up log shows `params float32`). The `cce` loss needs
+    `bfloat16` here."""
 
     mixed_precision_reduce: Dtype = "float32"
     """FSDP2 `reduce_dtype`: the dtype of the gradient reduce-scatter (and the HSDP all-reduce); with one

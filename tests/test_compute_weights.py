@@ -16,6 +16,7 @@ from parallelisms.activation_checkpoint import apply_activation_checkpointing
 from parallelisms.compute_weights import ComputeWeights
 from parallelisms.distributed import init_mesh
 from parallelisms.fsdp import apply_fsdp
+from parallelisms.pipeline import PipelinePlan, build_stage_module
 from tests.dist_utils import run_distributed
 from training.flat_adamw import FlatAdamW
 
@@ -85,6 +86,59 @@ def _compare(rank: int, world_size: int, name: str, reshard: str, ac: str) -> di
 @pytest.mark.parametrize("name, reshard, ac", CASES, ids=["-".join(c) for c in CASES])
 def test_training_equals_fsdp_on_one_rank(name, reshard, ac):
     assert run_distributed(_compare, 1, name, reshard, ac) == [{"gradients": [], "parameters": []}]
+
+
+def _stages(fsdp_mesh, reshard: str) -> list[Transformer]:
+    """The two stages of a two-stage split of the untied debug model, as one pipeline rank holding both would."""
+    with torch.device("meta"):
+        model = Transformer(build_model_args("llama3", "debug"))
+    plan = PipelinePlan(((0, 2), (2, 4)), pp_degree=1, pp_rank=0, schedule="1F1B", n_microbatches=2, microbatch_size=1)
+    stages = [build_stage_module(model, plan, s) for s in range(2)]
+    for stage in stages:
+        if fsdp_mesh is not None:
+            apply_fsdp(stage, fsdp_mesh, "bfloat16", "float32", reshard, pp_enabled=True)
+        stage.to_empty(device="cpu")
+        init_weights(stage, seed=0, device=torch.device("cpu"))
+    return stages
+
+
+def _pipelined_step(stages: list[Transformer]) -> None:
+    """Two microbatches through both stages, forward, forward, backward, backward (1F1B's order on the last
+    rank), each stage's backward from the gradient of its output, as torch's pipelining runs them."""
+    g = torch.Generator().manual_seed(0)
+    tokens = [torch.randint(0, 2048, (1, SEQ), generator=g) for _ in range(2)]
+    flows = []
+    for micro in tokens:
+        sent = stages[0](micro)
+        received = sent.detach().requires_grad_()
+        hidden = stages[1](received)
+        logits = stages[1].output(hidden, lambda h, w, b: F.linear(h, w, b).float())
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), micro[:, 1:].flatten())
+        flows.append((sent, received, loss))
+    for sent, received, loss in flows:
+        loss.backward()
+        sent.backward(received.grad)
+
+
+def _compare_stages(rank: int, world_size: int, reshard: str) -> list[str]:
+    """Names of the stages' parameters whose fp32 gradients differ between FSDP2 and ComputeWeights."""
+    fsdp, plain = _stages(init_mesh("cpu", (1,), ("dp_shard",)), reshard), _stages(None, reshard)
+    _pipelined_step(fsdp)
+    with ComputeWeights(plain, torch.bfloat16, reshard, pp_enabled=True):
+        _pipelined_step(plain)
+    return [
+        f"stage {i}: {n}"
+        for i, (a, b) in enumerate(zip(fsdp, plain))
+        for (n, p), q in zip(a.named_parameters(), b.parameters())
+        if q.grad is None or q.grad.dtype != torch.float32 or not torch.equal(_full(p.grad), q.grad)
+    ]
+
+
+@pytest.mark.parametrize("reshard", ["default", "always"])
+def test_pipeline_stages_equal_fsdp_on_one_rank(reshard):
+    """Two stages on one rank and microbatches in flight: under ``always`` a stage's copies are freed after each
+    forward and cast again for each backward."""
+    assert run_distributed(_compare_stages, 1, reshard) == [[]]
 
 
 def test_a_resharded_block_holds_its_copy_only_from_its_forward_or_backward_on():

@@ -80,9 +80,9 @@ class TrainStep:
     reads what it did. Nothing in between makes the host wait for the GPU, so the training loop can queue
     the next step before reading this one and the GPU never idles while the host prepares it.
 
-    ``parts`` are this rank's model stages, run on ``compute_weights`` (a no-op under FSDP); ``schedule`` the
-    pipeline schedule (None
-    without PP); ``loss`` the global-token-mean loss on the last stage's hidden states.
+    ``parts`` are this rank's model stages, run on ``compute_weights`` (a no-op under FSDP); ``schedule``
+    the pipeline schedule (None without PP); ``loss`` the global-token-mean loss on the last stage's hidden
+    states.
     """
 
     def __init__(

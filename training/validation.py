@@ -88,10 +88,9 @@ def build_validation_set(
 class Validator:
     """``run()``: the validation loss and perplexity at the current weights, the same on every rank.
 
-    ``parts`` are this rank's stages, run on ``compute_weights`` as in training, ``plan`` the pipeline plan
-    (None without PP), ``loss_sum``
-    the recipe's loss with reduction "sum" (None on pipeline ranks without the last stage),
-    ``hidden_dtype`` the dtype of the hidden states between stages.
+    ``parts`` are this rank's stages, run on ``compute_weights`` as in training, ``plan`` the pipeline
+    plan (None without PP), ``loss_sum`` the recipe's loss with reduction "sum" (None on pipeline ranks
+    without the last stage), ``hidden_dtype`` the dtype of the hidden states between stages.
     """
 
     def __init__(
