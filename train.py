@@ -6,6 +6,7 @@ optimizer → checkpoint → (every check passed) config.toml and metrics → lo
 what can go wrong into one line and an exit code, and closes the process group on every way out.
 """
 
+import json
 import logging
 import os
 import sys
@@ -397,6 +398,17 @@ def _build_training_loss(
     return GlobalTokenMeanLoss(loss_sum, dp_mesh.get_group())
 
 
+def _say_once(rank: int, line: str) -> None:
+    """The one line of a failure every rank meets alike. Under torchrun each rank leaves it in its error file
+    and the launcher (scripts/torchrun.py) prints the first failed rank's: torchrun stops the other ranks as
+    soon as one exits, rank 0 perhaps before it printed. Alone, rank 0 prints it."""
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        Path(error_file).write_text(json.dumps({"message": line, "timestamp": int(time.time())}))
+    elif rank == 0:
+        print(line, file=sys.stderr)
+
+
 def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="[%(name)s] %(message)s", stream=sys.stdout)
     rank = int(os.environ.get("RANK", 0))
@@ -414,19 +426,16 @@ def main(argv: list[str]) -> int:
             return 0
         train(cfg, faults)
     except ConfigError as err:
-        if rank == 0:
-            print(err, file=sys.stderr)
+        _say_once(rank, str(err))
         return 2
     except CheckpointError as err:
-        if rank == 0:
-            print(f"checkpoint error: {err}", file=sys.stderr)
+        _say_once(rank, f"checkpoint error: {err}")
         return 2
     except torch.cuda.OutOfMemoryError:
         print(f"rank {rank}: {_OOM_ADVICE}", file=sys.stderr)
         return 1
     except NonFiniteLossError as err:
-        if rank == 0:
-            print(f"stopped: {err}", file=sys.stderr)
+        _say_once(rank, f"stopped: {err}")
         return 1
     except KeyboardInterrupt:
         if rank == 0:

@@ -9,9 +9,10 @@ and exited 0. train.py's ranks answer SIGTERM and SIGUSR1 by finishing the step,
 waiting, and ends as they do: 0 when every rank exited 0. A scheduler that signals every process of
 the job reaches the ranks directly as well; a second signal changes nothing. One that comes while no
 rank runs (before they start, after they end) ends the launcher as it ends any process. Ctrl-C
-(SIGINT), SIGHUP and SIGQUIT keep torchrun's own handling. A rank that fails has said why (a config
-error's one line, or its traceback): the launch ends with that rank's exit code and one line naming it,
-not torchrun's traceback of its own.
+(SIGINT), SIGHUP and SIGQUIT keep torchrun's own handling. A rank that fails says why (its traceback),
+or leaves its one line (a config error, alike on every rank) in torchrun's error file for the launcher
+to print, since torchrun may stop rank 0 before it prints: the launch ends with that rank's exit code
+and one line naming it, not torchrun's traceback of its own.
 """
 
 import os
@@ -62,6 +63,9 @@ def main(argv: list[str]) -> None:
         torchrun(["--signals-to-handle", "SIGINT,SIGHUP,SIGQUIT", *argv])
     except ChildFailedError as err:
         rank, failure = err.get_first_failure()
+        said = failure.error_file_data.get("message")
+        if isinstance(said, str):  # train.py's one line, which it leaves to the launcher (its _say_once)
+            print(said, file=sys.stderr)
         print(f"torchrun: rank {rank} exited {failure.exitcode}; its output above says why", file=sys.stderr)
         sys.exit(failure.exitcode if failure.exitcode > 0 else 1)
 
