@@ -64,7 +64,7 @@ def main(argv: list[str]) -> None:
     except ChildFailedError as err:
         rank, failure = err.get_first_failure()
         said = failure.error_file_data.get("message")
-        if isinstance(said, str):  # train.py's one line, which it leaves to the launcher (its _say_once)
+        if os.path.isfile(failure.error_file) and isinstance(said, str):  # train.py's one line (its _say_once)
             print(said, file=sys.stderr)
         print(f"torchrun: rank {rank} exited {failure.exitcode}; its output above says why", file=sys.stderr)
         sys.exit(failure.exitcode if failure.exitcode > 0 else 1)

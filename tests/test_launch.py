@@ -218,3 +218,23 @@ def test_a_bad_recipe_under_the_launcher_is_the_ranks_line_and_its_exit_code(tmp
     assert "config error: training.stpes: unknown key (did you mean 'steps'?)" in output
     assert re.search(r"^torchrun: rank \d exited 2; its output above says why$", result.stderr, re.M), output[-3000:]
     assert "Traceback" not in output
+
+
+@pytest.mark.multiprocess
+def test_a_rank_that_crashes_under_the_launcher_is_its_traceback_and_its_exit_code(tmp_path):
+    """A rank that leaves no line in torchrun's error file (a bug's traceback) is named after its own output,
+    with nothing made up for it."""
+    script = tmp_path / "crash.py"
+    script.write_text("import os\nif os.environ['RANK'] == '1':\n    1 / 0\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "scripts.torchrun", "--nproc_per_node=2", "--rdzv_backend", "c10d"]
+        + ["--rdzv_endpoint", "localhost:0", str(script)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output[-3000:]
+    assert "ZeroDivisionError" in output and "<NONE>" not in output, output[-3000:]
+    assert re.search(r"^torchrun: rank 1 exited 1; its output above says why$", result.stderr, re.M), output[-3000:]
