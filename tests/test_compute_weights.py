@@ -18,6 +18,7 @@ from parallelisms.distributed import init_mesh
 from parallelisms.fsdp import apply_fsdp
 from parallelisms.pipeline import PipelinePlan, build_stage_module
 from tests.dist_utils import run_distributed
+from tests.weights import whole_parameters
 from training.flat_adamw import FlatAdamW
 
 STEPS, MICRO_STEPS, SEQ = 3, 2, 32
@@ -77,8 +78,9 @@ def _compare(rank: int, world_size: int, name: str, reshard: str, ac: str) -> di
         for optimizer in optimizers:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-    for (n, p), q in zip(fsdp.named_parameters(), plain.parameters()):
-        if q.dtype != torch.float32 or not torch.equal(_full(p.detach()), q.detach()):
+    mine = whole_parameters([plain])
+    for n, p in whole_parameters([fsdp]).items():
+        if mine[n].dtype != torch.float32 or not torch.equal(p, mine[n]):
             differ["parameters"].append(n)
     return differ
 
