@@ -16,6 +16,7 @@ from typing import Any, Optional
 import torch
 from torch.distributed.tensor import DTensor
 
+from losses.kernels.chunked import triton_available
 from parallelisms.local_tensor import local_tensor
 
 # Where each parameter's slice of a buffer starts, in bytes: the CUDA caching allocator's block
@@ -52,6 +53,8 @@ class _Bucket:
             if not local.is_contiguous():  # the kernel pairs the parameter's and its moments' elements in memory order
                 raise ValueError(f"FlatAdamW needs contiguous (local) parameters, got shape {tuple(p.shape)} strided")
         device, dtype = locals_[0].device, locals_[0].dtype
+        self.device, self.dtype = device, dtype
+        self.bf16_grads = None  # training/adamw_kernel.py's launcher, made at the first bf16 gradient on CUDA
         align = max(1, _ALIGN_BYTES // dtype.itemsize)
         starts, total = [], 0
         for local in locals_:
@@ -59,7 +62,7 @@ class _Bucket:
             total += -(-local.numel() // align) * align
         moments = {name: torch.zeros(total, device=device, dtype=dtype) for name in ("exp_avg", "exp_avg_sq")}
         # The fused kernel reads a float32 step per parameter from its device, as torch's fused AdamW keeps it.
-        steps = torch.zeros(len(params), device=device, dtype=torch.float32)
+        self.steps = steps = torch.zeros(len(params), device=device, dtype=torch.float32)
         self.views = [
             {
                 "step": steps[i],
@@ -92,23 +95,41 @@ class _Bucket:
         steps = [self.views[i]["step"] for i in chosen]
         torch._foreach_add_(steps, 1)
         beta1, beta2 = group["betas"]
-        torch._fused_adamw_(
-            [local_tensor(p) for p in params],
-            [local_tensor(p.grad) for p in params],
-            [self.views[i]["exp_avg"] for i in chosen],
-            [self.views[i]["exp_avg_sq"] for i in chosen],
-            [],
-            steps,
-            amsgrad=False,
-            lr=group["lr"],
-            beta1=beta1,
-            beta2=beta2,
-            weight_decay=group["weight_decay"],
-            eps=group["eps"],
-            maximize=False,
-            grad_scale=grad_scale,
-            found_inf=found_inf,
-        )
+        hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"])
+        # An fp32 parameter's gradient may be in bf16 (one data-parallel rank keeps the backward's:
+        # parallelisms/compute_weights.py). On CUDA those are read as they are.
+        lower = [
+            i
+            for i in chosen
+            if self.dtype == torch.float32 and local_tensor(self.params[i].grad).dtype == torch.bfloat16
+        ]
+        if lower and self.device.type == "cuda" and triton_available():
+            if self.bf16_grads is None:
+                from training.adamw_kernel import Bf16GradAdamW  # imports triton: only where it runs
+
+                self.bf16_grads = Bf16GradAdamW(
+                    [local_tensor(p) for p in self.params],
+                    [v["exp_avg"] for v in self.views],
+                    [v["exp_avg_sq"] for v in self.views],
+                    self.steps,
+                )
+            grads = [local_tensor(self.params[i].grad) for i in lower]
+            self.bf16_grads.step(lower, grads, **hyper, grad_scale=grad_scale, found_inf=found_inf)
+            chosen = [i for i in chosen if i not in set(lower)]
+        if chosen:  # the rest, and every gradient elsewhere, through torch's kernel, in the parameter's dtype
+            torch._fused_adamw_(
+                [local_tensor(self.params[i]) for i in chosen],
+                [local_tensor(self.params[i].grad).to(self.dtype) for i in chosen],
+                [self.views[i]["exp_avg"] for i in chosen],
+                [self.views[i]["exp_avg_sq"] for i in chosen],
+                [],
+                [self.views[i]["step"] for i in chosen],
+                amsgrad=False,
+                maximize=False,
+                grad_scale=grad_scale,
+                found_inf=found_inf,
+                **hyper,
+            )
         if found_inf is not None:  # a skipped update is no step (torch's fused AdamW undoes the count the same way)
             torch._foreach_sub_(steps, [found_inf] * len(steps))
 
