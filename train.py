@@ -132,13 +132,17 @@ def _train(
         part.to_empty(device=device)
         init_weights(part, t.seed, device)
         part.train()
-    # On one data-parallel rank, FSDP's casts without its copies (parallelisms/compute_weights.py).
-    compute_weights = ComputeWeights(
-        parts if dims.dp == 1 else [], compute_dtype, cfg.parallelism.fsdp_reshard_after_forward, plan is not None
-    )
-
     loss = _build_training_loss(cfg, parts, mesh, dp_mesh, device, compute_dtype)
     tied = tied_embedding_sync(parts, plan, mesh, cfg.parallelism.vocab_parallel)
+    # On one data-parallel rank, FSDP's casts without its copies (parallelisms/compute_weights.py); the bf16
+    # gradients stay bf16 for FlatAdamW to read, unless a tied copy's are to be summed with them.
+    compute_weights = ComputeWeights(
+        parts if dims.dp == 1 else [],
+        compute_dtype,
+        cfg.parallelism.fsdp_reshard_after_forward,
+        plan is not None,
+        keep_grad_dtype=cfg.optimizer.implementation == "flat" and tied is None,
+    )
     schedule = build_schedule(parts, plan, mesh["pp"].get_group(), device, loss) if plan else None
     # One optimizer and LR schedule per stage (TorchTitan's layout): checkpoints key their state by parameter name.
     optimizers = [build_optimizer(list(part.parameters()), cfg.optimizer) for part in parts]

@@ -8,7 +8,9 @@ own, so the state dict, the optimizer, checkpoints and clipping see them as ever
 casts them into bf16 parameters that it puts in their place for the forward and backward (FSDP2's
 parameter swap, without the buffers), and as autograd finishes each bf16 gradient it is added in fp32
 to the fp32 parameter's ``.grad``. Those are the numbers FSDP2 computes on one rank: the same casts,
-the same fp32 accumulation over micro-steps.
+the same fp32 accumulation over micro-steps. Where a parameter gets one gradient in a step, the cast can
+wait for the optimizer, which reads the bf16 gradient as it updates (``keep_grad_dtype``,
+training/adamw_kernel.py).
 
 What FSDP would reshard after its forward (``fsdp_groups``: by default every block but the last) has
 its copy freed after the forward and cast again when its backward starts, as FSDP frees and
@@ -79,11 +81,14 @@ class _Copies:
             self.free()
 
 
-def _accumulate_into(master: nn.Parameter, group: _Copies, compute: nn.Parameter) -> None:
-    """``compute``'s gradient, now complete for this backward, added to ``master``'s in ``master``'s dtype."""
+def _accumulate_into(master: nn.Parameter, group: _Copies, keep_dtype: bool, compute: nn.Parameter) -> None:
+    """``compute``'s gradient, now complete for this backward, added to ``master``'s in ``master``'s dtype; with
+    ``keep_dtype`` the first is taken as it is, and cast only when a second comes to be added to it."""
     if master.grad is None:
-        master.grad = compute.grad.to(master.dtype)
+        master.grad = compute.grad if keep_dtype else compute.grad.to(master.dtype)
     else:
+        if master.grad.dtype != master.dtype:
+            master.grad = master.grad.to(master.dtype)
         master.grad += compute.grad
     compute.grad = None
     group.gradient_done()
@@ -94,9 +99,21 @@ class ComputeWeights:
     parameters; outside it they hold their own. A parameter already in ``dtype`` (fp32 training on CPU)
     or a DTensor (the vocab-parallel head, kept fp32 as FSDP keeps it) is used as it is, so with nothing
     to cast this is a no-op. ``reshard_after_forward`` and ``pp_enabled`` choose what is freed after its
-    forward, as for FSDP (``parallelism.fsdp_reshard_after_forward``)."""
+    forward, as for FSDP (``parallelism.fsdp_reshard_after_forward``).
 
-    def __init__(self, parts: list[Transformer], dtype: torch.dtype, reshard_after_forward: str, pp_enabled: bool):
+    ``keep_grad_dtype``: a parameter whose step brings it one gradient keeps it in ``dtype`` as its ``.grad``
+    (``grad_dtype`` None allows it), for an optimizer that reads it so (``FlatAdamW``: one pass instead of a
+    cast and then the update); a second gradient in the step (micro-steps, pipeline microbatches) is added
+    in fp32 to the first, cast. The numbers are the same either way: the cast is exact."""
+
+    def __init__(
+        self,
+        parts: list[Transformer],
+        dtype: torch.dtype,
+        reshard_after_forward: str,
+        pp_enabled: bool,
+        keep_grad_dtype: bool = False,
+    ):
         self._slots: list[tuple[nn.Module, str, nn.Parameter, nn.Parameter]] = []  # module, name, master, compute
         self._groups: list[_Copies] = []
         copies: dict[int, nn.Parameter] = {}  # id(master) -> its copy; a tied weight has one, in each place
@@ -124,7 +141,11 @@ class ComputeWeights:
                 resharded = group.reshard_after_forward and group.kind != "root"
                 copies_of_group = _Copies(masters, computes, resharded)
                 for master, compute in zip(masters, computes):
-                    compute.register_post_accumulate_grad_hook(partial(_accumulate_into, master, copies_of_group))
+                    if keep_grad_dtype:
+                        master.grad_dtype = None
+                    compute.register_post_accumulate_grad_hook(
+                        partial(_accumulate_into, master, copies_of_group, keep_grad_dtype)
+                    )
                 if resharded:
                     copies_of_group.free()
                     module.register_forward_pre_hook(copies_of_group.before_forward)

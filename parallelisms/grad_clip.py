@@ -16,12 +16,22 @@ def total_grad_norm(
     Each rank's sharded (DTensor) norm is completed over its shard group, then
     the squares are summed over the pipeline ranks. ``skip`` holds duplicates
     (a tied head copy) so each logical parameter counts once, as in one process.
+    A gradient in a lower precision than its parameter (parallelisms/compute_weights.py)
+    is summed in fp32: its norm is that of its fp32 cast.
     """
     skipped = {id(t) for t in skip}
-    grads = [p.grad for p in params if p.grad is not None and id(p) not in skipped]
-    total = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True) if grads else torch.zeros(())
+    counted = [p for p in params if p.grad is not None and id(p) not in skipped]
+    lower = [p.grad for p in counted if p.grad.dtype != p.dtype]
+    grads = [p.grad for p in counted if p.grad.dtype == p.dtype]
+    total = torch.nn.utils.get_total_norm(grads, 2.0, foreach=True) if grads else None
     if isinstance(total, DTensor):
         total = total.full_tensor()
+    if lower:  # as get_total_norm sums, each tensor's norm in fp32
+        norms = torch._foreach_norm(lower, 2.0, dtype=torch.float32)
+        lower_total = torch.linalg.vector_norm(torch.stack(norms), 2.0)
+        total = lower_total if total is None else torch.linalg.vector_norm(torch.stack([total, lower_total]), 2.0)
+    if total is None:
+        total = torch.zeros(())
     if pp_group is not None:
         device = next((p.grad.device for p in params if p.grad is not None), total.device)
         total = total.to(device) ** 2

@@ -256,7 +256,7 @@ class _Setting:
     compiled: bool
     block_backward: float  # the transient of one block's backward
     accumulation_steps: int  # micro-steps per optimizer step: gradient shards live through the backward when > 1
-    one_rank: bool  # data-parallel degree 1: no FSDP; ComputeWeights' copies, gradients straight into fp32 .grad
+    one_rank: bool  # data-parallel degree 1: no FSDP; ComputeWeights' copies, gradients in .grad
     mask: float  # block_causal: one microbatch's attention mask; 0 when causal
     float8_gather_saving: float  # bytes one gathered block saves where FSDP gathers its float8 linears in float8
 
@@ -409,7 +409,9 @@ def _whole_model_rank(st: _Setting) -> RankMemory:
         gathered = param_b * held - held_blocks * st.float8_gather_saving
     # a tied root's gradient is the classifier gradient the workspace counts: not twice
     loss = loss_workspace(st.cfg, a, st.tokens, n, head_reduced_at_once=not tied and not vp_head) - param_b * root_grad
-    grads = 4 * sharded
+    # One rank, one micro-step, FlatAdamW: a gradient stays in the backward's dtype (parallelisms/compute_weights.py).
+    kept = st.one_rank and st.accumulation_steps == 1 and not vp_head and st.cfg.optimizer.implementation == "flat"
+    grads = (param_b if kept else 4) * sharded
     common = dict(
         pp_rank=0, stages=(0,), layers=a.n_layers, parameters=4 * sharded, optimizer=8 * sharded, pipeline_buffers=0.0
     )

@@ -16,6 +16,7 @@ from parallelisms.activation_checkpoint import apply_activation_checkpointing
 from parallelisms.compute_weights import ComputeWeights
 from parallelisms.distributed import init_mesh
 from parallelisms.fsdp import apply_fsdp
+from parallelisms.grad_clip import clip_divisor, total_grad_norm
 from parallelisms.pipeline import PipelinePlan, build_stage_module
 from tests.dist_utils import run_distributed
 from tests.weights import whole_parameters
@@ -183,3 +184,42 @@ def test_nothing_to_cast_is_a_no_op():
     before = dict(model.named_parameters())
     with ComputeWeights([model], torch.float32, "default", pp_enabled=False):
         assert dict(model.named_parameters()) == before
+
+
+def _steps_with_clipping(keep: bool, name: str, micro_steps: int) -> tuple[Transformer, list, list]:
+    """``STEPS`` steps as ``TrainStep`` takes them: micro-steps, the clipped norm, ``FlatAdamW``."""
+    model = _model(name, "default", "selective")
+    weights = ComputeWeights([model], torch.bfloat16, "default", pp_enabled=False, keep_grad_dtype=keep)
+    params = list(model.parameters())
+    optimizer = FlatAdamW(params, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    norms, grad_dtypes = [], []
+    for step in range(STEPS):
+        g = torch.Generator().manual_seed(step)
+        with weights:
+            for _ in range(micro_steps):
+                tokens = torch.randint(0, model.args.vocab_size, (2, SEQ), generator=g)
+                logits = model.output(model(tokens), lambda h, w, b: F.linear(h, w, b).float())
+                F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()).backward()
+        grad_dtypes.append({p.grad.dtype for p in params})
+        norm = total_grad_norm(params, None)
+        norms.append(norm)
+        optimizer.grad_scale = clip_divisor(norm, max_norm=0.5)  # clips: the norms are larger
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return model, norms, grad_dtypes
+
+
+@pytest.mark.parametrize("name", ["qwen3", "llama3"])
+@pytest.mark.parametrize("micro_steps", [1, 2])
+def test_gradients_kept_in_bf16_give_the_same_steps(name, micro_steps):
+    """With ``keep_grad_dtype`` a parameter's one gradient of the step stays bf16 and the norm and FlatAdamW read
+    it so (on the CPU FlatAdamW casts it); a second is added in fp32. Either way the same numbers as casting at
+    once: the norms and the parameters after three clipped steps, bitwise."""
+    kept, kept_norms, kept_dtypes = _steps_with_clipping(True, name, micro_steps)
+    cast, cast_norms, cast_dtypes = _steps_with_clipping(False, name, micro_steps)
+    assert cast_dtypes == [{torch.float32}] * STEPS
+    assert kept_dtypes == [{torch.bfloat16} if micro_steps == 1 else {torch.float32}] * STEPS
+    assert all(torch.equal(a, b) for a, b in zip(kept_norms, cast_norms)), (kept_norms, cast_norms)
+    assert float(kept_norms[0]) > 0.5
+    differ = [n for (n, p), q in zip(kept.named_parameters(), cast.parameters()) if not torch.equal(p, q)]
+    assert differ == []
