@@ -8,14 +8,18 @@ The model is built as train.py builds it on one rank (meta init, ``parallelize``
 forward and backward of a short batch on its bf16 ``ComputeWeights`` (sum of squared hidden states),
 so the optimizer sees train.py's parameters and gradients. Timed with CUDA events around
 ``optimizer.step()`` (host dispatch included), median of ``--reps`` after ``--warmup``:
-- ``torch``: ``torch.optim.AdamW(fused=True)`` over the parameters (``optimizer.implementation
+- ``torch, fp32 grads``: ``torch.optim.AdamW(fused=True)`` over the parameters (``optimizer.implementation
   = "torch"``);
-- ``flat``: ``training/flat_adamw.py`` (``"flat"``);
+- ``flat, fp32 grads``: ``training/flat_adamw.py`` (``"flat"``);
+- ``flat, bf16 cast``: the bf16 gradients first cast into fp32 ``.grad`` (what one rank did before its
+  gradients stayed bf16), then ``flat``;
+- ``flat, bf16 grads``: ``flat`` reading the bf16 gradients (training/adamw_kernel.py);
 - ``floor``: ``torch._fused_adamw_`` (and its step increment) on fresh plain tensors of the same shapes,
   what the kernel takes without anything around it.
-GB moved per step: every element's parameter, gradient and two moments read, parameter and moments
-written, at their dtype's size. Also prints the largest parameter difference between ``torch`` and
-``flat`` after 3 steps from the same weights and gradients. Without CUDA it prints one line and exits 0.
+GB moved per step: every element's parameter and two moments read and written, its gradient read, at their
+dtype's size (and the cast's bf16 read and fp32 write). Also prints the largest parameter differences after
+3 steps from the same weights and gradients between ``torch`` and ``flat``, and between the bf16 rows.
+Without CUDA it prints one line and exits 0.
 """
 
 import argparse
@@ -120,37 +124,63 @@ def main() -> int:
         model = build_model(cfg, device)
         params = list(model.parameters())
         start = [local_tensor(p).detach().clone() for p in params]
+        fp32_grads = [p.grad for p in params]
+        bf16_grads = [g.bfloat16() for g in fp32_grads]
+        for p in params:
+            p.grad_dtype = None  # the bf16 rows hand them bf16 gradients, as ComputeWeights does
+        # Parameter and both moments read and written, the gradient read (and, for the cast, written in fp32 too).
+        numel = sum(local_tensor(p).numel() for p in params)
+        moved = {"fp32 grads": 28 * numel, "bf16 cast": (28 + 6) * numel, "bf16 grads": 26 * numel}
+
+        def cast_then(step):
+            def run() -> None:
+                for p, g in zip(params, bf16_grads):
+                    p.grad = g.to(torch.float32)
+                step()
+
+            return run
+
         rows, after = [], {}
-        for implementation in ("torch", "flat"):
+        for implementation, grads in (
+            ("torch", "fp32 grads"),
+            ("flat", "fp32 grads"),
+            ("flat", "bf16 cast"),
+            ("flat", "bf16 grads"),
+        ):
             with torch.no_grad():
                 for p, s in zip(params, start):
                     local_tensor(p).copy_(s)
+            for p, g32, g16 in zip(params, fp32_grads, bf16_grads):
+                p.grad = g16 if grads == "bf16 grads" else g32.bfloat16().float() if grads == "bf16 cast" else g32
             optimizer = build_optimizer(params, replace(cfg.optimizer, implementation=implementation))
+            step = cast_then(optimizer.step) if grads == "bf16 cast" else optimizer.step
             for _ in range(CHECK_STEPS):
-                optimizer.step()
-            after[implementation] = [local_tensor(p).detach().clone() for p in params]
-            rows.append((implementation, time_ms(optimizer.step, args.reps, args.warmup)))
+                step()
+            after[(implementation, grads)] = [local_tensor(p).detach().clone() for p in params]
+            rows.append((f"{implementation}, {grads}", time_ms(step, args.reps, args.warmup), moved[grads]))
             del optimizer
-        difference = max((a - b).abs().max().item() for a, b in zip(after["torch"], after["flat"]))
-        largest = max(t.abs().max().item() for t in after["torch"])
-        del start, after
-        rows.append(("floor", time_ms(floor_step(params, cfg), args.reps, args.warmup)))
-        # Parameter and both moments read and written, the gradient read.
-        moved = sum(
-            local_tensor(p).numel() * (6 * local_tensor(p).element_size() + local_tensor(p.grad).element_size())
-            for p in params
+        difference = max(
+            (a - b).abs().max().item() for a, b in zip(after[("torch", "fp32 grads")], after[("flat", "fp32 grads")])
         )
+        bf16_difference = max(
+            (a - b).abs().max().item() for a, b in zip(after[("flat", "bf16 cast")], after[("flat", "bf16 grads")])
+        )
+        largest = max(t.abs().max().item() for t in after[("torch", "fp32 grads")])
+        del start, after
+        for p, g in zip(params, fp32_grads):
+            p.grad = g
+        rows.append(("floor", time_ms(floor_step(params, cfg), args.reps, args.warmup), moved["fp32 grads"]))
         print(
-            f"{cfg.model.name} {cfg.model.flavor}: {sum(p.numel() for p in params) / 1e9:.3f} B parameters in "
+            f"{cfg.model.name} {cfg.model.flavor}: {numel / 1e9:.3f} B parameters in "
             f"{len(params)} tensors, {torch.cuda.get_device_name(device)}, torch {torch.__version__}; "
             f"median of {args.reps} steps"
         )
-        print(f"{'optimizer':<10}{'ms':>8}{'GB moved':>10}{'GB/s':>8}")
-        for name, ms in rows:
-            print(f"{name:<10}{ms:>8.2f}{moved / 1e9:>10.1f}{moved / 1e6 / ms:>8.0f}")
+        print(f"{'optimizer, gradients':<24}{'ms':>8}{'GB moved':>10}{'GB/s':>8}")
+        for name, ms, nbytes in rows:
+            print(f"{name:<24}{ms:>8.2f}{nbytes / 1e9:>10.1f}{nbytes / 1e6 / ms:>8.0f}")
         print(
-            f"max |torch - flat| over the parameters after {CHECK_STEPS} steps: {difference:.3g} "
-            f"(largest |parameter| {largest:.3g})"
+            f"max |torch - flat| over the parameters after {CHECK_STEPS} steps: {difference:.3g}; "
+            f"max |bf16 cast - bf16 grads|: {bf16_difference:.3g} (largest |parameter| {largest:.3g})"
         )
     finally:
         close_distributed()
