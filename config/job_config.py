@@ -157,8 +157,10 @@ class Training:
     `bfloat16` here."""
 
     mixed_precision_reduce: Dtype = "float32"
-    """FSDP2 `reduce_dtype`: the dtype of the gradient reduce-scatter (and the HSDP all-reduce); with one
-    data-parallel rank, the dtype gradients accumulate in. Applies on every device."""
+    """FSDP2 `reduce_dtype`: the dtype of the gradient reduce-scatter (and the HSDP all-reduce). With one
+    data-parallel rank nothing is reduced: a parameter's one gradient of a step stays in
+    `mixed_precision_param` for `FlatAdamW` to read, and several (micro-steps, microbatches) are summed in
+    float32 (`parallelisms/compute_weights.py`). Applies on every device."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """`auto`: `cuda:LOCAL_RANK` when CUDA is available, else the CPU. NCCL on CUDA, gloo on the CPU; a plain
@@ -183,7 +185,9 @@ class Optimizer:
     implementation: Literal["flat", "torch"] = "flat"
     """`flat`: `training/flat_adamw.py`, torch's fused AdamW kernel called once per parameter dtype on the local
     shards, its moments in one buffer each (Qwen3-1.7B on one H100: 19.1 ms a step against `torch`'s 24.0, the
-    kernel alone 18.8; docs/performance.md).
+    kernel alone 18.8; docs/performance.md). On one data-parallel rank it reads the backward's bf16 gradients
+    as they are, in one Triton pass on CUDA (`training/adamw_kernel.py`), where the others need them cast
+    into fp32 first.
     `torch`: `torch.optim.AdamW(fused=True)` over the parameters. The two agree to fp32 rounding and save the
     same checkpoint format: a run resumes with either."""
 
