@@ -1,22 +1,15 @@
 """AdamW from bf16 gradients (training/adamw_kernel.py) against torch's fused AdamW on their fp32 casts.
 
-On a CPU the kernel runs in Triton's interpreter (``TRITON_INTERPRET=1``, set before triton is imported,
-hence a subprocess); the ``cuda`` test runs it compiled, through ``FlatAdamW``, beside the same optimizer
-handed fp32 gradients.
+On a CPU the kernel runs in Triton's interpreter (tests/triton_interpreter.py); the ``cuda`` test runs it
+compiled, through ``FlatAdamW``, beside the same optimizer handed fp32 gradients.
 """
-
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-pytest.importorskip("triton")
+from tests.triton_interpreter import run_interpreted
 
-ROOT = Path(__file__).resolve().parent.parent
+pytest.importorskip("triton")
 
 CHECK = r"""
 import json, torch
@@ -68,10 +61,7 @@ print(json.dumps(result))
 
 
 def test_kernel_matches_torch_fused_adamw_in_the_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT), "CUDA_VISIBLE_DEVICES": ""}
-    out = subprocess.run([sys.executable, "-c", CHECK], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = run_interpreted(CHECK)
     assert len(result) == 4
     for case, r in result.items():
         # fp32 arithmetic against torch's (some of it float64) after three updates: fp32 rounding.

@@ -1,17 +1,12 @@
 """The Triton kernels of the chunked loss against its PyTorch ops, in float64.
 
-On a CPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``, which must
-be set before triton is imported, hence a subprocess); on CUDA the end-to-end
+On a CPU the kernels run in Triton's interpreter (tests/triton_interpreter.py); on CUDA the end-to-end
 checks of ``chunked`` in tests/test_losses.py run them compiled.
 """
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+
+from tests.triton_interpreter import run_interpreted
 
 pytest.importorskip("triton")
 
@@ -57,11 +52,7 @@ print(json.dumps(errors))
 
 
 def test_kernels_match_the_pytorch_ops_in_the_interpreter():
-    root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root), "CUDA_VISIBLE_DEVICES": ""}
-    out = subprocess.run([sys.executable, "-c", CHECK], env=env, cwd=root, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    errors = json.loads(out.stdout.strip().splitlines()[-1])
+    errors = run_interpreted(CHECK)
     assert len(errors) == 4
     for case, err in errors.items():
         # fp32 arithmetic on fp32 logits against float64: relative errors near 1e-7.
