@@ -115,7 +115,8 @@ class _Bucket:
                 )
             grads = [local_tensor(self.params[i].grad) for i in lower]
             self.bf16_grads.step(lower, grads, **hyper, grad_scale=grad_scale, found_inf=found_inf)
-            chosen = [i for i in chosen if i not in set(lower)]
+            updated = set(lower)
+            chosen = [i for i in chosen if i not in updated]
         if chosen:  # the rest, and every gradient elsewhere, through torch's kernel, in the parameter's dtype
             torch._fused_adamw_(
                 [local_tensor(self.params[i]) for i in chosen],
