@@ -32,13 +32,18 @@ def _wake_key(rank: int) -> str:
     return f"fault/wake/{rank}"
 
 
+# gloo's messages for a lost or silent peer: its transport's own (they name their source file), and the
+# one a timed-out receive leaves, without a source, on every other operation of the context.
+_GLOO_FAILURES = ("gloo/transport", "Application timeout caused pair closure")
+
+
 def is_collective_failure(err: BaseException) -> bool:
     """gloo reports a lost or silent peer as a plain RuntimeError from its transport, NCCL and the
     store as a DistError. Anything else is this rank's own error and keeps its traceback."""
     for _ in range(8):  # the exception and what it was raised from
         if err is None:
             return False
-        if isinstance(err, dist.DistError) or "gloo/transport" in str(err):
+        if isinstance(err, dist.DistError) or any(marker in str(err) for marker in _GLOO_FAILURES):
             return True
         err = err.__cause__ or err.__context__
     return False
