@@ -18,6 +18,7 @@ import triton.language as tl
 from torch import Tensor
 
 _BLOCK = 4096  # elements per program
+_WARPS = 8
 
 
 def _log2(beta: float) -> float:
@@ -101,14 +102,57 @@ class Bf16GradAdamW:
             HAS_GRAD_SCALE=grad_scale is not None,
             HAS_FOUND_INF=found_inf is not None,
             BLOCK=_BLOCK,
-            num_warps=8,
+            num_warps=_WARPS,
         )
+
+
+@triton.jit
+def _update(
+    param_ptr,
+    grad_ptr,
+    exp_avg_ptr,
+    exp_avg_sq_ptr,
+    offsets,
+    numel,
+    grad_scale,
+    step_size,
+    bias_correction2_sqrt,
+    lr_weight_decay,
+    beta1,
+    beta2,
+    eps,
+    HAS_GRAD_SCALE: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    """torch's fused AdamW, in its order, on one block; unmasked, each thread's loads and stores are vectors."""
+    mask = offsets < numel if MASKED else None
+    param = tl.load(param_ptr + offsets, mask=mask)
+    grad = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
+    exp_avg = tl.load(exp_avg_ptr + offsets, mask=mask)
+    exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=mask)
+    if HAS_GRAD_SCALE:
+        grad = tl.div_rn(grad, grad_scale)
+    param = param - lr_weight_decay * param
+    exp_avg = beta1 * exp_avg + (1 - beta1) * grad
+    exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad
+    denom = tl.div_rn(tl.sqrt_rn(exp_avg_sq), bias_correction2_sqrt) + eps
+    param = param - tl.div_rn(step_size * exp_avg, denom)
+    tl.store(param_ptr + offsets, param, mask=mask)
+    tl.store(exp_avg_ptr + offsets, exp_avg, mask=mask)
+    tl.store(exp_avg_sq_ptr + offsets, exp_avg_sq, mask=mask)
+
+
+@triton.jit
+def _address(table, t, dtype: tl.constexpr):
+    """The ``t``-th address of ``table`` as a pointer to ``dtype``, 16-byte aligned (every tensor here is: the
+    caching allocator's blocks and FlatAdamW's slices are 512-byte aligned), so its loads can be vectors."""
+    return tl.multiple_of(tl.load(table + t), 16).to(tl.pointer_type(dtype))
 
 
 @triton.jit
 def _adamw_kernel(
     which_ptr,  # per program: the position of its tensor in the tables below
-    first_ptr,  # per program: its first element
+    first_ptr,  # per program: its first element, a multiple of BLOCK
     numel_ptr,
     param_ptrs,  # per tensor, addresses
     grad_ptrs,
@@ -133,28 +177,23 @@ def _adamw_kernel(
             return
     pid = tl.program_id(0)
     t = tl.load(which_ptr + pid)
-    offsets = tl.load(first_ptr + pid) + tl.arange(0, BLOCK)
-    mask = offsets < tl.load(numel_ptr + t)
-    param_ptr = tl.load(param_ptrs + t).to(tl.pointer_type(tl.float32))
-    grad_ptr = tl.load(grad_ptrs + t).to(tl.pointer_type(tl.bfloat16))
-    exp_avg_ptr = tl.load(exp_avg_ptrs + t).to(tl.pointer_type(tl.float32))
-    exp_avg_sq_ptr = tl.load(exp_avg_sq_ptrs + t).to(tl.pointer_type(tl.float32))
+    first = tl.multiple_of(tl.load(first_ptr + pid), BLOCK)
+    offsets = first + tl.arange(0, BLOCK)
+    numel = tl.load(numel_ptr + t)
+    param_ptr = _address(param_ptrs, t, tl.float32)
+    grad_ptr = _address(grad_ptrs, t, tl.bfloat16)
+    exp_avg_ptr = _address(exp_avg_ptrs, t, tl.float32)
+    exp_avg_sq_ptr = _address(exp_avg_sq_ptrs, t, tl.float32)
     step = tl.load(tl.load(step_ptrs + t).to(tl.pointer_type(tl.float32)))
     step_size = tl.div_rn(lr, 1 - tl.exp2(step * log2_beta1))
     bias_correction2_sqrt = tl.sqrt_rn(1 - tl.exp2(step * log2_beta2))
-
-    param = tl.load(param_ptr + offsets, mask=mask)
-    grad = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
-    exp_avg = tl.load(exp_avg_ptr + offsets, mask=mask)
-    exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=mask)
-    if HAS_GRAD_SCALE:
-        grad = tl.div_rn(grad, tl.load(grad_scale_ptr))
-    # torch's fused AdamW, in its order
-    param = param - lr_weight_decay * param
-    exp_avg = beta1 * exp_avg + (1 - beta1) * grad
-    exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad
-    denom = tl.div_rn(tl.sqrt_rn(exp_avg_sq), bias_correction2_sqrt) + eps
-    param = param - tl.div_rn(step_size * exp_avg, denom)
-    tl.store(param_ptr + offsets, param, mask=mask)
-    tl.store(exp_avg_ptr + offsets, exp_avg, mask=mask)
-    tl.store(exp_avg_sq_ptr + offsets, exp_avg_sq, mask=mask)
+    grad_scale = tl.load(grad_scale_ptr) if HAS_GRAD_SCALE else 1.0
+    args = (step_size, bias_correction2_sqrt, lr_weight_decay, beta1, beta2, eps)
+    if first + BLOCK <= numel:
+        _update(
+            param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets, numel, grad_scale, *args, HAS_GRAD_SCALE, False
+        )
+    else:
+        _update(
+            param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets, numel, grad_scale, *args, HAS_GRAD_SCALE, True
+        )
