@@ -30,7 +30,7 @@ from data.tokenizer import Tokenizer
 from losses import build_loss, recipe_options
 from models import ModelArgs, Transformer, build_model_args
 from models.initialize import init_weights
-from parallelisms.compute_weights import ComputeWeights
+from parallelisms.compute_weights import ComputeWeights, optimizer_can_cast
 from parallelisms.distributed import close_distributed, init_distributed, resolve_device, set_pg_timeouts
 from parallelisms.float8 import check_float8, float8_scale_update
 from parallelisms.parallel_dims import ParallelDims
@@ -134,18 +134,18 @@ def _train(
         part.train()
     loss = _build_training_loss(cfg, parts, mesh, dp_mesh, device, compute_dtype)
     tied = tied_embedding_sync(parts, plan, mesh, cfg.parallelism.vocab_parallel)
-    # On one data-parallel rank, FSDP's casts without its copies (parallelisms/compute_weights.py); the bf16
-    # gradients stay bf16 for FlatAdamW to read, unless a tied copy's are to be summed with them.
+    # On one data-parallel rank, FSDP's casts without its copies (parallelisms/compute_weights.py); FlatAdamW
+    # reads the bf16 gradients and writes the bf16 copies, unless a tied copy's gradients are to be summed.
     compute_weights = ComputeWeights(
         parts if dims.dp == 1 else [],
         compute_dtype,
         cfg.parallelism.fsdp_reshard_after_forward,
         plan is not None,
-        keep_grad_dtype=cfg.optimizer.implementation == "flat" and tied is None,
+        optimizer_casts=optimizer_can_cast(cfg, dims, model_args.tie_word_embeddings),
     )
     schedule = build_schedule(parts, plan, mesh["pp"].get_group(), device, loss) if plan else None
     # One optimizer and LR schedule per stage (TorchTitan's layout): checkpoints key their state by parameter name.
-    optimizers = [build_optimizer(list(part.parameters()), cfg.optimizer) for part in parts]
+    optimizers = [build_optimizer(list(part.parameters()), cfg.optimizer, compute_weights.copies()) for part in parts]
     schedulers = [build_lr_scheduler(opt, t.steps, cfg.lr_scheduler) for opt in optimizers]
     train_step = TrainStep(
         cfg=cfg,

@@ -8,14 +8,22 @@ own, so the state dict, the optimizer, checkpoints and clipping see them as ever
 casts them into bf16 parameters that it puts in their place for the forward and backward (FSDP2's
 parameter swap, without the buffers), and as autograd finishes each bf16 gradient it is added in fp32
 to the fp32 parameter's ``.grad``. Those are the numbers FSDP2 computes on one rank: the same casts,
-the same fp32 accumulation over micro-steps. Where a parameter gets one gradient in a step, the cast can
-wait for the optimizer, which reads the bf16 gradient as it updates (``keep_grad_dtype``,
-training/adamw_kernel.py).
+the same fp32 accumulation over micro-steps.
+
+Where the optimizer can do the casts (``optimizer_casts``: FlatAdamW on one rank, training/adamw_kernel.py),
+it does: a parameter's one gradient of the step reaches it in bf16 as the backward made it, and it writes
+the copies as it updates the weights, from the values in its registers, so neither cast is a pass of its
+own. The copies are then kept from the backward through the optimizer step to their next forward.
 
 What FSDP would reshard after its forward (``fsdp_groups``: by default every block but the last) has
 its copy freed after the forward and cast again when its backward starts, as FSDP frees and
 re-gathers it, so the memory is FSDP's; the rest is cast once at the start of the step. All are freed
-at its end, before the optimizer step.
+at its end, before the optimizer step, unless the optimizer writes them.
+
+A copy is cast only where it does not hold its weight's values: where it was freed, or where the weight
+changed since its cast in a way that moved the weight's version counter (every in-place torch op does:
+torch's optimizer kernels, a checkpoint load). The one writer that moves no counter, the optimizer's
+Triton kernel, writes the copy in the same pass.
 """
 
 from functools import partial
@@ -25,29 +33,47 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_leaves
 
+from config.job_config import JobConfig
 from models.transformer import Transformer
 from parallelisms.fsdp import fsdp_groups
+from parallelisms.parallel_dims import ParallelDims
+
+
+def optimizer_can_cast(cfg: JobConfig, dims: ParallelDims, tie_word_embeddings: bool) -> bool:
+    """Whether the optimizer does one rank's casts (``ComputeWeights(optimizer_casts=...)``): ``FlatAdamW``
+    on one data-parallel rank, unless a tied head is a separate copy (pipeline stages, the vocab-parallel
+    head) whose gradient is summed with the embedding's in fp32."""
+    separate_tied_head = tie_word_embeddings and (dims.pp > 1 or cfg.parallelism.vocab_parallel)
+    return dims.dp == 1 and cfg.optimizer.implementation == "flat" and not separate_tied_head
 
 
 class _Copies:
     """The bf16 copies of one group's parameters (of a module FSDP would shard on its own), and whether they
     hold their values now."""
 
-    def __init__(self, masters: list[nn.Parameter], copies: list[nn.Parameter], resharded: bool):
+    def __init__(self, masters: list[nn.Parameter], copies: list[nn.Parameter], resharded: bool, kept: bool):
         self.masters, self.copies, self.resharded = masters, copies, resharded
+        self.kept = kept  # held from the backward to the next forward: the optimizer writes them
         self.active = False  # inside ``with compute_weights``: the model runs on the copies
         self.held = False
+        self.versions: list[int] = []  # the masters' version counters when the copies were made
         self.pending = 0  # gradients of this backward still to come before the copies may go
 
     def cast(self) -> None:
+        """Make the copies hold the masters' values, casting only those that do not."""
         if self.held:
-            return
-        for copy in self.copies:
-            copy.untyped_storage().resize_(copy.numel() * copy.itemsize)
-        # Through ``.data``: the backward may have saved a copy that was freed after its forward, and refilling
-        # it is no change autograd must refuse (FSDP2 refills its gathered parameters the same way).
-        torch._foreach_copy_([copy.data for copy in self.copies], self.masters)
-        self.held, self.pending = True, len(self.copies)
+            stale = [i for i, (m, v) in enumerate(zip(self.masters, self.versions)) if m._version != v]
+        else:
+            stale = range(len(self.copies))
+            for copy in self.copies:
+                copy.untyped_storage().resize_(copy.numel() * copy.itemsize)
+            self.pending = len(self.copies)
+        if stale:
+            # Through ``.data``: the backward may have saved a copy that was freed after its forward, and
+            # refilling it is no change autograd must refuse (FSDP2 refills its gathered parameters the same way).
+            torch._foreach_copy_([self.copies[i].data for i in stale], [self.masters[i] for i in stale])
+        self.versions = [m._version for m in self.masters]
+        self.held = True
 
     def free(self) -> None:
         for copy in self.copies:
@@ -77,15 +103,16 @@ class _Copies:
     def gradient_done(self) -> None:
         """One of the copies' gradients is accumulated: after the last, a resharded group lets them go."""
         self.pending -= 1
-        if self.resharded and self.pending == 0:
+        if self.resharded and not self.kept and self.pending == 0:
             self.free()
 
 
-def _accumulate_into(master: nn.Parameter, group: _Copies, keep_dtype: bool, compute: nn.Parameter) -> None:
-    """``compute``'s gradient, now complete for this backward, added to ``master``'s in ``master``'s dtype; with
-    ``keep_dtype`` the first is taken as it is, and cast only when a second comes to be added to it."""
+def _accumulate_into(master: nn.Parameter, group: _Copies, compute: nn.Parameter) -> None:
+    """``compute``'s gradient, now complete for this backward, added to ``master``'s in ``master``'s dtype; where
+    the optimizer casts (``group.kept``) the first is taken as it is, and cast only when a second comes to be
+    added to it."""
     if master.grad is None:
-        master.grad = compute.grad if keep_dtype else compute.grad.to(master.dtype)
+        master.grad = compute.grad if group.kept else compute.grad.to(master.dtype)
     else:
         if master.grad.dtype != master.dtype:
             master.grad = master.grad.to(master.dtype)
@@ -101,10 +128,11 @@ class ComputeWeights:
     to cast this is a no-op. ``reshard_after_forward`` and ``pp_enabled`` choose what is freed after its
     forward, as for FSDP (``parallelism.fsdp_reshard_after_forward``).
 
-    ``keep_grad_dtype``: a parameter whose step brings it one gradient keeps it in ``dtype`` as its ``.grad``
-    (``grad_dtype`` None allows it), for an optimizer that reads it so (``FlatAdamW``: one pass instead of a
-    cast and then the update); a second gradient in the step (micro-steps, pipeline microbatches) is added
-    in fp32 to the first, cast. The numbers are the same either way: the cast is exact."""
+    ``optimizer_casts`` (``optimizer_can_cast``): a parameter whose step brings it one gradient keeps it in
+    ``dtype`` as its ``.grad`` (``grad_dtype`` None allows it), for the optimizer to read so; a second
+    gradient in the step (micro-steps, pipeline microbatches) is added in fp32 to the first, cast. And the
+    copies stay held after the backward, for the optimizer to write (``copies()``). The numbers are the same
+    either way: both casts are exact, and rounded alike."""
 
     def __init__(
         self,
@@ -112,7 +140,7 @@ class ComputeWeights:
         dtype: torch.dtype,
         reshard_after_forward: str,
         pp_enabled: bool,
-        keep_grad_dtype: bool = False,
+        optimizer_casts: bool = False,
     ):
         self._slots: list[tuple[nn.Module, str, nn.Parameter, nn.Parameter]] = []  # module, name, master, compute
         self._groups: list[_Copies] = []
@@ -139,18 +167,21 @@ class ComputeWeights:
                 if not computes:
                     continue
                 resharded = group.reshard_after_forward and group.kind != "root"
-                copies_of_group = _Copies(masters, computes, resharded)
+                copies_of_group = _Copies(masters, computes, resharded, kept=optimizer_casts)
                 for master, compute in zip(masters, computes):
-                    if keep_grad_dtype:
+                    if optimizer_casts:
                         master.grad_dtype = None
-                    compute.register_post_accumulate_grad_hook(
-                        partial(_accumulate_into, master, copies_of_group, keep_grad_dtype)
-                    )
+                    compute.register_post_accumulate_grad_hook(partial(_accumulate_into, master, copies_of_group))
                 if resharded:
                     copies_of_group.free()
                     module.register_forward_pre_hook(copies_of_group.before_forward)
                     module.register_forward_hook(copies_of_group.after_forward)
                 self._groups.append(copies_of_group)
+
+    def copies(self) -> dict[nn.Parameter, nn.Parameter]:
+        """Each master's copy, for the optimizer to write as it updates the master (none unless
+        ``optimizer_casts``)."""
+        return {m: c for group in self._groups if group.kept for m, c in zip(group.masters, group.copies)}
 
     def __enter__(self) -> "ComputeWeights":
         for group in self._groups:
@@ -164,6 +195,7 @@ class ComputeWeights:
     def __exit__(self, *exc) -> None:
         for module, name, master, _ in self._slots:
             module._parameters[name] = master
-        for group in self._groups:  # the optimizer changes the parameters: cast again at the next step
+        for group in self._groups:
             group.active = False
-            group.free()  # as FSDP reshards after the backward: the optimizer step needs none of them
+            if not group.kept:  # as FSDP reshards after the backward: the optimizer step needs none of them
+                group.free()

@@ -19,7 +19,8 @@ exists from step 1's update on):
   checkpointing and its bf16 gradients). Gradient shards are freed by
   ``zero_grad(set_to_none=True)``, so they exist here only under gradient
   accumulation;
-- optimizer step: master shards + gradient shards + AdamW state.
+- optimizer step: master shards + gradient shards + AdamW state, and with one data-parallel rank
+  the bf16 copies where the optimizer writes them (``optimizer_can_cast``).
 
 Every term is counted from the code (ours, torch's FSDP2 and pipelining); nothing is
 fitted to measurements. tests/test_memory_estimate.py holds the result within 15 % of
@@ -40,6 +41,7 @@ from losses import ENTRIES
 from losses.facts import LossShape
 from models import Transformer, build_model_args
 from models.args import ModelArgs
+from parallelisms.compute_weights import optimizer_can_cast
 from parallelisms.float8 import converts, float8_all_gather
 from parallelisms.fsdp import fsdp_groups, tied_in_root
 from parallelisms.parallel_dims import ParallelDims
@@ -257,6 +259,7 @@ class _Setting:
     block_backward: float  # the transient of one block's backward
     accumulation_steps: int  # micro-steps per optimizer step: gradient shards live through the backward when > 1
     one_rank: bool  # data-parallel degree 1: no FSDP; ComputeWeights' copies, gradients in .grad
+    optimizer_casts: bool  # one rank: FlatAdamW reads the bf16 gradients and writes the copies
     mask: float  # block_causal: one microbatch's attention mask; 0 when causal
     float8_gather_saving: float  # bytes one gathered block saves where FSDP gathers its float8 linears in float8
 
@@ -297,6 +300,7 @@ def _setting(cfg: JobConfig, dims: ParallelDims, microbatch_size: Optional[int])
         block_backward,
         accumulation_steps(cfg, dims),
         dims.dp == 1,
+        optimizer_can_cast(cfg, dims, a.tie_word_embeddings),
         mask,
         float8_saving if float8_all_gather(cfg.float8, dims.dp_shard) else 0.0,
     )
@@ -384,7 +388,7 @@ def _pipeline_rank(
         phase="optimizer step",
         **common,
         gradients=grads,
-        unsharded_params=0.0,
+        unsharded_params=gathered if st.optimizer_casts else 0.0,  # one rank: the copies it writes
         unsharded_grads=unreduced,
         activations=0.0,
         masks=0.0,
@@ -409,8 +413,9 @@ def _whole_model_rank(st: _Setting) -> RankMemory:
         gathered = param_b * held - held_blocks * st.float8_gather_saving
     # a tied root's gradient is the classifier gradient the workspace counts: not twice
     loss = loss_workspace(st.cfg, a, st.tokens, n, head_reduced_at_once=not tied and not vp_head) - param_b * root_grad
-    # One rank, one micro-step, FlatAdamW: a gradient stays in the backward's dtype (parallelisms/compute_weights.py).
-    kept = st.one_rank and st.accumulation_steps == 1 and not vp_head and st.cfg.optimizer.implementation == "flat"
+    # Where the optimizer casts, a gradient of one micro-step stays in the backward's dtype (with a
+    # vocab-parallel head, whose own is fp32, all are counted at fp32).
+    kept = st.optimizer_casts and st.accumulation_steps == 1 and not vp_head
     grads = (param_b if kept else 4) * sharded
     common = dict(
         pp_rank=0, stages=(0,), layers=a.n_layers, parameters=4 * sharded, optimizer=8 * sharded, pipeline_buffers=0.0
@@ -430,7 +435,7 @@ def _whole_model_rank(st: _Setting) -> RankMemory:
         phase="optimizer step",
         **common,
         gradients=grads,
-        unsharded_params=0.0,
+        unsharded_params=_copy_bytes(param_b) * fsdp if st.optimizer_casts else 0.0,  # the copies it writes
         unsharded_grads=0.0,
         activations=0.0,
         masks=0.0,

@@ -32,15 +32,15 @@ CASES = [  # model (tied or untied head), fsdp_reshard_after_forward, activation
 ]
 
 
-def _model(name: str, reshard: str, ac: str, fsdp_mesh=None) -> Transformer:
+def _model(name: str, reshard: str, ac: str, fsdp_mesh=None, device: str = "cpu") -> Transformer:
     args = build_model_args(name, "debug")
     with torch.device("meta"):
         model = Transformer(args)
     apply_activation_checkpointing(model, ActivationCheckpoint(mode=ac, selective_ac_option="op"))
     if fsdp_mesh is not None:
         apply_fsdp(model, fsdp_mesh, "bfloat16", "float32", reshard, pp_enabled=False)
-    model.to_empty(device="cpu")
-    init_weights(model, seed=0, device=torch.device("cpu"))
+    model.to_empty(device=device)
+    init_weights(model, seed=0, device=torch.device(device))
     return model
 
 
@@ -186,12 +186,13 @@ def test_nothing_to_cast_is_a_no_op():
         assert dict(model.named_parameters()) == before
 
 
-def _steps_with_clipping(keep: bool, name: str, micro_steps: int) -> tuple[Transformer, list, list]:
+def _steps_with_clipping(casts: bool, name: str, micro_steps: int) -> tuple[Transformer, list, list]:
     """``STEPS`` steps as ``TrainStep`` takes them: micro-steps, the clipped norm, ``FlatAdamW``."""
     model = _model(name, "default", "selective")
-    weights = ComputeWeights([model], torch.bfloat16, "default", pp_enabled=False, keep_grad_dtype=keep)
+    weights = ComputeWeights([model], torch.bfloat16, "default", pp_enabled=False, optimizer_casts=casts)
     params = list(model.parameters())
-    optimizer = FlatAdamW(params, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    hyper = dict(lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    optimizer = FlatAdamW(params, **hyper, copies=weights.copies())
     norms, grad_dtypes = [], []
     for step in range(STEPS):
         g = torch.Generator().manual_seed(step)
@@ -211,10 +212,11 @@ def _steps_with_clipping(keep: bool, name: str, micro_steps: int) -> tuple[Trans
 
 @pytest.mark.parametrize("name", ["qwen3", "llama3"])
 @pytest.mark.parametrize("micro_steps", [1, 2])
-def test_gradients_kept_in_bf16_give_the_same_steps(name, micro_steps):
-    """With ``keep_grad_dtype`` a parameter's one gradient of the step stays bf16 and the norm and FlatAdamW read
-    it so (on the CPU FlatAdamW casts it); a second is added in fp32. Either way the same numbers as casting at
-    once: the norms and the parameters after three clipped steps, bitwise."""
+def test_the_optimizer_casting_gives_the_same_steps(name, micro_steps):
+    """With ``optimizer_casts`` a parameter's one gradient of the step stays bf16 and the norm and FlatAdamW read
+    it so (on the CPU FlatAdamW casts it); a second is added in fp32; the copies are kept through the step,
+    and cast again where torch's kernel moved their weights' versions. Either way the same numbers as casting
+    at once: the norms and the parameters after three clipped steps, bitwise."""
     kept, kept_norms, kept_dtypes = _steps_with_clipping(True, name, micro_steps)
     cast, cast_norms, cast_dtypes = _steps_with_clipping(False, name, micro_steps)
     assert cast_dtypes == [{torch.float32}] * STEPS
@@ -223,3 +225,70 @@ def test_gradients_kept_in_bf16_give_the_same_steps(name, micro_steps):
     assert float(kept_norms[0]) > 0.5
     differ = [n for (n, p), q in zip(kept.named_parameters(), cast.parameters()) if not torch.equal(p, q)]
     assert differ == []
+
+
+def test_kept_copies_are_cast_again_only_where_their_weights_moved(monkeypatch):
+    """Where the optimizer casts, a copy is cast again only if its weight changed by an op that moved its version
+    counter (torch's kernel, a checkpoint load); a weight the Triton kernel updates, writing the copy too,
+    moves none, and its copy is used as written. Simulated here through ``.data``, which moves none either."""
+    model = _model("qwen3", "default", "none")
+    weights = ComputeWeights([model], torch.bfloat16, "default", pp_enabled=False, optimizer_casts=True)
+    copies = weights.copies()
+    assert len(copies) == len(list(model.parameters()))
+    cast = []
+    foreach_copy = torch._foreach_copy_
+    monkeypatch.setattr(torch, "_foreach_copy_", lambda dst, src: (cast.extend(src), foreach_copy(dst, src)))
+    tokens = torch.randint(0, 2048, (1, SEQ))
+    with weights:
+        model(tokens).float().square().mean().backward()
+    # Every copy cast for the forward, the resharded blocks' again for their backward: all held afterwards.
+    assert {id(m) for m in cast} == {id(m) for m in copies}
+    assert all(c.untyped_storage().size() > 0 and torch.equal(c, m.bfloat16()) for m, c in copies.items())
+    assert all(m.grad.dtype == torch.bfloat16 for m in copies)
+    written, loaded = model.layers["0"].attention.wq.weight, model.layers["1"].feed_forward.w1.weight
+    with torch.no_grad():
+        written.data.add_(1.0)  # as the Triton kernel updates a weight: no version moved, the copy written
+        copies[written].data.copy_(written.data)
+        copies[written].data[0, 0] = 7.0  # a mark: a copy cast again would lose it
+        loaded.mul_(2.0)  # in place: its version moved
+    cast.clear()
+    used = []  # what the forward multiplies by (block 0's copy is freed after it)
+    model.layers["0"].attention.wq.register_forward_hook(lambda m, args, out: used.append(m.weight[0, 0].item()))
+    with weights, torch.no_grad():
+        model(tokens)
+    assert [id(m) for m in cast] == [id(loaded)]
+    assert used == [7.0]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("reshard", ["default", "never"])
+def test_on_cuda_the_optimizer_writes_the_copies_the_forward_uses(reshard, monkeypatch):
+    """FlatAdamW's kernel updates the fp32 weights from the bf16 gradients and writes the bf16 copies: after each
+    step every copy is its weight's cast, bit for bit, and a step casts only what its backward re-gathers (the
+    resharded blocks), where casting everything at the forward was the alternative."""
+    model = _model("qwen3", reshard, "selective", device="cuda")
+    weights = ComputeWeights([model], torch.bfloat16, reshard, pp_enabled=False, optimizer_casts=True)
+    copies = weights.copies()
+    optimizer = FlatAdamW(
+        list(model.parameters()), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, copies=copies
+    )
+    resharded = {id(m) for g in weights._groups if g.resharded for m in g.masters}
+    assert (reshard == "never") == (not resharded)
+    cast = []
+    foreach_copy = torch._foreach_copy_
+    monkeypatch.setattr(torch, "_foreach_copy_", lambda dst, src: (cast.extend(src), foreach_copy(dst, src)))
+    for step in range(4):
+        cast.clear()
+        g = torch.Generator(device="cuda").manual_seed(step)
+        with weights:
+            tokens = torch.randint(0, model.args.vocab_size, (2, SEQ), generator=g, device="cuda")
+            logits = model.output(model(tokens), lambda h, w, b: F.linear(h, w, b).float())
+            F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()).backward()
+        if step > 0:
+            assert sorted(id(m) for m in cast) == sorted(resharded)
+        optimizer.grad_scale = clip_divisor(total_grad_norm(list(model.parameters()), None), max_norm=0.5)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        assert all(torch.equal(c, m.bfloat16()) for m, c in copies.items())
+    assert optimizer._buckets[0].bf16_grads is not None  # the kernel ran

@@ -323,18 +323,20 @@ def test_one_data_parallel_rank_holds_bf16_copies_where_fsdp_holds_gathered_ones
         assert rank.unsharded_params == 2 * rank.parameters / 4 and rank.gradients == rank.parameters
 
 
-def test_one_rank_gradients_kept_in_bf16_for_flat_adamw():
-    """One rank, one micro-step, ``FlatAdamW``: the optimizer step holds bf16 gradients, 2 bytes a parameter;
-    torch's AdamW, or a second micro-step, needs them in fp32."""
+def test_one_rank_flat_adamw_steps_on_bf16_gradients_and_writes_the_copies():
+    """One rank, one micro-step, ``FlatAdamW``: the optimizer step holds bf16 gradients, 2 bytes a parameter,
+    and the bf16 copies it writes, 2 more; torch's AdamW needs the gradients in fp32 and no copies, a second
+    micro-step the gradients in fp32."""
     with torch.device("meta"):
         params = sum(p.numel() for p in Transformer(build_model_args("qwen3", "1.7B")).parameters())
     dims = ParallelDims.from_config(load_recipe(["--config", ONE_GPU]).parallelism, 1)
     short = ["--training.seq_len", "256", "--training.local_batch_size", "1"]  # so the step is the peak
 
-    def step_gradients(*overrides: str) -> float:
+    def step(*overrides: str) -> tuple[float, float]:
         (estimate,) = estimate_memory(load_recipe(["--config", ONE_GPU, *short, *overrides]), dims, None)
-        return estimate.gradients  # the step's (with micro-steps the backward's, the same)
+        assert estimate.phase == "optimizer step"
+        return estimate.gradients, estimate.unsharded_params
 
-    assert step_gradients() == 2 * params
-    assert step_gradients("--optimizer.implementation", "torch") == 4 * params
-    assert step_gradients("--training.global_batch_size", "2") == 4 * params
+    assert step() == (2 * params, 2 * params)
+    assert step("--optimizer.implementation", "torch") == (4 * params, 0)
+    assert step("--training.global_batch_size", "2") == (4 * params, 2 * params)

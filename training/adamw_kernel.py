@@ -52,6 +52,7 @@ class Bf16GradAdamW:
         self,
         chosen: list[int],
         grads: list[Tensor],
+        copies: list[Optional[Tensor]],
         *,
         lr: float,
         beta1: float,
@@ -63,10 +64,17 @@ class Bf16GradAdamW:
     ) -> None:
         """One update of the parameters at the bucket's indices ``chosen`` from ``grads`` (bf16, one per chosen
         index), their steps already counted; each gradient divided by ``grad_scale``; nothing where
-        ``found_inf`` is nonzero."""
-        for i, grad in zip(chosen, grads):
-            if grad.dtype != torch.bfloat16 or grad.shape != self.params[i].shape or not grad.is_contiguous():
-                raise ValueError(f"a bf16 gradient laid out as its parameter, got {grad.dtype} {tuple(grad.shape)}")
+        ``found_inf`` is nonzero. ``copies``: per chosen index, a bf16 tensor laid out as the parameter that the
+        update also writes the new weights into (one rank's compute weights, parallelisms/compute_weights.py:
+        the cast the next forward would make, from the values in registers, 2 bytes per parameter instead of
+        6), or None."""
+        for i, grad, copy in zip(chosen, grads, copies):
+            for t in (grad, copy):
+                if t is not None and (
+                    t.dtype != torch.bfloat16 or t.shape != self.params[i].shape or not t.is_contiguous()
+                ):
+                    raise ValueError(f"a bf16 tensor laid out as its parameter, got {t.dtype} {tuple(t.shape)}")
+        has_copies = any(c is not None for c in copies)
         which, first, numels = self._programs_of(tuple(chosen))
         addresses = torch.tensor(
             [
@@ -78,7 +86,8 @@ class Bf16GradAdamW:
                     [self.exp_avg_sqs[i] for i in chosen],
                     [self.steps[i] for i in chosen],
                 )
-            ],
+            ]
+            + ([[0 if c is None else c.data_ptr() for c in copies]] if has_copies else []),
             dtype=torch.int64,
         )
         if self.device.type == "cuda":  # pinned, so the copy is queued and the host does not wait for the device
@@ -90,6 +99,7 @@ class Bf16GradAdamW:
             first,
             numels,
             *addresses,
+            *([] if has_copies else [unused]),
             unused if grad_scale is None else grad_scale,
             unused if found_inf is None else found_inf,
             lr,
@@ -101,6 +111,7 @@ class Bf16GradAdamW:
             eps,
             HAS_GRAD_SCALE=grad_scale is not None,
             HAS_FOUND_INF=found_inf is not None,
+            HAS_COPIES=has_copies,
             BLOCK=_BLOCK,
             num_warps=_WARPS,
         )
@@ -112,6 +123,8 @@ def _update(
     grad_ptr,
     exp_avg_ptr,
     exp_avg_sq_ptr,
+    copy_ptr,
+    write_copy,
     offsets,
     numel,
     grad_scale,
@@ -122,6 +135,7 @@ def _update(
     beta2,
     eps,
     HAS_GRAD_SCALE: tl.constexpr,
+    HAS_COPIES: tl.constexpr,
     MASKED: tl.constexpr,
 ):
     """torch's fused AdamW, in its order, on one block; unmasked, each thread's loads and stores are vectors."""
@@ -140,6 +154,18 @@ def _update(
     tl.store(param_ptr + offsets, param, mask=mask)
     tl.store(exp_avg_ptr + offsets, exp_avg, mask=mask)
     tl.store(exp_avg_sq_ptr + offsets, exp_avg_sq, mask=mask)
+    if HAS_COPIES:
+        if write_copy:
+            tl.store(copy_ptr + offsets, _bf16_bits(param), mask=mask)
+
+
+@triton.jit
+def _bf16_bits(x):
+    """The bits of ``x`` rounded to bf16 as torch casts it: to nearest even, a NaN to 0x7FC0. (Spelled out because
+    Triton's interpreter truncates where the compiled cast rounds, and the CPU test checks the bits.)"""
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return tl.where(x != x, 0x7FC0, rounded).to(tl.uint16)
 
 
 @triton.jit
@@ -159,6 +185,7 @@ def _adamw_kernel(
     exp_avg_ptrs,
     exp_avg_sq_ptrs,
     step_ptrs,
+    copy_ptrs,  # 0 where there is none
     grad_scale_ptr,
     found_inf_ptr,
     lr,
@@ -170,6 +197,7 @@ def _adamw_kernel(
     eps,
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
+    HAS_COPIES: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     if HAS_FOUND_INF:
@@ -184,16 +212,18 @@ def _adamw_kernel(
     grad_ptr = _address(grad_ptrs, t, tl.bfloat16)
     exp_avg_ptr = _address(exp_avg_ptrs, t, tl.float32)
     exp_avg_sq_ptr = _address(exp_avg_sq_ptrs, t, tl.float32)
+    copy_ptr = grad_ptr.to(tl.pointer_type(tl.uint16))  # never written without copies
+    write_copy = False
+    if HAS_COPIES:
+        copy_ptr = _address(copy_ptrs, t, tl.uint16)  # bf16, written as bits
+        write_copy = tl.load(copy_ptrs + t) != 0
     step = tl.load(tl.load(step_ptrs + t).to(tl.pointer_type(tl.float32)))
     step_size = tl.div_rn(lr, 1 - tl.exp2(step * log2_beta1))
     bias_correction2_sqrt = tl.sqrt_rn(1 - tl.exp2(step * log2_beta2))
     grad_scale = tl.load(grad_scale_ptr) if HAS_GRAD_SCALE else 1.0
-    args = (step_size, bias_correction2_sqrt, lr_weight_decay, beta1, beta2, eps)
+    pointers = (param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, copy_ptr, write_copy, offsets, numel)
+    args = (grad_scale, step_size, bias_correction2_sqrt, lr_weight_decay, beta1, beta2, eps)
     if first + BLOCK <= numel:
-        _update(
-            param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets, numel, grad_scale, *args, HAS_GRAD_SCALE, False
-        )
+        _update(*pointers, *args, HAS_GRAD_SCALE, HAS_COPIES, False)
     else:
-        _update(
-            param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets, numel, grad_scale, *args, HAS_GRAD_SCALE, True
-        )
+        _update(*pointers, *args, HAS_GRAD_SCALE, HAS_COPIES, True)

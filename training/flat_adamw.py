@@ -46,8 +46,8 @@ def _like(param: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
 class _Bucket:
     """The parameters of one param group on one (device, dtype): their steps and moments, views into flat buffers."""
 
-    def __init__(self, group_index: int, params: list[torch.Tensor]):
-        self.group_index, self.params = group_index, params
+    def __init__(self, group_index: int, params: list[torch.Tensor], copies: list[Optional[torch.Tensor]]):
+        self.group_index, self.params, self.copies = group_index, params, copies
         locals_ = [local_tensor(p) for p in params]
         for p, local in zip(params, locals_):
             if not local.is_contiguous():  # the kernel pairs the parameter's and its moments' elements in memory order
@@ -114,7 +114,8 @@ class _Bucket:
                     self.steps,
                 )
             grads = [local_tensor(self.params[i].grad) for i in lower]
-            self.bf16_grads.step(lower, grads, **hyper, grad_scale=grad_scale, found_inf=found_inf)
+            copies = [self._held_copy(i) for i in lower]
+            self.bf16_grads.step(lower, grads, copies, **hyper, grad_scale=grad_scale, found_inf=found_inf)
             updated = set(lower)
             chosen = [i for i in chosen if i not in updated]
         if chosen:  # the rest, and every gradient elsewhere, through torch's kernel, in the parameter's dtype
@@ -131,8 +132,16 @@ class _Bucket:
                 found_inf=found_inf,
                 **hyper,
             )
+            held = [i for i in chosen if self._held_copy(i) is not None]
+            if held:  # as the kernel writes them; torch's kernel moves no version counter its owner could see
+                torch._foreach_copy_([self.copies[i] for i in held], [self.params[i] for i in held])
         if found_inf is not None:  # a skipped update is no step (torch's fused AdamW undoes the count the same way)
             torch._foreach_sub_(steps, [found_inf] * len(steps))
+
+    def _held_copy(self, i: int) -> Optional[torch.Tensor]:
+        """Parameter ``i``'s copy to write, if it has one and it is held (not freed until its next cast)."""
+        copy = self.copies[i]
+        return copy if copy is not None and copy.untyped_storage().size() > 0 else None
 
     def adopt(self, state: dict) -> None:
         """Copy what ``Optimizer.load_state_dict`` put into ``state`` into the buffers (zeros for a parameter
@@ -149,10 +158,23 @@ class _Bucket:
 
 class FlatAdamW(torch.optim.AdamW):
     """``torch.optim.AdamW`` (fused, no amsgrad, not maximizing) with its state in flat buffers, made for every
-    parameter at construction; a parameter without gradient is skipped, as torch does."""
+    parameter at construction; a parameter without gradient is skipped, as torch does.
 
-    def __init__(self, params, lr: float, betas: tuple[float, float], eps: float, weight_decay: float):
+    ``copies``: per parameter, a copy in the compute dtype (one rank's compute weights,
+    ``ComputeWeights.copies()``) that each update leaves holding the new values, unless it is freed: written by
+    the same kernel where it reads a bf16 gradient on CUDA, else cast after torch's kernel."""
+
+    def __init__(
+        self,
+        params,
+        lr: float,
+        betas: tuple[float, float],
+        eps: float,
+        weight_decay: float,
+        copies: Optional[dict[torch.Tensor, torch.Tensor]] = None,
+    ):
         self._buckets: list[_Bucket] = []
+        self._copies = copies or {}
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True)
         self.register_load_state_dict_post_hook(FlatAdamW._adopt_loaded_state)
 
@@ -162,7 +184,7 @@ class FlatAdamW(torch.optim.AdamW):
         for p in self.param_groups[-1]["params"]:
             by_kind[(local_tensor(p).device, local_tensor(p).dtype)].append(p)
         for params in by_kind.values():
-            bucket = _Bucket(len(self.param_groups) - 1, params)
+            bucket = _Bucket(len(self.param_groups) - 1, params, [self._copies.get(p) for p in params])
             self._buckets.append(bucket)
             self.state.update(zip(params, bucket.entries))
 

@@ -19,16 +19,19 @@ _RECIPE_KEYS = {
 }
 
 
-def build_optimizer(params: list[torch.nn.Parameter], cfg: Optimizer) -> torch.optim.AdamW:
+def build_optimizer(
+    params: list[torch.nn.Parameter], cfg: Optimizer, copies: Optional[dict[torch.Tensor, torch.Tensor]] = None
+) -> torch.optim.AdamW:
     """The recipe's AdamW implementation (``optimizer.implementation``): ``FlatAdamW``, or torch's, fused (one
     kernel for all parameters, on CUDA and CPU). Both skip an update on the device when the caller sets
     ``optimizer.found_inf`` nonzero (the non-finite policy, training/step.py), which foreach cannot.
+    ``copies``: bf16 compute weights for ``FlatAdamW`` to write (``ComputeWeights.copies()``; none for torch's).
 
     Weight decay applies to every parameter, as in TorchTitan.
     """
     settings = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
     if cfg.implementation == "flat":
-        return FlatAdamW(params, **settings)
+        return FlatAdamW(params, **settings, copies=copies)
     return torch.optim.AdamW(params, **settings, fused=True)
 
 
