@@ -14,10 +14,15 @@ so the optimizer sees train.py's parameters and gradients. Timed with CUDA event
 - ``flat, bf16 cast``: the bf16 gradients first cast into fp32 ``.grad`` (what one rank did before its
   gradients stayed bf16), then ``flat``;
 - ``flat, bf16 grads``: ``flat`` reading the bf16 gradients (training/adamw_kernel.py);
+- ``+ copies cast``: that, then the bf16 compute weights cast from the new fp32 ones (``_foreach_copy_``), as
+  one rank's forward did before the optimizer wrote them;
+- ``+ copies written``: ``flat`` writing the bf16 copies as it updates (what one rank runs,
+  parallelisms/compute_weights.py);
 - ``floor``: ``torch._fused_adamw_`` (and its step increment) on fresh plain tensors of the same shapes,
   what the kernel takes without anything around it.
 GB moved per step: every element's parameter and two moments read and written, its gradient read, at their
-dtype's size (and the cast's bf16 read and fp32 write). Also prints the largest parameter differences after
+dtype's size (and the gradient cast's bf16 read and fp32 write, the copies' fp32 read and bf16 write, or
+their bf16 write). Also prints the largest parameter differences after
 3 steps from the same weights and gradients between ``torch`` and ``flat``, and between the bf16 rows.
 Without CUDA it prints one line and exits 0.
 """
@@ -130,7 +135,14 @@ def main() -> int:
             p.grad_dtype = None  # the bf16 rows hand them bf16 gradients, as ComputeWeights does
         # Parameter and both moments read and written, the gradient read (and, for the cast, written in fp32 too).
         numel = sum(local_tensor(p).numel() for p in params)
-        moved = {"fp32 grads": 28 * numel, "bf16 cast": (28 + 6) * numel, "bf16 grads": 26 * numel}
+        moved = {
+            "fp32 grads": 28 * numel,
+            "bf16 cast": (28 + 6) * numel,
+            "bf16 grads": 26 * numel,
+            "bf16 grads + copies cast": (26 + 6) * numel,
+            "bf16 grads + copies written": (26 + 2) * numel,
+        }
+        copies = {p: torch.empty_like(local_tensor(p), dtype=torch.bfloat16) for p in params}
 
         def cast_then(step):
             def run() -> None:
@@ -140,20 +152,32 @@ def main() -> int:
 
             return run
 
+        def then_cast_copies(step):
+            def run() -> None:
+                step()
+                torch._foreach_copy_(list(copies.values()), [local_tensor(p) for p in copies])
+
+            return run
+
         rows, after = [], {}
         for implementation, grads in (
             ("torch", "fp32 grads"),
             ("flat", "fp32 grads"),
             ("flat", "bf16 cast"),
             ("flat", "bf16 grads"),
+            ("flat", "bf16 grads + copies cast"),
+            ("flat", "bf16 grads + copies written"),
         ):
             with torch.no_grad():
                 for p, s in zip(params, start):
                     local_tensor(p).copy_(s)
             for p, g32, g16 in zip(params, fp32_grads, bf16_grads):  # the cast row casts its own before each step
-                p.grad = g16 if grads == "bf16 grads" else g32
-            optimizer = build_optimizer(params, replace(cfg.optimizer, implementation=implementation))
-            step = cast_then(optimizer.step) if grads == "bf16 cast" else optimizer.step
+                p.grad = g16 if grads.startswith("bf16 grads") else g32
+            written = copies if grads.endswith("written") else None
+            optimizer = build_optimizer(params, replace(cfg.optimizer, implementation=implementation), written)
+            step = {"bf16 cast": cast_then, "bf16 grads + copies cast": then_cast_copies}.get(grads, lambda f: f)(
+                optimizer.step
+            )
             for _ in range(CHECK_STEPS):
                 step()
             after[(implementation, grads)] = [local_tensor(p).detach().clone() for p in params]
@@ -163,8 +187,11 @@ def main() -> int:
             (a - b).abs().max().item() for a, b in zip(after[("torch", "fp32 grads")], after[("flat", "fp32 grads")])
         )
         bf16_difference = max(
-            (a - b).abs().max().item() for a, b in zip(after[("flat", "bf16 cast")], after[("flat", "bf16 grads")])
+            (a - b).abs().max().item()
+            for row in ("bf16 grads", "bf16 grads + copies written")
+            for a, b in zip(after[("flat", "bf16 cast")], after[("flat", row)])
         )
+        copies_equal = all(torch.equal(c, local_tensor(p).bfloat16()) for p, c in copies.items())
         largest = max(t.abs().max().item() for t in after[("torch", "fp32 grads")])
         del start, after
         for p, g in zip(params, fp32_grads):
@@ -175,12 +202,13 @@ def main() -> int:
             f"{len(params)} tensors, {torch.cuda.get_device_name(device)}, torch {torch.__version__}; "
             f"median of {args.reps} steps"
         )
-        print(f"{'optimizer, gradients':<24}{'ms':>8}{'GB moved':>10}{'GB/s':>8}")
+        print(f"{'optimizer, gradients':<36}{'ms':>8}{'GB moved':>10}{'GB/s':>8}")
         for name, ms, nbytes in rows:
-            print(f"{name:<24}{ms:>8.2f}{nbytes / 1e9:>10.1f}{nbytes / 1e6 / ms:>8.0f}")
+            print(f"{name:<36}{ms:>8.2f}{nbytes / 1e9:>10.1f}{nbytes / 1e6 / ms:>8.0f}")
         print(
             f"max |torch - flat| over the parameters after {CHECK_STEPS} steps: {difference:.3g}; "
-            f"max |bf16 cast - bf16 grads|: {bf16_difference:.3g} (largest |parameter| {largest:.3g})"
+            f"max |bf16 cast - bf16 grads rows|: {bf16_difference:.3g} (largest |parameter| {largest:.3g}); "
+            f"written copies are the parameters' casts: {copies_equal}"
         )
     finally:
         close_distributed()
