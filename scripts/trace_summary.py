@@ -2,9 +2,10 @@
 
 Reads a trace written by ``[profiling]`` (``training/profiling.py``) and prints the step's
 wall time, the GPU's busy time (kernels and copies, overlaps merged) and the idle rest, GPU
-time by kind of kernel (matmul, attention, communication, Triton, optimizer, casts, other) and the
-longest kernels. Communication overlaps compute on its own stream, so kinds add up to more
-than the busy time when it is hidden.
+time by kind of kernel (matmul, attention, communication, Triton, optimizer, casts, other), the
+longest kernels, and the longest idle gaps: the kernels on either side and the host op that
+launched the one after (what the GPU waited for). Communication overlaps compute on its own
+stream, so kinds add up to more than the busy time when it is hidden.
 """
 
 import argparse
@@ -38,6 +39,46 @@ def _merged_length(intervals: list[tuple[float, float]]) -> float:
             total += stop - max(start, end)
             end = stop
     return total
+
+
+def _launcher(kernel: dict, launches: dict, host_ops: list[dict]) -> str:
+    """The innermost host op around the runtime call that launched ``kernel`` (by correlation id), with the
+    op around that: "outer > inner"."""
+    launch = launches.get((kernel.get("args") or {}).get("correlation"))
+    if launch is None:
+        return "?"
+    around = [op for op in host_ops if op["ts"] <= launch["ts"] <= op["ts"] + op["dur"] and op["tid"] == launch["tid"]]
+    around.sort(key=lambda op: op["dur"])
+    return " > ".join(str(op["name"])[:60] for op in reversed(around[:2])) or "?"
+
+
+def idle_gaps(events: list[dict], top: int) -> list[dict]:
+    """The ``top`` longest stretches inside the step with no kernel or copy running: their length, the kernel
+    before and after, and what launched the one after."""
+    gpu = sorted(
+        (e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e),
+        key=lambda e: e["ts"],
+    )
+    launches = {
+        (e.get("args") or {}).get("correlation"): e for e in events if e.get("cat") == "cuda_runtime" and "dur" in e
+    }
+    host_ops = [e for e in events if e.get("cat") in ("cpu_op", "user_annotation") and "dur" in e]
+    gaps, last = [], None  # last: the kernel that ends latest so far
+    for e in gpu:
+        if last is not None and e["ts"] > last["ts"] + last["dur"]:
+            gaps.append({"us": e["ts"] - (last["ts"] + last["dur"]), "before": last, "after": e})
+        if last is None or e["ts"] + e["dur"] > last["ts"] + last["dur"]:
+            last = e
+    gaps = sorted(gaps, key=lambda g: -g["us"])[:top]
+    return [
+        {
+            "us": g["us"],
+            "before": g["before"]["name"],
+            "after": g["after"]["name"],
+            "launched_by": _launcher(g["after"], launches, host_ops),
+        }
+        for g in gaps
+    ]
 
 
 def summarize(events: list[dict]) -> dict:
@@ -76,6 +117,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("trace", type=Path, help="a rank<r>_trace.json(.gz) from [profiling]")
     parser.add_argument("--top", type=int, default=15, help="how many of the longest kernels to list")
+    parser.add_argument("--gaps", type=int, default=8, help="how many of the longest idle gaps to list")
     args = parser.parse_args()
     try:
         events = _load(args.trace)
@@ -94,6 +136,11 @@ def main() -> int:
     print(f"\n{'ms':>9} {'calls':>6}  kernel")
     for name, (us, calls) in sorted(s["by_name"].items(), key=lambda kv: -kv[1][0])[: args.top]:
         print(f"{us / 1e3:>9.1f} {calls:>6}  {name[:110]}")
+    gaps = idle_gaps(events, args.gaps)
+    if gaps:
+        print(f"\n{'idle ms':>9}  kernel before -> kernel after, launched by (host op)")
+        for g in gaps:
+            print(f"{g['us'] / 1e3:>9.2f}  {g['before'][:50]} -> {g['after'][:50]}, launched by {g['launched_by']}")
     return 0
 
 

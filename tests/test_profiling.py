@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from scripts.trace_summary import kind_of, summarize
+from scripts.trace_summary import idle_gaps, kind_of, summarize
 from tests.dist_utils import run_distributed
 from train import train
 from training.recipe import load_recipe
@@ -65,6 +65,28 @@ def test_summary_merges_overlapping_kernels_and_sorts_them_by_kind():
         kind_of("void at::native::vectorized_elementwise_kernel<8, at::native::bfloat16_copy_kernel_cuda(") == "casts"
     )
     assert kind_of("void at::native::detail::chunk_cat_cuda_kernel<float, c10::BFloat16>(") == "casts"
+
+
+def test_idle_gaps_are_named_by_their_kernels_and_the_host_op_that_ended_them():
+    def kernel(name: str, ts: int, dur: int, correlation: int) -> dict:
+        return {"cat": "kernel", "name": name, "ts": ts, "dur": dur, "args": {"correlation": correlation}}
+
+    events = [
+        kernel("gemm", 0, 10, 1),
+        kernel("nccl_all_gather", 5, 20, 2),  # overlaps: no gap until 25
+        kernel("triton_a", 27, 3, 3),  # 2 us after
+        kernel("adam", 60, 5, 4),  # 30 us after: the host was busy in the optimizer's Python
+        {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 58, "dur": 1, "tid": 7, "args": {"correlation": 4}},
+        {"cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 26, "dur": 1, "tid": 7, "args": {"correlation": 3}},
+        {"cat": "user_annotation", "name": "Optimizer.step", "ts": 31, "dur": 40, "tid": 7},
+        {"cat": "cpu_op", "name": "aten::_fused_adamw_", "ts": 57, "dur": 5, "tid": 7},
+        {"cat": "cpu_op", "name": "elsewhere", "ts": 50, "dur": 20, "tid": 8},  # another thread
+    ]
+    assert idle_gaps(events, top=5) == [
+        {"us": 30, "before": "triton_a", "after": "adam", "launched_by": "Optimizer.step > aten::_fused_adamw_"},
+        {"us": 2, "before": "nccl_all_gather", "after": "triton_a", "launched_by": "?"},
+    ]
+    assert len(idle_gaps(events, top=1)) == 1
 
 
 ROOT = Path(__file__).resolve().parents[1]
