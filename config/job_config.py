@@ -186,8 +186,9 @@ class Optimizer:
     """`flat`: `training/flat_adamw.py`, torch's fused AdamW kernel called once per parameter dtype on the local
     shards, its moments in one buffer each (Qwen3-1.7B on one H100: 19.1 ms a step against `torch`'s 24.0, the
     kernel alone 18.8; docs/performance.md). On one data-parallel rank it reads the backward's bf16 gradients
-    as they are, in one Triton pass on CUDA (`training/adamw_kernel.py`), where the others need them cast
-    into fp32 first.
+    as they are and writes the next forward's bf16 weights as it updates, in one Triton pass on CUDA
+    (`training/adamw_kernel.py`), where `torch` needs the gradients cast into fp32 first and the weights cast
+    after.
     `torch`: `torch.optim.AdamW(fused=True)` over the parameters. The two agree to fp32 rounding and save the
     same checkpoint format: a run resumes with either."""
 
