@@ -33,7 +33,7 @@ same_bits = torch.equal(out[~nan], ref.view(torch.int16)[~nan])
 result = {"cast": same_bits and out.view(torch.bfloat16)[nan].isnan().all().item()}
 
 gen = torch.Generator().manual_seed(0)
-# One tensor below a block, one of exactly a block, ragged ones across two and three, a scalar.
+# Against 1024-element blocks: one tensor below a block, one of exactly four, ragged ones, a scalar.
 shapes = [(300,), (4096,), (3, 1500), (8193,), ()]
 settings = {
     "plain": dict(lr=1e-2, beta1=0.9, beta2=0.95, weight_decay=0.1, eps=1e-8),

@@ -17,7 +17,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-_BLOCK = 4096  # elements per program
+# Elements and warps per program: the fastest of 1024-8192 elements and 4-16 warps on an H100 for Qwen3-1.7B
+# (docs/performance.md, 2026-12-07: 18.8 ms a step with the copies, where 4096 took 21.6-23.1).
+_BLOCK = 1024
 _WARPS = 8
 
 
@@ -138,7 +140,7 @@ def _update(
     HAS_COPIES: tl.constexpr,
     MASKED: tl.constexpr,
 ):
-    """torch's fused AdamW, in its order, on one block; unmasked, each thread's loads and stores are vectors."""
+    """torch's fused AdamW, in its order, on one block (masked only where it is a tensor's last and short)."""
     mask = offsets < numel if MASKED else None
     param = tl.load(param_ptr + offsets, mask=mask)
     grad = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
@@ -170,15 +172,14 @@ def _bf16_bits(x):
 
 @triton.jit
 def _address(table, t, dtype: tl.constexpr):
-    """The ``t``-th address of ``table`` as a pointer to ``dtype``, 16-byte aligned (every tensor here is: the
-    caching allocator's blocks and FlatAdamW's slices are 512-byte aligned), so its loads can be vectors."""
-    return tl.multiple_of(tl.load(table + t), 16).to(tl.pointer_type(dtype))
+    """The ``t``-th address of ``table`` as a pointer to ``dtype``."""
+    return tl.load(table + t).to(tl.pointer_type(dtype))
 
 
 @triton.jit
 def _adamw_kernel(
     which_ptr,  # per program: the position of its tensor in the tables below
-    first_ptr,  # per program: its first element, a multiple of BLOCK
+    first_ptr,  # per program: its first element
     numel_ptr,
     param_ptrs,  # per tensor, addresses
     grad_ptrs,
@@ -205,7 +206,7 @@ def _adamw_kernel(
             return
     pid = tl.program_id(0)
     t = tl.load(which_ptr + pid)
-    first = tl.multiple_of(tl.load(first_ptr + pid), BLOCK)
+    first = tl.load(first_ptr + pid)
     offsets = first + tl.arange(0, BLOCK)
     numel = tl.load(numel_ptr + t)
     param_ptr = _address(param_ptrs, t, tl.float32)
