@@ -159,7 +159,12 @@ def main() -> int:
 
             return run
 
-        rows, after = [], {}
+        def max_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+            return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+        # Parameters after CHECK_STEPS steps, kept only while a later row is compared with them (each is the
+        # model's size: every row's at once would not fit beside the optimizer on an 80 GB GPU).
+        rows, kept, bf16_difference = [], {}, 0.0
         for implementation, grads in (
             ("torch", "fp32 grads"),
             ("flat", "fp32 grads"),
@@ -180,20 +185,21 @@ def main() -> int:
             )
             for _ in range(CHECK_STEPS):
                 step()
-            after[(implementation, grads)] = [local_tensor(p).detach().clone() for p in params]
+            after = [local_tensor(p).detach().clone() for p in params]
+            if implementation == "torch":
+                kept["torch"] = after
+                largest = max(t.abs().max().item() for t in after)
+            elif grads == "fp32 grads":
+                difference = max_difference(kept.pop("torch"), after)
+            elif grads == "bf16 cast":
+                kept["bf16 cast"] = after
+            else:
+                bf16_difference = max(bf16_difference, max_difference(kept["bf16 cast"], after))
+            del after
             rows.append((f"{implementation}, {grads}", time_ms(step, args.reps, args.warmup), moved[grads]))
             del optimizer
-        difference = max(
-            (a - b).abs().max().item() for a, b in zip(after[("torch", "fp32 grads")], after[("flat", "fp32 grads")])
-        )
-        bf16_difference = max(
-            (a - b).abs().max().item()
-            for row in ("bf16 grads", "bf16 grads + copies written")
-            for a, b in zip(after[("flat", "bf16 cast")], after[("flat", row)])
-        )
         copies_equal = all(torch.equal(c, local_tensor(p).bfloat16()) for p, c in copies.items())
-        largest = max(t.abs().max().item() for t in after[("torch", "fp32 grads")])
-        del start, after
+        del start, kept
         for p, g in zip(params, fp32_grads):
             p.grad = g
         rows.append(("floor", time_ms(floor_step(params, cfg), args.reps, args.warmup), moved["fp32 grads"]))
