@@ -21,9 +21,10 @@ re-gathers it, so the memory is FSDP's; the rest is cast once at the start of th
 at its end, before the optimizer step, unless the optimizer writes them.
 
 A copy is cast only where it does not hold its weight's values: where it was freed, or where the weight
-changed since its cast in a way that moved the weight's version counter (every in-place torch op does:
-torch's optimizer kernels, a checkpoint load). The one writer that moves no counter, the optimizer's
-Triton kernel, writes the copy in the same pass.
+changed since its cast in a way that moved the weight's version counter (in-place torch ops do, a
+checkpoint load's ``copy_`` among them). The optimizer's writes move none (its Triton kernel's, and torch's
+fused AdamW's too), so it leaves every copy it holds current itself: written in the kernel's pass, or cast
+after torch's kernel.
 """
 
 from functools import partial

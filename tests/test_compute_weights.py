@@ -215,8 +215,8 @@ def _steps_with_clipping(casts: bool, name: str, micro_steps: int) -> tuple[Tran
 def test_the_optimizer_casting_gives_the_same_steps(name, micro_steps):
     """With ``optimizer_casts`` a parameter's one gradient of the step stays bf16 and the norm and FlatAdamW read
     it so (on the CPU FlatAdamW casts it); a second is added in fp32; the copies are kept through the step,
-    and cast again where torch's kernel moved their weights' versions. Either way the same numbers as casting
-    at once: the norms and the parameters after three clipped steps, bitwise."""
+    and FlatAdamW casts them after torch's kernel. Either way the same numbers as casting at once: the norms
+    and the parameters after three clipped steps, bitwise."""
     kept, kept_norms, kept_dtypes = _steps_with_clipping(True, name, micro_steps)
     cast, cast_norms, cast_dtypes = _steps_with_clipping(False, name, micro_steps)
     assert cast_dtypes == [{torch.float32}] * STEPS
@@ -229,8 +229,9 @@ def test_the_optimizer_casting_gives_the_same_steps(name, micro_steps):
 
 def test_kept_copies_are_cast_again_only_where_their_weights_moved(monkeypatch):
     """Where the optimizer casts, a copy is cast again only if its weight changed by an op that moved its version
-    counter (torch's kernel, a checkpoint load); a weight the Triton kernel updates, writing the copy too,
-    moves none, and its copy is used as written. Simulated here through ``.data``, which moves none either."""
+    counter (an in-place op, as a checkpoint load's ``copy_``); a weight the optimizer updates, writing the copy
+    too, moves none, and its copy is used as written. Simulated here through ``.data``, which moves none
+    either."""
     model = _model("qwen3", "default", "none")
     weights = ComputeWeights([model], torch.bfloat16, "default", pp_enabled=False, optimizer_casts=True)
     copies = weights.copies()

@@ -163,8 +163,8 @@ def _update(
 
 @triton.jit
 def _bf16_bits(x):
-    """The bits of ``x`` rounded to bf16 as torch casts it: to nearest even, a NaN to 0x7FC0. (Spelled out because
-    Triton's interpreter truncates where the compiled cast rounds, and the CPU test checks the bits.)"""
+    """The bits of ``x`` rounded to bf16 as torch casts it: to nearest even, a NaN kept a NaN. (Spelled out
+    because Triton's interpreter truncates where the compiled cast rounds, and the CPU test checks the bits.)"""
     bits = x.to(tl.uint32, bitcast=True)
     rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
     return tl.where(x != x, 0x7FC0, rounded).to(tl.uint16)
