@@ -513,7 +513,7 @@ class Profiling:
     writes `<dump_folder>/<save_traces_folder>/iteration_<step>/rank<r>_trace.json`; open
     it in https://ui.perfetto.dev or chrome://tracing, or print where the step's GPU time went
     with `python scripts/trace_summary.py <trace>` (matmul, attention, communication, Triton,
-    optimizer, idle). Steps count as the run counts them, so a resumed run continues."""
+    optimizer, idle, the longest idle gaps). Steps count as the run counts them, so a resumed run continues."""
 
     enable_profiling: bool = False
     """Trace one step in every `profile_freq` (CPU ops, and CUDA kernels where there is a GPU). Costs time on
