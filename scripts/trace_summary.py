@@ -53,8 +53,8 @@ def _launcher(kernel: dict, launches: dict, host_ops: list[dict]) -> str:
 
 
 def idle_gaps(events: list[dict], top: int) -> list[dict]:
-    """The ``top`` longest stretches inside the step with no kernel or copy running: their length, the kernel
-    before and after, and what launched the one after."""
+    """The ``top`` longest stretches between the trace's first and last kernel with no kernel or copy running:
+    their length, the kernel before and after, and what launched the one after."""
     gpu = sorted(
         (e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e),
         key=lambda e: e["ts"],
