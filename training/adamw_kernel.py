@@ -216,9 +216,10 @@ def _adamw_kernel(
     copy_ptr = grad_ptr.to(tl.pointer_type(tl.uint16))  # never written without copies
     write_copy = False
     if HAS_COPIES:
-        copy_ptr = _address(copy_ptrs, t, tl.uint16)  # bf16, written as bits
-        write_copy = tl.load(copy_ptrs + t) != 0
-    step = tl.load(tl.load(step_ptrs + t).to(tl.pointer_type(tl.float32)))
+        copy_address = tl.load(copy_ptrs + t)
+        copy_ptr = copy_address.to(tl.pointer_type(tl.uint16))  # bf16, written as bits
+        write_copy = copy_address != 0
+    step = tl.load(_address(step_ptrs, t, tl.float32))
     step_size = tl.div_rn(lr, 1 - tl.exp2(step * log2_beta1))
     bias_correction2_sqrt = tl.sqrt_rn(1 - tl.exp2(step * log2_beta2))
     grad_scale = tl.load(grad_scale_ptr) if HAS_GRAD_SCALE else 1.0
