@@ -145,7 +145,8 @@ def _train(
     )
     schedule = build_schedule(parts, plan, mesh["pp"].get_group(), device, loss) if plan else None
     # One optimizer and LR schedule per stage (TorchTitan's layout): checkpoints key their state by parameter name.
-    optimizers = [build_optimizer(list(part.parameters()), cfg.optimizer, compute_weights.copies()) for part in parts]
+    copies = compute_weights.copies()
+    optimizers = [build_optimizer(list(part.parameters()), cfg.optimizer, copies) for part in parts]
     schedulers = [build_lr_scheduler(opt, t.steps, cfg.lr_scheduler) for opt in optimizers]
     train_step = TrainStep(
         cfg=cfg,
