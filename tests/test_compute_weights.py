@@ -227,6 +227,14 @@ def test_the_optimizer_casting_gives_the_same_steps(name, micro_steps):
     assert differ == []
 
 
+def _record_casts(monkeypatch) -> list[torch.Tensor]:
+    """The masters ``ComputeWeights`` (and anything else) cast through ``torch._foreach_copy_`` from now on."""
+    cast = []
+    foreach_copy = torch._foreach_copy_
+    monkeypatch.setattr(torch, "_foreach_copy_", lambda dst, src: (cast.extend(src), foreach_copy(dst, src)))
+    return cast
+
+
 def test_kept_copies_are_cast_again_only_where_their_weights_moved(monkeypatch):
     """Where the optimizer casts, a copy is cast again only if its weight changed by an op that moved its version
     counter (an in-place op, as a checkpoint load's ``copy_``); a weight the optimizer updates, writing the copy
@@ -236,9 +244,7 @@ def test_kept_copies_are_cast_again_only_where_their_weights_moved(monkeypatch):
     weights = ComputeWeights([model], torch.bfloat16, "default", pp_enabled=False, optimizer_casts=True)
     copies = weights.copies()
     assert len(copies) == len(list(model.parameters()))
-    cast = []
-    foreach_copy = torch._foreach_copy_
-    monkeypatch.setattr(torch, "_foreach_copy_", lambda dst, src: (cast.extend(src), foreach_copy(dst, src)))
+    cast = _record_casts(monkeypatch)
     tokens = torch.randint(0, 2048, (1, SEQ))
     with weights:
         model(tokens).float().square().mean().backward()
@@ -276,9 +282,7 @@ def test_on_cuda_the_optimizer_writes_the_copies_the_forward_uses(reshard, monke
     )
     resharded = {id(m) for g in weights._groups if g.resharded for m in g.masters}
     assert (reshard == "never") == (not resharded)
-    cast = []
-    foreach_copy = torch._foreach_copy_
-    monkeypatch.setattr(torch, "_foreach_copy_", lambda dst, src: (cast.extend(src), foreach_copy(dst, src)))
+    cast = _record_casts(monkeypatch)
     for step in range(4):
         cast.clear()
         g = torch.Generator(device="cuda").manual_seed(step)
