@@ -20,10 +20,12 @@ KINDS = [  # (kind, pattern on the kernel name), first match wins
     ("communication", r"nccl|all_?reduce|all_?gather|reduce_?scatter"),
     ("attention", r"flash|fmha|attention|sdpa"),
     ("matmul", r"gemm|nvjet|cutlass|xmma|sm\d+_.*(h|b)mma|matmul"),
+    # dtype casts and copy kernels: FSDP's per-block casts of the parameters and its gradient concatenation,
+    # and torch._foreach_copy_ between dtypes (CopyFunctor: one rank's bf16 copies cast again for a
+    # resharded block's backward), which would otherwise count as the optimizer's foreach kernels
+    ("casts", r"_copy_kernel|chunk_cat|split_with_sizes_copy|copyfunctor"),
     ("optimizer", r"multi_tensor|adam"),
     ("triton", r"^triton|_kernel$"),
-    # dtype casts and copy kernels: FSDP's per-block casts of the parameters and its gradient concatenation
-    ("casts", r"_copy_kernel|chunk_cat|split_with_sizes_copy"),
 ]
 
 

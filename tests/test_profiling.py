@@ -65,6 +65,23 @@ def test_summary_merges_overlapping_kernels_and_sorts_them_by_kind():
         kind_of("void at::native::vectorized_elementwise_kernel<8, at::native::bfloat16_copy_kernel_cuda(") == "casts"
     )
     assert kind_of("void at::native::detail::chunk_cat_cuda_kernel<float, c10::BFloat16>(") == "casts"
+    # torch._foreach_copy_ from fp32 into bf16 (one rank's copies cast again) and the gradient norm's _foreach_norm,
+    # named after the templates of torch's ForeachBinaryOpList.cu and ForeachReduceOp.cu
+    foreach = "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(anonymous namespace)::"
+    assert (
+        kind_of(
+            foreach + "TensorListMetadata<2>, at::native::(anonymous namespace)::CopyFunctor<c10::BFloat16, "
+            "float, 2, 1, 1>, at::native::Copy<c10::BFloat16, float> >("
+        )
+        == "casts"
+    )
+    assert (
+        kind_of(
+            foreach + "TensorListMetadata<1>, at::native::(anonymous namespace)::LpNormFunctor<c10::BFloat16, "
+            "(at::native::NormType)1, float, 1, 1, 0>, float*, int>("
+        )
+        == "optimizer"
+    )
 
 
 def test_idle_gaps_are_named_by_their_kernels_and_the_host_op_that_ended_them():
