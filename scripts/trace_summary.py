@@ -3,9 +3,9 @@
 Reads a trace written by ``[profiling]`` (``training/profiling.py``) and prints the step's
 wall time, the GPU's busy time (kernels and copies, overlaps merged) and the idle rest, GPU
 time by kind of kernel (matmul, attention, communication, Triton, optimizer, casts, other), the
-longest kernels, and the longest idle gaps: the kernels on either side and the host op that
-launched the one after (what the GPU waited for). Communication overlaps compute on its own
-stream, so kinds add up to more than the busy time when it is hidden.
+longest kernels with their kind, and the longest idle gaps: the kernels on either side and the
+host op that launched the one after (what the GPU waited for). Communication overlaps compute on
+its own stream, so kinds add up to more than the busy time when it is hidden.
 """
 
 import argparse
@@ -32,6 +32,16 @@ KINDS = [  # (kind, pattern on the kernel name), first match wins
 def kind_of(name: str) -> str:
     lowered = name.lower()
     return next((kind for kind, pattern in KINDS if re.search(pattern, lowered)), "other")
+
+
+# Namespaces that fill a C++ kernel's name before what tells it apart (a foreach kernel's functor comes
+# after some 130 characters of them).
+_NAMESPACES = re.compile(r"^void |at::native::|\(anonymous namespace\)::|at_cuda_detail::|c10::")
+
+
+def short_name(name: str) -> str:
+    """``name`` without the namespaces, so a printed line of it reaches what the kernel does."""
+    return _NAMESPACES.sub("", name)
 
 
 def _merged_length(intervals: list[tuple[float, float]]) -> float:
@@ -86,12 +96,13 @@ def idle_gaps(events: list[dict], top: int) -> list[dict]:
 def summarize(events: list[dict]) -> dict:
     gpu = [e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e]
     steps = [e for e in events if str(e.get("name", "")).startswith("ProfilerStep#") and "dur" in e]
-    by_kind, by_name = defaultdict(float), defaultdict(lambda: [0.0, 0])
+    by_kind, by_name = defaultdict(float), {}
     for e in gpu:
         name = e["name"] if e["cat"] == "kernel" else e["cat"]
-        by_kind[kind_of(name) if e["cat"] == "kernel" else "copies"] += e["dur"]
-        by_name[name][0] += e["dur"]
-        by_name[name][1] += 1
+        kind = kind_of(name) if e["cat"] == "kernel" else "copies"
+        by_kind[kind] += e["dur"]
+        us, calls, _ = by_name.get(name, (0.0, 0, kind))
+        by_name[name] = (us + e["dur"], calls + 1, kind)
     wall = max((e["dur"] for e in steps), default=0.0)
     busy = _merged_length([(e["ts"], e["ts"] + e["dur"]) for e in gpu])
     return {"wall_us": wall, "busy_us": busy, "by_kind": dict(by_kind), "by_name": dict(by_name)}
@@ -135,14 +146,15 @@ def main() -> int:
     print(f"\n{'kind':<14} {'ms':>9} {'% of busy':>9}")
     for kind, us in sorted(s["by_kind"].items(), key=lambda kv: -kv[1]):
         print(f"{kind:<14} {us / 1e3:>9.1f} {100 * us / busy if busy else 0:>8.1f}%")
-    print(f"\n{'ms':>9} {'calls':>6}  kernel")
-    for name, (us, calls) in sorted(s["by_name"].items(), key=lambda kv: -kv[1][0])[: args.top]:
-        print(f"{us / 1e3:>9.1f} {calls:>6}  {name[:110]}")
+    print(f"\n{'ms':>9} {'calls':>6}  {'kind':<13} kernel")
+    for name, (us, calls, kind) in sorted(s["by_name"].items(), key=lambda kv: -kv[1][0])[: args.top]:
+        print(f"{us / 1e3:>9.1f} {calls:>6}  {kind:<13} {short_name(name)[:110]}")
     gaps = idle_gaps(events, args.gaps)
     if gaps:
         print(f"\n{'idle ms':>9}  kernel before -> kernel after, launched by (host op)")
         for g in gaps:
-            print(f"{g['us'] / 1e3:>9.2f}  {g['before'][:50]} -> {g['after'][:50]}, launched by {g['launched_by']}")
+            before, after = (short_name(g[side])[:50] for side in ("before", "after"))
+            print(f"{g['us'] / 1e3:>9.2f}  {before} -> {after}, launched by {g['launched_by']}")
     return 0
 
 

@@ -107,6 +107,41 @@ def test_idle_gaps_are_named_by_their_kernels_and_the_host_op_that_ended_them():
 
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_longest_kernels_are_printed_with_their_kind_past_their_namespaces(tmp_path):
+    cast = (
+        "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(anonymous namespace)::"
+        "TensorListMetadata<2>, at::native::(anonymous namespace)::CopyFunctor<c10::BFloat16, float, 2, 1, 1>, "
+        "at::native::Copy<c10::BFloat16, float> >(at::native::(anonymous namespace)::TensorListMetadata<2>)"
+    )
+    events = [
+        {"cat": "cpu_op", "name": "ProfilerStep#10", "ts": 0, "dur": 100},
+        {"cat": "kernel", "name": cast, "ts": 0, "dur": 30},
+        {"cat": "kernel", "name": "_adamw_kernel", "ts": 40, "dur": 20},
+        {"cat": "gpu_memcpy", "name": "Memcpy DtoH (Device -> Pinned)", "ts": 70, "dur": 10},
+    ]
+    (tmp_path / "trace.json").write_text(json.dumps({"traceEvents": events}))
+    result = subprocess.run(
+        [sys.executable, "scripts/trace_summary.py", str(tmp_path / "trace.json")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.endswith("kernel"))
+    listed = lines[header + 1 : header + 4]
+    assert [line.split()[2] for line in listed] == ["casts", "optimizer", "copies"], listed
+    assert (
+        listed[0]
+        .split(None, 3)[3]
+        .startswith("multi_tensor_apply_kernel<TensorListMetadata<2>, CopyFunctor<BFloat16, float, 2, 1, 1>")
+    ), listed
+    gap = lines[next(i for i, line in enumerate(lines) if line.endswith("launched by (host op)")) + 1]
+    assert gap.split(None, 1)[1].startswith("multi_tensor_apply_kernel<TensorListMetadata<2>, C -> _adamw_kernel"), gap
+
+
 BAD_TRACES = {  # file name, its bytes (None: no file), what the line says after "<path>: "
     "missing": ("rank0_trace.json", None, "cannot be read (No such file or directory)"),
     "not_json": ("rank0_trace.json", b"<html>", "not a JSON trace (Expecting value"),
