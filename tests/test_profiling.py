@@ -46,6 +46,15 @@ def test_every_nth_step_is_traced_and_summarized(tmp_path):
     assert summarize(events)["wall_us"] > 0
 
 
+# Foreach kernels as torch's templates name them (ForeachBinaryOpList.cu, ForeachReduceOp.cu): the functor that
+# tells them apart comes after some 130 characters of namespaces.
+FOREACH = "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(anonymous namespace)::"
+FOREACH_CAST = (
+    FOREACH + "TensorListMetadata<2>, at::native::(anonymous namespace)::CopyFunctor<c10::BFloat16, float, 2, 1, 1>, "
+    "at::native::Copy<c10::BFloat16, float> >(at::native::(anonymous namespace)::TensorListMetadata<2>)"
+)
+
+
 def test_summary_merges_overlapping_kernels_and_sorts_them_by_kind():
     kernels = [
         ("sm90_xmma_gemm_bf16bf16", 0, 10),
@@ -65,23 +74,10 @@ def test_summary_merges_overlapping_kernels_and_sorts_them_by_kind():
         kind_of("void at::native::vectorized_elementwise_kernel<8, at::native::bfloat16_copy_kernel_cuda(") == "casts"
     )
     assert kind_of("void at::native::detail::chunk_cat_cuda_kernel<float, c10::BFloat16>(") == "casts"
-    # torch._foreach_copy_ from fp32 into bf16 (one rank's copies cast again) and the gradient norm's _foreach_norm,
-    # named after the templates of torch's ForeachBinaryOpList.cu and ForeachReduceOp.cu
-    foreach = "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(anonymous namespace)::"
-    assert (
-        kind_of(
-            foreach + "TensorListMetadata<2>, at::native::(anonymous namespace)::CopyFunctor<c10::BFloat16, "
-            "float, 2, 1, 1>, at::native::Copy<c10::BFloat16, float> >("
-        )
-        == "casts"
-    )
-    assert (
-        kind_of(
-            foreach + "TensorListMetadata<1>, at::native::(anonymous namespace)::LpNormFunctor<c10::BFloat16, "
-            "(at::native::NormType)1, float, 1, 1, 0>, float*, int>("
-        )
-        == "optimizer"
-    )
+    # torch._foreach_copy_ from fp32 into bf16 (one rank's copies cast again) and the gradient norm's _foreach_norm
+    assert kind_of(FOREACH_CAST) == "casts"
+    norm = FOREACH + "TensorListMetadata<1>, at::native::(anonymous namespace)::LpNormFunctor<c10::BFloat16, "
+    assert kind_of(norm + "(at::native::NormType)1, float, 1, 1, 0>, float*, int>(") == "optimizer"
 
 
 def test_idle_gaps_are_named_by_their_kernels_and_the_host_op_that_ended_them():
@@ -109,25 +105,22 @@ def test_idle_gaps_are_named_by_their_kernels_and_the_host_op_that_ended_them():
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_the_longest_kernels_are_printed_with_their_kind_past_their_namespaces(tmp_path):
-    cast = (
-        "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(anonymous namespace)::"
-        "TensorListMetadata<2>, at::native::(anonymous namespace)::CopyFunctor<c10::BFloat16, float, 2, 1, 1>, "
-        "at::native::Copy<c10::BFloat16, float> >(at::native::(anonymous namespace)::TensorListMetadata<2>)"
+def _summary(trace: Path) -> subprocess.CompletedProcess:
+    """``scripts/trace_summary.py`` on ``trace``, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, "scripts/trace_summary.py", str(trace)], cwd=ROOT, capture_output=True, text=True
     )
+
+
+def test_the_longest_kernels_are_printed_with_their_kind_past_their_namespaces(tmp_path):
     events = [
         {"cat": "cpu_op", "name": "ProfilerStep#10", "ts": 0, "dur": 100},
-        {"cat": "kernel", "name": cast, "ts": 0, "dur": 30},
+        {"cat": "kernel", "name": FOREACH_CAST, "ts": 0, "dur": 30},
         {"cat": "kernel", "name": "_adamw_kernel", "ts": 40, "dur": 20},
         {"cat": "gpu_memcpy", "name": "Memcpy DtoH (Device -> Pinned)", "ts": 70, "dur": 10},
     ]
     (tmp_path / "trace.json").write_text(json.dumps({"traceEvents": events}))
-    result = subprocess.run(
-        [sys.executable, "scripts/trace_summary.py", str(tmp_path / "trace.json")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    )
+    result = _summary(tmp_path / "trace.json")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.endswith("kernel"))
@@ -155,9 +148,7 @@ def test_summary_of_a_missing_or_foreign_file_is_one_line(tmp_path, bad):
     name, content, says = BAD_TRACES[bad]
     if content is not None:
         (tmp_path / name).write_bytes(content)
-    result = subprocess.run(
-        [sys.executable, "scripts/trace_summary.py", str(tmp_path / name)], cwd=ROOT, capture_output=True, text=True
-    )
+    result = _summary(tmp_path / name)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.startswith(f"trace_summary: {tmp_path / name}: {says}") and result.stderr.count("\n") == 1
     assert result.stderr.endswith("wrote under <dump_folder>/profile_traces/iteration_<N>/\n")
